@@ -1,0 +1,39 @@
+"""Stakes data sets: records of labelled conversations, loaded from .jsonl / .csv files.
+
+ds = load_records(find_dataset("training"), binary=True)
+ds.labels          # int8 [N]: 1 high-stakes, 0 low-stakes, -1 none/ambiguous
+ds.split("train")  # records whose `split` field is "train"
+"""
+
+# Records and data sets
+# Where data sets live
+from mup.data._locate import HUB_REPO, bundled_path, dataset_names, find_dataset
+from mup.data._records import (
+    AMBIGUOUS,
+    HIGH_STAKES,
+    LABEL_NAMES,
+    LOW_STAKES,
+    ROLES,
+    DataError,
+    Dataset,
+    Message,
+    Record,
+    load_records,
+)
+
+__all__ = [
+    "AMBIGUOUS",
+    "HIGH_STAKES",
+    "HUB_REPO",
+    "LABEL_NAMES",
+    "LOW_STAKES",
+    "ROLES",
+    "DataError",
+    "Dataset",
+    "Message",
+    "Record",
+    "bundled_path",
+    "dataset_names",
+    "find_dataset",
+    "load_records",
+]
