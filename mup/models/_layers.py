@@ -1,0 +1,110 @@
+"""Building blocks of the llama-like decoder, as pure functions over arrays.
+
+Axis letters: B batch, T tokens (query), S key slots, D model, N heads, K kv heads,
+G = N // K query heads per kv head, H head dim, F MLP hidden.
+
+Numerics follow transformers: norms, rotary tables, attention scores and softmax are computed
+in float32 and cast back to the activation dtype where transformers casts back.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mup.models._config import ModelConfig, rope_inv_freq
+
+# Additive score for masked keys. Finite, so a query with no visible key (a fully padded row)
+# gets a uniform softmax instead of NaN; such rows are padding and never read.
+_MASKED = -1e30
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float, plus_one: bool) -> jax.Array:
+    """x [..., E] -> [..., E]; E is D, or H for per-head q/k norms."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        # Gemma scales in float32 and casts once: (x * (1 + w)).to(dtype).
+        return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+    # Llama casts the normalised x first, then scales in the weight dtype.
+    return weight * y.astype(x.dtype)
+
+
+def rope_tables(
+    config: ModelConfig, positions: jax.Array, *, local: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] -> (cos, sin) [B, T, H/2] float32."""
+    inv_freq = jnp.asarray(rope_inv_freq(config, local=local))  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, H] with (cos, sin) [B, T, H/2]; rotate-half convention (HF, not interleaved)."""
+    cos = cos[:, :, None, :].astype(x.dtype)  # [B, T, 1, H/2]
+    sin = sin[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)  # [B, T, N, H/2] each
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def attention_mask(
+    q_slots: jax.Array, k_slots: jax.Array, k_valid: jax.Array, *, window: int | None
+) -> jax.Array:
+    """Which keys each query sees: [B, T, S] bool.
+
+    q_slots [T] and k_slots [S] are cache slot indices (shared by all rows; rows are padded,
+    never shifted), k_valid [B, S] marks real tokens. Causal; with `window`, a query sees the
+    `window` most recent slots including itself (transformers: kv > q - window).
+    """
+    allowed = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+    if window is not None:
+        allowed &= k_slots[None, :] > q_slots[:, None] - window
+    return allowed[None, :, :] & k_valid[:, None, :]  # [B, T, S]
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float,
+    logit_softcap: float | None,
+) -> jax.Array:
+    """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
+    scores = jnp.einsum(
+        "btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32
+    )  # [B, K, G, T, S]
+    scores = softcap(scores * scale, logit_softcap)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)  # [B, T, K, G, H]
+    return out.reshape(B, T, N, H)
+
+
+def gated_mlp(
+    x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, *, activation: str
+) -> jax.Array:
+    """x [B, T, D], gate/up [D, F], down [F, D] -> [B, T, D]."""
+    g = jnp.einsum("btd,df->btf", x, gate)
+    u = jnp.einsum("btd,df->btf", x, up)
+    if activation == "silu":
+        h = jax.nn.silu(g)
+    elif activation == "gelu_tanh":
+        h = jax.nn.gelu(g, approximate=True)
+    else:
+        raise ValueError(f"unknown activation {activation!r}")
+    return jnp.einsum("btf,fd->btd", h * u, down)
+
+
+def embed_scale(config: ModelConfig, dtype) -> jax.Array:
+    """Gemma's sqrt(D) embedding multiplier, rounded to the activation dtype as HF does."""
+    return jnp.asarray(np.sqrt(config.d_model), dtype=dtype)

@@ -1,0 +1,345 @@
+"""The llama-like decoder: embeddings -> `lax.scan` over stacked blocks -> norm -> LM head.
+
+Axis letters: B batch, T tokens (query), S cache slots, D model, N heads, K kv heads,
+H head dim, F MLP hidden, V vocab, L layers, J steering entries.
+
+Parameters are a nested dict pytree (see `mup.models._params`); every array under
+``params["layers"]`` is stacked over L so one compiled block body serves all layers. Layer
+numbering follows transformers' ``hidden_states``: layer L is the residual stream entering
+block L (0 = embeddings, n_layers = the final normed output).
+
+Capture never copies forward code: the stack is cut at the captured layers and each segment is
+one `lax.scan`, so ``capture=(12,)`` with ``logits=False`` runs blocks 0..11 and nothing else.
+Steering adds ``multiplier[b] * vector`` to the output of block L inside the scan body through a
+dense per-layer delta (zero where nothing is steered).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mup.models import _layers
+from mup.models._config import ModelConfig
+
+Site = Literal["residual", "normed"]
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for S slots, written left to right.
+
+    k, v:   [L, B, S, K, H] rotated keys and values (activation dtype).
+    valid:  [B, S] bool, True where the slot holds a real token. Prompts are LEFT-padded for
+            generation; padding slots stay False and are never attended to.
+    index:  int32 scalar, the next slot to write (shared by all rows).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def create(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch, max_len), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+@flax.struct.dataclass
+class SteeringSpec:
+    """Add ``multipliers[j, b] * vectors[j]`` to the output of block ``layers[j]``.
+
+    layers:      static tuple of J block indices (0 <= L < n_layers); repeats add up.
+    vectors:     [J, D]
+    multipliers: [J, B] per-row strength, so one batch serves many strengths.
+    gate:        [B, T] float 0/1, which positions are steered; None = every position.
+    """
+
+    layers: tuple[int, ...] = flax.struct.field(pytree_node=False)
+    vectors: jax.Array
+    multipliers: jax.Array
+    gate: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class ForwardOutput:
+    logits: jax.Array | None  # [B, T, V] float32, None when logits=False
+    hidden: dict[int, jax.Array]  # layer -> [B, T, D] at the requested site
+    cache: KVCache | None
+
+
+def forward(
+    params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    *,
+    config: ModelConfig,
+    valid: jax.Array | None = None,
+    cache: KVCache | None = None,
+    capture: tuple[int, ...] = (),
+    site: Site = "residual",
+    steering: SteeringSpec | None = None,
+    logits: bool = True,
+) -> ForwardOutput:
+    """Run the decoder on tokens [B, T] at rope positions [B, T] (int32, per row).
+
+    valid [B, T] bool marks real tokens (False = padding, never attended to); None = all real.
+    capture: layers to return (see module docstring); site "normed" returns the input of block L
+    after its input norm (0 <= L < n_layers). With logits=False and no cache only the blocks
+    below the deepest captured layer run and the LM head is skipped.
+    cache: the T new tokens are written at ``cache.index`` and attend to every valid slot
+    (causally among themselves); the updated cache is returned.
+    `config`, `capture`, `site` and `logits` are static under jit (see `jit_forward`).
+    """
+    B, T = tokens.shape
+    L = config.n_layers
+    capture = tuple(sorted(set(int(c) for c in capture)))
+    _check_args(config, tokens, positions, valid, capture, site, steering, logits)
+    if valid is None:
+        valid = jnp.ones((B, T), bool)
+    valid = valid.astype(bool)
+
+    # Blocks to run: all of them for logits or a cache, else up to the deepest capture.
+    n_run = L if logits or cache is not None else max(capture)
+    boundaries = sorted({c for c in capture if c < n_run} | {n_run})
+
+    embed = params["embed"]  # [V, D]
+    x = jnp.take(embed, tokens, axis=0)  # [B, T, D]
+    if config.embed_scale:
+        x = x * _layers.embed_scale(config, x.dtype)
+
+    # Keys: the T new tokens alone, or all S cache slots after writing the new ones.
+    if cache is None:
+        q_slots = jnp.arange(T, dtype=jnp.int32)
+        k_slots = q_slots
+        k_valid = valid
+        new_cache = None
+    else:
+        q_slots = cache.index + jnp.arange(T, dtype=jnp.int32)
+        k_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
+        k_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
+        new_cache = cache.replace(valid=k_valid, index=cache.index + T)
+
+    ctx = _Context(
+        config=config,
+        rope_global=_layers.rope_tables(config, positions),
+        rope_local=(
+            _layers.rope_tables(config, positions, local=True)
+            if config.local_rope_theta is not None
+            else None
+        ),
+        mask_global=_layers.attention_mask(q_slots, k_slots, k_valid, window=None),
+        mask_local=(
+            _layers.attention_mask(q_slots, k_slots, k_valid, window=config.sliding_window)
+            if config.has_local_layers
+            else None
+        ),
+        cache_index=None if cache is None else cache.index,
+    )
+
+    # Dense per-layer steering delta [L, B, D]; zero rows for unsteered layers.
+    delta = None
+    gate = None
+    if steering is not None:
+        contrib = steering.multipliers[:, :, None] * steering.vectors[:, None, :]  # [J, B, D]
+        delta = jnp.zeros((L, B, config.d_model), jnp.float32)
+        delta = delta.at[jnp.asarray(steering.layers)].add(contrib.astype(jnp.float32))
+        delta = delta.astype(x.dtype)
+        if steering.gate is not None:
+            gate = steering.gate.astype(x.dtype)  # [B, T]
+
+    layers = params["layers"]
+    local_flags = jnp.asarray(np.asarray(config.local_layers, dtype=bool))  # [L]
+    kv = None if cache is None else (cache.k, cache.v)
+    hidden: dict[int, jax.Array] = {}
+    if 0 in capture:
+        hidden[0] = _site(config, params, x, 0, site)
+    start = 0
+    for stop in boundaries:
+        if stop > start:
+            xs = {
+                "p": jax.tree.map(lambda a, s=start, e=stop: a[s:e], layers),
+                "idx": jnp.arange(start, stop, dtype=jnp.int32),
+                "local": local_flags[start:stop],
+            }
+            if delta is not None:
+                xs["delta"] = delta[start:stop]
+            body = functools.partial(_scan_body, ctx, gate)
+            (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
+        if stop in capture and stop > 0:
+            hidden[stop] = _site(config, params, x, stop, site)
+        start = stop
+
+    if new_cache is not None:
+        new_cache = new_cache.replace(k=kv[0], v=kv[1])
+    out_logits = None
+    if logits:
+        normed = _final_norm(config, params, x)
+        if config.tie_embeddings:
+            out = jnp.einsum("btd,vd->btv", normed, embed, preferred_element_type=jnp.float32)
+        else:
+            out = jnp.einsum(
+                "btd,dv->btv", normed, params["lm_head"], preferred_element_type=jnp.float32
+            )
+        out_logits = _layers.softcap(out, config.final_logit_softcap)  # [B, T, V]
+    return ForwardOutput(logits=out_logits, hidden=hidden, cache=new_cache)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "capture", "site", "logits"))
+def jit_forward(
+    params,
+    tokens,
+    positions,
+    *,
+    config,
+    valid=None,
+    cache=None,
+    capture=(),
+    site="residual",
+    steering=None,
+    logits=True,
+) -> ForwardOutput:
+    """`forward` under `jax.jit` with the static arguments declared."""
+    return forward(
+        params,
+        tokens,
+        positions,
+        config=config,
+        valid=valid,
+        cache=cache,
+        capture=capture,
+        site=site,
+        steering=steering,
+        logits=logits,
+    )
+
+
+@flax.struct.dataclass
+class _Context:
+    """Per-call values shared by every block (closed over by the scan body)."""
+
+    config: ModelConfig = flax.struct.field(pytree_node=False)
+    rope_global: tuple[jax.Array, jax.Array]  # (cos, sin) [B, T, H/2]
+    rope_local: tuple[jax.Array, jax.Array] | None
+    mask_global: jax.Array  # [B, T, S]
+    mask_local: jax.Array | None
+    cache_index: jax.Array | None
+
+
+def _scan_body(ctx: _Context, gate, carry, xs):
+    x, kv = carry
+    x, kv = block(ctx, xs["p"], x, xs["idx"], xs["local"], kv)
+    if "delta" in xs:
+        d = xs["delta"][:, None, :]  # [B, 1, D]
+        x = x + (d if gate is None else d * gate[:, :, None])
+    return (x, kv), None
+
+
+def block(ctx: _Context, p, x: jax.Array, idx: jax.Array, is_local: jax.Array, kv):
+    """One decoder block. x [B, T, D]; kv = None or the full (k, v) caches [L, B, S, K, H]."""
+    c = ctx.config
+    norm = functools.partial(_layers.rms_norm, eps=c.rms_norm_eps, plus_one=c.norm_plus_one)
+
+    h = norm(x, p["attn_norm"])
+    q = jnp.einsum("btd,dnh->btnh", h, p["q"])  # [B, T, N, H]
+    k = jnp.einsum("btd,dkh->btkh", h, p["k"])  # [B, T, K, H]
+    v = jnp.einsum("btd,dkh->btkh", h, p["v"])  # [B, T, K, H]
+    if c.attention_bias:
+        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    if c.qk_norm:
+        q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
+
+    cos, sin = ctx.rope_global
+    if ctx.rope_local is not None:
+        cos = jnp.where(is_local, ctx.rope_local[0], cos)
+        sin = jnp.where(is_local, ctx.rope_local[1], sin)
+    q, k = _layers.apply_rope(q, cos, sin), _layers.apply_rope(k, cos, sin)
+
+    if kv is not None:
+        # Write this layer's new keys into its slice of the stacked cache, then read it back.
+        k_all, v_all = kv
+        at = (idx, 0, ctx.cache_index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+        kv = (k_all, v_all)
+        k, v = k_all[idx], v_all[idx]  # [B, S, K, H]
+
+    mask = ctx.mask_global
+    if ctx.mask_local is not None:
+        mask = jnp.where(is_local, ctx.mask_local, mask)
+    a = _layers.attention(
+        q, k, v, mask, scale=c.attn_scale, logit_softcap=c.attn_logit_softcap
+    )  # [B, T, N, H]
+    a = jnp.einsum("btnh,nhd->btd", a, p["o"])
+    if c.post_norms:
+        a = norm(a, p["post_attn_norm"])
+    x = x + a
+
+    h = norm(x, p["mlp_norm"])
+    m = _layers.gated_mlp(h, p["gate"], p["up"], p["down"], activation=c.activation)
+    if c.post_norms:
+        m = norm(m, p["post_mlp_norm"])
+    return x + m, kv
+
+
+def _final_norm(config: ModelConfig, params, x: jax.Array) -> jax.Array:
+    return _layers.rms_norm(
+        x, params["final_norm"], eps=config.rms_norm_eps, plus_one=config.norm_plus_one
+    )
+
+
+def _site(config: ModelConfig, params, x: jax.Array, layer: int, site: Site) -> jax.Array:
+    if site == "normed":
+        w = params["layers"]["attn_norm"][layer]
+        return _layers.rms_norm(x, w, eps=config.rms_norm_eps, plus_one=config.norm_plus_one)
+    if layer == config.n_layers:
+        return _final_norm(config, params, x)  # transformers reports the normed output last
+    return x
+
+
+def _check_args(config, tokens, positions, valid, capture, site, steering, logits) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    if positions.shape != tokens.shape:
+        raise ValueError(f"positions shape {positions.shape} != tokens shape {tokens.shape}")
+    if valid is not None and valid.shape != tokens.shape:
+        raise ValueError(f"valid shape {valid.shape} != tokens shape {tokens.shape}")
+    if site not in ("residual", "normed"):
+        raise ValueError(f"site must be 'residual' or 'normed', got {site!r}")
+    top = config.n_layers if site == "residual" else config.n_layers - 1
+    bad = [c for c in capture if not 0 <= c <= top]
+    if bad:
+        raise ValueError(f"capture layers {bad} out of range 0..{top} for site {site!r}")
+    if not logits and not capture:
+        raise ValueError("logits=False with nothing to capture computes nothing")
+    if steering is not None:
+        J = len(steering.layers)
+        bad = [s for s in steering.layers if not 0 <= s < config.n_layers]
+        if bad:
+            raise ValueError(f"steering layers {bad} out of range 0..{config.n_layers - 1}")
+        if steering.vectors.shape != (J, config.d_model):
+            raise ValueError(
+                f"steering.vectors shape {steering.vectors.shape}, expected {(J, config.d_model)}"
+            )
+        if steering.multipliers.shape != (J, tokens.shape[0]):
+            raise ValueError(
+                f"steering.multipliers shape {steering.multipliers.shape}, expected "
+                f"{(J, tokens.shape[0])} (entries, batch)"
+            )
+        if steering.gate is not None and steering.gate.shape != tokens.shape:
+            raise ValueError(f"steering.gate shape {steering.gate.shape} != {tokens.shape}")
