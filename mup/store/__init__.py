@@ -1,0 +1,64 @@
+"""mup.store: the zarr v3 activation store (ragged [T, D] per layer), local or S3 / R2.
+
+Writing is crash-safe and resumable (see `StoreWriter`); reading refuses incomplete stores.
+The on-disk format is documented in `mup/store/_format.py`.
+"""
+
+# Format
+from mup.store._format import (
+    CHUNK_BYTES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    JOB_ATTRS,
+    SHARD_BYTES,
+    STORAGE_DTYPES,
+    store_key,
+)
+
+# Locations, access checks and errors
+from mup.store._location import Location, StoreAccessError, StoreError, parse_location, preflight
+
+# Reading and listing
+from mup.store._reader import (
+    ActivationStore,
+    IncompleteStoreError,
+    StoreListing,
+    list_stores,
+    open,
+)
+
+# Writing
+from mup.store._writer import (
+    DEFAULT_S3_UPLOAD,
+    MAX_INFLIGHT_SHARDS,
+    StoreNotFoundError,
+    StoreWriter,
+    create,
+    open_writer,
+)
+
+__all__ = [
+    "CHUNK_BYTES",
+    "DEFAULT_S3_UPLOAD",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "JOB_ATTRS",
+    "MAX_INFLIGHT_SHARDS",
+    "SHARD_BYTES",
+    "STORAGE_DTYPES",
+    "ActivationStore",
+    "IncompleteStoreError",
+    "Location",
+    "StoreAccessError",
+    "StoreError",
+    "StoreListing",
+    "StoreNotFoundError",
+    "StoreWriter",
+    "create",
+    "list_stores",
+    "open",
+    "open_writer",
+    "parse_location",
+    "preflight",
+    "store_key",
+]

@@ -1,0 +1,237 @@
+"""The on-disk format of an activation store: names, attributes, array specs, content key.
+
+Axis letters: N records, T tokens (all records concatenated), D model width, S shards, W bytes
+of the longest record id.
+
+One zarr v3 group:
+  zarr.json            group; attributes below (`complete` is written last)
+  offsets              int64 [N+1]   record i owns tokens offsets[i]:offsets[i+1]
+  ids                  uint8 [N, W]  UTF-8 record ids, zero-padded on the right
+  input_ids            int32 [T]
+  roles                uint8 [T]
+  mask                 bool  [T]
+  labels               int8  [N]     1 high, 0 low, -1 none/ambiguous (optional)
+  done                 uint8 [S]     1 = shard s of every layer array is durable (resume)
+  layers/<L>           [T, D] storage dtype, sharded along T (sharding_indexed + blosc-zstd)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+FORMAT_NAME = "mup.activations"
+FORMAT_VERSION = 1
+
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+
+# Attributes the caller (the extractor) must describe the job with; they make a store
+# self-describing for the probe side and for other tools.
+JOB_ATTRS = (
+    "model",
+    "model_revision",
+    "dataset",
+    "dataset_sha256",
+    "site",
+    "mask_mode",
+    "tokenizer",
+    "max_tokens",
+)
+# Attributes the store itself owns; callers may not set them.
+RESERVED_ATTRS = (
+    "format",
+    "format_version",
+    "layers",
+    "d_model",
+    "dtype",
+    "n_records",
+    "n_tokens",
+    "chunk_tokens",
+    "shard_tokens",
+    "ids_encoding",
+    "mup_version",
+    "created",
+    "complete",
+    "completed",
+)
+
+# Inner chunk = the unit of compression and of random reads. ~1 MiB uncompressed keeps zstd's
+# ratio near its plateau while a single record read (hundreds of tokens) touches 1-2 chunks.
+CHUNK_BYTES = 1 << 20
+# Shard = one object/file = the unit of writing, resume and upload. ~32 MiB objects stream at
+# full S3/R2 bandwidth with a single PUT (below the multipart threshold), while the writer
+# buffers at most a few shards per layer in host memory (see StoreWriter).
+SHARD_BYTES = 32 << 20
+# Chunk length of the small token-level arrays (input_ids, roles, mask): 1 Mi elements.
+TOKEN_META_CHUNK = 1 << 20
+# Chunk length of the record-level arrays (offsets, ids, labels).
+RECORD_META_CHUNK = 1 << 16
+# zstd level: measured on SmolLM2 residuals, levels above 3 cost 2-4x CPU for < 1% smaller.
+ZSTD_LEVEL = 3
+
+
+def itemsize(dtype: str) -> int:
+    return {"float16": 2, "bfloat16": 2, "float32": 4}[dtype]
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << max(0, int(x).bit_length() - 1)
+
+
+def default_chunk_tokens(d_model: int, dtype: str) -> int:
+    return max(16, _pow2_floor(CHUNK_BYTES // (d_model * itemsize(dtype))))
+
+
+def default_shard_tokens(d_model: int, dtype: str, chunk_tokens: int) -> int:
+    per_shard = max(1, SHARD_BYTES // (chunk_tokens * d_model * itemsize(dtype)))
+    return chunk_tokens * per_shard
+
+
+def store_key(
+    *,
+    dataset_sha256: str,
+    model: str,
+    site: str,
+    layers,
+    mask_mode: str,
+    max_tokens: int | None,
+    dtype: str,
+) -> str:
+    """A short content hash naming a store: the same job gives the same key.
+
+    The key covers everything that changes the stored bytes (dataset content, model, capture
+    site, layers, mask mode, truncation, storage dtype) and the format version.
+    """
+    job = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "dataset_sha256": str(dataset_sha256),
+        "model": str(model),
+        "site": str(site),
+        "layers": sorted(int(layer) for layer in layers),
+        "mask_mode": str(mask_mode),
+        "max_tokens": None if max_tokens is None else int(max_tokens),
+        "dtype": str(dtype),
+    }
+    blob = json.dumps(job, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _plain_codecs(level: int = ZSTD_LEVEL) -> list[dict[str, Any]]:
+    return [
+        {"name": "bytes", "configuration": {"endian": "little"}},
+        {"name": "zstd", "configuration": {"level": level, "checksum": False}},
+    ]
+
+
+def meta_array_metadata(dtype: str, shape: list[int], chunk: list[int]) -> dict[str, Any]:
+    """zarr v3 metadata for a small unsharded array (offsets, ids, input_ids, ...)."""
+    chunk = [max(1, min(c, s)) for c, s in zip(chunk, shape, strict=True)]
+    return {
+        "shape": shape,
+        "data_type": dtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
+        "chunk_key_encoding": {"name": "default"},
+        "codecs": _plain_codecs(),
+        "fill_value": False if dtype == "bool" else 0,
+    }
+
+
+def done_array_metadata(n_shards: int) -> dict[str, Any]:
+    # One object per shard flag: marking shard s done never rewrites another shard's flag, so
+    # concurrent writers (one per host) never contend on an object.
+    return {
+        "shape": [n_shards],
+        "data_type": "uint8",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1]}},
+        "chunk_key_encoding": {"name": "default"},
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        "fill_value": 0,
+    }
+
+
+def layer_array_metadata(
+    *, n_tokens: int, d_model: int, dtype: str, chunk_tokens: int, shard_tokens: int
+) -> dict[str, Any]:
+    """zarr v3 metadata for one layer array [T, D]: shards of whole inner chunks along T."""
+    inner = [
+        {"name": "bytes", "configuration": {"endian": "little"}},
+        # Byte-shuffle groups the sign/exponent bytes of the 2-byte floats, which is where
+        # residual activations are compressible; see the benchmark for zstd-only numbers.
+        {
+            "name": "blosc",
+            "configuration": {
+                "cname": "zstd",
+                "clevel": ZSTD_LEVEL,
+                "shuffle": "shuffle",
+                "typesize": itemsize(dtype),
+                "blocksize": 0,
+            },
+        },
+    ]
+    return {
+        "shape": [n_tokens, d_model],
+        "data_type": dtype,
+        "chunk_grid": {
+            "name": "regular",
+            "configuration": {"chunk_shape": [shard_tokens, d_model]},
+        },
+        "chunk_key_encoding": {"name": "default"},
+        "codecs": [
+            {
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": [chunk_tokens, d_model],
+                    "codecs": inner,
+                    "index_codecs": [
+                        {"name": "bytes", "configuration": {"endian": "little"}},
+                        {"name": "crc32c"},
+                    ],
+                    "index_location": "end",
+                },
+            }
+        ],
+        "fill_value": 0.0,
+    }
+
+
+def encode_ids(ids) -> np.ndarray:
+    """Record ids -> uint8 [N, W], UTF-8, zero-padded (readable by zarr-python and tensorstore)."""
+    encoded = []
+    for i, rid in enumerate(ids):
+        if not isinstance(rid, str):
+            raise ValueError(f"ids[{i}] must be a str, got {type(rid).__name__}")
+        b = rid.encode("utf-8")
+        if b"\x00" in b:
+            raise ValueError(f"ids[{i}] contains a NUL character, which the id encoding reserves")
+        encoded.append(b)
+    width = max([len(b) for b in encoded] + [1])
+    out = np.zeros((len(encoded), width), np.uint8)  # [N, W]
+    for i, b in enumerate(encoded):
+        out[i, : len(b)] = np.frombuffer(b, np.uint8)
+    return out
+
+
+def decode_ids(raw: np.ndarray) -> list[str]:
+    """uint8 [N, W] -> list of str (inverse of encode_ids)."""
+    return [bytes(row).rstrip(b"\x00").decode("utf-8") for row in np.asarray(raw, np.uint8)]
+
+
+def rows_done(offsets: np.ndarray, shard_done: np.ndarray, shard_tokens: int) -> np.ndarray:
+    """bool [N]: records all of whose shards are done; records with no tokens count as done."""
+    prefix = np.concatenate([[0], np.cumsum(~np.asarray(shard_done, bool))])  # [S+1]
+    starts, ends = offsets[:-1], offsets[1:]
+    first = starts // shard_tokens
+    end = np.where(ends > starts, -(-ends // shard_tokens), first)  # one past the last shard
+    return prefix[end] - prefix[first] == 0

@@ -1,0 +1,206 @@
+"""Reading activation stores, and listing the stores under a prefix.
+
+Axis letters: N records, T tokens, D model width, R selected records, T' their tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import tensorstore as ts
+
+from mup.store import _format as F
+from mup.store._location import Location, StoreError, parse_location
+from mup.store._writer import StoreNotFoundError, _open_array, read_group_attrs
+
+__all__ = ["ActivationStore", "IncompleteStoreError", "StoreListing", "list_stores", "open"]
+
+
+class IncompleteStoreError(StoreError):
+    """The store exists but its writer never set `complete` (interrupted or still running)."""
+
+
+def open(url, *, require_complete: bool = True) -> ActivationStore:  # noqa: A001 (mirrors zarr.open)
+    """Open a store for reading. Raises IncompleteStoreError unless it is complete (or
+    require_complete=False, for inspecting a partial store: see `done_rows()`)."""
+    loc = parse_location(url)
+    attrs = read_group_attrs(loc)
+    if attrs is None:
+        raise StoreNotFoundError(f"no mup store at {loc.url}")
+    if require_complete and not attrs.get("complete"):
+        raise IncompleteStoreError(
+            f"store {loc.url} is incomplete (its writer did not finish); resume the extraction "
+            "(--resume) or open it with require_complete=False"
+        )
+    return ActivationStore(loc, attrs)
+
+
+class ActivationStore:
+    """Read access to one store. Small per-token arrays load lazily on first use."""
+
+    def __init__(self, loc: Location, attrs: dict):
+        self.url = loc.url
+        self._loc = loc
+        self.attrs = attrs
+        self.layers: list[int] = [int(x) for x in attrs["layers"]]
+        self.d_model: int = int(attrs["d_model"])
+        self.dtype: str = attrs["dtype"]
+        self.n_records: int = int(attrs["n_records"])
+        self.n_tokens: int = int(attrs["n_tokens"])
+        self.complete: bool = bool(attrs.get("complete"))
+        self.offsets = self._read_small("offsets").astype(np.int64)  # [N+1]
+        if self.offsets.shape != (self.n_records + 1,) or self.offsets[-1] != self.n_tokens:
+            raise StoreError(
+                f"{self.url}: offsets has shape {self.offsets.shape} ending at {self.offsets[-1]}, "
+                f"attributes say N={self.n_records}, T={self.n_tokens}"
+            )
+        self._arrays: dict[int, ts.TensorStore] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"ActivationStore({self.url!r}, layers={self.layers}, N={self.n_records}, "
+            f"T={self.n_tokens}, D={self.d_model}, dtype={self.dtype}, complete={self.complete})"
+        )
+
+    def _read_small(self, name: str) -> np.ndarray:
+        return _open_array(self._loc.kvstore(name)).read().result()
+
+    @functools.cached_property
+    def ids(self) -> list[str]:
+        return F.decode_ids(self._read_small("ids"))
+
+    @functools.cached_property
+    def input_ids(self) -> np.ndarray:
+        return self._read_small("input_ids")  # [T] int32
+
+    @functools.cached_property
+    def roles(self) -> np.ndarray:
+        return self._read_small("roles")  # [T] uint8
+
+    @functools.cached_property
+    def mask(self) -> np.ndarray:
+        return self._read_small("mask")  # [T] bool
+
+    @functools.cached_property
+    def labels(self) -> np.ndarray | None:
+        got = ts.KvStore.open(self._loc.kvstore("labels")).result().read("zarr.json").result()
+        return self._read_small("labels") if got.state == "value" else None  # [N] int8
+
+    def done_rows(self) -> np.ndarray:
+        """bool [N]: records whose activations are written (all True for a complete store)."""
+        done = self._read_small("done").astype(bool)  # [S]
+        return F.rows_done(self.offsets, done, int(self.attrs["shard_tokens"]))
+
+    def _array(self, layer: int) -> ts.TensorStore:
+        if int(layer) not in self.layers:
+            raise KeyError(
+                f"layer {layer} is not in store {self.url}; available layers: {self.layers}"
+            )
+        layer = int(layer)
+        if layer not in self._arrays:
+            self._arrays[layer] = _open_array(self._loc.kvstore(f"layers/{layer}"))
+        return self._arrays[layer]
+
+    def read_layer(self, layer: int, rows=None) -> tuple[np.ndarray, np.ndarray]:
+        """Activations of `rows` (default: all) -> (acts [T', D], offsets' [R+1]) in row order."""
+        arr = self._array(layer)
+        if rows is None:
+            return arr.read().result(), self.offsets.copy()
+        rows = np.asarray(rows)
+        if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
+            raise ValueError(
+                f"rows must be a 1-D integer array, got dtype {rows.dtype} shape {rows.shape}"
+            )
+        rows = rows.astype(np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_records):
+            raise ValueError(
+                f"rows must be in [0, {self.n_records}), got min {rows.min()} max {rows.max()}"
+            )
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        out_offsets = np.concatenate([[0], np.cumsum(ends - starts)])  # [R+1]
+        out = np.empty((int(out_offsets[-1]), self.d_model), F.numpy_dtype(self.dtype))  # [T', D]
+        # Merge runs of rows that are adjacent on disk into one read each; reads run concurrently.
+        futures, i = [], 0
+        while i < rows.size:
+            j = i
+            while j + 1 < rows.size and starts[j + 1] == ends[j]:
+                j += 1
+            if ends[j] > starts[i]:
+                futures.append((i, j, arr[int(starts[i]) : int(ends[j])].read()))
+            i = j + 1
+        for i, j, f in futures:
+            out[out_offsets[i] : out_offsets[j + 1]] = f.result()
+        return out, out_offsets
+
+    def iter_row_chunks(
+        self, layer: int, max_bytes: int = 256 << 20
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield (rows [R], acts [T', D], offsets' [R+1]) over consecutive rows, each chunk at
+        most `max_bytes` of activations (a longer single record comes alone). The next chunk is
+        read while the caller works on this one, so peak memory is about 2 * max_bytes."""
+        arr = self._array(layer)
+        row_bytes = self.d_model * F.itemsize(self.dtype)
+        bounds, start = [], 0
+        while start < self.n_records:
+            limit = self.offsets[start] + max(1, max_bytes // row_bytes)
+            end = int(np.searchsorted(self.offsets, limit, side="right")) - 1
+            end = min(max(end, start + 1), self.n_records)
+            bounds.append((start, end))
+            start = end
+        if not bounds:
+            return
+        read = lambda a, b: arr[int(self.offsets[a]) : int(self.offsets[b])].read()  # noqa: E731
+        nxt = read(*bounds[0])
+        for k, (a, b) in enumerate(bounds):
+            cur = nxt
+            if k + 1 < len(bounds):
+                nxt = read(*bounds[k + 1])
+            acts = cur.result()
+            yield np.arange(a, b), acts, self.offsets[a : b + 1] - self.offsets[a]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StoreListing:
+    """One store found by `list_stores`: its URL, key (directory name) and attributes."""
+
+    url: str
+    key: str
+    attrs: dict
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+
+def list_stores(url) -> list[StoreListing]:
+    """The mup stores directly below `url` (an --out directory or s3:// prefix), sorted by key."""
+    loc = parse_location(url)
+    names: list[str] = []
+    if loc.kind == "file":
+        import os
+
+        if os.path.isdir(loc.path):
+            names = [e.name for e in os.scandir(loc.path) if e.is_dir()]
+    else:
+        client = loc.boto3_client()
+        prefix = loc.prefix + "/" if loc.prefix else ""
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=loc.bucket, Prefix=prefix, Delimiter="/"
+        ):
+            names += [
+                p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])
+            ]
+    out = []
+    for name in sorted(names):
+        child = loc.child(name)
+        try:
+            attrs = read_group_attrs(child)
+        except (StoreError, json.JSONDecodeError):
+            continue  # another zarr group or unrelated data under the same prefix
+        if attrs is not None:
+            out.append(StoreListing(url=child.url, key=name, attrs=attrs))
+    return out

@@ -1,0 +1,551 @@
+"""Crash-safe, bounded-memory writer of activation stores (local or S3/R2).
+
+Axis letters: N records, T tokens, D model width, S shards (T split into shard_tokens pieces).
+
+Write protocol (what makes kill -9 safe at any instant):
+  1. `create` writes the group attributes (complete=false), the arrays' metadata and the small
+     token/record arrays, and creates the `done` array LAST: a store without `done/zarr.json`
+     was interrupted during creation and `create` redoes it.
+  2. `write` buffers each batch's tokens in per-shard host buffers. A shard is written only when
+     every token in it has arrived, as one whole-shard write per layer (no read-modify-write of a
+     compressed shard), and only AFTER all layers' shard objects are durable is its `done[s]`
+     flag written. A crash leaves at worst a rewritten-but-unflagged shard, which a resumed
+     writer writes again with the same bytes.
+  3. `finalize` waits for the last shards and then sets the group attribute `complete` (the
+     group zarr.json is replaced atomically: rename locally, a single PUT on S3).
+
+Memory bound: the caller feeds rows in windows (any order within a window, windows advancing
+through the token range). Pending shards are those a window touches, plus at most
+MAX_INFLIGHT_SHARDS being written, so host memory is about
+  (window_tokens + (2 + MAX_INFLIGHT_SHARDS) * shard_tokens) * D * itemsize * n_layers.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import datetime
+import json
+import os
+import shutil
+import tempfile
+import threading
+from typing import Literal
+
+import numpy as np
+import tensorstore as ts
+
+from mup.store import _format as F
+from mup.store._location import Location, StoreError, parse_location
+
+__all__ = [
+    "DEFAULT_S3_UPLOAD",
+    "StoreNotFoundError",
+    "StoreWriter",
+    "create",
+    "open_writer",
+]
+
+# Shard commits run on one background thread so compression and upload overlap with the model;
+# two in flight keeps the I/O busy without growing memory further.
+MAX_INFLIGHT_SHARDS = 2
+
+# How completed shards reach S3. Measured with benchmarks/bench_store.py against a moto server
+# on loopback (see the report): "boto3" (encode the shard to a local staging file with
+# tensorstore, upload it with boto3) vs "tensorstore" (tensorstore's s3 kvstore PUTs it).
+DEFAULT_S3_UPLOAD: Literal["tensorstore", "boto3"] = "tensorstore"
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No (fully created) store at the URL: create one with `create`."""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _kv(loc: Location, sub: str = "") -> ts.KvStore:
+    return ts.KvStore.open(loc.kvstore(sub)).result()
+
+
+def read_group_attrs(loc: Location) -> dict | None:
+    """The group attributes at `loc`, or None if there is no zarr.json there."""
+    got = _kv(loc).read("zarr.json").result()
+    if got.state != "value":
+        return None
+    try:
+        meta = json.loads(bytes(got.value))
+    except ValueError as e:
+        raise StoreError(f"{loc.url}/zarr.json is not valid JSON: {e}") from None
+    if meta.get("node_type") != "group":
+        raise StoreError(f"{loc.url} is a zarr {meta.get('node_type')}, not a mup store group")
+    attrs = meta.get("attributes", {})
+    if attrs.get("format") != F.FORMAT_NAME:
+        raise StoreError(
+            f"{loc.url} is a zarr group but not a {F.FORMAT_NAME} store "
+            f"(format attribute {attrs.get('format')!r})"
+        )
+    if attrs.get("format_version") != F.FORMAT_VERSION:
+        raise StoreError(
+            f"{loc.url}: format version {attrs.get('format_version')!r} is not supported "
+            f"(this mup reads version {F.FORMAT_VERSION})"
+        )
+    return attrs
+
+
+def write_group(loc: Location, sub: str, attrs: dict) -> None:
+    body = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}, indent=1)
+    _kv(loc, sub).write("zarr.json", body.encode()).result()
+
+
+def _has_key(loc: Location, key: str) -> bool:
+    return _kv(loc).read(key).result().state == "value"
+
+
+def _is_empty(loc: Location) -> bool:
+    if loc.kind == "file":
+        return not os.path.exists(loc.path) or not any(os.scandir(loc.path))
+    client = loc.boto3_client()
+    resp = client.list_objects_v2(Bucket=loc.bucket, Prefix=loc.prefix + "/", MaxKeys=1)
+    return resp.get("KeyCount", 0) == 0
+
+
+def _delete_all(loc: Location) -> None:
+    if loc.kind == "file":
+        shutil.rmtree(loc.path, ignore_errors=True)
+    else:
+        _kv(loc).delete_range(ts.KvStore.KeyRange()).result()
+
+
+def _open_array(kvstore: dict, metadata: dict | None = None) -> ts.TensorStore:
+    spec = {"driver": "zarr3", "kvstore": kvstore}
+    if metadata is not None:
+        spec.update(metadata=metadata, create=True, delete_existing=True)
+        # Always materialise shards (even all-zero ones) so that every shard is one object.
+        spec["store_data_equal_to_fill_value"] = True
+    else:
+        spec["open"] = True
+    return ts.open(spec).result()
+
+
+def _as_int_array(name: str, value, ndim: int = 1) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.ndim != ndim or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(
+            f"{name} must be a {ndim}-D integer array, got dtype {arr.dtype} shape {arr.shape}"
+        )
+    return arr.astype(np.int64, copy=False)
+
+
+def create(
+    url,
+    *,
+    layers,
+    d_model: int,
+    dtype: str = "float16",
+    offsets,
+    ids,
+    input_ids,
+    roles,
+    mask,
+    labels=None,
+    attrs: dict,
+    overwrite: bool = False,
+    chunk_tokens: int | None = None,
+    shard_tokens: int | None = None,
+    s3_upload: Literal["tensorstore", "boto3"] | None = None,
+) -> StoreWriter:
+    """Create an empty store for N records / T tokens and return its writer.
+
+    Args:
+      url: local directory or `s3://bucket/prefix` (the store itself, not its parent).
+      layers: layer numbers to store (hidden_states index; 0 = embeddings).
+      d_model: width D of every layer array.
+      dtype: storage dtype, one of float16 (default), bfloat16, float32.
+      offsets: int [N+1], offsets[0] == 0, non-decreasing; record i owns tokens
+        offsets[i]:offsets[i+1].
+      ids: N record ids (str). input_ids: int [T]. roles: uint8 [T]. mask: bool [T].
+      labels: optional int [N] with values in {-1, 0, 1}.
+      attrs: job description; must contain the keys in `JOB_ATTRS`.
+      overwrite: replace an existing store at `url` (only a mup store or an empty location).
+      chunk_tokens, shard_tokens: override the chunk/shard lengths derived from CHUNK_BYTES and
+        SHARD_BYTES (shard_tokens must be a multiple of chunk_tokens).
+      s3_upload: how shards reach S3 (default `DEFAULT_S3_UPLOAD`); ignored for local stores.
+    """
+    loc = parse_location(url)
+    # ---- validate everything before touching storage
+    layers = [int(x) for x in layers]
+    if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
+        raise ValueError(f"layers must be distinct non-negative ints, got {layers}")
+    if int(d_model) <= 0:
+        raise ValueError(f"d_model must be positive, got {d_model}")
+    d_model = int(d_model)
+    if dtype not in F.STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {F.STORAGE_DTYPES}, got {dtype!r}")
+    offsets = _as_int_array("offsets", offsets)
+    if offsets.size < 2 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+        raise ValueError(
+            f"offsets must be int [N+1] with N >= 1, offsets[0] == 0 and non-decreasing; "
+            f"got shape {offsets.shape}"
+        )
+    n, t = offsets.size - 1, int(offsets[-1])
+    if t == 0:
+        raise ValueError("offsets describe 0 tokens; a store needs at least one token")
+    ids = list(ids)
+    if len(ids) != n:
+        raise ValueError(f"ids must have N={n} entries (offsets has N+1={n + 1}), got {len(ids)}")
+    ids_raw = F.encode_ids(ids)  # [N, W]
+    input_ids = _as_int_array("input_ids", input_ids)
+    roles_a = np.asarray(roles)
+    mask_a = np.asarray(mask)
+    for name, arr in (("input_ids", input_ids), ("roles", roles_a), ("mask", mask_a)):
+        if arr.shape != (t,):
+            raise ValueError(f"{name} must have shape [T]=[{t}] (offsets[-1]), got {arr.shape}")
+    if roles_a.size and (
+        not np.issubdtype(roles_a.dtype, np.integer) or roles_a.min() < 0 or roles_a.max() > 255
+    ):
+        raise ValueError(f"roles must be integers in 0..255 (uint8), got dtype {roles_a.dtype}")
+    if mask_a.dtype != np.bool_:
+        raise ValueError(f"mask must be a bool array [T]=[{t}], got dtype {mask_a.dtype}")
+    if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= 2**31):
+        raise ValueError("input_ids must fit int32 and be non-negative")
+    labels_a = None
+    if labels is not None:
+        labels_a = _as_int_array("labels", labels)
+        if labels_a.shape != (n,):
+            raise ValueError(f"labels must have shape [N]=[{n}], got {labels_a.shape}")
+        bad = ~np.isin(labels_a, (-1, 0, 1))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(
+                f"labels[{i}] = {labels_a[i]}: expected 1 (high), 0 (low) or -1 (none)"
+            )
+    if not isinstance(attrs, dict):
+        raise ValueError(f"attrs must be a dict, got {type(attrs).__name__}")
+    missing = [k for k in F.JOB_ATTRS if k not in attrs]
+    if missing:
+        raise ValueError(
+            f"attrs is missing job attributes {missing} (required: {list(F.JOB_ATTRS)})"
+        )
+    reserved = [k for k in attrs if k in F.RESERVED_ATTRS]
+    if reserved:
+        raise ValueError(f"attrs may not set store-owned attributes {reserved}")
+    try:
+        json.dumps(attrs)
+    except TypeError as e:
+        raise ValueError(f"attrs must be JSON-serialisable: {e}") from None
+    ct = chunk_tokens or F.default_chunk_tokens(d_model, dtype)
+    st = shard_tokens or F.default_shard_tokens(d_model, dtype, ct)
+    if ct <= 0 or st <= 0 or st % ct:
+        raise ValueError(f"shard_tokens ({st}) must be a positive multiple of chunk_tokens ({ct})")
+
+    # ---- decide what may be replaced
+    existing = read_group_attrs(loc)
+    if existing is not None:
+        if _has_key(loc, "done/zarr.json") and not overwrite:
+            state = "complete" if existing.get("complete") else "incomplete"
+            raise FileExistsError(
+                f"an {state} store already exists at {loc.url}; resume it with open_writer() "
+                "or pass overwrite=True"
+            )
+    elif not _is_empty(loc):
+        raise FileExistsError(
+            f"{loc.url} is not empty and holds no mup store; refusing to write there"
+        )
+    _delete_all(loc)
+
+    from mup import __version__
+
+    store_attrs = {
+        "format": F.FORMAT_NAME,
+        "format_version": F.FORMAT_VERSION,
+        **attrs,
+        "layers": layers,
+        "d_model": d_model,
+        "dtype": dtype,
+        "n_records": n,
+        "n_tokens": t,
+        "chunk_tokens": ct,
+        "shard_tokens": st,
+        "ids_encoding": "utf-8, zero-padded uint8 [N, W]",
+        "mup_version": __version__,
+        "created": _now(),
+        "complete": False,
+    }
+    write_group(loc, "", store_attrs)
+    write_group(loc, "layers", {})
+    small = [
+        ("offsets", "int64", offsets, [F.RECORD_META_CHUNK]),
+        ("ids", "uint8", ids_raw, [F.RECORD_META_CHUNK, ids_raw.shape[1]]),
+        ("input_ids", "int32", input_ids.astype(np.int32), [F.TOKEN_META_CHUNK]),
+        ("roles", "uint8", roles_a.astype(np.uint8), [F.TOKEN_META_CHUNK]),
+        ("mask", "bool", mask_a, [F.TOKEN_META_CHUNK]),
+    ]
+    if labels_a is not None:
+        small.append(("labels", "int8", labels_a.astype(np.int8), [F.RECORD_META_CHUNK]))
+    futures = []
+    for name, dt, data, chunk in small:
+        arr = _open_array(loc.kvstore(name), F.meta_array_metadata(dt, list(data.shape), chunk))
+        futures.append(arr.write(data))
+    for layer in layers:
+        md = F.layer_array_metadata(
+            n_tokens=t, d_model=d_model, dtype=dtype, chunk_tokens=ct, shard_tokens=st
+        )
+        _open_array(loc.kvstore(f"layers/{layer}"), md)
+    for f in futures:
+        f.result()
+    n_shards = -(-t // st)
+    _open_array(loc.kvstore("done"), F.done_array_metadata(n_shards))
+    return StoreWriter(loc, store_attrs, offsets, s3_upload=s3_upload)
+
+
+def open_writer(url, *, s3_upload: Literal["tensorstore", "boto3"] | None = None) -> StoreWriter:
+    """Reopen an existing store to resume writing (its `done_rows()` say what is left).
+
+    Raises StoreNotFoundError when there is no store or its creation was interrupted (then call
+    `create` again). A complete store opens with every row done; `finalize` is then a no-op.
+    """
+    loc = parse_location(url)
+    attrs = read_group_attrs(loc)
+    if attrs is None:
+        raise StoreNotFoundError(f"no mup store at {loc.url}")
+    if not _has_key(loc, "done/zarr.json"):
+        raise StoreNotFoundError(
+            f"creation of the store at {loc.url} was interrupted; create it again"
+        )
+    offsets = _open_array(loc.kvstore("offsets")).read().result().astype(np.int64)
+    return StoreWriter(loc, attrs, offsets, s3_upload=s3_upload)
+
+
+class _Pending:
+    """Host buffers of one shard: per layer [shard_len, D] plus how many tokens are missing."""
+
+    __slots__ = ("bufs", "missing")
+
+    def __init__(self, layers, length: int, d_model: int, dtype: np.dtype):
+        self.bufs = {layer: np.empty((length, d_model), dtype) for layer in layers}  # [t, D]
+        self.missing = length
+
+
+class StoreWriter:
+    """Writes layer activations into a created store; see the module docstring for the protocol.
+
+    Use `create` or `open_writer` to get one. Not thread-safe: call from one thread.
+    """
+
+    def __init__(self, loc: Location, attrs: dict, offsets: np.ndarray, *, s3_upload=None):
+        self.url = loc.url
+        self._loc = loc
+        self._attrs = dict(attrs)
+        self.layers: list[int] = [int(x) for x in attrs["layers"]]
+        self.d_model: int = int(attrs["d_model"])
+        self.dtype: str = attrs["dtype"]
+        self._np_dtype = F.numpy_dtype(self.dtype)
+        self.offsets = offsets  # [N+1]
+        self.n_records = offsets.size - 1
+        self.n_tokens = int(offsets[-1])
+        self.shard_tokens = int(attrs["shard_tokens"])
+        self.n_shards = -(-self.n_tokens // self.shard_tokens)
+        self._done_arr = _open_array(loc.kvstore("done"))
+        self._shard_done = self._done_arr.read().result().astype(bool)  # [S]
+        self._received = np.zeros(self.n_records, bool)  # [N] rows taken by write() this session
+        self._pending: dict[int, _Pending] = {}
+        self._lock = threading.Lock()
+        self._inflight: collections.deque = collections.deque()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mup-store")
+        self._staging: str | None = None
+        mode = s3_upload or DEFAULT_S3_UPLOAD
+        if mode not in ("tensorstore", "boto3"):
+            raise ValueError(f"s3_upload must be 'tensorstore' or 'boto3', got {mode!r}")
+        self._mode = mode if loc.kind == "s3" else "local"
+        if self._mode == "boto3":
+            self._staging = tempfile.mkdtemp(prefix="mup-store-")
+            self._client = loc.boto3_client()
+            self._transfer = loc.transfer_config()
+        self._arrays: dict[int, ts.TensorStore] = {}
+        for layer in self.layers:
+            if self._mode == "boto3":
+                md = _open_array(loc.kvstore(f"layers/{layer}")).spec(minimal_spec=True)
+                meta = md.to_json()["metadata"]
+                kv = {"driver": "file", "path": os.path.join(self._staging, str(layer)) + "/"}
+                self._arrays[layer] = _open_array(kv, meta)
+            else:
+                self._arrays[layer] = _open_array(loc.kvstore(f"layers/{layer}"))
+        self.complete = bool(attrs.get("complete"))
+        self._error: BaseException | None = None
+
+    # ---- bookkeeping
+    def _shard_range(self, s: int) -> tuple[int, int]:
+        t0 = s * self.shard_tokens
+        return t0, min(t0 + self.shard_tokens, self.n_tokens)
+
+    def done_rows(self) -> np.ndarray:
+        """bool [N]: records durable in every layer (records without tokens count as done)."""
+        with self._lock:
+            shard_done = self._shard_done.copy()
+        return F.rows_done(self.offsets, shard_done, self.shard_tokens)
+
+    def done_shards(self) -> np.ndarray:
+        """bool [S]: shards durable in every layer."""
+        with self._lock:
+            return self._shard_done.copy()
+
+    # ---- writing
+    def write(self, rows, acts: dict) -> None:
+        """Add the activations of `rows` (any order, not yet done) for every stored layer.
+
+        acts[layer] is [sum of the rows' lengths, D]: the rows' tokens concatenated in the order
+        of `rows`. Values are cast to the storage dtype and must be finite after the cast.
+        """
+        self._check_error()
+        if self.complete:
+            raise ValueError(f"store {self.url} is already complete; nothing left to write")
+        rows = np.asarray(rows)
+        if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
+            raise ValueError(
+                f"rows must be a 1-D integer array, got dtype {rows.dtype} shape {rows.shape}"
+            )
+        rows = rows.astype(np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_records):
+            bad = rows[(rows < 0) | (rows >= self.n_records)][0]
+            raise ValueError(f"row {bad} is out of range: the store has N={self.n_records} records")
+        if np.unique(rows).size != rows.size:
+            raise ValueError("rows contains duplicates")
+        lengths = self.offsets[rows + 1] - self.offsets[rows]  # [R]
+        empty = lengths == 0
+        done = self.done_rows()[rows] & ~empty
+        if done.any():
+            raise ValueError(f"rows {rows[done][:8].tolist()} are already done in {self.url}")
+        again = self._received[rows] & ~empty
+        if again.any():
+            raise ValueError(
+                f"rows {rows[again][:8].tolist()} were already written in this session"
+            )
+        total = int(lengths.sum())
+        if not isinstance(acts, dict) or sorted(int(k) for k in acts) != sorted(self.layers):
+            got = sorted(acts) if isinstance(acts, dict) else type(acts).__name__
+            raise ValueError(
+                f"acts must map every stored layer {sorted(self.layers)} to an array; got {got}"
+            )
+        cast = {}
+        for layer in self.layers:
+            a = np.asarray(acts[layer])
+            if a.shape != (total, self.d_model):
+                raise ValueError(
+                    f"acts[{layer}] must have shape [sum of row lengths, D]="
+                    f"[{total}, {self.d_model}], got {a.shape}"
+                )
+            if not (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"):
+                raise ValueError(f"acts[{layer}] must be floating point, got dtype {a.dtype}")
+            a = a.astype(self._np_dtype, copy=False)  # [R_tokens, D]
+            finite = np.isfinite(a).all(axis=1)
+            if not finite.all():
+                tok = int(np.argmin(finite))
+                row = int(rows[np.searchsorted(np.cumsum(lengths), tok, side="right")])
+                raise ValueError(
+                    f"acts[{layer}] has a non-finite value at row {row} after casting to "
+                    f"{self.dtype} (overflow? store as float32 or bfloat16)"
+                )
+            cast[layer] = a
+        # ---- scatter into shard buffers
+        pos = 0
+        touched = set()
+        for row, length in zip(rows.tolist(), lengths.tolist(), strict=True):
+            a, b = int(self.offsets[row]), int(self.offsets[row + 1])
+            if b == a:
+                continue
+            for s in range(a // self.shard_tokens, -(-b // self.shard_tokens)):
+                if self._shard_done[s]:
+                    continue
+                t0, t1 = self._shard_range(s)
+                lo, hi = max(a, t0), min(b, t1)
+                p = self._pending.get(s)
+                if p is None:
+                    p = self._pending[s] = _Pending(
+                        self.layers, t1 - t0, self.d_model, self._np_dtype
+                    )
+                for layer in self.layers:
+                    p.bufs[layer][lo - t0 : hi - t0] = cast[layer][pos + lo - a : pos + hi - a]
+                p.missing -= hi - lo
+                touched.add(s)
+            pos += length
+        self._received[rows] = True
+        for s in sorted(touched):
+            if self._pending[s].missing == 0:
+                self._submit(s, self._pending.pop(s))
+
+    def _submit(self, s: int, pending: _Pending) -> None:
+        while len(self._inflight) >= MAX_INFLIGHT_SHARDS:
+            self._inflight.popleft().result()
+        self._inflight.append(self._pool.submit(self._commit, s, pending))
+
+    def _commit(self, s: int, pending: _Pending) -> None:
+        try:
+            t0, t1 = self._shard_range(s)
+            futures = [self._arrays[layer][t0:t1].write(buf) for layer, buf in pending.bufs.items()]
+            for f in futures:
+                f.result()
+            if self._mode == "boto3":
+                self._upload_shard(s)
+            # Only now, with every layer's shard durable, may the shard count as done.
+            self._done_arr[s].write(np.uint8(1)).result()
+            with self._lock:
+                self._shard_done[s] = True
+        except BaseException as e:
+            self._error = e
+            raise
+
+    def _upload_shard(self, s: int) -> None:
+        for layer in self.layers:
+            local = os.path.join(self._staging, str(layer), "c", str(s), "0")
+            key = self._loc.key(f"layers/{layer}/c/{s}/0")
+            self._client.upload_file(local, self._loc.bucket, key, Config=self._transfer)
+            os.remove(local)
+
+    def _check_error(self) -> None:
+        if self._error is not None:
+            raise StoreError(
+                f"writing a shard of {self.url} failed: {self._error}"
+            ) from self._error
+
+    def flush(self) -> None:
+        """Wait until every completed shard is durable. Partly filled shards stay buffered."""
+        while self._inflight:
+            self._inflight.popleft().result()
+        self._check_error()
+
+    def pending_rows(self) -> np.ndarray:
+        """int64 row numbers not yet done and not yet written in this session."""
+        return np.flatnonzero(~self.done_rows() & ~self._received)
+
+    def finalize(self) -> None:
+        """Write what remains, then set `complete` (last). Every record must have been written."""
+        if self.complete:
+            return
+        self.flush()
+        missing = np.flatnonzero(~self.done_rows())
+        if missing.size:
+            raise ValueError(
+                f"cannot finalize {self.url}: {missing.size} of {self.n_records} records have not "
+                f"been written (first: {missing[:8].tolist()})"
+            )
+        self._attrs["complete"] = True
+        self._attrs["completed"] = _now()
+        write_group(self._loc, "", self._attrs)
+        self.complete = True
+        self.close()
+
+    def close(self) -> None:
+        """Release the background thread and staging files (buffered partial shards are dropped)."""
+        self._pool.shutdown(wait=True)
+        if self._staging:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.flush()
+        self.close()
