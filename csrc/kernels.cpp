@@ -1,0 +1,370 @@
+// Pooling and padded-batch kernels; see kernels.hpp for the layout and axis letters.
+#include "kernels.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <limits>
+#include <stdexcept>
+#include <thread>
+
+namespace mup {
+
+Kind parse_kind(const std::string& name) {
+  if (name == "float32") return Kind::F32;
+  if (name == "float16") return Kind::F16;
+  if (name == "bfloat16") return Kind::BF16;
+  throw std::invalid_argument("dtype must be 'float32', 'float16' or 'bfloat16', got '" + name +
+                              "'");
+}
+
+Method parse_method(const std::string& name) {
+  if (name == "mean") return Method::Mean;
+  if (name == "max") return Method::Max;
+  if (name == "min") return Method::Min;
+  if (name == "last") return Method::Last;
+  if (name == "sum") return Method::Sum;
+  if (name == "softmax") return Method::Softmax;
+  if (name == "rolling_mean_max") return Method::RollingMeanMax;
+  throw std::invalid_argument("unknown pooling method '" + name +
+                              "'; expected mean, max, min, last, sum, softmax, rolling_mean_max");
+}
+
+namespace {
+
+// ------------------------------------------------------------------ threads
+
+// Run fn(lo, hi) over [bounds[k], bounds[k+1]) on bounds.size() - 1 threads (the caller's
+// thread takes the first range) and rethrow the first exception after every thread joined.
+template <class F>
+void run_ranges(const std::vector<int64_t>& bounds, F&& fn) {
+  const size_t parts = bounds.size() - 1;
+  if (parts == 1) {
+    fn(bounds[0], bounds[1]);
+    return;
+  }
+  std::vector<std::exception_ptr> errors(parts);
+  std::vector<std::thread> threads;
+  threads.reserve(parts - 1);
+  for (size_t k = 1; k < parts; ++k) {
+    threads.emplace_back([&, k] {
+      try {
+        fn(bounds[k], bounds[k + 1]);
+      } catch (...) {
+        errors[k] = std::current_exception();
+      }
+    });
+  }
+  try {
+    fn(bounds[0], bounds[1]);
+  } catch (...) {
+    errors[0] = std::current_exception();
+  }
+  for (auto& t : threads) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+// Below this many elements a thread costs more (~20 us to start) than it saves.
+constexpr int64_t kMinElemsPerThread = int64_t{1} << 17;
+
+// Static partition of items [0, n) into contiguous ranges of about equal cost, where
+// cost(i) = prefix(i + 1) - prefix(i) and prefix is non-decreasing with prefix(0) == 0.
+template <class Prefix>
+std::vector<int64_t> balanced_bounds(int64_t n, int64_t elems_per_cost, int num_threads,
+                                     Prefix prefix) {
+  const int64_t total = prefix(n);
+  int64_t nt = std::max(1, num_threads);
+  nt = std::min<int64_t>(nt, std::max<int64_t>(1, n));
+  nt = std::min<int64_t>(nt, std::max<int64_t>(1, total * elems_per_cost / kMinElemsPerThread));
+  std::vector<int64_t> bounds(nt + 1, 0);
+  bounds[nt] = n;
+  for (int64_t k = 1; k < nt; ++k) {
+    const int64_t target = total * k / nt;
+    int64_t lo = bounds[k - 1], hi = n;  // smallest i with prefix(i) >= target
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (prefix(mid) >= target)
+        hi = mid;
+      else
+        lo = mid + 1;
+    }
+    bounds[k] = lo;
+  }
+  return bounds;
+}
+
+// ------------------------------------------------------------------ element access
+
+template <Kind K>
+struct Elem;
+template <>
+struct Elem<Kind::F32> {
+  using T = float;
+  static float get(const float* p, int64_t d) { return p[d]; }
+};
+template <>
+struct Elem<Kind::F16> {
+  using T = uint16_t;
+  static float get(const uint16_t* p, int64_t d) { return f16_to_f32(p[d]); }
+};
+template <>
+struct Elem<Kind::BF16> {
+  using T = uint16_t;
+  static float get(const uint16_t* p, int64_t d) { return bf16_to_f32(p[d]); }
+};
+
+// The D loops below are the hot spots; each is written so that GCC/Clang vectorise it
+// (no aliasing, no calls, selects instead of branches). max/min propagate NaN like numpy.
+template <Kind K>
+inline void acc_add(float* __restrict acc, const typename Elem<K>::T* __restrict x, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) acc[d] += Elem<K>::get(x, d);
+}
+template <Kind K>
+inline void acc_axpy(float* __restrict acc, const typename Elem<K>::T* __restrict x, float w,
+                     int64_t D) {
+  for (int64_t d = 0; d < D; ++d) acc[d] += Elem<K>::get(x, d) * w;
+}
+template <Kind K>
+inline void acc_max(float* __restrict acc, const typename Elem<K>::T* __restrict x, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = Elem<K>::get(x, d);
+    acc[d] = (v > acc[d] || v != v) ? v : acc[d];
+  }
+}
+template <Kind K>
+inline void acc_min(float* __restrict acc, const typename Elem<K>::T* __restrict x, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = Elem<K>::get(x, d);
+    acc[d] = (v < acc[d] || v != v) ? v : acc[d];
+  }
+}
+template <Kind K>
+inline void to_f32(float* __restrict out, const typename Elem<K>::T* __restrict x, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) out[d] = Elem<K>::get(x, d);
+}
+template <Kind K>
+inline void acc_add_f64(double* __restrict acc, const typename Elem<K>::T* __restrict x,
+                        int64_t D) {
+  for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<double>(Elem<K>::get(x, d));
+}
+template <Kind K>
+inline void slide_f64(double* __restrict acc, const typename Elem<K>::T* __restrict x_in,
+                      const typename Elem<K>::T* __restrict x_out, int64_t D) {
+  for (int64_t d = 0; d < D; ++d)
+    acc[d] += static_cast<double>(Elem<K>::get(x_in, d)) -
+              static_cast<double>(Elem<K>::get(x_out, d));
+}
+inline void max_of_mean(float* __restrict best, const double* __restrict acc, double w,
+                        int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = static_cast<float>(acc[d] / w);
+    best[d] = (v > best[d] || v != v) ? v : best[d];
+  }
+}
+
+// ------------------------------------------------------------------ pooling
+
+template <Kind K>
+void pool_rows(const RaggedView& v, const std::vector<Method>& methods, const PoolParams& p,
+               const std::vector<float*>& out, int64_t r0, int64_t r1) {
+  using S = typename Elem<K>::T;
+  const int64_t D = v.D;
+  const size_t nm = methods.size();
+  bool streaming = false, has_softmax = false, has_last = false, has_rolling = false;
+  for (Method m : methods) {
+    has_softmax |= m == Method::Softmax;
+    has_last |= m == Method::Last;
+    has_rolling |= m == Method::RollingMeanMax;
+    streaming |= m != Method::Last && m != Method::RollingMeanMax;
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+  const float temperature = p.temperature;  // z = score / temperature
+  std::vector<double> win(has_rolling ? D : 0);
+  std::vector<int64_t> kept;
+  auto token = [&](int64_t t) { return reinterpret_cast<const S*>(v.data + t * v.row_stride); };
+  auto masked = [&](int64_t t) { return v.mask == nullptr || v.mask[t] != 0; };
+
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t s = v.offsets[r], e = v.offsets[r + 1];
+    float zmax = -inf, denom = 0.0f;
+    if (has_softmax) {
+      // Same float32 steps as the numpy reference: z = s / T, exp(z - max z), normalise.
+      for (int64_t t = s; t < e; ++t)
+        if (masked(t)) zmax = std::max(zmax, p.scores[t] / temperature);
+      for (int64_t t = s; t < e; ++t)
+        if (masked(t)) denom += std::exp(p.scores[t] / temperature - zmax);
+    }
+    if (streaming) {
+      for (size_t j = 0; j < nm; ++j) {
+        float* o = out[j] + r * D;
+        const Method m = methods[j];
+        const float init = m == Method::Max ? -inf : (m == Method::Min ? inf : 0.0f);
+        if (m != Method::Last && m != Method::RollingMeanMax) std::fill(o, o + D, init);
+      }
+      int64_t count = 0;
+      for (int64_t t = s; t < e; ++t) {
+        if (!masked(t)) continue;
+        ++count;
+        const S* x = token(t);
+        for (size_t j = 0; j < nm; ++j) {
+          float* o = out[j] + r * D;
+          switch (methods[j]) {
+            case Method::Mean:
+            case Method::Sum:
+              acc_add<K>(o, x, D);
+              break;
+            case Method::Max:
+              acc_max<K>(o, x, D);
+              break;
+            case Method::Min:
+              acc_min<K>(o, x, D);
+              break;
+            case Method::Softmax:
+              acc_axpy<K>(o, x, std::exp(p.scores[t] / temperature - zmax) / denom, D);
+              break;
+            default:
+              break;
+          }
+        }
+      }
+      for (size_t j = 0; j < nm; ++j) {
+        if (methods[j] != Method::Mean) continue;
+        float* o = out[j] + r * D;
+        const float c = static_cast<float>(count);
+        for (int64_t d = 0; d < D; ++d) o[d] /= c;
+      }
+    }
+    if (has_last) {
+      int64_t t = e - 1;
+      while (t >= s && !masked(t)) --t;
+      for (size_t j = 0; j < nm; ++j)
+        if (methods[j] == Method::Last) to_f32<K>(out[j] + r * D, token(t), D);
+    }
+    if (has_rolling) {
+      kept.clear();
+      for (int64_t t = s; t < e; ++t)
+        if (masked(t)) kept.push_back(t);
+      const int64_t n = static_cast<int64_t>(kept.size());
+      const int64_t w = p.window;
+      for (size_t j = 0; j < nm; ++j) {
+        if (methods[j] != Method::RollingMeanMax) continue;
+        float* o = out[j] + r * D;
+        std::fill(win.begin(), win.end(), 0.0);
+        const int64_t first = std::min(n, w);
+        for (int64_t k = 0; k < first; ++k) acc_add_f64<K>(win.data(), token(kept[k]), D);
+        // Fewer masked tokens than the window: the full mean (one "window").
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<float>(win[d] / first);
+        for (int64_t k = w; k < n; ++k) {
+          slide_f64<K>(win.data(), token(kept[k]), token(kept[k - w]), D);
+          max_of_mean(o, win.data(), static_cast<double>(w), D);
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ copies with conversion
+
+template <Kind K>
+void convert_to_f32(float* __restrict dst, const void* src, int64_t D) {
+  to_f32<K>(dst, static_cast<const typename Elem<K>::T*>(src), D);
+}
+
+// Copy one token row of D elements from src_kind to dst_kind (equal, or dst is float32).
+inline void copy_row(char* dst, Kind dst_kind, const char* src, Kind src_kind, int64_t D) {
+  if (dst_kind == src_kind) {
+    std::memcpy(dst, src, static_cast<size_t>(D * kind_size(src_kind)));
+    return;
+  }
+  float* d = reinterpret_cast<float*>(dst);
+  if (src_kind == Kind::F16)
+    convert_to_f32<Kind::F16>(d, src, D);
+  else
+    convert_to_f32<Kind::BF16>(d, src, D);
+}
+
+}  // namespace
+
+void pool_many(const RaggedView& v, const std::vector<Method>& methods, const PoolParams& p,
+               const std::vector<float*>& out, int num_threads) {
+  const int64_t* off = v.offsets;
+  const auto bounds = balanced_bounds(v.N, std::max<int64_t>(v.D, 1), num_threads,
+                                      [&](int64_t i) { return off[i] + i; });
+  run_ranges(bounds, [&](int64_t r0, int64_t r1) {
+    switch (v.kind) {
+      case Kind::F32:
+        pool_rows<Kind::F32>(v, methods, p, out, r0, r1);
+        break;
+      case Kind::F16:
+        pool_rows<Kind::F16>(v, methods, p, out, r0, r1);
+        break;
+      case Kind::BF16:
+        pool_rows<Kind::BF16>(v, methods, p, out, r0, r1);
+        break;
+    }
+  });
+}
+
+void gather_padded(const RaggedView& v, const int64_t* rows, int64_t B, int64_t P,
+                   Kind out_kind, char* block, uint8_t* block_mask, int num_threads) {
+  const int64_t D = v.D, osz = kind_size(out_kind);
+  const auto bounds = balanced_bounds(B, std::max<int64_t>(P * D, 1), num_threads,
+                                      [](int64_t i) { return i; });
+  run_ranges(bounds, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t s = v.offsets[rows[i]], len = v.offsets[rows[i] + 1] - s;
+      char* dst = block + i * P * D * osz;
+      uint8_t* bm = block_mask + i * P;
+      for (int64_t j = 0; j < len; ++j) {
+        copy_row(dst + j * D * osz, out_kind, v.data + (s + j) * v.row_stride, v.kind, D);
+        bm[j] = v.mask == nullptr ? 1 : (v.mask[s + j] != 0);
+      }
+      std::memset(dst + len * D * osz, 0, static_cast<size_t>((P - len) * D * osz));
+      std::memset(bm + len, 0, static_cast<size_t>(P - len));
+    }
+  });
+}
+
+void scatter_padded(const char* block, Kind block_kind, int64_t B, int64_t P, int64_t D,
+                    const int64_t* offsets, const int64_t* rows, char* out, Kind out_kind,
+                    int num_threads) {
+  const int64_t bsz = kind_size(block_kind), osz = kind_size(out_kind);
+  const auto bounds = balanced_bounds(B, std::max<int64_t>(P * D, 1), num_threads,
+                                      [](int64_t i) { return i; });
+  run_ranges(bounds, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t s = offsets[rows[i]], len = offsets[rows[i] + 1] - s;
+      for (int64_t j = 0; j < len; ++j)
+        copy_row(out + (s + j) * D * osz, out_kind, block + (i * P + j) * D * bsz, block_kind, D);
+    }
+  });
+}
+
+void plan_batches(const int64_t* lengths, const int64_t* order, int64_t N, const int64_t* buckets,
+                  int64_t K, int64_t token_budget, int64_t max_rows, std::vector<int64_t>& rows_out,
+                  std::vector<int64_t>& starts, std::vector<int64_t>& padded) {
+  // Counting sort of the visited rows by bucket keeps the visiting order inside a bucket.
+  std::vector<int64_t> which(N), fill(K + 1, 0);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t len = lengths[order[i]];
+    which[i] = std::lower_bound(buckets, buckets + K, len) - buckets;
+    if (which[i] >= K) throw std::invalid_argument("a row is longer than the largest bucket");
+    ++fill[which[i] + 1];
+  }
+  for (int64_t k = 0; k < K; ++k) fill[k + 1] += fill[k];
+  const std::vector<int64_t> first(fill.begin(), fill.end());
+  rows_out.assign(N, 0);
+  for (int64_t i = 0; i < N; ++i) rows_out[fill[which[i]]++] = order[i];
+  starts.assign(1, 0);
+  padded.clear();
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t per = std::max<int64_t>(1, std::min(max_rows, token_budget / buckets[k]));
+    for (int64_t b = first[k]; b < first[k + 1]; b += per) {
+      starts.push_back(std::min(b + per, first[k + 1]));
+      padded.push_back(buckets[k]);
+    }
+  }
+}
+
+}  // namespace mup
