@@ -62,13 +62,13 @@ def check_acts(acts, acts_dtype, fn: str) -> np.ndarray:
 
 def check_offsets(offsets, t: int, fn: str, what: str = "acts.shape[0]") -> np.ndarray:
     o = np.asarray(offsets)
-    if not np.issubdtype(o.dtype, np.integer):
-        raise TypeError(f"{fn}: offsets must be int64 [N+1], got dtype {o.dtype}")
-    o = np.ascontiguousarray(o, dtype=np.int64)
     expected = f"{fn}: offsets must be int64 [N+1] with offsets[0] == 0 and offsets[-1] == "
     expected += f"{what} == {t}"
     if o.ndim != 1 or o.shape[0] < 1:
         raise ValueError(f"{expected}, got shape {o.shape}")
+    if not np.issubdtype(o.dtype, np.integer):
+        raise TypeError(f"{fn}: offsets must be int64 [N+1], got dtype {o.dtype}")
+    o = np.ascontiguousarray(o, dtype=np.int64)
     if o[0] != 0 or o[-1] != t:
         raise ValueError(f"{expected}, got offsets[0] == {o[0]}, offsets[-1] == {o[-1]}")
     steps = np.diff(o)
