@@ -6,8 +6,6 @@ ds.split("train")  # records whose `split` field is "train"
 """
 
 # Records and data sets
-# Where data sets live
-from mup.data._locate import HUB_REPO, bundled_path, dataset_names, find_dataset
 from mup.data._records import (
     AMBIGUOUS,
     HIGH_STAKES,
@@ -20,6 +18,10 @@ from mup.data._records import (
     Record,
     load_records,
 )
+
+# isort: split
+# Where data sets live
+from mup.data._locate import HUB_REPO, bundled_path, dataset_names, find_dataset
 
 __all__ = [
     "AMBIGUOUS",

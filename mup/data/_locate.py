@@ -45,6 +45,9 @@ _HUB_GLOBS: dict[str, tuple[str, ...]] = {
     "dev/toolace": ("*toolace*dev*.jsonl", "*dev*toolace*.jsonl"),
 }
 _STAKES = frozenset(_HUB_GLOBS)
+# The source checkout this module sits in (site-packages' parent when installed from a wheel,
+# where ../shared/data simply does not exist).
+_CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def dataset_names() -> tuple[str, ...]:
@@ -90,8 +93,7 @@ def find_dataset(
     if os.environ.get("MUP_DATA"):
         roots.append(("$MUP_DATA", Path(os.environ["MUP_DATA"]).expanduser()))
     roots.append(("../shared/data from the current directory", Path.cwd() / "../shared/data"))
-    checkout = Path(__file__).resolve().parents[2]
-    roots.append(("../shared/data from the repository checkout", checkout / "../shared/data"))
+    roots.append(("../shared/data from the repository checkout", _CHECKOUT / "../shared/data"))
     for label, root in roots:
         found = _in_root(name, root)
         if found is not None:
