@@ -1,0 +1,19 @@
+"""Jitted probes that flag high-stakes interactions from residual-stream activations.
+
+from mup import probes
+probe = probes.fit("attention", train, layer=20, val=val, seed=0)   # store or Activations
+probs = probe.predict(test)                    # float32 [N]
+scores, offsets = probe.token_scores(test)     # ragged per-token logits
+probe.save("probe.safetensors"); probe = probes.load("probe.safetensors")
+"""
+
+# Data: in-memory ragged activations (a store works wherever these do).
+from mup.probes._data import Activations  # isort: skip
+
+# Configuration: kinds and their MUP-paper defaults (configs/probes/<kind>.yaml).
+from mup.probes._config import PROBE_KINDS, ProbeConfig, default_config  # isort: skip
+
+# Training, inference and files.
+from mup.probes._probe import Probe, fit, load  # isort: skip
+
+__all__ = ["PROBE_KINDS", "Activations", "Probe", "ProbeConfig", "default_config", "fit", "load"]

@@ -1,0 +1,266 @@
+"""The `Probe` object, `fit` and `load`.
+
+Axis letters: T tokens, N records, D model width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from mup._version import __version__
+from mup.probes._config import POOLED_KINDS, SEQUENCE_KINDS, ProbeConfig, default_config
+from mup.probes._data import Activations, as_activations, labelled
+from mup.probes._train import (
+    PaddedBuckets,
+    sequence_predict_logits,
+    train_dom,
+    train_lda,
+    train_logreg,
+    train_pooled,
+    train_sequence,
+)
+
+_FORMAT = "mup.probe/1"
+
+
+def _pool(data: Activations, method: str) -> np.ndarray:
+    """[N, D] float32 pooled vectors over each record's masked tokens."""
+    from mup import native
+
+    return np.asarray(
+        native.pool(data.acts, data.offsets, method=method, mask=data.mask), np.float32
+    )
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-z.astype(np.float64)))).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Probe:
+    """A trained probe: its config, parameters and where its training data came from.
+
+    Attributes:
+      config: the hyperparameters it was trained with.
+      params: name -> np.ndarray (see mup.probes._model for the names per kind).
+      d_model: width D of the activations it reads (after combining layers).
+      layers: store layers it reads (empty for probes trained on unlabelled-layer arrays).
+      combine: how several layers are combined, "concat" or "sum".
+      history: training record: per-epoch train_loss / val_auroc, best_epoch, epochs_run, ...
+      metadata: free-form strings saved with the probe (model name, dataset, ...).
+    """
+
+    config: ProbeConfig
+    params: dict
+    d_model: int
+    layers: tuple[int, ...] = ()
+    combine: str = "concat"
+    history: dict = dataclasses.field(default_factory=dict)
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    def _data(self, data) -> Activations:
+        acts = as_activations(data, self.layers or None, combine=self.combine)
+        if acts.d_model != self.d_model:
+            raise ValueError(
+                f"d_model mismatch: this {self.kind} probe reads width {self.d_model} "
+                f"(layers {list(self.layers)}, {self.combine}) but the data has width "
+                f"{acts.d_model}"
+            )
+        return acts
+
+    def _jparams(self) -> dict:
+        return {k: jnp.asarray(v) for k, v in self.params.items()}
+
+    def logits(self, data) -> np.ndarray:
+        """Per-record logits [N] float32."""
+        acts = self._data(data)
+        if self.kind in POOLED_KINDS:
+            x = _pool(acts, POOLED_KINDS[self.kind])  # [N, D]
+            return _pooled_logits_np(self.params, x)
+        buckets = PaddedBuckets(acts, self.config.min_bucket)
+        return sequence_predict_logits(self.config, self._jparams(), buckets)
+
+    def predict(self, data) -> np.ndarray:
+        """Probability of high stakes per record, float32 [N]."""
+        return _sigmoid(self.logits(data))
+
+    def token_scores(self, data) -> tuple[np.ndarray, np.ndarray]:
+        """Per-token logits of the probe's linear read-out, (scores [T] float32, offsets [N+1]).
+
+        Every token gets a score (unmasked ones too, for display); only masked tokens ever
+        enter `predict`. For attention probes this is the classifier applied to each token.
+        """
+        acts = self._data(data)
+        scores = np.empty(acts.acts.shape[0], np.float32)
+        step = max(1, (1 << 24) // max(acts.d_model, 1))  # bound the float32 copy
+        for t0 in range(0, scores.shape[0], step):
+            x = np.asarray(acts.acts[t0 : t0 + step], np.float32)  # [t, D]
+            scores[t0 : t0 + step] = _pooled_logits_np(self.params, x)
+        return scores, acts.offsets
+
+    def attention_weights(self, data) -> tuple[np.ndarray, np.ndarray]:
+        """Attention probes: per-token weights [T] (sum 1 over each record's masked tokens,
+        0 on unmasked tokens) and offsets [N+1]."""
+        if self.kind != "attention":
+            raise ValueError(f"attention_weights needs an attention probe, this is {self.kind!r}")
+        acts = self._data(data)
+        q, qb = np.asarray(self.params["q"]), float(self.params["qb"])
+        a = (np.asarray(acts.acts, np.float32) @ q + qb) / np.sqrt(np.float32(acts.d_model))
+        a = a.astype(np.float64)
+        mask = np.ones(a.shape[0], bool) if acts.mask is None else acts.mask
+        a_masked = np.where(mask, a, -np.inf)
+        rec_max = np.maximum.reduceat(a_masked, acts.offsets[:-1])  # [N]
+        e = np.where(mask, np.exp(a - np.repeat(rec_max, np.diff(acts.offsets))), 0.0)
+        denom = np.add.reduceat(e, acts.offsets[:-1])  # [N]
+        w = e / np.repeat(denom, np.diff(acts.offsets))
+        return w.astype(np.float32), acts.offsets
+
+    def evaluate(self, data, **kwargs) -> dict:
+        """`mup.metrics.evaluate` of this probe's predictions on labelled data."""
+        from mup import metrics
+
+        acts = self._data(data)
+        if acts.labels is None:
+            raise ValueError("evaluate: the data has no labels")
+        return metrics.evaluate(self.predict(acts), acts.labels, **kwargs)
+
+    def save(self, path) -> Path:
+        """Write config, parameters and metadata to one safetensors file."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        header = {
+            "format": _FORMAT,
+            "mup_version": __version__,
+            "config": self.config.to_dict(),
+            "d_model": self.d_model,
+            "layers": list(self.layers),
+            "combine": self.combine,
+            "history": self.history,
+            "metadata": self.metadata,
+        }
+        tensors = {
+            k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in self.params.items()
+        }
+        save_file(tensors, str(path), metadata={"mup_probe": json.dumps(header)})
+        return path
+
+
+def _pooled_logits_np(params: dict, x: np.ndarray) -> np.ndarray:
+    """Logits of the linear read-out on rows of x [R, D] (pooled vectors or single tokens)."""
+    p = {k: np.asarray(v, np.float32) for k, v in params.items()}
+    if "mu" in p:
+        x = (x - p["mu"]) / p["sd"]
+    z = x @ p["w"] + p["b"]
+    if "scale" in p:
+        z = p["scale"] * z + p["shift"]
+    return z.astype(np.float32)
+
+
+def load(path) -> Probe:
+    """Read a probe written by `Probe.save`."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"probe file {path} does not exist")
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    if "mup_probe" not in meta:
+        raise ValueError(f"{path}: not a mup probe file (no 'mup_probe' metadata entry)")
+    header = json.loads(meta["mup_probe"])
+    if header.get("format") != _FORMAT:
+        raise ValueError(f"{path}: unsupported probe format {header.get('format')!r}")
+    return Probe(
+        config=ProbeConfig(**header["config"]),
+        params=load_file(str(path)),
+        d_model=int(header["d_model"]),
+        layers=tuple(header["layers"]),
+        combine=header["combine"],
+        history=header["history"],
+        metadata=header["metadata"],
+    )
+
+
+def fit(
+    kind: str,
+    data,
+    *,
+    layer=None,
+    val=None,
+    seed: int = 0,
+    combine: str = "concat",
+    config: ProbeConfig | None = None,
+    metadata: dict | None = None,
+    **overrides,
+) -> Probe:
+    """Train a probe of `kind` on `data` (an activation store or `Activations`).
+
+    Args:
+      kind: one of `PROBE_KINDS`.
+      data: training records; records labelled -1 are left out.
+      layer: store layer (int) or layers (list, combined by `combine`); required for stores.
+      val: optional validation data for early stopping on AUROC (the best epoch is kept).
+      seed: initialisation and shuffling seed; the same seed gives identical parameters.
+      config: a full ProbeConfig; by default `default_config(kind, **overrides)`.
+      **overrides: hyperparameters replacing the defaults, e.g. `epochs=50, lr=1e-3`.
+    """
+    if config is None:
+        config = default_config(kind, **overrides)
+    elif overrides or config.kind != kind:
+        raise ValueError("pass either config= (with the same kind) or keyword overrides")
+    train = labelled(as_activations(data, layer, combine=combine), "training data")
+    layers = train.layers
+    val_acts = None
+    if val is not None:
+        val_acts = labelled(as_activations(val, layer, combine=combine), "validation data")
+        if val_acts.d_model != train.d_model:
+            raise ValueError(
+                f"d_model mismatch: training data has width {train.d_model}, validation data "
+                f"{val_acts.d_model}"
+            )
+    y = train.labels.astype(np.int32)
+    info: dict = {"n_train": train.n_records}
+    if kind in POOLED_KINDS:
+        x = _pool(train, POOLED_KINDS[kind])  # [N, D]
+        xv = None if val_acts is None else _pool(val_acts, POOLED_KINDS[kind])
+        if kind == "dom":
+            params = train_dom(x, y)
+        elif kind == "lda":
+            params = train_lda(x, y, config.shrinkage)
+        elif kind == "logreg":
+            params, info2 = train_logreg(x, y, config.c, config.max_newton_steps)
+            info |= info2
+        else:
+            yv = None if val_acts is None else val_acts.labels.astype(np.int32)
+            params, hist = train_pooled(config, x, y, xv, yv, seed)
+            info |= hist
+    else:
+        assert kind in SEQUENCE_KINDS
+        params, hist = train_sequence(config, train, val_acts, seed)
+        info |= hist
+    params = {k: np.asarray(v, np.float32) for k, v in params.items()}
+    probe = Probe(
+        config=config,
+        params=params,
+        d_model=train.d_model,
+        layers=layers,
+        combine=combine,
+        history=info,
+        metadata=dict(metadata or {}),
+    )
+    if val_acts is not None:
+        from mup import metrics
+
+        probe.history["val_auroc_final"] = metrics.auroc(probe.logits(val_acts), val_acts.labels)
+    return probe

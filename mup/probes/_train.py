@@ -1,0 +1,423 @@
+"""Training: AdamW loops (jitted) and the closed-form / Newton probes.
+
+Axis letters: N records, B rows of a batch, P padded length, D model width, E epochs,
+S optimiser steps per epoch.
+
+Pooled kinds train on [N, D] vectors with the WHOLE run in one compiled program: a
+`lax.while_loop` over epochs (it stops early when validation AUROC has not improved for
+`patience` epochs), each epoch a `lax.scan` over shuffled mini-batches. Sequence kinds keep one
+padded [n_k, P_k, D] array per length bucket on the device; each step gathers a [B, P_k, D]
+batch inside a jitted step, so XLA compiles one program per bucket.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mup.probes._config import ProbeConfig
+from mup.probes._model import auroc_jax, init_params, pooled_logits, sequence_logits
+
+
+def _optimizer(cfg: ProbeConfig, total_steps: int):
+    schedule = optax.cosine_decay_schedule(
+        init_value=cfg.lr, decay_steps=max(total_steps, 1), alpha=cfg.final_lr / cfg.lr
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, weight_decay=cfg.weight_decay),
+    )
+
+
+def _bce(logits, y, w):
+    """Mean binary cross-entropy over the rows with weight 1 (w is 0 for padding rows)."""
+    losses = optax.sigmoid_binary_cross_entropy(logits, y.astype(jnp.float32))
+    return jnp.sum(losses * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+# ----------------------------------------------------------------------------- pooled kinds
+
+
+def train_pooled(cfg: ProbeConfig, x, y, xv, yv, seed: int):
+    """AdamW on pooled vectors x [N, D], labels y [N]; validation (xv, yv) may be None.
+
+    Returns (params, history) where params are the best-validation parameters (the last ones
+    without validation) and history has per-epoch `train_loss`, `val_auroc`, `best_epoch`.
+    """
+    n, d = x.shape
+    b = min(cfg.batch_size, n)
+    steps = math.ceil(n / b)
+    has_val = xv is not None
+    if not has_val:
+        xv, yv = x[:2], np.array([0, 1], np.int8)  # placeholders, never read
+    fn = _pooled_program(cfg, n, d, b, steps, has_val, xv.shape[0])
+    params, best_epoch, n_epochs, losses, aucs = fn(
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(y, jnp.int32),
+        jnp.asarray(xv, jnp.float32),
+        jnp.asarray(yv, jnp.int32),
+        jax.random.key(seed),
+    )
+    n_epochs = int(n_epochs)
+    history = {
+        "train_loss": np.asarray(losses)[:n_epochs].tolist(),
+        "val_auroc": np.asarray(aucs)[:n_epochs].tolist() if has_val else [],
+        "best_epoch": int(best_epoch),
+        "epochs_run": n_epochs,
+    }
+    return params, history
+
+
+_PROGRAMS: dict = {}
+
+
+def _pooled_program(cfg, n, d, b, steps, has_val, nv):
+    """The compiled whole-run training program, cached by everything that shapes it."""
+    key = (cfg, n, d, b, steps, has_val, nv)
+    if key in _PROGRAMS:
+        return _PROGRAMS[key]
+    tx = _optimizer(cfg, cfg.epochs * steps)
+    patience = cfg.patience if (has_val and cfg.patience > 0) else cfg.epochs + 1
+
+    def loss_fn(params, xb, yb, wb):
+        return _bce(pooled_logits(params, xb), yb, wb)
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def run(x, y, xv, yv, rng):
+        rng, k_init = jax.random.split(rng)
+        params = init_params(cfg.kind, d, k_init)
+        opt_state = tx.init(params)
+
+        def step(carry, batch):
+            params, opt_state = carry
+            idx, wb = batch  # [B], [B]
+            loss, grads = grad_fn(params, x[idx], y[idx], wb)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        def epoch(state):
+            params, opt_state, rng, e, best, best_auc, since, best_e, losses, aucs = state
+            rng, k = jax.random.split(rng)
+            perm = jax.random.permutation(k, n)
+            pad = steps * b - n
+            idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(steps, b)
+            wb = (jnp.arange(steps * b) < n).astype(jnp.float32).reshape(steps, b)
+            (params, opt_state), batch_losses = jax.lax.scan(step, (params, opt_state), (idx, wb))
+            # Mean over steps weighted by real rows per step.
+            loss = jnp.sum(batch_losses * wb.sum(1)) / n
+            auc = auroc_jax(pooled_logits(params, xv), yv) if has_val else jnp.float32(0.0)
+            better = (auc > best_auc) if has_val else jnp.bool_(True)
+            best = jax.tree.map(lambda new, old: jnp.where(better, new, old), params, best)
+            best_auc = jnp.where(better, auc, best_auc)
+            since = jnp.where(better, 0, since + 1)
+            best_e = jnp.where(better, e, best_e)
+            return (
+                params,
+                opt_state,
+                rng,
+                e + 1,
+                best,
+                best_auc,
+                since,
+                best_e,
+                losses.at[e].set(loss),
+                aucs.at[e].set(auc),
+            )
+
+        def cond(state):
+            e, since = state[3], state[6]
+            return (e < cfg.epochs) & (since < patience)
+
+        zeros = jnp.zeros((cfg.epochs,), jnp.float32)
+        state = (
+            params,
+            opt_state,
+            rng,
+            jnp.int32(0),
+            params,
+            jnp.float32(-1.0),
+            jnp.int32(0),
+            jnp.int32(0),
+            zeros,
+            zeros,
+        )
+        state = jax.lax.while_loop(cond, epoch, state)
+        _, _, _, e, best, _, _, best_e, losses, aucs = state
+        return best, best_e, e, losses, aucs
+
+    fn = jax.jit(run)
+    _PROGRAMS[key] = fn
+    return fn
+
+
+# --------------------------------------------------------------------------- sequence kinds
+
+
+class PaddedBuckets:
+    """Compacted records grouped by length bucket, each bucket one padded device array.
+
+    x[k]: [n_k, P_k, D] float32, m[k]: [n_k, P_k] bool, rows[k]: [n_k] record indices.
+    """
+
+    def __init__(self, data, min_bucket: int):
+        from mup import native
+
+        data = data.compact()
+        lengths = data.lengths
+        buckets = list(native.length_buckets(int(lengths.max()), min_len=min_bucket))
+        # One batch per bucket: the budget admits every row at the longest bucket.
+        plan = native.plan_batches(
+            lengths,
+            token_budget=data.n_records * buckets[-1],
+            buckets=buckets,
+            max_rows=data.n_records,
+        )
+        self.x, self.m, self.rows = [], [], []
+        for batch in plan:
+            rows = np.asarray(batch.rows, np.int64)
+            block, block_mask = native.gather_padded(
+                data.acts, data.offsets, rows, int(batch.padded_len), out_dtype=np.float32
+            )  # [n_k, P_k, D], [n_k, P_k]
+            self.x.append(jnp.asarray(block))
+            self.m.append(jnp.asarray(block_mask))
+            self.rows.append(rows)
+        self.n = data.n_records
+
+
+def _seq_forward(cfg):
+    key = ("fwd", cfg.kind, cfg.temperature, cfg.window)
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = jax.jit(
+            lambda params, x, m: sequence_logits(
+                params, x, m, kind=cfg.kind, temperature=cfg.temperature, window=cfg.window
+            )
+        )
+    return _PROGRAMS[key]
+
+
+def sequence_predict_logits(cfg, params, buckets: PaddedBuckets) -> np.ndarray:
+    fwd = _seq_forward(cfg)
+    out = np.empty(buckets.n, np.float32)
+    for x, m, rows in zip(buckets.x, buckets.m, buckets.rows, strict=True):
+        out[rows] = np.asarray(fwd(params, x, m))
+    return out
+
+
+def train_sequence(cfg: ProbeConfig, data, val, seed: int):
+    """AdamW on bucketed padded batches of a sequence kind (max / softmax / rolling /
+    attention). `data`, `val` are labelled Activations (val may be None)."""
+    train_b = PaddedBuckets(data, cfg.min_bucket)
+    val_b = None if val is None else PaddedBuckets(val, cfg.min_bucket)
+    y = np.asarray(data.labels, np.int32)
+    yk = [jnp.asarray(y[r]) for r in train_b.rows]
+    b = min(cfg.batch_size, data.n_records)
+    steps = sum(math.ceil(len(r) / b) for r in train_b.rows)
+    tx = _optimizer(cfg, cfg.epochs * steps)
+    key = ("step", cfg, b, steps)
+    if key not in _PROGRAMS:
+
+        def loss_fn(params, x, m, yb, wb):
+            logits = sequence_logits(
+                params, x, m, kind=cfg.kind, temperature=cfg.temperature, window=cfg.window
+            )
+            return _bce(logits, yb, wb)
+
+        grad_fn = jax.value_and_grad(loss_fn)
+
+        def step(params, opt_state, xk, mk, ykk, idx, wb):
+            loss, grads = grad_fn(params, xk[idx], mk[idx], ykk[idx], wb)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        _PROGRAMS[key] = jax.jit(step)
+    step = _PROGRAMS[key]
+
+    rng = np.random.default_rng(seed)
+    params = init_params(cfg.kind, data.d_model, jax.random.key(seed))
+    opt_state = tx.init(params)
+    has_val = val is not None
+    patience = cfg.patience if (has_val and cfg.patience > 0) else cfg.epochs + 1
+    best, best_auc, since, best_e = params, -1.0, 0, 0
+    losses, aucs = [], []
+    for e in range(cfg.epochs):
+        # Shuffle rows within each bucket, cut [B]-row batches (the last one padded with
+        # weight-0 rows so every step of a bucket has the same shape), shuffle the batch order.
+        batches = []
+        for k, rows in enumerate(train_b.rows):
+            perm = rng.permutation(len(rows))
+            for i in range(0, len(rows), b):
+                idx = perm[i : i + b]
+                wb = np.zeros(b, np.float32)
+                wb[: len(idx)] = 1.0
+                batches.append((k, np.pad(idx, (0, b - len(idx))).astype(np.int32), wb))
+        total = jnp.float32(0.0)
+        for j in rng.permutation(len(batches)).tolist():
+            k, idx, wb = batches[j]
+            params, opt_state, loss = step(
+                params, opt_state, train_b.x[k], train_b.m[k], yk[k], idx, wb
+            )
+            total = total + loss * wb.sum()
+        losses.append(float(total) / data.n_records)
+        if has_val:
+            auc = float(
+                auroc_jax(
+                    jnp.asarray(sequence_predict_logits(cfg, params, val_b)),
+                    jnp.asarray(val.labels, jnp.int32),
+                )
+            )
+            aucs.append(auc)
+            better = auc > best_auc
+        else:
+            better = True
+        if better:
+            # jax arrays are immutable, so holding the reference is a real snapshot; copy
+            # anyway so that a later donating update can never alias it.
+            best = jax.tree.map(jnp.copy, params)
+            best_auc = aucs[-1] if has_val else best_auc
+            since, best_e = 0, e
+        else:
+            since += 1
+            if since >= patience:
+                break
+    history = {
+        "train_loss": losses,
+        "val_auroc": aucs,
+        "best_epoch": best_e,
+        "epochs_run": len(losses),
+    }
+    return best, history
+
+
+# ------------------------------------------------------------------- closed-form / Newton
+
+
+def calibrate_1d(proj: np.ndarray, y: np.ndarray, max_steps: int = 50):
+    """Fit p = sigmoid(scale * proj + shift) by Newton's method (unpenalised, float64).
+
+    Used by dom / lda so that `predict` returns probabilities. A tiny ridge (1e-6) keeps the
+    Hessian invertible when the classes separate perfectly.
+    """
+    z = np.stack([proj.astype(np.float64), np.ones_like(proj, np.float64)], axis=1)  # [N, 2]
+    sd = max(float(proj.std()), 1e-12)
+    z[:, 0] /= sd
+    theta = np.zeros(2)
+    yf = y.astype(np.float64)
+    for _ in range(max_steps):
+        p = 1.0 / (1.0 + np.exp(-(z @ theta)))
+        g = z.T @ (p - yf) + 1e-6 * theta
+        h = (z * (p * (1 - p))[:, None]).T @ z + 1e-6 * np.eye(2)
+        delta = np.linalg.solve(h, g)
+        theta -= delta
+        if np.abs(delta).max() < 1e-10:
+            break
+    return float(theta[0] / sd), float(theta[1])
+
+
+def train_dom(x: np.ndarray, y: np.ndarray) -> dict:
+    """Difference of class means w = mu_1 - mu_0 on pooled x [N, D]."""
+    x64 = x.astype(np.float64)
+    w = x64[y == 1].mean(0) - x64[y == 0].mean(0)  # [D]
+    scale, shift = calibrate_1d(x64 @ w, y)
+    return _projection_params(w, scale, shift)
+
+
+def ledoit_wolf(xc: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ledoit-Wolf shrunk covariance of centred samples xc [N, D] and its intensity.
+
+    S = xc^T xc / N, target mu I with mu = tr(S) / D; intensity = min(b2, d2) / d2 with
+    d2 = |S - mu I|_F^2 / D and b2 = (sum_i |x_i|^4 / N - |S|_F^2) / (N D).
+    """
+    n, d = xc.shape
+    s = xc.T @ xc / n  # [D, D]
+    mu = np.trace(s) / d
+    s_fro2 = float(np.sum(s * s))
+    d2 = (s_fro2 - 2 * mu * np.trace(s) + d * mu * mu) / d
+    b2 = (float(np.sum(np.sum(xc * xc, axis=1) ** 2)) / n - s_fro2) / (n * d)
+    shrink = 0.0 if d2 <= 0 else min(b2, d2) / d2
+    return (1 - shrink) * s + shrink * mu * np.eye(d), float(shrink)
+
+
+def train_lda(x: np.ndarray, y: np.ndarray, shrinkage) -> dict:
+    """Shrinkage LDA on pooled x [N, D]: w = inv(Sigma) (mu_1 - mu_0).
+
+    Sigma is the class-prior weighted mean of the per-class covariances, each shrunk (as
+    scikit-learn's `LinearDiscriminantAnalysis(solver="lsqr", shrinkage=...)` does: per-feature
+    standardise, shrink towards the identity, scale back).
+    """
+    x64 = x.astype(np.float64)
+    sigma = np.zeros((x.shape[1], x.shape[1]))
+    means = {}
+    for cls in (0, 1):
+        xc = x64[y == cls]
+        means[cls] = xc.mean(0)
+        centred = xc - means[cls]
+        scale = centred.std(0)
+        scale[scale == 0] = 1.0
+        z = centred / scale
+        if shrinkage == "ledoit_wolf":
+            cov, _ = ledoit_wolf(z)
+        else:
+            emp = z.T @ z / z.shape[0]
+            mu = np.trace(emp) / emp.shape[0]
+            cov = (1 - float(shrinkage)) * emp + float(shrinkage) * mu * np.eye(emp.shape[0])
+        sigma += (xc.shape[0] / x.shape[0]) * (scale[:, None] * cov * scale[None, :])
+    w = np.linalg.lstsq(sigma, means[1] - means[0], rcond=None)[0]  # [D]
+    scale, shift = calibrate_1d(x64 @ w, y)
+    return _projection_params(w, scale, shift)
+
+
+def _projection_params(w, scale, shift) -> dict:
+    return {
+        "w": jnp.asarray(w, jnp.float32),
+        "b": jnp.float32(0.0),
+        "scale": jnp.float32(scale),
+        "shift": jnp.float32(shift),
+    }
+
+
+def train_logreg(x: np.ndarray, y: np.ndarray, c: float, max_steps: int) -> tuple[dict, dict]:
+    """L2 logistic regression on standardised x [N, D], scikit-learn's objective
+    |w|^2 / 2 + C * sum_i logloss (intercept unpenalised), by Newton's method in JAX."""
+    x = np.asarray(x, np.float32)
+    mu = x.mean(0)
+    sd = x.std(0)
+    sd[sd == 0] = 1.0
+    z = (x - mu) / sd
+    w, b, n_steps = _newton(jnp.asarray(z), jnp.asarray(y, jnp.float32), jnp.float32(c), max_steps)
+    params = {"w": w, "b": b, "mu": jnp.asarray(mu), "sd": jnp.asarray(sd)}
+    return params, {"newton_steps": int(n_steps)}
+
+
+def _newton_impl(z, y, c, max_steps):
+    n, d = z.shape
+    za = jnp.concatenate([z, jnp.ones((n, 1), z.dtype)], axis=1)  # [N, D+1]
+    reg = jnp.concatenate([jnp.ones((d,)), jnp.zeros((1,))])  # intercept unpenalised
+
+    def grad_hess(theta):
+        p = jax.nn.sigmoid(za @ theta)  # [N]
+        g = reg * theta + c * (za.T @ (p - y))  # [D+1]
+        h = jnp.diag(reg) + c * (za.T * (p * (1 - p))) @ za  # [D+1, D+1]
+        return g, h
+
+    def body(state):
+        theta, i, _ = state
+        g, h = grad_hess(theta)
+        delta = jnp.linalg.solve(h + 1e-8 * jnp.eye(d + 1), g)
+        return theta - delta, i + 1, jnp.max(jnp.abs(delta))
+
+    def cond(state):
+        _, i, step = state
+        return (i < max_steps) & (step > 1e-6)
+
+    theta, i, _ = jax.lax.while_loop(
+        cond, body, (jnp.zeros((d + 1,), jnp.float32), jnp.int32(0), jnp.float32(jnp.inf))
+    )
+    return theta[:d], theta[d], i
+
+
+_newton = jax.jit(_newton_impl, static_argnums=3)
