@@ -365,8 +365,13 @@ class StoreWriter:
         self._arrays: dict[int, ts.TensorStore] = {}
         for layer in self.layers:
             if self._mode == "boto3":
-                md = _open_array(loc.kvstore(f"layers/{layer}")).spec(minimal_spec=True)
-                meta = md.to_json()["metadata"]
+                meta = F.layer_array_metadata(
+                    n_tokens=self.n_tokens,
+                    d_model=self.d_model,
+                    dtype=self.dtype,
+                    chunk_tokens=int(attrs["chunk_tokens"]),
+                    shard_tokens=self.shard_tokens,
+                )
                 kv = {"driver": "file", "path": os.path.join(self._staging, str(layer)) + "/"}
                 self._arrays[layer] = _open_array(kv, meta)
             else:
@@ -437,7 +442,8 @@ class StoreWriter:
                 )
             if not (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"):
                 raise ValueError(f"acts[{layer}] must be floating point, got dtype {a.dtype}")
-            a = a.astype(self._np_dtype, copy=False)  # [R_tokens, D]
+            with np.errstate(over="ignore", invalid="ignore"):  # reported just below
+                a = a.astype(self._np_dtype, copy=False)  # [R_tokens, D]
             finite = np.isfinite(a).all(axis=1)
             if not finite.all():
                 tok = int(np.argmin(finite))
