@@ -288,3 +288,12 @@ def test_masked_out_scores_may_be_infinite(backend, make_ragged):
     got = mn.pool(acts, offsets, method="softmax", scores=scores, mask=mask)
     assert np.isfinite(got).all()
     assert_pooled(got, acts, offsets, "softmax", mask=mask, scores=scores)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=["f16", "bf16"])
+def test_every_16_bit_pattern_converts_like_numpy(backend, dtype):
+    # All 65536 bit patterns (subnormals, infinities, NaN payloads), 8 per token so that the
+    # vectorised conversion path is the one exercised.
+    acts = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(dtype).reshape(-1, 8)
+    got = mn.pool(acts, np.arange(acts.shape[0] + 1), method="last")
+    np.testing.assert_array_equal(got.view(np.uint32), acts.astype(np.float32).view(np.uint32))
