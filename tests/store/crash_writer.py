@@ -25,7 +25,7 @@ def main() -> None:
     rng = np.random.default_rng(seed + 1000 + todo.size)
     offsets = meta["offsets"]
     # The extractor's pattern: windows of rows in order, any order of batches inside a window.
-    for window in np.array_split(todo, max(1, todo.size // 24)):
+    for window in np.array_split(todo, max(1, todo.size // 16)):
         for batch in np.array_split(rng.permutation(window), 3):
             writer.write(batch, synth.batch_acts(acts, offsets, batch))
             print(f"wrote {batch.size}", flush=True)

@@ -49,6 +49,6 @@ def batch_acts(acts: dict, offsets: np.ndarray, rows) -> dict:
     }
 
 
-# The crash tests' job: enough shards (shard_tokens 64 over ~6k tokens) for many kill points.
-CRASH_JOB = dict(n=200, d=16, layers=(1, 4), max_len=60)
-CRASH_STORE = dict(chunk_tokens=16, shard_tokens=64)
+# The crash tests' job: enough shards (shard_tokens 128 over ~3.6k tokens) for many kill points.
+CRASH_JOB = dict(n=120, d=16, layers=(1, 4), max_len=60)
+CRASH_STORE = dict(chunk_tokens=32, shard_tokens=128)
