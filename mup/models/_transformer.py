@@ -169,21 +169,26 @@ def forward(
     hidden: dict[int, jax.Array] = {}
     if 0 in capture:
         hidden[0] = _site(config, params, x, 0, site)
-    start = 0
-    for stop in boundaries:
-        if stop > start:
-            xs = {
-                "p": jax.tree.map(lambda a, s=start, e=stop: a[s:e], layers),
-                "idx": jnp.arange(start, stop, dtype=jnp.int32),
-                "local": local_flags[start:stop],
-            }
-            if delta is not None:
-                xs["delta"] = delta[start:stop]
-            body = functools.partial(_scan_body, ctx, gate)
-            (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
-        if stop in capture and stop > 0:
-            hidden[stop] = _site(config, params, x, stop, site)
-        start = stop
+    interior = [c for c in capture if 0 < c < n_run]
+    if len(interior) > _MAX_SEGMENTS:
+        # Many captures (layer sweeps): one scan that emits every block's output, instead of
+        # one compiled scan per segment. Costs [n_run, B, T, D] of memory.
+        body = functools.partial(_scan_body, ctx, gate, True)
+        (x, kv), ys = jax.lax.scan(body, (x, kv), _scan_xs(layers, local_flags, delta, 0, n_run))
+        for c in interior:
+            hidden[c] = _site(config, params, ys[c - 1], c, site)
+    else:
+        start = 0
+        for stop in boundaries:
+            if stop > start:
+                body = functools.partial(_scan_body, ctx, gate, False)
+                xs = _scan_xs(layers, local_flags, delta, start, stop)
+                (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
+            if stop in capture and 0 < stop < n_run:
+                hidden[stop] = _site(config, params, x, stop, site)
+            start = stop
+    if n_run in capture and n_run > 0:
+        hidden[n_run] = _site(config, params, x, n_run, site)
 
     if new_cache is not None:
         new_cache = new_cache.replace(k=kv[0], v=kv[1])
@@ -241,13 +246,29 @@ class _Context:
     cache_index: jax.Array | None
 
 
-def _scan_body(ctx: _Context, gate, carry, xs):
+# Above this many captured layers strictly inside the run, one scan emits every layer.
+_MAX_SEGMENTS = 2
+
+
+def _scan_xs(layers, local_flags, delta, start: int, stop: int) -> dict:
+    """Per-layer scan inputs for blocks start..stop-1 (static slices of the stacks)."""
+    xs = {
+        "p": jax.tree.map(lambda a: a[start:stop], layers),
+        "idx": jnp.arange(start, stop, dtype=jnp.int32),
+        "local": local_flags[start:stop],
+    }
+    if delta is not None:
+        xs["delta"] = delta[start:stop]
+    return xs
+
+
+def _scan_body(ctx: _Context, gate, emit: bool, carry, xs):
     x, kv = carry
     x, kv = block(ctx, xs["p"], x, xs["idx"], xs["local"], kv)
     if "delta" in xs:
         d = xs["delta"][:, None, :]  # [B, 1, D]
         x = x + (d if gate is None else d * gate[:, :, None])
-    return (x, kv), None
+    return (x, kv), (x if emit else None)
 
 
 def block(ctx: _Context, p, x: jax.Array, idx: jax.Array, is_local: jax.Array, kv):
