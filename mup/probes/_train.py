@@ -12,6 +12,7 @@ batch inside a jitted step, so XLA compiles one program per bucket.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mup import metrics
 from mup.probes._config import ProbeConfig
 from mup.probes._model import auroc_jax, init_params, pooled_logits, sequence_logits
 
@@ -77,6 +79,8 @@ _PROGRAMS: dict = {}
 
 def _pooled_program(cfg, n, d, b, steps, has_val, nv):
     """The compiled whole-run training program, cached by everything that shapes it."""
+    # Every pooled gradient kind is the same linear model on its pooled vectors: share programs.
+    cfg = dataclasses.replace(cfg, kind="mean")
     key = (cfg, n, d, b, steps, has_val, nv)
     if key in _PROGRAMS:
         return _PROGRAMS[key]
@@ -264,12 +268,7 @@ def train_sequence(cfg: ProbeConfig, data, val, seed: int):
             total = total + loss * wb.sum()
         losses.append(float(total) / data.n_records)
         if has_val:
-            auc = float(
-                auroc_jax(
-                    jnp.asarray(sequence_predict_logits(cfg, params, val_b)),
-                    jnp.asarray(val.labels, jnp.int32),
-                )
-            )
+            auc = metrics.auroc(sequence_predict_logits(cfg, params, val_b), val.labels)
             aucs.append(auc)
             better = auc > best_auc
         else:
@@ -345,27 +344,30 @@ def ledoit_wolf(xc: np.ndarray) -> tuple[np.ndarray, float]:
 def train_lda(x: np.ndarray, y: np.ndarray, shrinkage) -> dict:
     """Shrinkage LDA on pooled x [N, D]: w = inv(Sigma) (mu_1 - mu_0).
 
-    Sigma is the class-prior weighted mean of the per-class covariances, each shrunk (as
-    scikit-learn's `LinearDiscriminantAnalysis(solver="lsqr", shrinkage=...)` does: per-feature
-    standardise, shrink towards the identity, scale back).
+    Sigma is the class-prior weighted mean of the per-class covariances, each shrunk towards
+    mu I (mu = mean variance), with Ledoit-Wolf's intensity or a fixed one - the estimator of
+    scikit-learn's `LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto" | float)`.
     """
     x64 = x.astype(np.float64)
-    sigma = np.zeros((x.shape[1], x.shape[1]))
+    d = x.shape[1]
+    sigma = np.zeros((d, d))
     means = {}
     for cls in (0, 1):
         xc = x64[y == cls]
         means[cls] = xc.mean(0)
-        centred = xc - means[cls]
-        scale = centred.std(0)
-        scale[scale == 0] = 1.0
-        z = centred / scale
+        centred = xc - means[cls]  # [N_c, D]
         if shrinkage == "ledoit_wolf":
-            cov, _ = ledoit_wolf(z)
+            # Per-feature standardise, shrink towards the identity, scale back: the intensity
+            # is then unaffected by features with very different variances.
+            scale = centred.std(0)
+            scale[scale == 0] = 1.0
+            cov, _ = ledoit_wolf(centred / scale)
+            cov = scale[:, None] * cov * scale[None, :]
         else:
-            emp = z.T @ z / z.shape[0]
-            mu = np.trace(emp) / emp.shape[0]
-            cov = (1 - float(shrinkage)) * emp + float(shrinkage) * mu * np.eye(emp.shape[0])
-        sigma += (xc.shape[0] / x.shape[0]) * (scale[:, None] * cov * scale[None, :])
+            emp = centred.T @ centred / centred.shape[0]  # [D, D]
+            mu = np.trace(emp) / d
+            cov = (1 - float(shrinkage)) * emp + float(shrinkage) * mu * np.eye(d)
+        sigma += (xc.shape[0] / x.shape[0]) * cov
     w = np.linalg.lstsq(sigma, means[1] - means[0], rcond=None)[0]  # [D]
     scale, shift = calibrate_1d(x64 @ w, y)
     return _projection_params(w, scale, shift)
