@@ -488,7 +488,12 @@ class StoreWriter:
     def _commit(self, s: int, pending: _Pending) -> None:
         try:
             t0, t1 = self._shard_range(s)
-            futures = [self._arrays[layer][t0:t1].write(buf) for layer, buf in pending.bufs.items()]
+            # The buffers are dropped after the commit and never modified, so tensorstore may
+            # encode straight from them instead of copying each shard once more.
+            futures = [
+                self._arrays[layer][t0:t1].write(buf, can_reference_source_data_indefinitely=True)
+                for layer, buf in pending.bufs.items()
+            ]
             for f in futures:
                 f.result()
             if self._mode == "boto3":
