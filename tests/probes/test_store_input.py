@@ -1,0 +1,110 @@
+"""Probes read a real local activation store (mup.store) exactly like in-memory activations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mup import probes
+
+store = pytest.importorskip("mup.store", reason="mup.store is the activation store")
+
+JOB = {
+    "model": "tiny-test",
+    "model_revision": "0" * 40,
+    "dataset": "synthetic.jsonl",
+    "dataset_sha256": "ab" * 32,
+    "site": "residual",
+    "mask_mode": "all",
+    "tokenizer": "tiny-test",
+    "max_tokens": 64,
+}
+
+
+def _write_store(url, data: probes.Activations, layers=(3, 7), *, finish=True):
+    """Layer 3 holds the data's activations, layer 7 a scaled copy plus noise."""
+    rng = np.random.default_rng(0)
+    acts = {3: data.acts, 7: 2.0 * data.acts + rng.normal(size=data.acts.shape).astype(np.float32)}
+    t = data.acts.shape[0]
+    w = store.create(
+        url,
+        layers=list(layers),
+        d_model=data.d_model,
+        dtype="float32",
+        offsets=data.offsets,
+        ids=list(data.ids),
+        input_ids=np.zeros(t, np.int64),
+        roles=np.zeros(t, np.uint8),
+        mask=data.mask,
+        labels=data.labels,
+        attrs=dict(JOB),
+    )
+    n = data.n_records
+    rows = np.arange(n) if finish else np.arange(n // 2)
+    w.write(
+        rows,
+        {
+            x: np.concatenate([acts[x][data.offsets[r] : data.offsets[r + 1]] for r in rows])
+            for x in layers
+        },
+    )
+    if finish:
+        w.finalize()
+    w.close()
+    return acts
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, train_data, val_data):
+    root = tmp_path_factory.mktemp("stores")
+    train_acts = _write_store(root / "train", train_data)
+    _write_store(root / "val", val_data)
+    _write_store(root / "partial", val_data, finish=False)
+    return root, train_acts
+
+
+def test_store_and_memory_give_the_same_probe(stores, train_data, val_data, helpers):
+    root, _ = stores
+    s_train, s_val = store.open(root / "train"), store.open(root / "val")
+    a = probes.fit("mean", s_train, layer=3, val=s_val, seed=0, **helpers.FAST)
+    b = probes.fit("mean", train_data, val=val_data, seed=0, **helpers.FAST)
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name])
+    assert a.layers == (3,)
+    np.testing.assert_array_equal(a.predict(s_val), b.predict(val_data))
+    # A store row subset reads the same records as an in-memory selection.
+    sub = probes.Activations.from_store(s_val, 3, rows=[5, 1, 9])
+    ref = val_data.select([5, 1, 9])
+    np.testing.assert_array_equal(sub.acts, ref.acts)
+    np.testing.assert_array_equal(sub.mask, ref.mask)
+    np.testing.assert_array_equal(sub.labels, ref.labels)
+    assert sub.ids == ref.ids
+
+
+def test_multi_layer_concat_and_sum(stores, train_data):
+    root, acts = stores
+    s = store.open(root / "train")
+    cat = probes.Activations.from_store(s, [3, 7], combine="concat")
+    np.testing.assert_array_equal(cat.acts, np.concatenate([acts[3], acts[7]], axis=1))
+    summed = probes.Activations.from_store(s, [3, 7], combine="sum")
+    np.testing.assert_allclose(summed.acts, acts[3] + acts[7], rtol=1e-6)
+    probe = probes.fit("lda", s, layer=[3, 7], combine="concat")
+    assert probe.d_model == 2 * train_data.d_model and probe.layers == (3, 7)
+    assert probe.predict(s).shape == (train_data.n_records,)
+    with pytest.raises(ValueError, match="d_model mismatch.*32.*16"):
+        probe.predict(train_data)
+
+
+def test_store_errors(stores):
+    root, _ = stores
+    s = store.open(root / "train")
+    with pytest.raises(ValueError, match=r"layer\(s\) \[5\] not in activation store.*\[3, 7\]"):
+        probes.fit("dom", s, layer=5)
+    with pytest.raises(ValueError, match="layer is required"):
+        probes.fit("dom", s)
+    partial = store.open(root / "partial", require_complete=False)
+    with pytest.raises(ValueError, match="incomplete"):
+        probes.fit("dom", partial, layer=3)
+    probe = probes.fit("dom", s, layer=3)
+    with pytest.raises(ValueError, match="incomplete"):
+        probe.predict(partial)
