@@ -130,7 +130,8 @@ class ModelConfig:
         `up_to_layer=None` counts every block and the LM head; `up_to_layer=L` counts blocks
         below L only (what residual capture at layer L computes). Attention scores and the
         weighted sum add 4 * N * H FLOPs per attended key; with causal attention a token
-        attends to (seq_len + 1) / 2 keys on average, windowed by sliding layers.
+        attends to (seq_len + 1) / 2 keys on average, windowed by sliding layers; seq_len=0
+        leaves attention out.
         """
         D, N, K, H, F = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
         layers = self.n_layers if up_to_layer is None else up_to_layer
@@ -139,7 +140,7 @@ class ModelConfig:
             matmul += 2 * D * self.vocab_size
         attn = 0.0
         for local in self.local_layers[:layers]:
-            keys = (seq_len + 1) / 2
+            keys = (seq_len + 1) / 2 if seq_len > 0 else 0.0
             if local and self.sliding_window is not None:
                 keys = min(keys, self.sliding_window)
             attn += 4 * N * H * keys
