@@ -97,6 +97,12 @@ class Dataset(Sequence[Record]):
         n_dropped_ambiguous: int = 0,
     ):
         self._records = tuple(records)
+        labels = np.full(len(self._records), -1, dtype=np.int8)  # [N]
+        for i, record in enumerate(self._records):
+            if record.label in (HIGH_STAKES, LOW_STAKES):
+                labels[i] = record.label
+        labels.flags.writeable = False
+        self._labels = labels
         self.path = path
         self.sha256 = sha256  # of the file's bytes: identifies the exact data a result used
         self.n_dropped_ambiguous = n_dropped_ambiguous
@@ -123,12 +129,8 @@ class Dataset(Sequence[Record]):
 
     @property
     def labels(self) -> np.ndarray:
-        """int8 [N]: 1 high-stakes, 0 low-stakes, -1 unlabelled or ambiguous."""
-        out = np.full(len(self._records), -1, dtype=np.int8)  # [N]
-        for i, record in enumerate(self._records):
-            if record.label in (HIGH_STAKES, LOW_STAKES):
-                out[i] = record.label
-        return out
+        """int8 [N], read-only: 1 high-stakes, 0 low-stakes, -1 unlabelled or ambiguous."""
+        return self._labels
 
     def splits(self) -> tuple[str, ...]:
         """The distinct values of the ``split`` field, in order of first appearance."""

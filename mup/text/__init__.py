@@ -6,7 +6,7 @@ mask = token_mask(enc.roles, enc.offsets, "last_user")    # bool [T]
 """
 
 # Tokenizers
-from mup.text._tokenizer import SMOLLM2_CHAT_TEMPLATE, load_tokenizer
+from mup.text._tokenizer import SMOLLM2_CHAT_TEMPLATE, load_tokenizer, tokenizer_cache_dir
 
 # isort: split
 # Encoding conversations
@@ -44,4 +44,5 @@ __all__ = [
     "encode_prompts",
     "load_tokenizer",
     "token_mask",
+    "tokenizer_cache_dir",
 ]

@@ -194,6 +194,28 @@ def _render(
     return [texts] if isinstance(texts, str) else list(texts)
 
 
+def _render_or_explain(
+    tokenizer: PreTrainedTokenizerBase,
+    chunk: list[list[dict[str, str]]],
+    chunk_start: int,
+    items: Sequence[Any],
+) -> list[str]:
+    """Render a chunk; if the template raises, name the conversation it refused."""
+    try:
+        return _render(tokenizer, chunk, add_generation_prompt=False)
+    except Exception as chunk_error:  # noqa: BLE001 - jinja's errors carry no row
+        for j, conversation in enumerate(chunk):
+            try:
+                _render(tokenizer, [conversation], add_generation_prompt=False)
+            except Exception as error:  # noqa: BLE001
+                where = _describe(items[chunk_start + j], chunk_start + j)
+                roles = [m["role"] for m in conversation]
+                raise ValueError(
+                    f"{where}: the chat template refused this conversation (roles {roles}): {error}"
+                ) from error
+        raise chunk_error
+
+
 def _default_system_prompt(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str] | None:
     """(text before it, the prompt) that the template inserts when no system message is given.
 
@@ -241,7 +263,7 @@ def _render_with_spans(
         [{"role": m["role"], "content": f"{_OPEN}{k}{_CLOSE}"} for k, m in enumerate(conv)]
         for conv in chunk
     ]
-    texts = _render(tokenizer, chunk, add_generation_prompt=False)
+    texts = _render_or_explain(tokenizer, chunk, chunk_start, items)
     skeletons = _render(tokenizer, masked, add_generation_prompt=False)
     spans = []
     for j, (conv, text, skeleton) in enumerate(zip(chunk, texts, skeletons, strict=True)):

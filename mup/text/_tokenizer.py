@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
+import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mup._resolve import resolve_spec
+
+logger = logging.getLogger(__name__)
 
 # SmolLM2-Instruct's own template, as its GGUF and tokenizer_config.json carry it. Used only if a
 # SmolLM2 GGUF file lacks the `tokenizer.chat_template` key (older conversions dropped it).
@@ -34,11 +41,7 @@ def load_tokenizer(spec: str | os.PathLike) -> PreTrainedTokenizerBase:
 def _load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     resolved = resolve_spec(spec)
     if resolved.kind == "gguf":
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(resolved.path.parent), gguf_file=resolved.path.name
-        )
-        if tokenizer.chat_template is None and "smollm2" in resolved.path.name.lower():
-            tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
+        tokenizer = _gguf_tokenizer(resolved.path)
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
     if not tokenizer.is_fast:
@@ -51,4 +54,41 @@ def _load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
             f"{resolved.path}: the tokenizer has no chat template; mup encodes conversations "
             "with the model's template (use an instruction-tuned checkpoint)"
         )
+    return tokenizer
+
+
+def tokenizer_cache_dir() -> Path:
+    """Where converted GGUF tokenizers are kept: ``$MUP_CACHE_DIR`` or ``~/.cache/mup``."""
+    root = os.environ.get("MUP_CACHE_DIR") or Path.home() / ".cache" / "mup"
+    return Path(root) / "tokenizers"
+
+
+def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """Build the tokenizer from a GGUF file's metadata, through an on-disk cache.
+
+    transformers' GGUF conversion parses the whole vocabulary in Python (6 s for SmolLM2 on a
+    free core, far more on a busy machine), and every process that encodes chats pays it. The
+    converted tokenizer is saved once in HF format; the key holds the file's identity and the
+    transformers version, whose converter produced it.
+    """
+    stat = path.stat()
+    key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers{transformers.__version__}"
+    cached = tokenizer_cache_dir() / key
+    if (cached / "tokenizer_config.json").is_file():
+        logger.info("tokenizer of %s: loading the converted copy in %s", path, cached)
+        return AutoTokenizer.from_pretrained(str(cached))
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if tokenizer.chat_template is None and "smollm2" in path.name.lower():
+        tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside the target and rename: a concurrent reader never sees half a tokenizer.
+        staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".staging-"))
+        tokenizer.save_pretrained(str(staging))
+        try:
+            staging.rename(cached)
+        except OSError:  # another process finished first; its copy is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as error:
+        logger.warning("could not cache the tokenizer of %s in %s: %s", path, cached, error)
     return tokenizer

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,12 +17,13 @@ from mup.text import (
     ROLE_TEMPLATE,
     ROLE_TOOL,
     ROLE_USER,
+    SMOLLM2_CHAT_TEMPLATE,
     encode_chats,
     encode_prompts,
     load_tokenizer,
 )
 
-from .conftest import SHARED
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 CHAT = [
@@ -40,6 +43,12 @@ def _reference_ids(tokenizer, conversation, generation_prompt=False):
 def _decode_role(tokenizer, encoded, row, role):
     ids, roles = encoded.row(row)
     return tokenizer.decode(ids[roles == role])
+
+
+def test_gguf_carries_the_known_smollm2_template(tokenizer):
+    # The fallback for GGUF files without a template must be the model's real template.
+    assert tokenizer.is_fast
+    assert tokenizer.chat_template == SMOLLM2_CHAT_TEMPLATE
 
 
 def test_hand_checked_roles(tokenizer):
@@ -221,3 +230,38 @@ def test_load_tokenizer_from_checkpoint_dir_and_cache(tokenizer, tmp_path):
     a, b = encode_chats(tokenizer, [CHAT, "x"]), encode_chats(from_dir, [CHAT, "x"])
     np.testing.assert_array_equal(a.input_ids, b.input_ids)
     np.testing.assert_array_equal(a.roles, b.roles)
+
+
+def test_template_refusing_a_role_names_the_conversation(tokenizer):
+    no_system = _with_template(
+        tokenizer,
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}",
+    )
+    encoded = encode_chats(no_system, ["fine"])
+    assert _decode_role(no_system, encoded, 0, ROLE_USER) == "fine"
+    with pytest.raises(
+        ValueError, match=r"conversation 1: the chat template refused .*System role"
+    ):
+        encode_chats(no_system, ["fine", CHAT])
+
+
+def test_cached_conversion_equals_the_gguf_conversion(tokenizer, caplog):
+    from mup._resolve import default_gguf_path
+    from mup.text._tokenizer import _gguf_tokenizer
+
+    path = default_gguf_path()
+    _gguf_tokenizer(path)  # a cache hit, unless another test area loaded the tokenizer first
+    with caplog.at_level(logging.INFO, logger="mup.text"):
+        cached = _gguf_tokenizer(path)
+    assert "loading the converted copy" in caplog.text
+    assert cached is not tokenizer and cached.is_fast
+    assert cached.chat_template == tokenizer.chat_template
+    assert cached.get_vocab() == tokenizer.get_vocab()
+    assert cached.all_special_tokens == tokenizer.all_special_tokens
+    dataset = load_records(find_dataset("mini"))
+    a, b = encode_chats(tokenizer, dataset), encode_chats(cached, dataset)
+    np.testing.assert_array_equal(a.input_ids, b.input_ids)
+    np.testing.assert_array_equal(a.roles, b.roles)
+    assert encode_prompts(cached, [CHAT]) == encode_prompts(tokenizer, [CHAT])
