@@ -50,9 +50,14 @@ __all__ = [
 # two in flight keeps the I/O busy without growing memory further.
 MAX_INFLIGHT_SHARDS = 2
 
-# How completed shards reach S3. Measured with benchmarks/bench_store.py against a moto server
-# on loopback (see the report): "boto3" (encode the shard to a local staging file with
-# tensorstore, upload it with boto3) vs "tensorstore" (tensorstore's s3 kvstore PUTs it).
+# How completed shards reach S3: "tensorstore" (its s3 kvstore PUTs each encoded shard) or
+# "boto3" (tensorstore encodes the shard into a local staging file, boto3 uploads it). Measured
+# against a moto server process on loopback (benchmarks/bench_store.py, 2 layers x D=576):
+# default 32 MiB shards, 132 MB, 3 rounds: tensorstore 20.6/21.1/31.8 MB/s, boto3
+# 21.5/28.9/24.4 MB/s; 4 MiB shards, 153 MB: 7.6 vs 9.4 MB/s; 20 MB: 12.4 vs 11.8 MB/s. No
+# consistent winner (moto itself is the bottleneck), so tensorstore is the default: one code
+# path for local and S3, no staging disk, and byte-identical objects (tested). Shards are
+# below the multipart threshold, so R2's equal-part rule never applies to either path.
 DEFAULT_S3_UPLOAD: Literal["tensorstore", "boto3"] = "tensorstore"
 
 
@@ -106,7 +111,8 @@ def _is_empty(loc: Location) -> bool:
     if loc.kind == "file":
         return not os.path.exists(loc.path) or not any(os.scandir(loc.path))
     client = loc.boto3_client()
-    resp = client.list_objects_v2(Bucket=loc.bucket, Prefix=loc.prefix + "/", MaxKeys=1)
+    prefix = loc.prefix + "/" if loc.prefix else ""
+    resp = client.list_objects_v2(Bucket=loc.bucket, Prefix=prefix, MaxKeys=1)
     return resp.get("KeyCount", 0) == 0
 
 
@@ -173,6 +179,10 @@ def create(
       s3_upload: how shards reach S3 (default `DEFAULT_S3_UPLOAD`); ignored for local stores.
     """
     loc = parse_location(url)
+    if loc.kind == "s3" and not loc.prefix:
+        raise ValueError(
+            f"{loc.url}: a store needs its own prefix (s3://bucket/prefix), not a bucket root"
+        )
     # ---- validate everything before touching storage
     layers = [int(x) for x in layers]
     if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
@@ -299,8 +309,18 @@ def create(
     return StoreWriter(loc, store_attrs, offsets, s3_upload=s3_upload)
 
 
-def open_writer(url, *, s3_upload: Literal["tensorstore", "boto3"] | None = None) -> StoreWriter:
-    """Reopen an existing store to resume writing (its `done_rows()` say what is left).
+def open_writer(
+    url,
+    *,
+    part: tuple[int, int] | None = None,
+    s3_upload: Literal["tensorstore", "boto3"] | None = None,
+) -> StoreWriter:
+    """Reopen an existing store to resume writing (its `pending_rows()` say what is left).
+
+    part=(i, n): write only the i-th of n contiguous blocks of shards (one per host). Rows that
+    straddle a block boundary belong to both neighbours, each keeping only its own tokens, so
+    no shard object is ever written by two hosts. A part writer's `finalize` only flushes; once
+    every part is finished, one process calls `open_writer(url).finalize()` to set `complete`.
 
     Raises StoreNotFoundError when there is no store or its creation was interrupted (then call
     `create` again). A complete store opens with every row done; `finalize` is then a no-op.
@@ -314,7 +334,7 @@ def open_writer(url, *, s3_upload: Literal["tensorstore", "boto3"] | None = None
             f"creation of the store at {loc.url} was interrupted; create it again"
         )
     offsets = _open_array(loc.kvstore("offsets")).read().result().astype(np.int64)
-    return StoreWriter(loc, attrs, offsets, s3_upload=s3_upload)
+    return StoreWriter(loc, attrs, offsets, part=part, s3_upload=s3_upload)
 
 
 class _Pending:
@@ -333,7 +353,9 @@ class StoreWriter:
     Use `create` or `open_writer` to get one. Not thread-safe: call from one thread.
     """
 
-    def __init__(self, loc: Location, attrs: dict, offsets: np.ndarray, *, s3_upload=None):
+    def __init__(
+        self, loc: Location, attrs: dict, offsets: np.ndarray, *, part=None, s3_upload=None
+    ):
         self.url = loc.url
         self._loc = loc
         self._attrs = dict(attrs)
@@ -346,6 +368,21 @@ class StoreWriter:
         self.n_tokens = int(offsets[-1])
         self.shard_tokens = int(attrs["shard_tokens"])
         self.n_shards = -(-self.n_tokens // self.shard_tokens)
+        if part is None:
+            part = (0, 1)
+        index, count = (int(x) for x in part)
+        if not 0 <= index < count:
+            raise ValueError(f"part must be (index, count) with 0 <= index < count, got {part}")
+        self.part = (index, count)
+        # This writer owns shards [s_lo, s_hi); the whole store when part is (0, 1).
+        self._s_lo = self.n_shards * index // count
+        self._s_hi = self.n_shards * (index + 1) // count
+        starts, ends = offsets[:-1], offsets[1:]
+        first = starts // self.shard_tokens  # [N] first shard of each row
+        end = np.where(ends > starts, -(-ends // self.shard_tokens), first)  # [N] one past last
+        self._own_first = np.maximum(first, self._s_lo)  # [N] row's shards inside this part
+        self._own_end = np.minimum(end, self._s_hi)
+        self._owns_row = self._own_end > self._own_first  # [N]
         self._done_arr = _open_array(loc.kvstore("done"))
         self._shard_done = self._done_arr.read().result().astype(bool)  # [S]
         self._received = np.zeros(self.n_records, bool)  # [N] rows taken by write() this session
@@ -390,6 +427,14 @@ class StoreWriter:
             shard_done = self._shard_done.copy()
         return F.rows_done(self.offsets, shard_done, self.shard_tokens)
 
+    def _done_here(self) -> np.ndarray:
+        """bool [N]: rows with no missing shard inside this writer's part."""
+        with self._lock:
+            not_done = (~self._shard_done).astype(np.int64)
+        prefix = np.concatenate([[0], np.cumsum(not_done)])  # [S+1]
+        first, end = self._own_first, np.maximum(self._own_end, self._own_first)
+        return prefix[end] - prefix[first] == 0
+
     def done_shards(self) -> np.ndarray:
         """bool [S]: shards durable in every layer."""
         with self._lock:
@@ -418,7 +463,13 @@ class StoreWriter:
             raise ValueError("rows contains duplicates")
         lengths = self.offsets[rows + 1] - self.offsets[rows]  # [R]
         empty = lengths == 0
-        done = self.done_rows()[rows] & ~empty
+        outside = ~self._owns_row[rows] & ~empty
+        if outside.any():
+            raise ValueError(
+                f"rows {rows[outside][:8].tolist()} have no tokens in part {self.part} "
+                f"(shards {self._s_lo}..{self._s_hi - 1}) of {self.url}"
+            )
+        done = self._done_here()[rows] & ~empty
         if done.any():
             raise ValueError(f"rows {rows[done][:8].tolist()} are already done in {self.url}")
         again = self._received[rows] & ~empty
@@ -460,7 +511,7 @@ class StoreWriter:
             a, b = int(self.offsets[row]), int(self.offsets[row + 1])
             if b == a:
                 continue
-            for s in range(a // self.shard_tokens, -(-b // self.shard_tokens)):
+            for s in range(int(self._own_first[row]), int(self._own_end[row])):
                 if self._shard_done[s]:
                     continue
                 t0, t1 = self._shard_range(s)
@@ -526,14 +577,26 @@ class StoreWriter:
         self._check_error()
 
     def pending_rows(self) -> np.ndarray:
-        """int64 row numbers not yet done and not yet written in this session."""
-        return np.flatnonzero(~self.done_rows() & ~self._received)
+        """int64 rows this writer still has to write: they have tokens in its part that are not
+        durable, and were not yet passed to `write` in this session."""
+        return np.flatnonzero(self._owns_row & ~self._done_here() & ~self._received)
 
     def finalize(self) -> None:
-        """Write what remains, then set `complete` (last). Every record must have been written."""
+        """Write what remains, then set `complete` (last). Every record must have been written.
+
+        A part writer (see `open_writer`) only checks and flushes its own shards."""
         if self.complete:
             return
         self.flush()
+        if self.part != (0, 1):
+            missing = np.flatnonzero(self._owns_row & ~self._done_here())
+            if missing.size:
+                raise ValueError(
+                    f"cannot finish part {self.part} of {self.url}: {missing.size} of its records "
+                    f"have not been written (first: {missing[:8].tolist()})"
+                )
+            self.close()
+            return
         missing = np.flatnonzero(~self.done_rows())
         if missing.size:
             raise ValueError(
