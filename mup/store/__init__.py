@@ -37,6 +37,9 @@ from mup.store._writer import (
     open_writer,
 )
 
+# zarr-python interop
+from mup.store._zarr_compat import register_zarr_bfloat16
+
 __all__ = [
     "CHUNK_BYTES",
     "DEFAULT_S3_UPLOAD",
@@ -60,5 +63,6 @@ __all__ = [
     "open_writer",
     "parse_location",
     "preflight",
+    "register_zarr_bfloat16",
     "store_key",
 ]
