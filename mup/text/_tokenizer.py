@@ -76,7 +76,11 @@ def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     cached = tokenizer_cache_dir() / key
     if (cached / "tokenizer_config.json").is_file():
         logger.info("tokenizer of %s: loading the converted copy in %s", path, cached)
-        return AutoTokenizer.from_pretrained(str(cached))
+        try:
+            return AutoTokenizer.from_pretrained(str(cached))
+        except (OSError, ValueError) as error:  # a damaged copy: convert again, say so
+            logger.warning("replacing the damaged tokenizer cache %s (%s)", cached, error)
+            shutil.rmtree(cached, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if tokenizer.chat_template is None and "smollm2" in path.name.lower():
         tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
@@ -84,6 +88,7 @@ def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
         cached.parent.mkdir(parents=True, exist_ok=True)
         # Write beside the target and rename: a concurrent reader never sees half a tokenizer.
         staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".staging-"))
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is fine to share
         tokenizer.save_pretrained(str(staging))
         try:
             staging.rename(cached)
