@@ -40,18 +40,23 @@ def load_tokenizer(spec: str | os.PathLike) -> PreTrainedTokenizerBase:
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     resolved = resolve_spec(spec)
-    if resolved.kind == "gguf":
-        tokenizer = _gguf_tokenizer(resolved.path)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
+    # Second level keyed by location: "smollm2-135m" and the path of its GGUF share one object.
+    return _load_resolved(resolved.kind, str(resolved.path))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_resolved(kind: str, location: str) -> PreTrainedTokenizerBase:
+    path = Path(location)
+    gguf = kind == "gguf"
+    tokenizer = _gguf_tokenizer(path) if gguf else AutoTokenizer.from_pretrained(location)
     if not tokenizer.is_fast:
         raise ValueError(
-            f"{resolved.path}: the tokenizer is a slow (Python) one; mup needs a fast tokenizer "
+            f"{path}: the tokenizer is a slow (Python) one; mup needs a fast tokenizer "
             "(tokenizer.json) for character offsets"
         )
     if tokenizer.chat_template is None:
         raise ValueError(
-            f"{resolved.path}: the tokenizer has no chat template; mup encodes conversations "
+            f"{path}: the tokenizer has no chat template; mup encodes conversations "
             "with the model's template (use an instruction-tuned checkpoint)"
         )
     return tokenizer

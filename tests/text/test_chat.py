@@ -222,7 +222,10 @@ def test_template_that_rewrites_or_repeats_contents_is_refused(tokenizer):
 
 
 def test_load_tokenizer_from_checkpoint_dir_and_cache(tokenizer, tmp_path):
+    from mup._resolve import default_gguf_path
+
     assert load_tokenizer("smollm2-135m") is tokenizer  # cached per spec
+    assert load_tokenizer(default_gguf_path()) is tokenizer  # and per resolved location
     tokenizer.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     from_dir = load_tokenizer(tmp_path)
