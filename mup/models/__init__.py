@@ -1,0 +1,66 @@
+"""JAX/Flax ports of llama-like and Gemma 2/3 decoders, checkpoint loading, steered generation.
+
+model = load_model("smollm2-135m")                          # or a .gguf, HF dir or hub id
+out = forward(model.params, tokens, positions, config=model.config, capture=(12,))
+gen = generate(model, [[{"role": "user", "content": "Hi"}]] * 3,
+               steering=Steering(12, vector), multipliers=[-1.0, 0.0, 1.0])
+"""
+
+# Configs
+from mup.models._config import NAMED_CONFIGS, ModelConfig, UnsupportedConfigError
+
+# isort: split
+# The forward pass, KV cache and steering hook
+from mup.models._transformer import ForwardOutput, KVCache, SteeringSpec, forward, jit_forward
+
+# isort: split
+# Parameters and device layout
+from mup.models._params import init_params, param_shapes, params_from_hf
+from mup.models._sharding import make_mesh, param_partition_specs, shard_params
+
+# isort: split
+# Checkpoints and loading
+from mup.models._checkpoint import CheckpointError, iter_hf_tensors, read_hf_config
+from mup.models._loading import Model, load_model
+
+# isort: split
+# Generation: samplers, steering, the jitted loop and its reference
+from mup.models._generate import (
+    Generation,
+    Steering,
+    default_stop_tokens,
+    generate,
+    generate_reference,
+)
+from mup.models._sampling import Greedy, Sampler, Temperature, TopP
+
+__all__ = [
+    "NAMED_CONFIGS",
+    "CheckpointError",
+    "ForwardOutput",
+    "Generation",
+    "Greedy",
+    "KVCache",
+    "Model",
+    "ModelConfig",
+    "Sampler",
+    "Steering",
+    "SteeringSpec",
+    "Temperature",
+    "TopP",
+    "UnsupportedConfigError",
+    "default_stop_tokens",
+    "forward",
+    "generate",
+    "generate_reference",
+    "init_params",
+    "iter_hf_tensors",
+    "jit_forward",
+    "load_model",
+    "make_mesh",
+    "param_partition_specs",
+    "param_shapes",
+    "params_from_hf",
+    "read_hf_config",
+    "shard_params",
+]

@@ -1,0 +1,527 @@
+"""Steered generation: one jitted prefill + `lax.while_loop` decode, and a Python reference.
+
+Axis letters: B batch, P prompt bucket length, N new-token buffer, S cache slots (P + N),
+D model, V vocab, J steering entries.
+
+Prompts are LEFT-padded to a bucket length P so that every row's last prompt token sits in the
+same column and the loop writes one column of the KV cache per step for all rows; padding slots
+are marked invalid in the cache and never attended to, and rope positions are per row, so a
+row's tokens do not depend on the padding (or the other rows) around it. Prompt lengths and
+the new-token budget are rounded up to buckets so that XLA compiles few programs.
+
+Steering adds ``multiplier[j, b] * vector[j]`` to the output of block ``layer[j]``. With
+``steer_positions`` "prompt" only prefill is steered, with "generated" only the decode steps
+(the first new token is predicted from the unsteered prompt), with "all" both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mup.models._config import ModelConfig
+from mup.models._layers import softcap
+from mup.models._sampling import Greedy, Sampler
+from mup.models._transformer import KVCache, SteeringSpec, forward, jit_forward
+
+GREEDY = Greedy()  # the default sampler (frozen, so one shared instance is safe)
+SteerPositions = Literal["all", "prompt", "generated"]
+STEER_POSITIONS = ("all", "prompt", "generated")
+# Whether prefill / decode steps are steered. Passed as traced 0/1 factors on the multipliers
+# (adding 0 * vector is exact), so the three modes share one compiled loop.
+_STEER_PHASES = {"all": (1.0, 1.0), "prompt": (1.0, 0.0), "generated": (0.0, 1.0)}
+
+# Prompt length buckets; longer prompts round up to a multiple of the last bucket.
+PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
+NEW_TOKEN_BUCKET = 32  # the new-token buffer is a multiple of this
+MAX_STOP_TOKENS = 8  # stop ids are padded to this many so their count never recompiles
+
+# Tokens that end an assistant turn in common chat templates (SmolLM/Qwen ChatML, Llama 3,
+# Gemma, Phi). Only the ones the tokenizer knows are used.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+@dataclasses.dataclass(frozen=True, eq=False, init=False)
+class Steering:
+    """Steering vectors and the blocks whose output they are added to.
+
+    ``Steering(12, v)`` steers block 12 with v [D]; ``Steering((10, 12), [v10, v12])`` steers
+    several blocks (vectors [J, D]). The strength per row comes from `generate(multipliers=)`.
+    """
+
+    layers: tuple[int, ...]
+    vectors: np.ndarray  # [J, D] float32
+
+    def __init__(self, layers: int | Sequence[int], vectors: Any):
+        layers = (int(layers),) if np.ndim(layers) == 0 else tuple(int(x) for x in layers)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim == 1:
+            vectors = vectors[None]
+        if vectors.ndim != 2 or vectors.shape[0] != len(layers):
+            raise ValueError(
+                f"Steering: {len(layers)} layers need vectors of shape [{len(layers)}, D], "
+                f"got {vectors.shape}"
+            )
+        if not np.all(np.isfinite(vectors)):
+            raise ValueError("Steering: vectors contain NaN or inf")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "vectors", vectors)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """Output of `generate`, one entry per prompt.
+
+    texts:      the new tokens decoded (special tokens removed).
+    token_ids:  the new token ids, through the first stop token (included, as HF does).
+    prompt_ids: the prompt token ids that were fed to the model.
+    finished:   True when the row hit a stop token before max_new_tokens.
+    """
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    prompt_ids: list[list[int]]
+    finished: list[bool]
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def generate(
+    model,
+    prompts: Sequence[Any],
+    *,
+    max_new_tokens: int = 64,
+    sampler: Sampler = GREEDY,
+    stop_tokens: Sequence[int] | None = None,
+    steering: Steering | None = None,
+    multipliers: Any = None,
+    steer_positions: SteerPositions = "all",
+    seed: int | Sequence[int] = 0,
+    chat: bool = True,
+) -> Generation:
+    """Generate continuations of a batch of prompts in one jitted loop.
+
+    prompts: each a chat (list of {role, content} messages, rendered with the tokenizer's chat
+      template and generation prompt), a string (one user message when `chat`, else raw text),
+      or a list of token ids (used as is).
+    stop_tokens: ids that end a row; default: the tokenizer's eos and end-of-turn tokens.
+    steering / multipliers: per-row strengths [B] (shared by all steering entries) or [J, B];
+      default 1 for every row.
+    seed: one int (row b uses key b of that seed) or one int per row (a row's samples then do
+      not depend on the batch it runs in).
+    """
+    batch = _prepare(
+        model,
+        prompts,
+        max_new_tokens,
+        sampler,
+        stop_tokens,
+        steering,
+        multipliers,
+        steer_positions,
+        seed,
+        chat,
+    )
+    buffer_len = -(-max_new_tokens // NEW_TOKEN_BUCKET) * NEW_TOKEN_BUCKET
+    steer_prefill, steer_decode = _STEER_PHASES[steer_positions]
+    tokens, steps = _generate_loop(
+        model.params,
+        batch.prompt,
+        batch.valid,
+        jnp.int32(max_new_tokens),
+        batch.keys,
+        batch.stop_ids,
+        jnp.int32(batch.pad_id),
+        batch.vectors,
+        batch.multipliers,
+        jnp.float32(steer_prefill),
+        jnp.float32(steer_decode),
+        config=model.config,
+        sampler=sampler,
+        steer_layers=batch.steer_layers,
+        buffer_len=buffer_len,
+    )
+    tokens = np.asarray(tokens)[:, : int(steps)]  # [B, steps]
+    return _finish(model.tokenizer, batch, tokens)
+
+
+def generate_reference(
+    model,
+    prompts: Sequence[Any],
+    *,
+    max_new_tokens: int = 64,
+    sampler: Sampler = GREEDY,
+    stop_tokens: Sequence[int] | None = None,
+    steering: Steering | None = None,
+    multipliers: Any = None,
+    steer_positions: SteerPositions = "all",
+    seed: int | Sequence[int] = 0,
+    chat: bool = True,
+) -> Generation:
+    """The same generation as `generate`, as a plain Python loop without a KV cache.
+
+    Every step runs the uncached forward over the whole sequence so far and steers through the
+    `SteeringSpec` gate; slow, for tests and debugging only.
+    """
+    batch = _prepare(
+        model,
+        prompts,
+        max_new_tokens,
+        sampler,
+        stop_tokens,
+        steering,
+        multipliers,
+        steer_positions,
+        seed,
+        chat,
+    )
+    # The sequence lives in a buffer of P + max_new_tokens columns whose unused tail is marked
+    # invalid (causal attention never looks right of the current token anyway): every step
+    # runs the same uncached program, compiled once, instead of one program per length.
+    B, P = batch.prompt.shape
+    T = P + max_new_tokens
+    seq = np.full((B, T), batch.pad_id, np.int32)
+    seq[:, :P] = np.asarray(batch.prompt)
+    valid = np.zeros((B, T), bool)
+    valid[:, :P] = np.asarray(batch.valid)
+    spec = None
+    if batch.vectors is not None:
+        is_prompt = np.arange(T) < P
+        gate = {"all": np.ones(T, bool), "prompt": is_prompt, "generated": ~is_prompt}
+        spec = SteeringSpec(
+            layers=batch.steer_layers,
+            vectors=batch.vectors,
+            multipliers=batch.multipliers,
+            gate=jnp.asarray(np.broadcast_to(gate[steer_positions], (B, T)), jnp.float32),
+        )
+    stop = np.asarray(batch.stop_ids)
+    done = np.zeros(B, bool)
+    new: list[np.ndarray] = []
+    for step in range(max_new_tokens):
+        positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+        out = jit_forward(
+            model.params,
+            jnp.asarray(seq),
+            jnp.asarray(positions),
+            config=model.config,
+            valid=jnp.asarray(valid),
+            steering=spec,
+        )
+        logits = out.logits[:, P + step - 1]  # [B, V] at the last token so far
+        nxt = np.asarray(_jit_sample(sampler, logits, _step_keys(batch.keys, step)))
+        nxt = np.where(done, batch.pad_id, nxt)
+        new.append(nxt)
+        done |= np.isin(nxt, stop)
+        if done.all() or step + 1 == max_new_tokens:
+            break
+        seq[:, P + step] = nxt
+        valid[:, P + step] = True
+    return _finish(model.tokenizer, batch, np.stack(new, axis=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch preparation and output
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    prompt_ids: list[list[int]]
+    prompt: jax.Array  # [B, P] int32, left-padded
+    valid: jax.Array  # [B, P] bool
+    keys: jax.Array  # [B] PRNG keys, one per row
+    stop_ids: jax.Array  # [MAX_STOP_TOKENS] int32, padded with -1
+    pad_id: int
+    steer_layers: tuple[int, ...]
+    vectors: jax.Array | None  # [J, D]
+    multipliers: jax.Array | None  # [J, B]
+
+
+def _prepare(
+    model,
+    prompts,
+    max_new_tokens,
+    sampler,
+    stop_tokens,
+    steering,
+    multipliers,
+    steer_positions,
+    seed,
+    chat,
+) -> _Batch:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not len(prompts):
+        raise TypeError("prompts must be a non-empty list of prompts (wrap a single one in [])")
+    if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not callable(sampler):
+        raise TypeError(f"sampler must be Greedy(), Temperature(t=...) or TopP(...), got {sampler}")
+    if steer_positions not in STEER_POSITIONS:
+        raise ValueError(
+            f"steer_positions must be one of {STEER_POSITIONS}, got {steer_positions!r}"
+        )
+    tokenizer = model.tokenizer
+    config: ModelConfig = model.config
+    ids = _encode(tokenizer, prompts, chat, config.vocab_size)
+    B = len(ids)
+
+    stops = list(default_stop_tokens(tokenizer) if stop_tokens is None else stop_tokens)
+    if not stops or len(stops) > MAX_STOP_TOKENS:
+        raise ValueError(f"need 1..{MAX_STOP_TOKENS} stop tokens, got {stops}")
+    stop_ids = np.full(MAX_STOP_TOKENS, -1, np.int32)
+    stop_ids[: len(stops)] = stops
+    # Finished rows keep emitting this id (discarded on output); padding slots hold it too.
+    pad_id = int(stops[0])
+
+    longest = max(len(x) for x in ids)
+    P = next((b for b in PROMPT_BUCKETS if b >= longest), None)
+    if P is None:
+        P = -(-longest // PROMPT_BUCKETS[-1]) * PROMPT_BUCKETS[-1]
+    prompt = np.full((B, P), pad_id, np.int32)
+    valid = np.zeros((B, P), bool)
+    for b, row in enumerate(ids):
+        prompt[b, P - len(row) :] = row
+        valid[b, P - len(row) :] = True
+
+    if np.ndim(seed) == 0:
+        keys = jax.random.split(jax.random.PRNGKey(int(seed)), B)
+    else:
+        if len(seed) != B:
+            raise ValueError(f"seed has {len(seed)} entries for {B} prompts")
+        keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seed])
+
+    dtype = jnp.dtype(model.params["embed"].dtype)
+    layers: tuple[int, ...] = ()
+    vectors = mults = None
+    if steering is None:
+        if multipliers is not None:
+            raise ValueError("multipliers were given without a steering vector")
+    else:
+        if not isinstance(steering, Steering):
+            raise TypeError(f"steering must be a mup.models.Steering, got {type(steering)}")
+        J = len(steering.layers)
+        if steering.vectors.shape[1] != config.d_model:
+            raise ValueError(
+                f"steering vectors have size {steering.vectors.shape[1]}, the model's d_model "
+                f"is {config.d_model}"
+            )
+        bad = [x for x in steering.layers if not 0 <= x < config.n_layers]
+        if bad:
+            raise ValueError(f"steering layers {bad} out of range 0..{config.n_layers - 1}")
+        m = np.ones(B, np.float32) if multipliers is None else np.asarray(multipliers, np.float32)
+        if m.shape == (B,):
+            m = np.broadcast_to(m, (J, B))
+        if m.shape != (J, B):
+            raise ValueError(f"multipliers must have shape [{B}] or [{J}, {B}], got {m.shape}")
+        if not np.all(np.isfinite(m)):
+            raise ValueError("multipliers contain NaN or inf")
+        layers = steering.layers
+        vectors = jnp.asarray(steering.vectors, dtype)
+        mults = jnp.asarray(m, dtype)
+    return _Batch(
+        prompt_ids=ids,
+        prompt=jnp.asarray(prompt),
+        valid=jnp.asarray(valid),
+        keys=keys,
+        stop_ids=jnp.asarray(stop_ids),
+        pad_id=pad_id,
+        steer_layers=layers,
+        vectors=vectors,
+        multipliers=mults,
+    )
+
+
+def default_stop_tokens(tokenizer) -> list[int]:
+    """The tokenizer's eos id(s) plus the end-of-turn tokens of common chat templates."""
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    ids.extend(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    vocab = tokenizer.get_vocab()
+    ids.extend(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    ids = list(dict.fromkeys(int(i) for i in ids))
+    if not ids:
+        raise ValueError("the tokenizer has no eos or end-of-turn token; pass stop_tokens=[...]")
+    return ids[:MAX_STOP_TOKENS]
+
+
+def _encode(tokenizer, prompts, chat: bool, vocab_size: int) -> list[list[int]]:
+    from mup.text import encode_prompts
+
+    out: list[list[int] | None] = [None] * len(prompts)
+    chats: list[tuple[int, Any]] = []
+    for i, item in enumerate(prompts):
+        if isinstance(item, np.ndarray) or (
+            isinstance(item, Sequence)
+            and item
+            and all(isinstance(x, int | np.integer) for x in item)
+        ):
+            row = [int(x) for x in np.asarray(item).reshape(-1)]
+            bad = [x for x in row if not 0 <= x < vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt {i}: token ids {bad[:5]} outside the vocabulary 0..{vocab_size - 1}"
+                )
+            out[i] = row
+        elif isinstance(item, str) and not chat:
+            out[i] = tokenizer(item, add_special_tokens=True)["input_ids"]
+        else:
+            chats.append((i, item))
+    if chats:
+        for (i, _), row in zip(
+            chats, encode_prompts(tokenizer, [c for _, c in chats]), strict=True
+        ):
+            out[i] = row
+    empty = [i for i, row in enumerate(out) if not row]
+    if empty:
+        raise ValueError(f"prompts {empty} encode to no tokens")
+    return out  # type: ignore[return-value]
+
+
+def _finish(tokenizer, batch: _Batch, tokens: np.ndarray) -> Generation:
+    stop = set(int(s) for s in np.asarray(batch.stop_ids) if s >= 0)
+    token_ids: list[list[int]] = []
+    finished: list[bool] = []
+    for row in tokens.tolist():
+        end = next((i for i, t in enumerate(row) if t in stop), None)
+        finished.append(end is not None)
+        token_ids.append(row if end is None else row[: end + 1])
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
+    return Generation(
+        texts=texts, token_ids=token_ids, prompt_ids=batch.prompt_ids, finished=finished
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The jitted loop
+# ---------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class _LoopState:
+    tokens: jax.Array  # [B, N] new tokens so far (pad_id after a row's stop token)
+    cache: KVCache  # S = P + N slots
+    done: jax.Array  # [B] bool: row emitted a stop token
+    step: jax.Array  # int32 scalar: number of new tokens written
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_sample(sampler: Sampler, logits: jax.Array, keys: jax.Array) -> jax.Array:
+    return sampler(logits, keys)
+
+
+@jax.jit
+def _step_keys(keys: jax.Array, step) -> jax.Array:
+    """Per-row keys of one step: fold the step into each row's key (same in both loops)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+
+
+def _last_logits(config: ModelConfig, params, normed_last: jax.Array) -> jax.Array:
+    """LM head on the last position only: normed [B, D] -> logits [B, V] float32.
+
+    The forward pass's own head would compute [B, P, V] logits over the whole prompt; only the
+    last column is needed, so the final normed state is captured instead and projected here.
+    """
+    if config.tie_embeddings:
+        out = jnp.einsum(
+            "bd,vd->bv", normed_last, params["embed"], preferred_element_type=jnp.float32
+        )
+    else:
+        out = jnp.einsum(
+            "bd,dv->bv", normed_last, params["lm_head"], preferred_element_type=jnp.float32
+        )
+    return softcap(out, config.final_logit_softcap)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "sampler", "steer_layers", "buffer_len"),
+)
+def _generate_loop(
+    params,
+    prompt,  # [B, P] int32, left-padded
+    valid,  # [B, P] bool
+    max_new,  # int32 scalar <= buffer_len
+    keys,  # [B] PRNG keys
+    stop_ids,  # [MAX_STOP_TOKENS] int32 (-1 = unused)
+    pad_id,  # int32 scalar
+    vectors,  # [J, D] or None
+    multipliers,  # [J, B] or None
+    steer_prefill,  # float32 scalar 0/1: steer the prompt
+    steer_decode,  # float32 scalar 0/1: steer the generated tokens
+    *,
+    config: ModelConfig,
+    sampler: Sampler,
+    steer_layers: tuple[int, ...],
+    buffer_len: int,
+):
+    B, P = prompt.shape
+    L = config.n_layers
+    lengths = valid.sum(axis=1).astype(jnp.int32)  # [B]
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)  # [B, P]
+
+    def steering(factor) -> SteeringSpec | None:
+        if vectors is None:
+            return None
+        scaled = multipliers * factor.astype(multipliers.dtype)  # [J, B]
+        return SteeringSpec(layers=steer_layers, vectors=vectors, multipliers=scaled)
+
+    def next_token(out, step):
+        logits = _last_logits(config, params, out.hidden[L][:, -1])  # [B, V]
+        return sampler(logits, _step_keys(keys, step))  # [B]
+
+    cache = KVCache.create(config, B, P + buffer_len, dtype=params["embed"].dtype)
+    out = forward(
+        params,
+        prompt,
+        positions,
+        config=config,
+        valid=valid,
+        cache=cache,
+        capture=(L,),
+        steering=steering(steer_prefill),
+        logits=False,
+    )
+    first = next_token(out, 0)  # [B]
+    state = _LoopState(
+        tokens=jnp.full((B, buffer_len), pad_id, jnp.int32).at[:, 0].set(first),
+        cache=out.cache,
+        done=jnp.isin(first, stop_ids),
+        step=jnp.int32(1),
+    )
+    decode_steering = steering(steer_decode)
+
+    def cond(s: _LoopState):
+        return (s.step < max_new) & ~jnp.all(s.done)
+
+    def body(s: _LoopState) -> _LoopState:
+        last = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)  # [B, 1]
+        pos = (lengths + s.step - 1)[:, None]  # [B, 1]
+        out = forward(
+            params,
+            last,
+            pos,
+            config=config,
+            cache=s.cache,
+            capture=(L,),
+            steering=decode_steering,
+            logits=False,
+        )
+        nxt = jnp.where(s.done, pad_id, next_token(out, s.step))  # [B]
+        return _LoopState(
+            tokens=jax.lax.dynamic_update_slice(s.tokens, nxt[:, None], (0, s.step)),
+            cache=out.cache,
+            done=s.done | jnp.isin(nxt, stop_ids),
+            step=s.step + 1,
+        )
+
+    final = jax.lax.while_loop(cond, body, state)
+    return final.tokens, final.step
