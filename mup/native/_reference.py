@@ -71,7 +71,19 @@ def pool_many(
     return out
 
 
+# ufunc.reduceat along axis 0 runs ~10x slower than slicing out a row and reducing it; the
+# Python loop over rows only pays off when rows are long enough to amortise its overhead.
+_LOOP_MIN_AVG_LEN = 16
+_REDUCE = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}
+
+
 def _pool_group(m, xk, starts, counts, sub_off, sub_mask, scores, t0, temperature, window):
+    if m in _REDUCE and xk.shape[0] >= _LOOP_MIN_AVG_LEN * starts.shape[0]:
+        ufunc = _REDUCE[m]
+        res = np.empty((starts.shape[0], xk.shape[1]), np.float32)
+        for i, (s0, c) in enumerate(zip(starts.tolist(), counts.tolist(), strict=True)):
+            ufunc.reduce(xk[s0 : s0 + c], axis=0, out=res[i])
+        return res / counts[:, None].astype(np.float32) if m == "mean" else res
     if m == "sum":
         return np.add.reduceat(xk, starts, axis=0)
     if m == "mean":
