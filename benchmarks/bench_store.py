@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -60,6 +61,12 @@ def make_data(n_tokens: int, d_model: int, n_layers: int, seed: int = 0):
         a = rng.standard_normal((n_tokens, d_model), dtype=np.float32)  # [T, D]
         acts[layer * 4 + 2] = (a * scale + center).astype(np.float16)
     return offsets, acts
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads (tensorstore encodes on its own thread pool)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def du(path: Path) -> int:
@@ -169,13 +176,21 @@ def main() -> None:
         warm_off, warm_acts = make_data(2048, args.d_model, args.layers, seed=9)
         write_store(scratch / "warm", warm_off, warm_acts)
 
+        c0 = cpu_seconds()
         t_store = write_store(scratch / "store", offsets, acts)
+        c1 = cpu_seconds()
         t_plain = plain_write(scratch / "plain.bin", acts)
+        c2 = cpu_seconds()
         on_disk = du(scratch / "store")
         print(
             f"local write: mup.store {nbytes / t_store / 1e6:.0f} MB/s "
             f"({n_tokens / t_store:,.0f} tok/s) | np.tofile+fsync {nbytes / t_plain / 1e6:.0f} MB/s"
             f" | store/plain = {t_plain / t_store:.2f}x"
+        )
+        print(
+            f"local write CPU: mup.store {c1 - c0:.2f} s ({nbytes / (c1 - c0) / 1e6:.0f} MB per "
+            f"CPU-second: copy, finiteness check, zstd) | np.tofile+fsync {c2 - c1:.2f} s; "
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
         )
         dense = n * int(lengths.max()) * args.d_model * 2 * args.layers
         print(

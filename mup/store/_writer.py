@@ -46,8 +46,10 @@ __all__ = [
     "open_writer",
 ]
 
-# Shard commits run on one background thread so compression and upload overlap with the model;
-# two in flight keeps the I/O busy without growing memory further.
+# Shard commits run on background threads so compression and upload overlap with the model. Two
+# in flight (each on its own thread; a shard's layers encode in parallel inside tensorstore)
+# keep the disk or network busy while bounding memory; each shard's `done` flag still follows
+# its own data, so commits may finish in any order.
 MAX_INFLIGHT_SHARDS = 2
 
 # How completed shards reach S3: "tensorstore" (its s3 kvstore PUTs each encoded shard) or
@@ -389,7 +391,9 @@ class StoreWriter:
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
         self._inflight: collections.deque = collections.deque()
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mup-store")
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            MAX_INFLIGHT_SHARDS, thread_name_prefix="mup-store"
+        )
         self._staging: str | None = None
         mode = s3_upload or DEFAULT_S3_UPLOAD
         if mode not in ("tensorstore", "boto3"):
