@@ -77,12 +77,23 @@ def sequence_logits(params: dict, x, m, *, kind: str, temperature: float, window
 
 
 def auroc_jax(scores, labels):
-    """AUROC with tied scores counted as half (average ranks), traceable inside jit."""
-    order = jnp.sort(scores)
-    lo = jnp.searchsorted(order, scores, side="left")
-    hi = jnp.searchsorted(order, scores, side="right")
+    """AUROC with tied scores counted as half (average ranks), traceable inside jit.
+
+    Ranks come from pairwise comparisons for up to `_PAIRWISE_MAX` scores (XLA compiles a
+    sort far more slowly than the whole comparison costs at that size), from a sort beyond.
+    """
+    if scores.shape[0] <= _PAIRWISE_MAX:
+        lo = jnp.sum(scores[None, :] < scores[:, None], axis=1)  # [N] scores strictly below
+        hi = jnp.sum(scores[None, :] <= scores[:, None], axis=1)  # [N] scores at or below
+    else:
+        order = jnp.sort(scores)
+        lo = jnp.searchsorted(order, scores, side="left")
+        hi = jnp.searchsorted(order, scores, side="right")
     ranks = (lo + 1 + hi).astype(jnp.float32) / 2.0  # [N]
     pos = labels == 1
     n_pos = jnp.sum(pos).astype(jnp.float32)
     n_neg = labels.shape[0] - n_pos
     return (jnp.sum(jnp.where(pos, ranks, 0.0)) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+_PAIRWISE_MAX = 4096

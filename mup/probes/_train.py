@@ -57,12 +57,17 @@ def train_pooled(cfg: ProbeConfig, x, y, xv, yv, seed: int):
     if not has_val:
         xv, yv = x[:2], np.array([0, 1], np.int8)  # placeholders, never read
     fn = _pooled_program(cfg, n, d, b, steps, has_val, xv.shape[0])
+    # Shuffles come from numpy (seeded) rather than jax.random.permutation: a sort inside the
+    # program costs more XLA compile time than the whole run on small data.
+    rng = np.random.default_rng(seed)
+    perms = np.stack([rng.permutation(n) for _ in range(cfg.epochs)]).astype(np.int32)  # [E, N]
     params, best_epoch, n_epochs, losses, aucs = fn(
+        init_params("mean", d, jax.random.key(seed)),
         jnp.asarray(x, jnp.float32),
         jnp.asarray(y, jnp.int32),
         jnp.asarray(xv, jnp.float32),
         jnp.asarray(yv, jnp.int32),
-        jax.random.key(seed),
+        jnp.asarray(perms),
     )
     n_epochs = int(n_epochs)
     history = {
@@ -92,9 +97,7 @@ def _pooled_program(cfg, n, d, b, steps, has_val, nv):
 
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def run(x, y, xv, yv, rng):
-        rng, k_init = jax.random.split(rng)
-        params = init_params(cfg.kind, d, k_init)
+    def run(params, x, y, xv, yv, perms):
         opt_state = tx.init(params)
 
         def step(carry, batch):
@@ -105,9 +108,8 @@ def _pooled_program(cfg, n, d, b, steps, has_val, nv):
             return (optax.apply_updates(params, updates), opt_state), loss
 
         def epoch(state):
-            params, opt_state, rng, e, best, best_auc, since, best_e, losses, aucs = state
-            rng, k = jax.random.split(rng)
-            perm = jax.random.permutation(k, n)
+            params, opt_state, e, best, best_auc, since, best_e, losses, aucs = state
+            perm = perms[e]  # [N]
             pad = steps * b - n
             idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(steps, b)
             wb = (jnp.arange(steps * b) < n).astype(jnp.float32).reshape(steps, b)
@@ -123,7 +125,6 @@ def _pooled_program(cfg, n, d, b, steps, has_val, nv):
             return (
                 params,
                 opt_state,
-                rng,
                 e + 1,
                 best,
                 best_auc,
@@ -134,14 +135,13 @@ def _pooled_program(cfg, n, d, b, steps, has_val, nv):
             )
 
         def cond(state):
-            e, since = state[3], state[6]
+            e, since = state[2], state[5]
             return (e < cfg.epochs) & (since < patience)
 
         zeros = jnp.zeros((cfg.epochs,), jnp.float32)
         state = (
             params,
             opt_state,
-            rng,
             jnp.int32(0),
             params,
             jnp.float32(-1.0),
@@ -151,7 +151,7 @@ def _pooled_program(cfg, n, d, b, steps, has_val, nv):
             zeros,
         )
         state = jax.lax.while_loop(cond, epoch, state)
-        _, _, _, e, best, _, _, best_e, losses, aucs = state
+        _, _, e, best, _, _, best_e, losses, aucs = state
         return best, best_e, e, losses, aucs
 
     fn = jax.jit(run)
