@@ -269,3 +269,26 @@ def params_from_hf(
     if not config.tie_embeddings:
         params["lm_head"] = top["lm_head"]
     return params
+
+
+def hf_tensors_from_params(config: ModelConfig, params) -> Iterable[tuple[str, np.ndarray]]:
+    """The inverse of `params_from_hf`: HF-named numpy tensors, one at a time.
+
+    Used to write checkpoints that transformers can read and to round-trip test the mapping.
+    """
+    D = config.d_model
+    yield "model.embed_tokens.weight", np.asarray(params["embed"])
+    for suffix, (pname, hf_shape, _) in _layer_table(config).items():
+        stacked = params["layers"][pname]
+        for i in range(config.n_layers):
+            w = np.asarray(stacked[i])
+            if pname in ("q", "k", "v"):
+                w = w.reshape(D, -1).T  # [D, n, H] -> [n*H, D]
+            elif pname == "o":
+                w = w.reshape(-1, D).T  # [N, H, D] -> [D, N*H]
+            elif pname in ("gate", "up", "down"):
+                w = w.T
+            yield f"model.layers.{i}.{suffix}", w.reshape(hf_shape)
+    yield "model.norm.weight", np.asarray(params["final_norm"])
+    if not config.tie_embeddings:
+        yield "lm_head.weight", np.asarray(params["lm_head"]).T

@@ -138,3 +138,18 @@ def bytes_per_device(config: ModelConfig, mesh: Mesh, itemsize: int = 2) -> int:
                 n //= mesh.shape[axis]
         total += n
     return total * itemsize
+
+
+def cache_sharding(config: ModelConfig, mesh: Mesh, mesh_axes=("data", "model")):
+    """Shardings for a `KVCache` on `mesh`: batch over "data", kv heads over "model"."""
+    from mup.models._transformer import KVCache
+
+    data, model = mesh_axes
+    heads = model if config.n_kv_heads % mesh.shape[model] == 0 else None
+    kv = NamedSharding(mesh, P(None, data, None, heads, None))  # [L, B, S, K, H]
+    return KVCache(
+        k=kv,
+        v=kv,
+        valid=NamedSharding(mesh, P(data, None)),  # [B, S]
+        index=NamedSharding(mesh, P()),
+    )
