@@ -54,11 +54,11 @@ MAX_INFLIGHT_SHARDS = 2
 
 # How completed shards reach S3: "tensorstore" (its s3 kvstore PUTs each encoded shard) or
 # "boto3" (tensorstore encodes the shard into a local staging file, boto3 uploads it). Measured
-# against a moto server process on loopback (benchmarks/bench_store.py, 2 layers x D=576):
-# default 32 MiB shards, 132 MB, 3 rounds: tensorstore 20.6/21.1/31.8 MB/s, boto3
-# 21.5/28.9/24.4 MB/s; 4 MiB shards, 153 MB: 7.6 vs 9.4 MB/s; 20 MB: 12.4 vs 11.8 MB/s. No
-# consistent winner (moto itself is the bottleneck), so tensorstore is the default: one code
-# path for local and S3, no staging disk, and byte-identical objects (tested). Shards are
+# against a moto server process on loopback (benchmarks/bench_store.py, 2 layers x D=576,
+# 2-CPU shared box): 4 MiB shards, 153 MB, two commits in flight: tensorstore 44.8 MB/s vs
+# boto3 36.1 MB/s (1.24x); one commit in flight: 7.6 vs 9.4; 32 MiB shards, 132 MB, 3 rounds:
+# 20.6/21.1/31.8 vs 21.5/28.9/24.4. Equal or better, with one code path for local and S3, no
+# staging disk and byte-identical objects (tested), so tensorstore is the default. Shards stay
 # below the multipart threshold, so R2's equal-part rule never applies to either path.
 DEFAULT_S3_UPLOAD: Literal["tensorstore", "boto3"] = "tensorstore"
 
