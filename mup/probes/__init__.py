@@ -8,7 +8,7 @@ probe.save("probe.safetensors"); probe = probes.load("probe.safetensors")
 """
 
 # Data: in-memory ragged activations (a store works wherever these do).
-from mup.probes._data import Activations  # isort: skip
+from mup.probes._data import Activations, concat  # isort: skip
 
 # Configuration: kinds and their MUP-paper defaults (configs/probes/<kind>.yaml).
 from mup.probes._config import PROBE_KINDS, ProbeConfig, default_config  # isort: skip
@@ -16,4 +16,17 @@ from mup.probes._config import PROBE_KINDS, ProbeConfig, default_config  # isort
 # Training, inference and files.
 from mup.probes._probe import Probe, fit, load  # isort: skip
 
-__all__ = ["PROBE_KINDS", "Activations", "Probe", "ProbeConfig", "default_config", "fit", "load"]
+# Results files.
+from mup.probes._results import append_result  # isort: skip
+
+__all__ = [
+    "PROBE_KINDS",
+    "Activations",
+    "Probe",
+    "ProbeConfig",
+    "append_result",
+    "concat",
+    "default_config",
+    "fit",
+    "load",
+]

@@ -216,8 +216,42 @@ def _store_name(store) -> str:
     return repr(getattr(store, "url", None) or getattr(store, "path", None) or store)
 
 
+def concat(parts: Sequence[Activations]) -> Activations:
+    """One `Activations` holding the records of every part, in order (e.g. several datasets)."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("concat: no activations given")
+    widths = {p.d_model for p in parts}
+    if len(widths) != 1:
+        raise ValueError(f"concat: the parts have different widths {sorted(widths)}")
+    layer_sets = {p.layers for p in parts}
+    if len(layer_sets) != 1:
+        raise ValueError(f"concat: the parts come from different layers {sorted(layer_sets)}")
+    if len(parts) == 1:
+        return parts[0]
+    lengths = np.concatenate([np.diff(p.offsets) for p in parts])
+    dtypes = {p.acts.dtype for p in parts}
+    acts = np.concatenate(
+        [p.acts if len(dtypes) == 1 else p.acts.astype(np.float32) for p in parts]
+    )
+    masks = [p.mask if p.mask is not None else np.ones(p.acts.shape[0], bool) for p in parts]
+    has_labels = all(p.labels is not None for p in parts)
+    has_ids = all(p.ids is not None for p in parts)
+    return Activations(
+        acts=acts,
+        offsets=np.r_[0, np.cumsum(lengths)].astype(np.int64),
+        mask=None if all(p.mask is None for p in parts) else np.concatenate(masks),
+        labels=np.concatenate([p.labels for p in parts]) if has_labels else None,
+        ids=[i for p in parts for i in p.ids] if has_ids else None,
+        layers=parts[0].layers,
+    )
+
+
 def as_activations(data, layer=None, *, combine: Combine = "concat") -> Activations:
-    """An `Activations` from an `Activations` (returned as is) or an activation store."""
+    """An `Activations` from an `Activations` (returned as is), an activation store, or a list
+    of those (their records concatenated, e.g. to train on several datasets)."""
+    if isinstance(data, list | tuple):
+        return concat([as_activations(x, layer, combine=combine) for x in data])
     if isinstance(data, Activations):
         if layer is not None and data.layers and _layer_tuple(layer) != data.layers:
             raise ValueError(

@@ -108,3 +108,70 @@ def test_store_errors(stores):
     probe = probes.fit("dom", s, layer=3)
     with pytest.raises(ValueError, match="incomplete"):
         probe.predict(partial)
+
+
+def test_fit_on_several_stores(stores, train_data, val_data):
+    root, _ = stores
+    s_train, s_val = store.open(root / "train"), store.open(root / "val")
+    a = probes.fit("lda", [s_train, s_val], layer=3)
+    b = probes.fit("lda", probes.concat([train_data, val_data]))
+    np.testing.assert_allclose(a.params["w"], b.params["w"], rtol=1e-5, atol=1e-6)
+    assert a.history["n_train"] == train_data.n_records + val_data.n_records
+
+
+def test_append_result_writes_self_describing_lines(stores, val_data, tmp_path):
+    import json
+
+    from mup import metrics
+
+    root, _ = stores
+    s_val = store.open(root / "val")
+    probe = probes.fit("dom", store.open(root / "train"), layer=3)
+    p = probe.predict(s_val)
+    m = metrics.evaluate(p, s_val.labels)
+    out = tmp_path / "results" / "probes.jsonl"
+    for _ in range(2):
+        probes.append_result(
+            out,
+            probe=probe,
+            model="tiny-test",
+            layer=3,
+            train={"name": "synthetic-train", "sha256": "ab" * 32},
+            eval=s_val,
+            metrics=m,
+            scores=p,
+            labels=s_val.labels,
+            ids=s_val.ids,
+        )
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 2
+    rec = lines[0]
+    assert rec["probe"]["kind"] == "dom" and rec["probe"]["layers"] == [3]
+    assert rec["eval"]["name"] == "synthetic.jsonl" and rec["eval"]["sha256"] == "ab" * 32
+    assert rec["metrics"]["auroc"] == pytest.approx(m["auroc"])
+    np.testing.assert_allclose(rec["scores"], p, rtol=1e-7)
+    assert rec["labels"] == s_val.labels.astype(int).tolist() and rec["ids"] == list(s_val.ids)
+    with pytest.raises(ValueError, match="scores .* and labels .* must both be"):
+        probes.append_result(
+            out,
+            probe=probe,
+            model="m",
+            layer=3,
+            train="a",
+            eval="b",
+            metrics=m,
+            scores=p[:3],
+            labels=s_val.labels,
+        )
+    with pytest.raises(TypeError, match="dataset name"):
+        probes.append_result(
+            out,
+            probe=probe,
+            model="m",
+            layer=3,
+            train=3,
+            eval="b",
+            metrics=m,
+            scores=p,
+            labels=s_val.labels,
+        )
