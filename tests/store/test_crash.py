@@ -58,6 +58,8 @@ def _start(url: str, mode: str, tmp_path: Path, part: str | None = None) -> subp
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A SIGKILLed boto3-mode writer cannot remove its staging dir: keep it under tmp_path.
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
 
 
@@ -68,6 +70,8 @@ def _run(url: str, mode: str, tmp_path: Path, kill=None, part: str | None = None
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A SIGKILLed boto3-mode writer cannot remove its staging dir: keep it under tmp_path.
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     lines = []
     try:
