@@ -1,0 +1,5 @@
+import sys
+
+from mup.extract import main
+
+sys.exit(main())
