@@ -37,7 +37,8 @@ def make_data(n: int, d: int, lo: int, hi: int, seed: int):
     labels = np.resize(np.array([0, 1], np.int8), n)
     rng.shuffle(labels)
     acts = rng.normal(size=(int(offsets[-1]), d)).astype(np.float32)
-    direction = rng.normal(size=d).astype(np.float32) / np.sqrt(d)
+    # The same planted direction in every split (its own seed).
+    direction = np.random.default_rng(1234).normal(size=d).astype(np.float32) / np.sqrt(d)
     acts += 0.5 * np.repeat(labels, lengths)[:, None] * direction
     mask = rng.random(acts.shape[0]) < 0.9
     mask[offsets[:-1]] = True

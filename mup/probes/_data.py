@@ -158,20 +158,7 @@ class Activations:
 
         Raises for an incomplete store and for a layer the store does not hold.
         """
-        layers = _layer_tuple(layer)
-        if not getattr(store, "complete", False):
-            raise ValueError(
-                f"activation store {_store_name(store)} is incomplete (its `complete` flag is "
-                "not set: extraction did not finish); re-run or resume the extraction"
-            )
-        missing = [x for x in layers if x not in tuple(store.layers)]
-        if missing:
-            raise ValueError(
-                f"layer(s) {missing} not in activation store {_store_name(store)}; it holds "
-                f"layers {list(store.layers)}"
-            )
-        if combine not in ("concat", "sum"):
-            raise ValueError(f"combine must be 'concat' or 'sum', got {combine!r}")
+        layers = _check_store(store, layer, combine)
         sel = None if rows is None else np.asarray(rows, dtype=np.int64)
         parts = []
         offsets = None
@@ -199,6 +186,25 @@ class Activations:
         return cls(
             acts=acts, offsets=offsets, mask=store_mask, labels=labels, ids=ids, layers=layers
         )
+
+
+def _check_store(store, layer, combine) -> tuple[int, ...]:
+    """The requested layers, after checking the store is complete and holds them."""
+    layers = _layer_tuple(layer)
+    if not getattr(store, "complete", False):
+        raise ValueError(
+            f"activation store {_store_name(store)} is incomplete (its `complete` flag is "
+            "not set: extraction did not finish); re-run or resume the extraction"
+        )
+    missing = [x for x in layers if x not in tuple(store.layers)]
+    if missing:
+        raise ValueError(
+            f"layer(s) {missing} not in activation store {_store_name(store)}; it holds "
+            f"layers {list(store.layers)}"
+        )
+    if combine not in ("concat", "sum"):
+        raise ValueError(f"combine must be 'concat' or 'sum', got {combine!r}")
+    return layers
 
 
 def _layer_tuple(layer) -> tuple[int, ...]:
@@ -269,17 +275,98 @@ def as_activations(data, layer=None, *, combine: Combine = "concat") -> Activati
 
 def labelled(data: Activations, what: str) -> Activations:
     """The records with label 0 or 1; errors for missing labels or a single class."""
-    if data.labels is None:
+    keep = _labelled_rows(data.labels, what)
+    return data if keep is None else data.select(keep)
+
+
+# Activations of one store chunk are at most this many bytes while pooling streams a store:
+# pooled probes never hold a whole layer in memory.
+POOL_CHUNK_BYTES = 256 << 20
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Pooled:
+    """One pooled vector per record: x [N, D] float32, labels [N] int8 or None, layers."""
+
+    x: np.ndarray
+    labels: np.ndarray | None
+    layers: tuple[int, ...]
+
+    def labelled(self, what: str) -> Pooled:
+        """The records with label 0 or 1; errors for missing labels or a single class."""
+        keep = _labelled_rows(self.labels, what)
+        return (
+            self
+            if keep is None
+            else Pooled(x=self.x[keep], labels=self.labels[keep], layers=self.layers)
+        )
+
+
+def pooled(data, layer, *, combine: Combine, method: str) -> Pooled:
+    """Pool every record's masked tokens with `mup.native.pool` (`method`: mean / last).
+
+    Stores are streamed chunk by chunk (`iter_row_chunks`), so a layer never has to fit in
+    memory; lists are pooled part by part and concatenated.
+    """
+    from mup import native
+
+    if isinstance(data, list | tuple):
+        parts = [pooled(x, layer, combine=combine, method=method) for x in data]
+        if len({p.x.shape[1] for p in parts}) != 1:
+            raise ValueError(f"the parts have different widths {[p.x.shape[1] for p in parts]}")
+        has_labels = all(p.labels is not None for p in parts)
+        return Pooled(
+            x=np.concatenate([p.x for p in parts]),
+            labels=np.concatenate([p.labels for p in parts]) if has_labels else None,
+            layers=parts[0].layers,
+        )
+    if isinstance(data, Activations) or not hasattr(data, "iter_row_chunks"):
+        acts = as_activations(data, layer, combine=combine)
+        x = native.pool(acts.acts, acts.offsets, method=method, mask=acts.mask)
+        return Pooled(x=np.asarray(x, np.float32), labels=acts.labels, layers=acts.layers)
+    layers = _check_store(data, layer, combine)
+    offsets = np.asarray(data.offsets, np.int64)
+    mask = np.asarray(data.mask, bool)
+    counts = np.add.reduceat(mask.astype(np.int64), offsets[:-1]) if mask.size else None
+    empty = np.diff(offsets) == 0
+    if empty.any() or (counts is not None and (counts == 0).any()):
+        i = int(np.argmax(empty | (counts == 0)))
+        raise ValueError(
+            f"record {i} (id {list(data.ids)[i]!r}) of store {_store_name(data)} has no masked "
+            "token; a probe would have nothing to read"
+        )
+    per_layer = []
+    for x_layer in layers:
+        out = np.empty((data.n_records, data.d_model), np.float32)  # [N, D]
+        for rows, acts, off in data.iter_row_chunks(x_layer, POOL_CHUNK_BYTES):
+            t0 = offsets[rows[0]]
+            m = mask[t0 : t0 + off[-1]]
+            out[rows] = native.pool(acts, off, method=method, mask=m)
+        per_layer.append(out)
+    if len(per_layer) == 1:
+        x = per_layer[0]
+    elif combine == "concat":
+        x = np.concatenate(per_layer, axis=1)  # [N, D * L]
+    else:
+        # Pooling (mean / last) is linear, so pooling the sum equals summing the pools.
+        x = np.sum(per_layer, axis=0)
+    labels = None if data.labels is None else np.asarray(data.labels, np.int8)
+    return Pooled(x=x, labels=labels, layers=layers)
+
+
+def _labelled_rows(labels, what: str):
+    """None if every record is labelled 0/1, else the bool [N] of those that are."""
+    if labels is None:
         raise ValueError(f"{what} has no labels; probes train on labelled records")
-    keep = data.labels != -1
+    labels = np.asarray(labels)
+    keep = labels != -1
     if not keep.any():
-        raise ValueError(f"{what}: every one of the {data.n_records} records is unlabelled (-1)")
-    out = data if keep.all() else data.select(keep)
-    n_pos = int((out.labels == 1).sum())
-    if n_pos in (0, out.n_records):
+        raise ValueError(f"{what}: every one of the {labels.size} records is unlabelled (-1)")
+    n_pos, n = int((labels[keep] == 1).sum()), int(keep.sum())
+    if n_pos in (0, n):
         only = "high-stakes (1)" if n_pos else "low-stakes (0)"
         raise ValueError(
-            f"{what} has single-class labels: all {out.n_records} labelled records are {only}; "
+            f"{what} has single-class labels: all {n} labelled records are {only}; "
             "a probe needs both classes"
         )
-    return out
+    return None if keep.all() else keep

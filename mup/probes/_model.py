@@ -49,11 +49,16 @@ def sequence_logits(params: dict, x, m, *, kind: str, temperature: float, window
     """
     mf = m.astype(jnp.float32)  # [B, P]
     if kind == "attention":
+        # logit = w . (sum_t alpha_t x_t) + b = sum_t alpha_t (w . x_t + b) because the weights
+        # sum to 1: one [B, P, D] x [D, 2] product gives both the attention scores and the
+        # token scores, so forward and backward each read the batch once.
         d = x.shape[-1]
-        a = (x @ params["q"] + params["qb"]) / jnp.sqrt(jnp.float32(d))  # [B, P]
+        qw = jnp.stack([params["q"], params["w"]], axis=-1)  # [D, 2]
+        both = x @ qw  # [B, P, 2]
+        a = (both[..., 0] + params["qb"]) / jnp.sqrt(jnp.float32(d))  # [B, P]
+        s = both[..., 1] + params["b"]  # [B, P] per-token logits
         alpha = jax.nn.softmax(jnp.where(m, a, _NEG), axis=-1) * mf  # [B, P]
-        pooled = jnp.einsum("bp,bpd->bd", alpha, x)  # [B, D]
-        return pooled @ params["w"] + params["b"]  # [B]
+        return jnp.sum(alpha * s, axis=-1)  # [B]
     s = x @ params["w"] + params["b"]  # [B, P] per-token logits
     if kind == "max":
         return jnp.max(jnp.where(m, s, _NEG), axis=-1)

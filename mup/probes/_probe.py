@@ -14,7 +14,7 @@ import numpy as np
 
 from mup._version import __version__
 from mup.probes._config import POOLED_KINDS, SEQUENCE_KINDS, ProbeConfig, default_config
-from mup.probes._data import Activations, as_activations, labelled
+from mup.probes._data import Activations, Pooled, as_activations, labelled, pooled
 from mup.probes._train import (
     PaddedBuckets,
     sequence_predict_logits,
@@ -26,15 +26,6 @@ from mup.probes._train import (
 )
 
 _FORMAT = "mup.probe/1"
-
-
-def _pool(data: Activations, method: str) -> np.ndarray:
-    """[N, D] float32 pooled vectors over each record's masked tokens."""
-    from mup import native
-
-    return np.asarray(
-        native.pool(data.acts, data.offsets, method=method, mask=data.mask), np.float32
-    )
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -67,25 +58,31 @@ class Probe:
     def kind(self) -> str:
         return self.config.kind
 
-    def _data(self, data) -> Activations:
-        acts = as_activations(data, self.layers or None, combine=self.combine)
-        if acts.d_model != self.d_model:
+    def _check_width(self, d: int) -> None:
+        if d != self.d_model:
             raise ValueError(
                 f"d_model mismatch: this {self.kind} probe reads width {self.d_model} "
-                f"(layers {list(self.layers)}, {self.combine}) but the data has width "
-                f"{acts.d_model}"
+                f"(layers {list(self.layers)}, {self.combine}) but the data has width {d}"
             )
+
+    def _data(self, data) -> Activations:
+        acts = as_activations(data, self.layers or None, combine=self.combine)
+        self._check_width(acts.d_model)
         return acts
+
+    def _pooled(self, data) -> Pooled:
+        p = pooled(data, self.layers or None, combine=self.combine, method=POOLED_KINDS[self.kind])
+        self._check_width(p.x.shape[1])
+        return p
 
     def _jparams(self) -> dict:
         return {k: jnp.asarray(v) for k, v in self.params.items()}
 
     def logits(self, data) -> np.ndarray:
         """Per-record logits [N] float32."""
-        acts = self._data(data)
         if self.kind in POOLED_KINDS:
-            x = _pool(acts, POOLED_KINDS[self.kind])  # [N, D]
-            return _pooled_logits_np(self.params, x)
+            return _pooled_logits_np(self.params, self._pooled(data).x)
+        acts = self._data(data)
         buckets = PaddedBuckets(acts, self.config.min_bucket)
         return sequence_predict_logits(self.config, self._jparams(), buckets)
 
@@ -128,10 +125,12 @@ class Probe:
         """`mup.metrics.evaluate` of this probe's predictions on labelled data."""
         from mup import metrics
 
-        acts = self._data(data)
-        if acts.labels is None:
+        labels = data.labels if not isinstance(data, list | tuple) else None
+        if isinstance(data, list | tuple):
+            labels = np.concatenate([np.asarray(x.labels) for x in data])
+        if labels is None:
             raise ValueError("evaluate: the data has no labels")
-        return metrics.evaluate(self.predict(acts), acts.labels, **kwargs)
+        return metrics.evaluate(self.predict(data), labels, **kwargs)
 
     def save(self, path) -> Path:
         """Write config, parameters and metadata to one safetensors file."""
@@ -219,21 +218,18 @@ def fit(
         config = default_config(kind, **overrides)
     elif overrides or config.kind != kind:
         raise ValueError("pass either config= (with the same kind) or keyword overrides")
-    train = labelled(as_activations(data, layer, combine=combine), "training data")
-    layers = train.layers
-    val_acts = None
-    if val is not None:
-        val_acts = labelled(as_activations(val, layer, combine=combine), "validation data")
-        if val_acts.d_model != train.d_model:
-            raise ValueError(
-                f"d_model mismatch: training data has width {train.d_model}, validation data "
-                f"{val_acts.d_model}"
-            )
-    y = train.labels.astype(np.int32)
-    info: dict = {"n_train": train.n_records}
+    info: dict = {}
     if kind in POOLED_KINDS:
-        x = _pool(train, POOLED_KINDS[kind])  # [N, D]
-        xv = None if val_acts is None else _pool(val_acts, POOLED_KINDS[kind])
+        # Pool once (streaming stores chunk by chunk), then train on [N, D] vectors.
+        method = POOLED_KINDS[kind]
+        train = pooled(data, layer, combine=combine, method=method).labelled("training data")
+        layers, d_model = train.layers, train.x.shape[1]
+        val_p = None
+        if val is not None:
+            val_p = pooled(val, layer, combine=combine, method=method).labelled("validation data")
+            _check_val_width(d_model, val_p.x.shape[1])
+        x, y = train.x, train.labels.astype(np.int32)
+        info["n_train"] = int(x.shape[0])
         if kind == "dom":
             params = train_dom(x, y)
         elif kind == "lda":
@@ -242,25 +238,46 @@ def fit(
             params, info2 = train_logreg(x, y, config.c, config.max_newton_steps)
             info |= info2
         else:
-            yv = None if val_acts is None else val_acts.labels.astype(np.int32)
+            xv = None if val_p is None else val_p.x
+            yv = None if val_p is None else val_p.labels.astype(np.int32)
             params, hist = train_pooled(config, x, y, xv, yv, seed)
             info |= hist
+        val_eval = val_p
     else:
         assert kind in SEQUENCE_KINDS
-        params, hist = train_sequence(config, train, val_acts, seed)
+        train = labelled(as_activations(data, layer, combine=combine), "training data")
+        layers, d_model = train.layers, train.d_model
+        val_eval = None
+        if val is not None:
+            val_eval = labelled(as_activations(val, layer, combine=combine), "validation data")
+            _check_val_width(d_model, val_eval.d_model)
+        info["n_train"] = train.n_records
+        params, hist = train_sequence(config, train, val_eval, seed)
         info |= hist
     params = {k: np.asarray(v, np.float32) for k, v in params.items()}
     probe = Probe(
         config=config,
         params=params,
-        d_model=train.d_model,
+        d_model=d_model,
         layers=layers,
         combine=combine,
         history=info,
         metadata=dict(metadata or {}),
     )
-    if val_acts is not None:
+    if val_eval is not None:
         from mup import metrics
 
-        probe.history["val_auroc_final"] = metrics.auroc(probe.logits(val_acts), val_acts.labels)
+        z = (
+            _pooled_logits_np(probe.params, val_eval.x)
+            if kind in POOLED_KINDS
+            else probe.logits(val_eval)
+        )
+        probe.history["val_auroc_final"] = metrics.auroc(z, val_eval.labels)
     return probe
+
+
+def _check_val_width(d_train: int, d_val: int) -> None:
+    if d_train != d_val:
+        raise ValueError(
+            f"d_model mismatch: training data has width {d_train}, validation data {d_val}"
+        )

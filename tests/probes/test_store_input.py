@@ -63,15 +63,18 @@ def stores(tmp_path_factory, train_data, val_data):
     return root, train_acts
 
 
-def test_store_and_memory_give_the_same_probe(stores, train_data, val_data, helpers):
+def test_store_and_memory_give_the_same_probe(stores, train_data, val_data, helpers, monkeypatch):
+    # Pooled probes stream stores chunk by chunk: force many small chunks.
+    monkeypatch.setattr("mup.probes._data.POOL_CHUNK_BYTES", 4096)
     root, _ = stores
     s_train, s_val = store.open(root / "train"), store.open(root / "val")
     a = probes.fit("mean", s_train, layer=3, val=s_val, seed=0, **helpers.FAST)
     b = probes.fit("mean", train_data, val=val_data, seed=0, **helpers.FAST)
+    # Chunked pooling may round differently in the last bit; training keeps that tiny.
     for name in a.params:
-        np.testing.assert_array_equal(a.params[name], b.params[name])
+        np.testing.assert_allclose(a.params[name], b.params[name], rtol=1e-4, atol=1e-5)
     assert a.layers == (3,)
-    np.testing.assert_array_equal(a.predict(s_val), b.predict(val_data))
+    np.testing.assert_allclose(a.predict(s_val), b.predict(val_data), rtol=1e-4, atol=1e-5)
     # A store row subset reads the same records as an in-memory selection.
     sub = probes.Activations.from_store(s_val, 3, rows=[5, 1, 9])
     ref = val_data.select([5, 1, 9])
