@@ -22,22 +22,19 @@ inline int64_t kind_size(Kind k) { return k == Kind::F32 ? 4 : 2; }
 enum class Method : int { Mean, Max, Min, Last, Sum, Softmax, RollingMeanMax };
 Method parse_method(const std::string& name);
 
-// Half -> float without F16C (the wheel targets baseline x86-64): pure bit manipulation with
-// selects, so the compiler vectorises it with SSE2. Subnormals go through an int->float
-// conversion instead of a multiply of a subnormal float, which costs a microcode assist on
-// many x86 cores.
+// Half -> float without F16C (the wheel targets baseline x86-64): shift exponent and
+// mantissa into float position and rescale by 2^(127-15), exact for normal and subnormal
+// halves alike; only the all-ones exponent (inf / NaN) needs its float exponent forced to all
+// ones. Plain selects, so compilers vectorise it.
 inline float f16_to_f32(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t em = h & 0x7fffu;
-  const uint32_t exp = h & 0x7c00u;
-  const uint32_t normal = (em << 13) + ((127u - 15u) << 23);
-  const uint32_t infnan = (em << 13) | 0x7f800000u;
-  const float sub = static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f;
-  uint32_t sub_bits;
-  std::memcpy(&sub_bits, &sub, 4);
-  uint32_t bits = exp == 0x7c00u ? infnan : normal;
-  bits = exp == 0 ? sub_bits : bits;
-  bits |= sign;
+  const uint32_t shifted = static_cast<uint32_t>(h & 0x7fffu) << 13;
+  float f;
+  std::memcpy(&f, &shifted, 4);
+  f *= 0x1p112f;
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits |= (h & 0x7c00u) == 0x7c00u ? 0x7f800000u : 0u;
+  bits |= static_cast<uint32_t>(h & 0x8000u) << 16;
   float out;
   std::memcpy(&out, &bits, 4);
   return out;

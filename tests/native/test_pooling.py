@@ -6,6 +6,9 @@ mean / sum / softmax accumulate in float32, so they get rtol 1e-5 plus an absolu
 rolling_mean_max keeps its window sums in float64 on both backends: rtol 1e-6.
 """
 
+import os
+import subprocess
+import sys
 import threading
 
 import ml_dtypes
@@ -297,3 +300,36 @@ def test_every_16_bit_pattern_converts_like_numpy(backend, dtype):
     acts = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(dtype).reshape(-1, 8)
     got = mn.pool(acts, np.arange(acts.shape[0] + 1), method="last")
     np.testing.assert_array_equal(got.view(np.uint32), acts.astype(np.float32).view(np.uint32))
+
+
+def test_baseline_sse2_path_matches_numpy(tmp_path):
+    # The AVX2 loop is chosen once per process; check the baseline loop in a fresh one.
+    if not mn.native_available():
+        pytest.skip("mup._native is not built")
+    code = """
+import ml_dtypes, numpy as np, mup.native as mn
+rng = np.random.default_rng(0)
+off = np.array([0, 3, 40, 41, 97])
+for dt in (np.float32, np.float16, ml_dtypes.bfloat16):
+    a = (rng.standard_normal((97, 37)) * 3).astype(dt)
+    mask = rng.random(97) < 0.7
+    mask[off[:-1]] = True
+    kw = dict(methods=mn.POOL_METHODS, mask=mask, scores=rng.standard_normal(97).astype("f4"),
+              window=5)
+    with mn.use_backend("native"):
+        got = mn.pool_many(a, off, **kw)
+    with mn.use_backend("numpy"):
+        ref = mn.pool_many(a, off, **kw)
+    for m in mn.POOL_METHODS:
+        np.testing.assert_allclose(got[m], ref[m], rtol=1e-5, atol=1e-5, err_msg=m)
+bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(-1, 8)
+last = mn.pool(bits, np.arange(bits.shape[0] + 1), method="last", acts_dtype="float16")
+want = bits.view(np.float16).astype(np.float32)
+np.testing.assert_array_equal(last.view(np.uint32), want.view(np.uint32))
+print("ok")
+"""
+    env = dict(os.environ, MUP_NATIVE_NO_AVX2="1")
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
