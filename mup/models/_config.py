@@ -282,6 +282,10 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
 
     # ---- attention kinds and sliding windows ----
     window = get("sliding_window")
+    # Early Gemma 2 files also carry the window under its old name; it must agree.
+    old_window = get("sliding_window_size")
+    if old_window is not None and old_window != window:
+        problems.append(f"sliding_window_size={old_window!r} != sliding_window={window!r}")
     layer_types = get("layer_types")
     pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern"))
     used.update({"sliding_window_pattern", "_sliding_window_pattern"})

@@ -22,11 +22,12 @@ How a 70B model is laid out (Llama-3.1-70B: D=8192, N=64, K=8, H=128, F=28672, L
   weights per GPU, leaving ~60 GB for activations and the KV cache (one kv head per device, so
   the cache is also split 8 ways). Weights stream from the checkpoint tensor by tensor straight
   into these shards (`params_from_hf(..., mesh=mesh)`), never a full host copy.
-* A TPU slice such as v5e-16 (16 GB HBM each), mesh ("data"=2, "model"=8) does not fit one
-  replica per 8 chips (17.6 GB > 16 GB); use ("data"=1, "model"=16): heads 64/16 = 4 per chip,
-  K=8 kv heads do not divide 16 so k/v are replicated (8 * 128 * 8192 * 2 * 2 bytes per layer,
-  ~2.7 GB in all), F/16 columns, ~9.5 GB per chip. On a v4-32 / v5p slice with 95 GB chips,
-  ("data"=4, "model"=4) keeps four replicas for throughput on batch-parallel extraction.
+* A TPU v5e-16 slice (16 GB HBM per chip): one replica per 8 chips does not fit (17.6 GB >
+  16 GB), so use ("data"=1, "model"=16): 4 query heads and F/16 MLP columns per chip; the 8 kv
+  heads do not divide 16, so k/v are replicated (2.7 GB in all) and each chip holds ~11.3 GB,
+  leaving ~4.7 GB for activations and the cache. On a v5p slice (95 GB per chip) use
+  ("data"=4, "model"=4), ~35.3 GB per chip, and four replicas for batch-parallel extraction.
+  `bytes_per_device(config, mesh)` computes these numbers for any mesh.
 * Activations [B, T, D] are sharded over "data"; with "model" > 1 the residual stream is
   replicated across the model axis between blocks, which is what the capture output returns.
 """

@@ -108,6 +108,39 @@ SMOLLM2_135M = {
 }
 
 
+GEMMA_2_2B = {
+    "architectures": ["Gemma2ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "attn_logit_softcapping": 50.0,
+    "bos_token_id": 2,
+    "cache_implementation": "hybrid",
+    "eos_token_id": 1,
+    "final_logit_softcapping": 30.0,
+    "head_dim": 256,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 2304,
+    "initializer_range": 0.02,
+    "intermediate_size": 9216,
+    "max_position_embeddings": 8192,
+    "model_type": "gemma2",
+    "num_attention_heads": 8,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 4,
+    "pad_token_id": 0,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "sliding_window_size": 4096,
+    "torch_dtype": "float32",
+    "transformers_version": "4.42.4",
+    "use_cache": True,
+    "vocab_size": 256000,
+}
+
+
 def _gemma3_text_defaults(cfg: dict) -> dict:
     # The fields Gemma3TextConfig defaults that the published file leaves out.
     return {"vocab_size": 262208, "rms_norm_eps": 1e-6, **cfg}
@@ -118,6 +151,7 @@ def _gemma3_text_defaults(cfg: dict) -> dict:
     [
         ("llama-3.1-8b", LLAMA_31_8B),
         ("smollm2-135m", SMOLLM2_135M),
+        ("gemma-2-2b", GEMMA_2_2B),
         (
             "gemma-3-27b",
             {**GEMMA_3_27B, "text_config": _gemma3_text_defaults(GEMMA_3_27B["text_config"])},
