@@ -1,0 +1,144 @@
+"""The server's configuration and its command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+
+from mup.text import MASK_MODES
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """Everything `python -m mup.serve` is told on its command line.
+
+    model: model spec (short name, .gguf file, HF checkpoint dir or hub id).
+    vector: steering vector file: safetensors (with a ``layer`` metadata entry) or .npy [D].
+    layer: block whose output is steered; required for .npy, must match a safetensors file's.
+    probe: optional probe file (`mup.probes.Probe.save`); every response then carries its score.
+    probe_mask: which prompt tokens the probe reads (`mup.text.token_mask` modes).
+    served_name: the model name clients send; default: the resolved spec's name.
+    dtype: parameter and activation dtype.
+    host / port: where to listen.
+    api_key: when set, every /v1 request needs ``Authorization: Bearer <api_key>``.
+    default_multiplier: applied when a request names none.
+    max_multiplier: requests with |multiplier| above this are refused (400).
+    max_batch: most rows in one generate call (a request with n choices counts n rows).
+    batch_window_ms: how long the first request of a batch waits for company.
+    max_tokens_per_request: largest max_tokens a request may ask for.
+    default_max_tokens: used when a request gives no max_tokens.
+    max_context: largest prompt + max_tokens; default: the model's max_position_embeddings.
+    steer_positions: "all" (prompt and generated tokens, as the vLLM reference), "prompt" or
+      "generated".
+    warmup: compile the single-row loop before reporting healthy.
+    """
+
+    model: str
+    vector: str
+    layer: int | None = None
+    probe: str | None = None
+    probe_mask: str = "all"
+    served_name: str | None = None
+    dtype: str = "float32"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    default_multiplier: float = 1.0
+    max_multiplier: float = 10.0
+    max_batch: int = 16
+    batch_window_ms: float = 10.0
+    max_tokens_per_request: int = 1024
+    default_max_tokens: int = 256
+    max_context: int | None = None
+    steer_positions: str = "all"
+    warmup: bool = True
+
+    def __post_init__(self):
+        if not 1 <= self.max_batch <= 256:
+            raise ValueError(f"max_batch must be in 1..256, got {self.max_batch}")
+        if not self.max_multiplier >= 0:
+            raise ValueError(f"max_multiplier must be >= 0, got {self.max_multiplier}")
+        if abs(self.default_multiplier) > self.max_multiplier:
+            raise ValueError(
+                f"default_multiplier {self.default_multiplier} exceeds max_multiplier "
+                f"{self.max_multiplier}"
+            )
+        if self.batch_window_ms < 0:
+            raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        if self.max_tokens_per_request < 1 or self.default_max_tokens < 1:
+            raise ValueError("max_tokens_per_request and default_max_tokens must be >= 1")
+        if self.default_max_tokens > self.max_tokens_per_request:
+            raise ValueError(
+                f"default_max_tokens {self.default_max_tokens} exceeds max_tokens_per_request "
+                f"{self.max_tokens_per_request}"
+            )
+        if self.probe_mask not in MASK_MODES:
+            raise ValueError(f"probe_mask must be one of {MASK_MODES}, got {self.probe_mask!r}")
+        if self.steer_positions not in ("all", "prompt", "generated"):
+            raise ValueError(
+                f"steer_positions must be all, prompt or generated, got {self.steer_positions!r}"
+            )
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mup.serve",
+        description="Serve a steered model behind an OpenAI-compatible API "
+        "(/v1/chat/completions, /v1/completions, /v1/models, /health). Each request picks its "
+        "steering multiplier with the `steer_multiplier` field (or custom.steer_multiplier); "
+        "concurrent requests are batched into one generate call with per-row multipliers.",
+    )
+    add = p.add_argument
+    add("--model", required=True, help="model spec: smollm2-135m, a .gguf, an HF dir or hub id")
+    add("--vector", required=True, help="steering vector: .safetensors (with metadata) or .npy")
+    add("--layer", type=int, help="steered block (required for .npy vectors)")
+    add("--probe", help="probe file; responses then carry the probe's score for the prompt")
+    add("--probe-mask", choices=MASK_MODES, default="all", help="prompt tokens the probe reads")
+    add("--served-name", help="model name clients use (default: the model's name)")
+    add("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    add("--host", default="127.0.0.1")
+    add("--port", type=int, default=8000)
+    add("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
+    add("--default-multiplier", type=float, default=1.0)
+    add("--max-multiplier", type=float, default=10.0)
+    add("--max-batch", type=int, default=16, help="most rows per generate call")
+    add("--batch-window-ms", type=float, default=10.0, help="how long a batch collects requests")
+    add("--max-tokens-per-request", type=int, default=1024)
+    add("--default-max-tokens", type=int, default=256)
+    add("--max-context", type=int, help="largest prompt + max_tokens (default: the model's)")
+    add("--steer-positions", choices=("all", "prompt", "generated"), default="all")
+    add("--no-warmup", action="store_true", help="skip compiling the loop before serving")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> ServeConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return ServeConfig(
+            model=args.model,
+            vector=args.vector,
+            layer=args.layer,
+            probe=args.probe,
+            probe_mask=args.probe_mask,
+            served_name=args.served_name,
+            dtype=args.dtype,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            default_multiplier=args.default_multiplier,
+            max_multiplier=args.max_multiplier,
+            max_batch=args.max_batch,
+            batch_window_ms=args.batch_window_ms,
+            max_tokens_per_request=args.max_tokens_per_request,
+            default_max_tokens=args.default_max_tokens,
+            max_context=args.max_context,
+            steer_positions=args.steer_positions,
+            warmup=not args.no_warmup,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+        raise  # unreachable: parser.error exits
