@@ -186,6 +186,9 @@ def test_token_scores_and_attention_weights(fitted, val_data):
     np.testing.assert_allclose(s, val_data.acts @ lin.params["w"] + lin.params["b"], atol=1e-5)
     with pytest.raises(ValueError, match="needs an attention probe"):
         lin.attention_weights(val_data)
+    ev = lin.evaluate(val_data)
+    assert ev["auroc"] == pytest.approx(metrics.auroc(lin.predict(val_data), val_data.labels))
+    assert ev["n"] == val_data.n_records and ev["n_excluded"] == 0
 
 
 def test_clear_errors(train_data, fitted, helpers):
