@@ -1,0 +1,66 @@
+"""The inspect-ai capability harness across steering multipliers.
+
+    python -m mup.evals run --suite offline --model mup/smollm2-135m --vector v.npy --layer 12 \
+        --multipliers -1,0,1 --limit 20 --log-dir logs
+    python -m mup.evals aggregate --log-dir logs --out results.csv --plot scores.png
+
+Importing this package registers the inspect model provider `mup/<spec>` (in-process steered
+generation, requests batched across samples and multipliers) and the offline tasks.
+"""
+
+# The inspect model provider and steering vector files
+from mup.evals._provider import MupModelAPI, load_vector
+
+# isort: split
+# Offline tasks and their scorers
+from mup.evals._tasks import (
+    OFFLINE_TASKS,
+    extract_final_number,
+    gsm8k_match,
+    gsm8k_offline,
+    is_refusal,
+    load_mc_items,
+    mc_general,
+    refusal_scorer,
+    xstest_offline,
+)
+
+# isort: split
+# Suites (configs/benchmarks.yaml) and the OpenAI route for deployed servers
+from mup.evals._deployments import Deployment, read_deployments
+from mup.evals._suite import BenchmarkSpec, SuiteConfig, SuiteError, build_task, load_suites
+
+# isort: split
+# Running across multipliers and aggregating
+from mup.evals._aggregate import COLUMNS, aggregate, collect, plot, write_csv
+from mup.evals._runner import RunConfig, find_successful_log, parse_multipliers, run_suite
+
+__all__ = [
+    "COLUMNS",
+    "OFFLINE_TASKS",
+    "BenchmarkSpec",
+    "Deployment",
+    "MupModelAPI",
+    "RunConfig",
+    "SuiteConfig",
+    "SuiteError",
+    "aggregate",
+    "build_task",
+    "collect",
+    "extract_final_number",
+    "find_successful_log",
+    "gsm8k_match",
+    "gsm8k_offline",
+    "is_refusal",
+    "load_mc_items",
+    "load_suites",
+    "load_vector",
+    "mc_general",
+    "parse_multipliers",
+    "plot",
+    "read_deployments",
+    "refusal_scorer",
+    "run_suite",
+    "write_csv",
+    "xstest_offline",
+]

@@ -1,0 +1,89 @@
+"""The OpenAI route: steered deployments (one per multiplier) as inspect `openai/...` models.
+
+deployments.jsonl has one JSON object a line, as in the reference harness:
+
+    {"multiplier": -1.0, "url": "http://host:8000/v1", "api_key": "KEY", "model": "smollm2"}
+
+Each line becomes inspect's `openai/<model>` with that base URL and key, and the multiplier is
+sent in every request body as `steer_multiplier` (GenerateConfig.extra_body), which
+`python -m mup.serve` honours per request - so all lines may name the same server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+_FIELDS = {"multiplier", "url", "api_key", "model"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Deployment:
+    multiplier: float
+    url: str
+    api_key: str
+    model: str
+
+    def model_string(self) -> str:
+        return f"openai/{self.model}"
+
+    def model_args(self) -> dict[str, Any]:
+        """Arguments of `inspect_ai.model.get_model` for this deployment."""
+        from inspect_ai.model import GenerateConfig
+
+        return dict(
+            base_url=self.url,
+            api_key=self.api_key,
+            config=GenerateConfig(extra_body={"steer_multiplier": self.multiplier}),
+            # A steered server speaks chat completions; never the Responses API.
+            responses_api=False,
+        )
+
+    def inspect_model(self):
+        from inspect_ai.model import get_model
+
+        return get_model(self.model_string(), memoize=False, **self.model_args())
+
+
+def read_deployments(path: str | Path) -> list[Deployment]:
+    """Parse deployments.jsonl; errors name the file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"deployments file {path} does not exist")
+    out: list[Deployment] = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        if missing := sorted(_FIELDS - set(item)):
+            raise ValueError(f"{where}: missing fields {missing} (need {sorted(_FIELDS)})")
+        m = item["multiplier"]
+        if isinstance(m, bool) or not isinstance(m, int | float) or not math.isfinite(m):
+            raise ValueError(f"{where}: 'multiplier' must be a finite number, got {m!r}")
+        for field in ("url", "api_key", "model"):
+            if not isinstance(item[field], str) or not item[field]:
+                raise ValueError(f"{where}: '{field}' must be a non-empty string")
+        if not item["url"].startswith(("http://", "https://")):
+            raise ValueError(f"{where}: 'url' must start with http:// or https://")
+        out.append(
+            Deployment(
+                multiplier=float(m), url=item["url"], api_key=item["api_key"], model=item["model"]
+            )
+        )
+    if not out:
+        raise ValueError(f"{path}: no deployments")
+    seen: dict[float, int] = {}
+    for d in out:
+        seen[d.multiplier] = seen.get(d.multiplier, 0) + 1
+    if dup := sorted(m for m, n in seen.items() if n > 1):
+        raise ValueError(f"{path}: multipliers {dup} appear on more than one line")
+    return out
