@@ -48,6 +48,8 @@ def sequence_logits(params: dict, x, m, *, kind: str, temperature: float, window
     reduction (max / softmax with a finite -inf, sums multiplied by the mask).
     """
     mf = m.astype(jnp.float32)  # [B, P]
+    if x.dtype != jnp.float32:
+        x = x.astype(jnp.float32)  # half-precision batches: compute in float32
     if kind == "attention":
         # logit = w . (sum_t alpha_t x_t) + b = sum_t alpha_t (w . x_t + b) because the weights
         # sum to 1: one [B, P, D] x [D, 2] product gives both the attention scores and the

@@ -20,6 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+try:
+    import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype name)
+
+    _HAS_BF16 = True
+except ImportError:  # pragma: no cover
+    _HAS_BF16 = False
+
 from mup import metrics
 from mup.probes._config import ProbeConfig
 from mup.probes._model import auroc_jax, init_params, pooled_logits, sequence_logits
@@ -181,11 +188,15 @@ class PaddedBuckets:
             buckets=buckets,
             max_rows=data.n_records,
         )
+        # Half-precision stores stay half precision on the device (half the memory and the
+        # bandwidth of every batch gather); the probe upcasts inside its float32 products.
+        half = data.acts.dtype in (np.float16, np.dtype("bfloat16") if _HAS_BF16 else None)
+        dtype = data.acts.dtype if half else np.float32
         self.x, self.m, self.rows = [], [], []
         for batch in plan:
             rows = np.asarray(batch.rows, np.int64)
             block, block_mask = native.gather_padded(
-                data.acts, data.offsets, rows, int(batch.padded_len), out_dtype=np.float32
+                data.acts, data.offsets, rows, int(batch.padded_len), out_dtype=dtype
             )  # [n_k, P_k, D], [n_k, P_k]
             self.x.append(jnp.asarray(block))
             self.m.append(jnp.asarray(block_mask))

@@ -210,3 +210,13 @@ def test_clear_errors(train_data, fitted, helpers):
     at_20 = probes.fit("dom", dataclasses.replace(train_data, layers=(20,)))
     with pytest.raises(ValueError, match=r"layer \(20,\) requested.*hold layers \[3\]"):
         at_20.predict(dataclasses.replace(train_data, layers=(3,)))
+
+
+def test_half_precision_input_matches_float32(fitted, val_data):
+    """float16 activations (the store's default dtype) stay float16 in the padded batches and
+    are upcast inside the probe: the same scores as the float32 copy of the same values."""
+    half = dataclasses.replace(val_data, acts=val_data.acts.astype(np.float16))
+    full = dataclasses.replace(val_data, acts=half.acts.astype(np.float32))
+    for kind in ("attention", "mean"):
+        probe = fitted(kind)
+        np.testing.assert_allclose(probe.logits(half), probe.logits(full), rtol=1e-5, atol=1e-5)
