@@ -1,0 +1,81 @@
+"""Steering vectors: difference of means (CAA) from stores or paired prompts, and BiPO training.
+
+Layer convention: a vector "at layer L" is added to the OUTPUT of block L (as
+`mup.models.Steering(L, v)` does), which is transformers' ``hidden_states[L + 1]``; every vector
+built here for layer L is measured there (store layer L + 1, forward capture L + 1).
+
+res = dom_from_store("runs/stakes", layer=11)             # reads store layer 12
+res = dom_from_pairs(model, load_pairs(bundled_pairs_path()), 11, method="pca")
+save_vector("v.safetensors", res.vector); v = load_vector("v.safetensors")
+out = train_bipo(model, pairs_train, BiPOConfig(layer=11), eval_pairs=pairs_test, out_dir="bipo")
+"""
+
+# Vector files
+from mup.steering._vector import (
+    REQUIRED_METADATA,
+    SteeringVector,
+    VectorFileError,
+    load_vector,
+    save_vector,
+)
+
+# isort: split
+# Contrast / preference pairs
+from mup.steering._pairs import (
+    BUNDLED_PAIRS,
+    EncodedPairs,
+    PairsError,
+    PreferencePair,
+    bundled_pairs_path,
+    encode_pairs,
+    load_pairs,
+)
+
+# isort: split
+# Difference of means
+from mup.steering._dom import (
+    PAIR_METHODS,
+    DomResult,
+    difference_vector,
+    dom_from_pairs,
+    dom_from_store,
+    pooled_responses,
+)
+
+# isort: split
+# BiPO training and margin evaluation
+from mup.steering._bipo import (
+    BiPOConfig,
+    BiPOResult,
+    evaluate_vector,
+    pair_margins,
+    response_logprobs,
+    train_bipo,
+)
+
+__all__ = [
+    "BUNDLED_PAIRS",
+    "PAIR_METHODS",
+    "REQUIRED_METADATA",
+    "BiPOConfig",
+    "BiPOResult",
+    "DomResult",
+    "EncodedPairs",
+    "PairsError",
+    "PreferencePair",
+    "SteeringVector",
+    "VectorFileError",
+    "bundled_pairs_path",
+    "difference_vector",
+    "dom_from_pairs",
+    "dom_from_store",
+    "encode_pairs",
+    "evaluate_vector",
+    "load_pairs",
+    "load_vector",
+    "pair_margins",
+    "pooled_responses",
+    "response_logprobs",
+    "save_vector",
+    "train_bipo",
+]

@@ -1,0 +1,93 @@
+"""A tiny random llama with a word-level chat tokenizer, and synthetic contrast pairs for it.
+
+The model is built in memory (`init_params`, weights re-scaled so logits are not uniform), so
+the steering tests need neither torch nor a checkpoint on disk. Pairs: prompts of "q" words,
+chosen responses of "a" words, rejected responses of "b" words; a vector that shifts the
+output towards "a" words raises every pair's chosen-vs-rejected margin, held-out ones included.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"]
+WORDS = [f"q{i}" for i in range(30)] + [f"a{i}" for i in range(14)] + [f"b{i}" for i in range(14)]
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def tiny_tokenizer():
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        chat_template=TEMPLATE,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from mup._resolve import ResolvedSpec
+    from mup.models import Model, ModelConfig, init_params
+
+    config = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        d_ff=64,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_embeddings=False,
+    )
+    params = init_params(config, jax.random.PRNGKey(0))
+    # std 0.02 makes near-uniform logits; std 0.3 gives the model preferences to steer against.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, a: a if "norm" in jax.tree_util.keystr(p) else a * 15.0, params
+    )
+    spec = ResolvedSpec(spec="tiny", kind="dir", path=Path("tiny"), name="tiny-random-llama")
+    return Model(
+        config=config, params=params, tokenizer=tiny_tokenizer(), spec=spec, dtype="float32"
+    )
+
+
+def make_pairs(n: int, seed: int, split: str = "train"):
+    from mup.steering import PreferencePair
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        q = " ".join(f"q{j}" for j in rng.integers(0, 30, size=rng.integers(2, 6)))
+        a = " ".join(f"a{j}" for j in rng.integers(0, 14, size=rng.integers(2, 5)))
+        b = " ".join(f"b{j}" for j in rng.integers(0, 14, size=rng.integers(2, 5)))
+        out.append(
+            PreferencePair(
+                id=f"{split}-{seed}-{i}",
+                prompt=({"role": "user", "content": q},),
+                chosen=a,
+                rejected=b,
+                split=split,
+            )
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs():
+    """(train, test) synthetic pairs for the tiny model."""
+    return make_pairs(16, seed=1, split="train"), make_pairs(8, seed=2, split="test")
