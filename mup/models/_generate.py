@@ -114,7 +114,8 @@ def generate(
     prompts: each a chat (list of {role, content} messages, rendered with the tokenizer's chat
       template and generation prompt), a string (one user message when `chat`, else raw text),
       or a list of token ids (used as is).
-    stop_tokens: ids that end a row; default: the tokenizer's eos and end-of-turn tokens.
+    stop_tokens: ids that end a row; default: the tokenizer's eos and end-of-turn tokens;
+      ``()`` generates exactly max_new_tokens for every row.
     steering / multipliers: per-row strengths [B] (shared by all steering entries) or [J, B];
       default 1 for every row.
     seed: one int (row b uses key b of that seed) or one int per row (a row's samples then do
@@ -274,13 +275,17 @@ def _prepare(
     ids = _encode(tokenizer, prompts, chat, config.vocab_size)
     B = len(ids)
 
-    stops = list(default_stop_tokens(tokenizer) if stop_tokens is None else stop_tokens)
-    if not stops or len(stops) > MAX_STOP_TOKENS:
-        raise ValueError(f"need 1..{MAX_STOP_TOKENS} stop tokens, got {stops}")
+    stops = [
+        int(t) for t in (default_stop_tokens(tokenizer) if stop_tokens is None else stop_tokens)
+    ]
+    if len(stops) > MAX_STOP_TOKENS:
+        raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens, got {stops}")
+    if bad := [t for t in stops if not 0 <= t < config.vocab_size]:
+        raise ValueError(f"stop tokens {bad} outside the vocabulary 0..{config.vocab_size - 1}")
     stop_ids = np.full(MAX_STOP_TOKENS, -1, np.int32)
     stop_ids[: len(stops)] = stops
     # Finished rows keep emitting this id (discarded on output); padding slots hold it too.
-    pad_id = int(stops[0])
+    pad_id = stops[0] if stops else int(tokenizer.pad_token_id or 0)
 
     longest = max(len(x) for x in ids)
     P = next((b for b in PROMPT_BUCKETS if b >= longest), None)

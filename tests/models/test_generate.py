@@ -107,7 +107,7 @@ def test_jit_loop_equals_reference_with_steering(tiny, positions):
     model, _ = tiny
     kwargs = dict(
         max_new_tokens=MAX_NEW,
-        stop_tokens=[VOCAB - 1],
+        stop_tokens=(),
         steering=_steering(model),
         multipliers=[-2.0, 0.0, 3.0],
         steer_positions=positions,
@@ -122,13 +122,13 @@ def test_jit_loop_equals_reference_with_steering(tiny, positions):
 @pytest.mark.parametrize("sampler", [Temperature(t=1.5), TopP(p=0.8, t=2.0)], ids=repr)
 def test_seeded_sampling_equals_reference(tiny, sampler):
     model, _ = tiny
-    kwargs = dict(max_new_tokens=MAX_NEW, sampler=sampler, stop_tokens=[VOCAB - 1])
+    kwargs = dict(max_new_tokens=MAX_NEW, sampler=sampler, stop_tokens=())
     a = generate(model, PROMPTS, seed=7, **kwargs)
     assert a.token_ids == generate_reference(model, PROMPTS, seed=7, **kwargs).token_ids
     assert a.token_ids == generate(model, PROMPTS, seed=7, **kwargs).token_ids
     b = generate(model, PROMPTS, seed=8, **kwargs)
     assert a.token_ids != b.token_ids  # the seed matters
-    greedy = generate(model, PROMPTS, max_new_tokens=MAX_NEW, stop_tokens=[VOCAB - 1])
+    greedy = generate(model, PROMPTS, max_new_tokens=MAX_NEW, stop_tokens=())
     assert a.token_ids != greedy.token_ids  # and sampling is not argmax
 
 
@@ -148,7 +148,7 @@ def test_top_p_keeps_only_the_nucleus():
 
 def test_stop_tokens_end_rows(tiny):
     model, _ = tiny
-    free = generate(model, PROMPTS, max_new_tokens=MAX_NEW, stop_tokens=[VOCAB - 1])
+    free = generate(model, PROMPTS, max_new_tokens=MAX_NEW, stop_tokens=())
     # Stop on the token row 1 emits at step 4 (if it also appears earlier, that is where it ends).
     stop = free.token_ids[1][4]
     out = generate(model, PROMPTS, max_new_tokens=MAX_NEW, stop_tokens=[stop])
@@ -162,13 +162,13 @@ def test_stop_tokens_end_rows(tiny):
 
 def test_multiplier_zero_equals_no_steering(tiny):
     model, _ = tiny
-    plain = generate(model, PROMPTS, max_new_tokens=MAX_NEW, stop_tokens=[VOCAB - 1])
+    plain = generate(model, PROMPTS, max_new_tokens=MAX_NEW, stop_tokens=())
     steer = _steering(model)
     zero = generate(
         model,
         PROMPTS,
         max_new_tokens=MAX_NEW,
-        stop_tokens=[VOCAB - 1],
+        stop_tokens=(),
         steering=steer,
         multipliers=[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]],
     )
@@ -176,7 +176,7 @@ def test_multiplier_zero_equals_no_steering(tiny):
         model,
         PROMPTS,
         max_new_tokens=MAX_NEW,
-        stop_tokens=[VOCAB - 1],
+        stop_tokens=(),
         steering=steer,
         multipliers=[4.0, 4.0, 4.0],
     )
@@ -189,7 +189,7 @@ def test_rows_independent_of_other_rows_multipliers(tiny):
     steer = _steering(model)
     prompt = PROMPTS[1]
     mults = [-3.0, 0.0, 3.0]
-    kwargs = dict(max_new_tokens=MAX_NEW, stop_tokens=[VOCAB - 1], steering=steer)
+    kwargs = dict(max_new_tokens=MAX_NEW, stop_tokens=(), steering=steer)
     together = generate(model, [prompt] * 3, multipliers=mults, **kwargs)
     alone = [generate(model, [prompt], multipliers=[m], **kwargs).token_ids[0] for m in mults]
     assert together.token_ids == alone
@@ -228,5 +228,7 @@ def test_bad_arguments(tiny):
         generate(model, PROMPTS, steering=Steering(1, np.ones(65)))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         generate(model, [[5, 6, 500]])
+    with pytest.raises(ValueError, match=r"stop tokens \[128\] outside the vocabulary"):
+        generate(model, PROMPTS, stop_tokens=[2, VOCAB])
     with pytest.raises(TypeError, match="wrap a single one"):
         generate(model, "w1 w2")
