@@ -17,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 import numpy as np
 import optax
 
@@ -420,7 +421,9 @@ def _newton_impl(z, y, c, max_steps):
     def body(state):
         theta, i, _ = state
         g, h = grad_hess(theta)
-        delta = jnp.linalg.solve(h + 1e-8 * jnp.eye(d + 1), g)
+        # The Hessian is symmetric positive definite (L2 on w, a positive curvature on the
+        # intercept): Cholesky costs half an LU.
+        delta = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(h), g)
         return theta - delta, i + 1, jnp.max(jnp.abs(delta))
 
     def cond(state):
