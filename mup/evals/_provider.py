@@ -42,61 +42,18 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 GATHER_SECONDS = 0.05
 
 
-def load_vector(path: str | os.PathLike, layer: int | None = None) -> tuple[np.ndarray, int]:
-    """A steering vector file -> (vector [D] float32, layer).
+def load_vector(
+    path: str | os.PathLike, layer: int | None = None, d_model: int | None = None
+) -> tuple[np.ndarray, int]:
+    """A steering vector file -> (vector [D] float32, layer), via `mup.steering.load_vector`.
 
-    Uses `mup.steering.load_vector` when that module is installed; otherwise reads a `.npy`
-    array of shape [D] (needs `layer`) or a `.safetensors` file holding one tensor [D] whose
-    metadata may carry "layer" (an explicit `layer` must then agree with it).
+    `.safetensors` files from mup.steering carry their layer (an explicit `layer` must agree);
+    a plain `.npy` array [D] needs `layer`. With `d_model`, the shape is checked too.
     """
-    try:
-        from mup.steering import load_vector as steering_load_vector  # type: ignore
-    except ImportError:
-        steering_load_vector = None
-    if steering_load_vector is not None:
-        loaded = steering_load_vector(path, layer=layer)
-        vector = getattr(loaded, "vector", None)
-        if vector is not None:
-            return np.asarray(vector, np.float32), int(loaded.layer)
-        vector, found = loaded
-        return np.asarray(vector, np.float32), int(found)
+    from mup.steering import load_vector as read_vector
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"steering vector file {path} does not exist")
-    file_layer: int | None = None
-    if path.suffix == ".npy":
-        vector = np.load(path, allow_pickle=False)
-    elif path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as handle:
-            keys = list(handle.keys())
-            key = "vector" if "vector" in keys else keys[0] if len(keys) == 1 else None
-            if key is None:
-                raise ValueError(f"{path}: expected one tensor (or one named 'vector'), got {keys}")
-            vector = handle.get_tensor(key)
-            meta = handle.metadata() or {}
-        if "layer" in meta:
-            try:
-                file_layer = int(meta["layer"])
-            except ValueError:
-                raise ValueError(
-                    f"{path}: metadata field 'layer' must be an int, got {meta['layer']!r}"
-                ) from None
-    else:
-        raise ValueError(f"{path}: steering vectors are .npy or .safetensors files")
-    vector = np.asarray(vector, np.float32)
-    if vector.ndim != 1:
-        raise ValueError(f"{path}: a steering vector has shape [d_model], got {vector.shape}")
-    if not np.all(np.isfinite(vector)):
-        raise ValueError(f"{path}: the steering vector contains NaN or inf")
-    if layer is not None and file_layer is not None and int(layer) != file_layer:
-        raise ValueError(f"{path}: the file says layer {file_layer}, but layer={layer} was given")
-    found = file_layer if layer is None else int(layer)
-    if found is None:
-        raise ValueError(f"{path}: the file does not name its layer; pass layer=L (-M layer=L)")
-    return vector, found
+    loaded = read_vector(path, layer=None if layer is None else int(layer), d_model=d_model)
+    return np.asarray(loaded.vector, np.float32), int(loaded.layer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +100,7 @@ class _Batcher:
         self.max_batch = max_batch
         self._pending: list[_Request] = []
         self._worker: asyncio.Task | None = None
-        self.batch_sizes: list[int] = []  # rows per generate call (real rows), for tests/logs
+        self.batches: list[tuple[float, ...]] = []  # each call's row multipliers (real rows)
 
     async def submit(self, request: _Request):
         loop = asyncio.get_running_loop()
@@ -200,7 +157,7 @@ class _Batcher:
             seed=[r.seed for r in rows],
             **kwargs,
         )
-        self.batch_sizes.append(n)
+        self.batches.append(tuple(r.multiplier for r in batch))
         return [
             (out.texts[i], len(out.prompt_ids[i]), len(out.token_ids[i]), out.finished[i])
             for i in range(n)
@@ -218,7 +175,7 @@ def _batcher(spec: str, dtype: str, vector: str | None, layer: int | None, max_b
     model = _load(spec, dtype)
     steering = None
     if vector is not None:
-        values, layer = load_vector(vector, layer)
+        values, layer = load_vector(vector, layer, d_model=model.config.d_model)
         steering = Steering(layer, values)
     with _LOCK:
         return _BATCHERS.setdefault(key, _Batcher(model, steering, max_batch))
