@@ -2,7 +2,8 @@
 
 Every /v1 response carries, next to the OpenAI fields, the steering actually applied:
 ``steer_multiplier`` (float), ``steer_layer`` (int), ``system_fingerprint``
-("mup-steer-l<layer>-m<multiplier>") and, with a probe, ``probe_score`` (the probe's
+("mup-steer-l<layer>-m<multiplier>"), ``batch_rows`` (real rows in the generate call that
+served it) and, with a probe, ``probe_score`` (the probe's
 probability for the prompt). The official client keeps such extra fields (``model_extra``).
 """
 
@@ -169,6 +170,8 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
             "system_fingerprint": fingerprint(sampling.multiplier, engine.layer),
             "steer_multiplier": sampling.multiplier,
             "steer_layer": engine.layer,
+            # rows of the largest generate call this request's rows shared (batching at work)
+            "batch_rows": max(r.batch_rows for r in results),
         }
         if engine.probe is not None:
             out["probe_score"] = results[0].probe_score
