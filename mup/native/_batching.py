@@ -45,7 +45,7 @@ class Batch:
 def length_buckets(max_len: int, *, min_len: int = 16, growth: float = 2.0) -> tuple[int, ...]:
     """Padded lengths min_len, min_len * growth, ... up to the first one >= max_len.
 
-    With growth < 2 each bucket is rounded up to a multiple of 8 (tiles of TPU/GPU kernels).
+    Buckets after the first are rounded up to a multiple of 8 (tile sizes of TPU/GPU kernels).
     A small fixed set keeps the number of XLA programs small.
     """
     if not (isinstance(min_len, int | np.integer) and min_len >= 1):

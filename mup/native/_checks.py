@@ -107,7 +107,9 @@ def check_rows(rows, n: int, fn: str) -> np.ndarray:
 
 def check_threads(num_threads) -> int:
     if num_threads is None:
-        return max(1, os.cpu_count() or 1)
+        # The CPUs this process may use (a container or taskset can allow fewer than exist).
+        usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        return max(1, len(usable) if usable else (os.cpu_count() or 1))
     if not isinstance(num_threads, int | np.integer) or num_threads < 1:
         raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
     return int(num_threads)
