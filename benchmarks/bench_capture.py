@@ -184,15 +184,19 @@ def cpu_main(args) -> None:
     tokens = sum(map(len, ids))
     print(
         f"model {source}: capture layer {layer} of {config.n_layers}; {len(ids)} texts, "
-        f"{tokens} tokens, batch {args.batch}, lengths {min(map(len, ids))}..{max(map(len, ids))}"
+        f"{tokens} tokens, batch {args.batch}, lengths {min(map(len, ids))}..{max(map(len, ids))}",
+        flush=True,
     )
 
     peak = matmul_peak(args.peak_n, jnp.float32)
+    print(f"matmul peak (jnp.dot {args.peak_n}^2 float32): {peak / 1e9:.1f} GFLOP/s", flush=True)
     t_mup, mup_out = run_mup(params, config, batches, layer, args.batch)
+    print(f"mup  float32: {tokens / t_mup:10.0f} tokens/s  ({t_mup:.2f} s)", flush=True)
     base = hf_model(config, params, layer, hf_config)
     import torch
 
     t_hf, hf_out = run_hf(base, batches, layer, torch.float32)
+    print(f"HF   float32: {tokens / t_hf:10.0f} tokens/s  ({t_hf:.2f} s)", flush=True)
     diff = max(
         float(np.abs(m[: len(rows), : h.shape[1]] - h)[_mask(rows, h.shape[1])].max())
         for m, h, rows in zip(mup_out, hf_out, batches, strict=True)
@@ -203,9 +207,6 @@ def cpu_main(args) -> None:
 
     flops = 2 * config.param_count(layer, embeddings=False) * tokens
     rate_mup, rate_hf = tokens / t_mup, tokens / t_hf
-    print(f"matmul peak (jnp.dot {args.peak_n}^2 float32): {peak / 1e9:.1f} GFLOP/s")
-    print(f"mup  float32: {rate_mup:10.0f} tokens/s  ({t_mup:.2f} s)")
-    print(f"HF   float32: {rate_hf:10.0f} tokens/s  ({t_hf:.2f} s)")
     print(f"HF   bf16   : {sub_tokens / t_bf16:10.0f} tokens/s  (first {len(sub)} batches)")
     print(f"ratio mup / HF float32: {rate_mup / rate_hf:.2f}x (target >= 1.5x)")
     print(
@@ -308,8 +309,8 @@ def main() -> None:
         args.random = True  # skip the GGUF load: throughput does not depend on the weights
     args.layer = args.layer if args.layer is not None else (4 if args.quick else 20)
     args.batch = args.batch or 8
-    args.texts = args.texts or (8 if args.quick else 96)
-    args.max_len = args.max_len or (64 if args.quick else 512)
+    args.texts = args.texts or (8 if args.quick else 64)
+    args.max_len = args.max_len or (64 if args.quick else 256)
     args.peak_n = args.peak_n or (512 if args.quick else 2048)
     cpu_main(args)
 

@@ -243,10 +243,12 @@ def params_from_hf(
             continue
         top[key] = place(fn(np.asarray(arr)), None if specs is None else specs[key])
 
-    for key in ("embed", "final_norm") + (() if config.tie_embeddings else ("lm_head",)):
-        if key not in top and not any(p.startswith(f"{key}:") for p in problems):
-            hf = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight"}
-            problems.append(f"missing {hf.get(key, 'lm_head.weight')}")
+    top_names = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm"}
+    if not config.tie_embeddings:
+        top_names["lm_head.weight"] = "lm_head"
+    for hf_name in top_names:
+        if hf_name not in seen:  # (seen but mis-shaped was reported above)
+            problems.append(f"missing {hf_name}")
     hf_of = {pname: suffix for suffix, (pname, _, _) in table.items()}
     for pname, slots in per_layer.items():
         missing = [i for i, a in enumerate(slots) if a is None]

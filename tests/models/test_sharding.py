@@ -64,8 +64,10 @@ def test_params_from_hf_names_missing_and_extra_tensors():
     del tensors["model.layers.1.mlp.up_proj.weight"]
     tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
     tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
+    del tensors["lm_head.weight"]
+    items = [*tensors.items(), ("model.norm.weight", tensors["model.norm.weight"])]
     try:
-        params_from_hf(TINY, tensors.items())
+        params_from_hf(TINY, items)
     except ValueError as e:
         text = str(e)
     else:
@@ -73,6 +75,8 @@ def test_params_from_hf_names_missing_and_extra_tensors():
     assert "missing model.layers.1.mlp.up_proj.weight" in text
     assert "model.layers.0.self_attn.q_proj.bias: unexpected tensor" in text
     assert "model.layers.0.self_attn.k_proj.weight: shape (16, 64), expected (32, 64)" in text
+    assert "missing lm_head.weight" in text
+    assert "model.norm.weight: appears twice" in text
 
 
 _SCRIPT = textwrap.dedent(
