@@ -130,6 +130,20 @@ class Server:
         self._log.close()
 
 
+@pytest.fixture
+def start_server():
+    """Start Servers (args, cwd); every one is stopped at the end of the test."""
+    started: list[Server] = []
+
+    def start(args: list[str], cwd: Path) -> Server:
+        started.append(Server(args, cwd))
+        return started[-1]
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
 @pytest.fixture(scope="module")
 def server(tiny_dir, vector_file, probe_file, tmp_path_factory):
     """The main test server: API key, probe, a long batch window so that concurrent test
