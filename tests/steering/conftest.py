@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -55,11 +56,18 @@ def tiny_model():
         rms_norm_eps=1e-5,
         tie_embeddings=False,
     )
-    params = init_params(config, jax.random.PRNGKey(0))
-    # std 0.02 makes near-uniform logits; std 0.3 gives the model preferences to steer against.
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, a: a if "norm" in jax.tree_util.keystr(p) else a * 15.0, params
-    )
+    # Shapes from `init_params` without running it (one small compile per leaf otherwise);
+    # values drawn in numpy: std 0.3 gives the model preferences to steer against (at the
+    # default 0.02 the logits are nearly uniform). Norm weights stay at 1.
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):
+        if "norm" in jax.tree_util.keystr(path):
+            return jnp.ones(leaf.shape, jnp.float32)
+        return jnp.asarray(0.3 * rng.standard_normal(leaf.shape), jnp.float32)
+
+    params = jax.tree_util.tree_map_with_path(draw, shapes)
     spec = ResolvedSpec(spec="tiny", kind="dir", path=Path("tiny"), name="tiny-random-llama")
     return Model(
         config=config, params=params, tokenizer=tiny_tokenizer(), spec=spec, dtype="float32"

@@ -1,0 +1,322 @@
+"""Vector files and difference-of-means vectors (store with a planted direction, paired prompts).
+
+References: numpy computations over the same activations (store), and per-conversation unpadded
+forward captures pooled in numpy (pairs).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mup.steering import (
+    SteeringVector,
+    VectorFileError,
+    difference_vector,
+    dom_from_pairs,
+    dom_from_store,
+    encode_pairs,
+    load_pairs,
+    load_vector,
+    save_vector,
+)
+
+JOB = {
+    "model": "synthetic",
+    "model_revision": "0" * 40,
+    "dataset": "planted.jsonl",
+    "dataset_sha256": "cd" * 32,
+    "site": "residual",
+    "mask_mode": "assistant",
+    "tokenizer": "synthetic",
+    "max_tokens": 64,
+}
+
+
+# ---- vector files ---------------------------------------------------------------------------
+
+
+def test_safetensors_round_trip_keeps_metadata(tmp_path):
+    v = np.random.default_rng(0).normal(size=24).astype(np.float32)
+    sv = SteeringVector(
+        vector=v, layer=7, model="m", method="bipo", epoch=3, extra={"metrics": {"loss": 0.5}}
+    )
+    path = save_vector(tmp_path / "v.safetensors", sv)
+    got = load_vector(path, d_model=24)
+    np.testing.assert_array_equal(got.vector, v)
+    assert (got.layer, got.model, got.method, got.epoch) == (7, "m", "bipo", 3)
+    assert got.extra["metrics"] == {"loss": 0.5}
+    assert got.created == sv.created
+    assert got.norm == pytest.approx(float(np.linalg.norm(v)))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata()
+    assert float(meta["norm"]) == pytest.approx(float(np.linalg.norm(v)))
+    assert set(meta) >= {"model", "layer", "method", "epoch", "norm", "created"}
+
+
+def test_npy_needs_layer_and_checks_shape(tmp_path):
+    v = np.arange(16, dtype=np.float32)
+    np.save(tmp_path / "v.npy", v)
+    with pytest.raises(VectorFileError, match="carries no layer"):
+        load_vector(tmp_path / "v.npy")
+    got = load_vector(tmp_path / "v.npy", layer=4, d_model=16)
+    assert got.layer == 4 and got.method == "npy"
+    np.testing.assert_array_equal(got.vector, v)
+    with pytest.raises(VectorFileError, match=r"shape \(16,\).*shape \(32,\)"):
+        load_vector(tmp_path / "v.npy", layer=4, d_model=32)
+    np.save(tmp_path / "m.npy", np.zeros((2, 16), np.float32))
+    with pytest.raises(VectorFileError, match=r"shape \[d_model\], got \(2, 16\)"):
+        load_vector(tmp_path / "m.npy", layer=4)
+    np.save(tmp_path / "nan.npy", np.array([1.0, np.nan], np.float32))
+    with pytest.raises(VectorFileError, match="non-finite value at index 1"):
+        load_vector(tmp_path / "nan.npy", layer=0)
+
+
+def test_safetensors_errors(tmp_path):
+    from safetensors.numpy import save_file
+
+    sv = SteeringVector(vector=np.ones(8, np.float32), layer=2, model="m", method="dom-mean")
+    path = save_vector(tmp_path / "v.safetensors", sv)
+    with pytest.raises(VectorFileError, match="built for layer 2, but layer 3"):
+        load_vector(path, layer=3)
+    save_file({"other": np.ones(8, np.float32)}, str(tmp_path / "k.safetensors"))
+    with pytest.raises(VectorFileError, match="exactly one tensor named 'vector'"):
+        load_vector(tmp_path / "k.safetensors")
+    save_file({"vector": np.ones(8, np.float32)}, str(tmp_path / "nometa.safetensors"))
+    with pytest.raises(VectorFileError, match="metadata is missing"):
+        load_vector(tmp_path / "nometa.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(VectorFileError, match="not a readable safetensors"):
+        load_vector(tmp_path / "junk.safetensors")
+    with pytest.raises(VectorFileError, match=r"\.safetensors or \.npy"):
+        (tmp_path / "v.txt").write_text("1")
+        load_vector(tmp_path / "v.txt")
+    with pytest.raises(FileNotFoundError):
+        load_vector(tmp_path / "missing.npy", layer=0)
+
+
+# ---- difference of means from a store ---------------------------------------------------------
+
+
+def _planted_store(tmp_path, d=16, n=60, seed=0):
+    """A float32 store whose masked tokens of label-1 records carry +direction."""
+    from mup import store
+
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=d)
+    direction /= np.linalg.norm(direction)
+    lengths = rng.integers(3, 20, size=n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    t = int(offsets[-1])
+    mask = rng.random(t) < 0.6
+    labels = np.tile([1, 0, 1, 0, -1], n // 5)
+    mask[offsets[7] : offsets[8]] = False  # a labelled record without masked tokens
+    acts = rng.normal(size=(t, d))  # [T, D]
+    record = np.repeat(np.arange(n), lengths)  # [T] record of each token
+    acts[mask & (labels[record] == 1)] += 3.0 * direction
+    # Unmasked tokens of positives point the OTHER way: only a mask-respecting mean recovers it.
+    acts[~mask & (labels[record] == 1)] -= 10.0 * direction
+    acts = acts.astype(np.float32)
+    writer = store.create(
+        tmp_path / "store",
+        layers=[3, 5],
+        d_model=d,
+        dtype="float32",
+        offsets=offsets,
+        ids=[f"r{i}" for i in range(n)],
+        input_ids=np.zeros(t, np.int64),
+        roles=np.zeros(t, np.uint8),
+        mask=mask,
+        labels=labels,
+        attrs=dict(JOB),
+        chunk_tokens=32,
+        shard_tokens=64,
+    )
+    writer.write(np.arange(n), {3: acts, 5: acts * 2})
+    writer.finalize()
+    # numpy reference over layer 3 (= steering layer 2)
+    means = np.stack(
+        [
+            acts[offsets[i] : offsets[i + 1]][mask[offsets[i] : offsets[i + 1]]].mean(0)
+            if mask[offsets[i] : offsets[i + 1]].any()
+            else np.full(d, np.nan)
+            for i in range(n)
+        ]
+    )
+    ok = ~np.isnan(means[:, 0])
+    ref = means[ok & (labels == 1)].mean(0) - means[ok & (labels == 0)].mean(0)
+    return tmp_path / "store", direction, ref, labels
+
+
+def test_dom_from_store_recovers_planted_direction(tmp_path):
+    url, direction, ref, labels = _planted_store(tmp_path)
+    # A tiny max_bytes makes iter_row_chunks stream many chunks.
+    res = dom_from_store(str(url), layer=2, max_bytes=2048)
+    np.testing.assert_allclose(res.vector.vector, ref, rtol=1e-5, atol=1e-5)
+    cos = res.vector.vector @ direction / res.norm
+    assert cos > 0.95
+    assert res.vector.layer == 2 and res.vector.extra["source_hidden_state"] == 3
+    assert res.vector.method == "dom-store" and res.vector.model == "synthetic"
+    assert res.n_unlabelled == int(np.sum(labels == -1))
+    assert res.n_empty == 1
+    assert res.n_positive + res.n_negative == int(np.sum(labels >= 0)) - 1
+    assert "norm" in res.summary()
+
+
+def test_dom_from_store_errors(tmp_path):
+    url, *_ = _planted_store(tmp_path)
+    with pytest.raises(ValueError, match=r"needs hidden_states\[4\].*holds layers \[3, 5\]"):
+        dom_from_store(str(url), layer=3)
+
+
+def test_cli_vector_from_store(tmp_path):
+    url, _, ref, _ = _planted_store(tmp_path)
+    out = tmp_path / "v.safetensors"
+    cmd = [sys.executable, "-m", "mup.steering", "vector", "--store", str(url), "--layer", "4"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "norm" in proc.stdout and "wrote" in proc.stdout
+    v = load_vector(out)
+    assert v.layer == 4
+    np.testing.assert_allclose(v.vector, 2 * ref, rtol=1e-5, atol=1e-5)  # layer 5 holds 2 * acts
+    bad = subprocess.run(
+        [*cmd[:-1], "7", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "hidden_states[8]" in bad.stderr
+
+
+# ---- difference of means from paired prompts -----------------------------------------------------
+
+
+def test_pca_sign_and_scale():
+    rng = np.random.default_rng(0)
+    direction = np.zeros(8)
+    direction[2] = 1.0
+    diffs = 2.0 * direction + 0.1 * rng.normal(size=(50, 8))
+    vec, explained = difference_vector(diffs, "pca")
+    assert vec[2] > 1.8  # positive: aligned with the mean difference, not flipped
+    assert explained > 0.9
+    vec_neg, _ = difference_vector(-diffs, "pca")
+    assert vec_neg[2] < -1.8
+    # with every difference along one direction, PCA equals the mean
+    np.testing.assert_allclose(
+        difference_vector(np.outer([1, 2, 3], direction), "pca")[0], 2 * direction, atol=1e-6
+    )
+
+
+def test_dom_from_pairs_matches_unpadded_reference(tiny_model, tiny_pairs):
+    from mup.models import jit_forward
+    from mup.text import ROLE_ASSISTANT, encode_chats
+
+    pairs = tiny_pairs[0][:5]
+    layer = 1
+    res = {
+        m: dom_from_pairs(tiny_model, pairs, layer, method=m, batch_size=4)
+        for m in ("mean", "last", "pca")
+    }
+    # Reference: each conversation alone (batch of one, no other rows, right-padded to one
+    # length so a single program compiles), captured at hidden_states[layer + 1].
+    length = 24
+    pooled = {"mean": [], "last": []}
+    for side in ("chosen", "rejected"):
+        for p in pairs:
+            conv = [*p.prompt, {"role": "assistant", "content": getattr(p, side)}]
+            enc = encode_chats(tiny_model.tokenizer, [conv])
+            t = len(enc.input_ids)
+            ids = np.zeros((1, length), np.int32)
+            ids[0, :t] = enc.input_ids
+            pos = jnp.arange(length, dtype=jnp.int32)[None]
+            out = jit_forward(
+                tiny_model.params,
+                jnp.asarray(ids),
+                pos,
+                config=tiny_model.config,
+                valid=jnp.asarray(np.arange(length)[None] < t),
+                capture=(layer + 1,),
+                logits=False,
+            )
+            h = np.asarray(out.hidden[layer + 1][0, :t])
+            resp = enc.roles == ROLE_ASSISTANT
+            pooled["mean"].append(h[resp].mean(0))
+            pooled["last"].append(h[np.flatnonzero(resp)[-1]])
+    n = len(pairs)
+    for m in ("mean", "last"):
+        arr = np.stack(pooled[m])
+        ref = (arr[:n] - arr[n:]).mean(0)
+        np.testing.assert_allclose(res[m].vector.vector, ref, rtol=1e-4, atol=1e-5)
+    arr = np.stack(pooled["mean"])
+    ref_pca, _ = difference_vector(arr[:n] - arr[n:], "pca")
+    np.testing.assert_allclose(res["pca"].vector.vector, ref_pca, rtol=1e-4, atol=1e-5)
+    assert res["pca"].vector.vector @ res["mean"].vector.vector > 0
+    assert res["mean"].vector.method == "dom-mean" and res["mean"].vector.layer == layer
+
+
+def test_vector_layer_convention(tiny_model, tiny_pairs):
+    """Steering at block L moves hidden_states[L + 1] by exactly the vector: the place where
+    dom vectors for layer L are measured."""
+    from mup.models import SteeringSpec, jit_forward
+
+    enc = encode_pairs(tiny_model.tokenizer, tiny_pairs[0][:2])
+    v = np.random.default_rng(3).normal(size=tiny_model.config.d_model).astype(np.float32)
+    tokens = jnp.asarray(enc.tokens)
+    pos = jnp.broadcast_to(jnp.arange(enc.length, dtype=jnp.int32), tokens.shape)
+    spec = SteeringSpec(
+        layers=(1,), vectors=jnp.asarray(v[None]), multipliers=jnp.ones((1, tokens.shape[0]))
+    )
+    kw = dict(config=tiny_model.config, valid=jnp.asarray(enc.valid), capture=(2,), logits=False)
+    plain = np.asarray(jit_forward(tiny_model.params, tokens, pos, **kw).hidden[2])
+    steered = np.asarray(jit_forward(tiny_model.params, tokens, pos, steering=spec, **kw).hidden[2])
+    np.testing.assert_allclose(steered - plain, np.broadcast_to(v, plain.shape), atol=1e-5)
+
+
+# ---- pairs files ------------------------------------------------------------------------------
+
+
+def test_bundled_pairs_are_well_formed():
+    from mup.steering import bundled_pairs_path
+
+    pairs = load_pairs(bundled_pairs_path())
+    assert len(pairs) == 100
+    assert sum(p.split == "test" for p in pairs) == 20
+    assert len({p.id for p in pairs}) == 100
+    assert all(p.prompt[-1]["role"] == "user" for p in pairs)
+
+
+def test_pairs_file_errors(tmp_path):
+    from mup.steering import PairsError
+
+    good = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}
+    cases = [
+        ("{not json", "line 1|not valid JSON"),
+        (json.dumps({**good, "chosen": ""}), "'chosen' must be a non-empty string"),
+        (
+            json.dumps({k: v for k, v in good.items() if k != "rejected"}),
+            "missing field 'rejected'",
+        ),
+        (json.dumps({**good, "split": "dev"}), "'split' is 'dev'"),
+        (json.dumps({**good, "prompt": [{"role": "bot", "content": "x"}]}), "unknown role 'bot'"),
+    ]
+    for text, message in cases:
+        path = tmp_path / "p.jsonl"
+        path.write_text(json.dumps(good) + "\n" + text + "\n")
+        with pytest.raises(PairsError, match=message.split("|")[-1]) as err:
+            load_pairs(path)
+        assert f"{path}:2" in str(err.value)
+    path.write_text(json.dumps({**good, "id": "x"}) + "\n" + json.dumps({**good, "id": "x"}) + "\n")
+    with pytest.raises(PairsError, match="duplicate id 'x'"):
+        load_pairs(path)
+    path.write_text(json.dumps({**good, "prompt": "plain text"}) + "\n")
+    assert load_pairs(path)[0].prompt == ({"role": "user", "content": "plain text"},)
