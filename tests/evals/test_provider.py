@@ -41,9 +41,13 @@ def test_multipliers_batched_and_equal_direct_generate(tiny_dir, vector_file, tm
         config=GenerateConfig(max_tokens=MAX_TOKENS, temperature=0.0),
     )
     multipliers = (-1.0, 1.0)
+    models = [_model(tiny_dir, vector_file, m) for m in multipliers]
+    # Other tests of the session may have used the same shared batcher: count from here.
+    batcher = next(b for k, b in _BATCHERS.items() if k[0] == str(tiny_dir))
+    seen = len(batcher.batches)
     logs = eval(
         task,
-        model=[_model(tiny_dir, vector_file, m) for m in multipliers],
+        model=models,
         log_dir=str(tmp_path),
         display="none",
         max_tasks=2,
@@ -56,10 +60,10 @@ def test_multipliers_batched_and_equal_direct_generate(tiny_dir, vector_file, tm
     }
     assert len(got) == 8
 
-    batcher = next(b for k, b in _BATCHERS.items() if k[0] == str(tiny_dir))
+    batches = batcher.batches[seen:]
     # 4 samples x 2 multipliers: at least one generate call mixed both multipliers.
-    assert any(len(set(batch)) == 2 for batch in batcher.batches), batcher.batches
-    assert sum(len(b) for b in batcher.batches) == 8
+    assert any(len(set(batch)) == 2 for batch in batches), batches
+    assert sum(len(b) for b in batches) == 8
 
     model = _load(str(tiny_dir), "float32")
     vector, layer = load_vector(vector_file, STEER_LAYER)
