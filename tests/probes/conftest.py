@@ -1,7 +1,7 @@
 """Synthetic ragged activations with a planted high-stakes direction, shared by probe tests.
 
-Shapes are fixed (D = 16, record lengths 3..28 so every sequence batch falls in the 16- or
-32-token bucket) so that every test reuses the same compiled programs.
+Shapes are fixed (D = 16, record lengths 3..16 so every sequence batch falls in the 16-token
+bucket) so that every test reuses the same compiled programs.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ D = 16
 FAST = dict(epochs=25, patience=8)
 
 
-def synth(n: int, seed: int, *, d: int = D, signal: float = 3.0) -> probes.Activations:
+def synth(n: int, seed: int, *, d: int = D, signal: float = 4.0) -> probes.Activations:
     """N records; positives carry `signal` along e_0 in every masked token, while the
     unmasked tokens carry a huge decoy along e_1 that is perfectly predictive - a probe that
     reads unmasked tokens would latch onto it (and fail the mask tests)."""
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(3, 29, n)
+    lengths = rng.integers(3, 17, n)
     offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
     t = int(offsets[-1])
     labels = np.resize(np.array([0, 1], np.int8), n)

@@ -78,13 +78,21 @@ def test_sequence_logits_ignore_padding_and_match_reference(kind, helpers):
 
 
 def test_padding_amount_does_not_change_scores(fitted, val_data):
-    """A record scored alone (short bucket) and among long records (long bucket) agrees."""
-    short = int(np.argmin(val_data.lengths))
+    """A record scored alone (16-token bucket) and next to a long record (64-token bucket, so
+    padded with 48 more positions) gets the same score."""
+    short = val_data.select([int(np.argmin(val_data.lengths))])
+    rng = np.random.default_rng(9)
+    long = probes.Activations(
+        acts=rng.normal(size=(40, val_data.d_model)).astype(np.float32),
+        offsets=[0, 40],
+        labels=np.array([0], np.int8),
+    )
+    both = probes.concat([dataclasses.replace(short, ids=None), long])
     for kind in ("max", "softmax", "rolling", "attention"):
         probe = fitted(kind)
-        alone = probe.logits(val_data.select([short]))
-        together = probe.logits(val_data)[short]
-        np.testing.assert_allclose(alone[0], together, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            probe.logits(both)[0], probe.logits(short)[0], rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("kind", ["mean", "attention"])
