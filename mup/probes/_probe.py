@@ -255,6 +255,12 @@ def fit(
         params, hist = train_sequence(config, train, val_eval, seed)
         info |= hist
     params = {k: np.asarray(v, np.float32) for k, v in params.items()}
+    bad = sorted(k for k, v in params.items() if not np.isfinite(v).all())
+    if bad:
+        raise FloatingPointError(
+            f"{kind} probe training diverged: parameter(s) {bad} are not finite; lower `lr` "
+            "(gradient probes) or raise the regularisation (`c` for logreg, `shrinkage` for lda)"
+        )
     probe = Probe(
         config=config,
         params=params,

@@ -228,3 +228,11 @@ def test_half_precision_input_matches_float32(fitted, val_data):
     for kind in ("attention", "mean"):
         probe = fitted(kind)
         np.testing.assert_allclose(probe.logits(half), probe.logits(full), rtol=1e-5, atol=1e-5)
+
+
+def test_divergence_is_an_error_not_nan(train_data):
+    # Non-finite activations make every gradient NaN; the probe must refuse, not save NaN.
+    acts = train_data.acts.copy()
+    acts[train_data.mask.nonzero()[0][0], 2] = np.inf
+    with pytest.raises(FloatingPointError, match="diverged"):
+        probes.fit("dom", dataclasses.replace(train_data, acts=acts))
