@@ -51,27 +51,23 @@ def _load_vector(config: ServeConfig, d_model: int):
 
 
 def warm_up(engine) -> float:
-    """Compile the single-row loop (and probe capture) before the server reports healthy."""
+    """Compile the single-row loop (and probe capture) for a short chat before the server
+    reports healthy, so that the first real request does not pay for it."""
     import numpy as np
 
     from mup.models import Greedy
     from mup.serve._engine import Row
+    from mup.text import encode_prompts
 
     t0 = time.perf_counter()
-    ids = (int(engine.stop_ids[0]),) * 4
+    with engine.tokenizer_lock:
+        ids = encode_prompts(engine.model.tokenizer, [[{"role": "user", "content": "Hello!"}]])[0]
     mask = np.ones(len(ids), bool) if engine.probe is not None else None
-    engine.run(
-        [
-            Row(
-                prompt_ids=ids,
-                max_tokens=1,
-                multiplier=0.0,
-                sampler=Greedy(),
-                seed=0,
-                probe_mask=mask,
-            )
-        ]
-    )
+    row = Row(
+        prompt_ids=tuple(ids), max_tokens=1, multiplier=0.0, sampler=Greedy(), seed=0,
+        probe_mask=mask,
+    )  # fmt: skip
+    engine.run([row])
     return time.perf_counter() - t0
 
 
