@@ -213,7 +213,8 @@ def cpu_main(args) -> None:
         f"mup fraction of the FLOP limit: {flops / t_mup / peak:.1%} "
         f"(HF: {flops / t_hf / peak:.1%})"
     )
-    print(f"max |mup - HF| over real tokens at layer {layer}: {diff:.2e}")
+    scale = max(float(np.abs(h).max()) for h in hf_out)
+    print(f"max |mup - HF| over real tokens at layer {layer}: {diff:.2e} (max |HF| {scale:.1f})")
 
 
 def _mask(rows, width):
