@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import re
@@ -37,6 +38,13 @@ log = logging.getLogger("mup.extract")
 WINDOW_SHARDS = 2
 # Smallest padded length: shorter rows share one program.
 MIN_BUCKET = 32
+# Padded lengths grow by this factor (rounded to multiples of 8). Growth 2 pads a uniform length
+# mix by ~33% on average, 1.5 by ~20%, for a few more programs (each ~2 s of CPU compile for
+# SmolLM2-135M, while a batch of 8192 tokens computes for ~25 s of CPU).
+BUCKET_GROWTH = 1.5
+# Hidden test/ops override: shard length (tokens) of new stores, instead of the store's
+# 32 MiB default (the crash tests need many small shards).
+SHARD_TOKENS_ENV = "MUP_EXTRACT_SHARD_TOKENS"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -107,10 +115,43 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
 
 
-def plan_jobs(config: ExtractConfig, tokenizer, resolved: ResolvedSpec, d_model: int) -> list[Job]:
+def read_model_config(resolved: ResolvedSpec, revision: str) -> dict:
+    """The model's HF config dict; for GGUF files through a small on-disk cache.
+
+    Parsing a GGUF header (gguf.GGUFReader walks the whole vocabulary in Python) costs ~5 s of
+    CPU for SmolLM2-135M, and a no-op re-run should not pay it. The cache key is the file's
+    `model_identity` revision; the dict is tiny JSON.
+    """
+    from mup.models._checkpoint import read_hf_config
+
+    if resolved.kind != "gguf":
+        return read_hf_config(resolved)
+    from mup.text import tokenizer_cache_dir
+
+    cached = (
+        tokenizer_cache_dir().parent / "model-configs" / f"{_slug(resolved.name)}-{revision}.json"
+    )
+    try:
+        return json.loads(cached.read_text())
+    except (OSError, ValueError):
+        pass  # absent or damaged: parse the file and (re)write the cache
+    hf_config = read_hf_config(resolved)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = cached.with_name(f".{cached.name}.{os.getpid()}")
+        staging.write_text(json.dumps(hf_config))
+        staging.replace(cached)  # atomic: concurrent processes never read half a file
+    except (OSError, TypeError) as error:
+        log.warning("could not cache the config of %s in %s: %s", resolved.path, cached, error)
+    return hf_config
+
+
+def plan_jobs(
+    config: ExtractConfig, tokenizer, resolved: ResolvedSpec, identity: tuple[str, str]
+) -> list[Job]:
     """Load and tokenize every data set and decide, per store, what is left to do."""
     layers = tuple(sorted(config.layers))
-    name, revision = model_identity(resolved)
+    name, revision = identity
     jobs = []
     for path in config.datasets:
         dataset = load_records(path)
@@ -208,27 +249,65 @@ def describe_plan(jobs: list[Job], config: ExtractConfig, d_model: int, out=sys.
         )
 
 
+def _row_bucket(n: int) -> int:
+    """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... (2^k and 3 * 2^(k-1)) that is >= n."""
+    power = 1
+    while power * 2 < n:
+        power *= 2
+    # n lies in (power, 2 * power]; at most a third of the rounded batch is padding rows.
+    if n <= power:
+        return power
+    return power * 3 // 2 if power >= 2 and n <= power * 3 // 2 else power * 2
+
+
 class _Batcher:
-    """Padded, fixed-shape batches from ragged token ids: B rows x P tokens per bucket."""
+    """Padded batches from ragged token ids: B rows x P tokens from two small sets of sizes.
+
+    P comes from geometric length buckets; B is the batch's row count rounded up to the next
+    of m * (1, 2, 3, 4, 6, 8, 12, ...) (m = the mesh's data-parallel width), capped at the
+    full batch `rows_for(P)`. Rounding a part-filled batch up to the full one instead computed
+    up to 8192 padded tokens for a handful of rows (4x the real tokens on the mini set).
+    """
 
     def __init__(self, batch_tokens: int, max_len: int, row_multiple: int):
-        self.buckets = native.length_buckets(max(max_len, 1), min_len=MIN_BUCKET)
+        self.buckets = native.length_buckets(
+            max(max_len, 1), min_len=MIN_BUCKET, growth=BUCKET_GROWTH
+        )
         self.batch_tokens = batch_tokens
         self.row_multiple = row_multiple
 
     def rows_for(self, padded_len: int) -> int:
+        """Rows of a full batch of padded length P (a multiple of the data-parallel width)."""
         rows = max(1, self.batch_tokens // padded_len)
         return -(-rows // self.row_multiple) * self.row_multiple
 
+    def padded_rows(self, n_rows: int, padded_len: int) -> int:
+        """B for a batch of `n_rows` real rows: the next row bucket, at most the full batch."""
+        full = self.rows_for(padded_len)
+        units = -(-n_rows // self.row_multiple)  # rows in units of the data-parallel width
+        return min(_row_bucket(units) * self.row_multiple, full)
+
     def plan(self, lengths: np.ndarray) -> list[native.Batch]:
-        # Each batch is later padded to rows_for(padded_len) rows: one shape per bucket.
         return native.plan_batches(lengths, token_budget=self.batch_tokens, buckets=self.buckets)
+
+
+def _load_params(resolved: ResolvedSpec, model_config, model_dtype: str, mesh):
+    """The weights on device, streamed tensor by tensor (what `mup.models.load_model` does,
+    minus its second parse of the config and its tokenizer, which we already hold)."""
+    from mup.models._checkpoint import iter_hf_tensors
+    from mup.models._loading import DTYPES
+    from mup.models._params import params_from_hf
+
+    tensors = iter_hf_tensors(resolved)
+    return params_from_hf(model_config, tensors, dtype=DTYPES[model_dtype], mesh=mesh)
 
 
 class _Capture:
     """The jitted capture program: tokens [B, P] -> {layer: [B, P, D]} in the storage dtype."""
 
-    def __init__(self, model, layers: tuple[int, ...], site: str, storage_dtype: str, mesh):
+    def __init__(
+        self, model_config, params, layers: tuple[int, ...], site: str, storage_dtype: str, mesh
+    ):
         import jax
         import jax.numpy as jnp
 
@@ -238,7 +317,7 @@ class _Capture:
         dtype = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}[
             storage_dtype
         ]
-        config = model.config
+        config = model_config
 
         def capture(params, tokens, valid):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -256,7 +335,7 @@ class _Capture:
             return {layer: out.hidden[layer].astype(dtype) for layer in layers}
 
         self._fn = jax.jit(capture)
-        self._params = model.params
+        self._params = params
         self._sharding = None if mesh is None else batch_sharding(mesh)
         self._jax = jax
 
@@ -304,21 +383,42 @@ def run_job(
         progress.update(int(local[-1]))
         return int(local[-1]), sum(a.nbytes for a in acts.values())
 
-    for window in _windows(todo, lengths, window_tokens):
-        for batch in batcher.plan(lengths[window]):
-            rows = window[batch.rows]  # [R] store row numbers
-            n_rows = batcher.rows_for(batch.padded_len)
-            tokens = np.zeros((n_rows, batch.padded_len), np.int32)  # [B, P]
-            valid = np.zeros((n_rows, batch.padded_len), bool)  # [B, P]
-            for i, row in enumerate(rows):
-                start, end = enc.offsets[row], enc.offsets[row + 1]
-                tokens[i, : end - start] = enc.input_ids[start:end]
-                valid[i, : end - start] = True
-            hidden = capture(tokens, valid)
-            if in_flight is not None:
-                t, b = drain(in_flight)
-                tokens_done, bytes_done = tokens_done + t, bytes_done + b
-            in_flight = (rows, hidden)
+    def batches():
+        """(rows, padded_len) per batch. A part-filled batch made only of the current window's
+        rows waits for the next window's rows of the same bucket (carried once, so the writer
+        holds at most two windows' shards); only the final batches can be part-filled."""
+        carry = np.zeros(0, np.int64)
+        windows = _windows(todo, lengths, window_tokens)
+        for w, window in enumerate(windows):
+            pool = np.concatenate([carry, window])
+            last = w == len(windows) - 1
+            carry_parts = []
+            for batch in batcher.plan(lengths[pool]):
+                if (
+                    last
+                    or batch.rows.size >= batcher.rows_for(batch.padded_len)
+                    or (
+                        batch.rows.min() < carry.size  # holds carried rows: they go now
+                    )
+                ):
+                    yield pool[batch.rows], batch.padded_len
+                else:
+                    carry_parts.append(pool[batch.rows])
+            carry = np.sort(np.concatenate([np.zeros(0, np.int64), *carry_parts]))
+
+    for rows, padded_len in batches():
+        n_rows = batcher.padded_rows(rows.size, padded_len)
+        tokens = np.zeros((n_rows, padded_len), np.int32)  # [B, P]
+        valid = np.zeros((n_rows, padded_len), bool)  # [B, P]
+        for i, row in enumerate(rows):
+            start, end = enc.offsets[row], enc.offsets[row + 1]
+            tokens[i, : end - start] = enc.input_ids[start:end]
+            valid[i, : end - start] = True
+        hidden = capture(tokens, valid)
+        if in_flight is not None:
+            t, b = drain(in_flight)
+            tokens_done, bytes_done = tokens_done + t, bytes_done + b
+        in_flight = (rows, hidden)
     if in_flight is not None:
         t, b = drain(in_flight)
         tokens_done, bytes_done = tokens_done + t, bytes_done + b
@@ -334,9 +434,9 @@ def run(config: ExtractConfig, *, out=sys.stdout) -> Summary:
     resolved = resolve_spec(config.model)
 
     from mup.models import ModelConfig
-    from mup.models._checkpoint import read_hf_config
 
-    model_config = ModelConfig.from_hf_config(read_hf_config(resolved))
+    identity = model_identity(resolved)
+    model_config = ModelConfig.from_hf_config(read_model_config(resolved, identity[1]))
     if config.layers is None:
         config = dataclasses.replace(config, layers=default_layers(config.model))
     too_deep = [layer for layer in config.layers if layer > model_config.n_layers]
@@ -347,7 +447,7 @@ def run(config: ExtractConfig, *, out=sys.stdout) -> Summary:
             f" and normed layers 0..{model_config.n_layers - 1}"
         )
     tokenizer = load_tokenizer(resolved.path if resolved.kind == "dir" else resolved.spec)
-    jobs = plan_jobs(config, tokenizer, resolved, model_config.d_model)
+    jobs = plan_jobs(config, tokenizer, resolved, identity)
     if topology.is_main:
         describe_plan(jobs, config, model_config.d_model, out=out)
     todo = [job for job in jobs if job.state != "complete"]
@@ -359,15 +459,11 @@ def run(config: ExtractConfig, *, out=sys.stdout) -> Summary:
 
     from tqdm import tqdm
 
-    from mup.models import load_model
-
     mesh = topology.mesh(config.model_parallel)
-    model = load_model(
-        resolved.spec if resolved.kind == "gguf" else str(resolved.path),
-        dtype=config.model_dtype,
-        mesh=mesh,
+    params = _load_params(resolved, model_config, config.model_dtype, mesh)
+    capture = _Capture(
+        model_config, params, tuple(sorted(config.layers)), config.site, config.dtype, mesh
     )
-    capture = _Capture(model, tuple(sorted(config.layers)), config.site, config.dtype, mesh)
     started = time.perf_counter()
     tokens = nbytes = records = 0
     for job in todo:
