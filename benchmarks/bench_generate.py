@@ -108,31 +108,28 @@ def main() -> None:
     )
     hf_input = torch.tensor([prompt_ids])
 
+    def hf_run(m: float):
+        strength["m"] = m
+        with torch.no_grad():
+            return hf.generate(
+                hf_input,
+                attention_mask=torch.ones_like(hf_input),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=model.tokenizer.pad_token_id,
+            )
+
     def hf_hooked():
-        outs = []
-        for m in MULTIPLIERS:
-            strength["m"] = m
-            with torch.no_grad():
-                outs.append(
-                    hf.generate(
-                        hf_input,
-                        attention_mask=torch.ones_like(hf_input),
-                        do_sample=False,
-                        max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens,
-                        pad_token_id=model.tokenizer.pad_token_id,
-                    )
-                )
-        return outs
+        return [hf_run(m) for m in MULTIPLIERS]
 
     # Warm-up: compiles (ours) and allocator / thread pools (HF); also a correctness check:
     # the batched rows equal the separate runs, and HF's multiplier-0 run equals ours.
     batched = ours_batched()
     separate = ours_separate()
-    hf_out = hf_hooked()
     assert batched.token_ids == [g.token_ids[0] for g in separate], "rows depend on the batch"
     zero = MULTIPLIERS.index(0.0)
-    hf_zero = hf_out[zero][0, len(prompt_ids) :].tolist()
+    hf_zero = hf_run(0.0)[0, len(prompt_ids) :].tolist()
     agree = sum(a == b for a, b in zip(hf_zero, batched.token_ids[zero], strict=True))
     jax.block_until_ready(model.params)
 
