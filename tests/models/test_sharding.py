@@ -14,6 +14,7 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import PartitionSpec as P
 
 from mup.models._config import NAMED_CONFIGS, ModelConfig
@@ -51,16 +52,21 @@ def test_specs_split_heads_mlp_and_vocab_over_model():
     )
 
 
-def test_hf_mapping_round_trips():
-    params = init_params(TINY, jax.random.key(1))
+@pytest.fixture(scope="module")
+def tiny_params():
+    # One jitted init: op-by-op random draws would compile one kernel per parameter shape.
+    return jax.jit(lambda k: init_params(TINY, k))(jax.random.key(1))
+
+
+def test_hf_mapping_round_trips(tiny_params):
+    params = tiny_params
     again = params_from_hf(TINY, hf_tensors_from_params(TINY, params))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_params_from_hf_names_missing_and_extra_tensors():
-    params = init_params(TINY, jax.random.key(1))
-    tensors = dict(hf_tensors_from_params(TINY, params))
+def test_params_from_hf_names_missing_and_extra_tensors(tiny_params):
+    tensors = dict(hf_tensors_from_params(TINY, tiny_params))
     del tensors["model.layers.1.mlp.up_proj.weight"]
     tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
     tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
@@ -97,7 +103,8 @@ _SCRIPT = textwrap.dedent(
         cfg = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=8, n_kv_heads=kv,
                           head_dim=16, d_ff=128, rope_theta=1e4, rms_norm_eps=1e-5,
                           tie_embeddings=False)
-        params = jax.tree.map(lambda a: a * 5, init_params(cfg, jax.random.key(0)))
+        init = jax.jit(lambda k: jax.tree.map(lambda a: a * 5, init_params(cfg, k)))
+        params = init(jax.random.key(0))
         rng = np.random.RandomState(0)
         tok = jnp.asarray(rng.randint(0, 128, (4, 16)), jnp.int32)
         pos = jnp.asarray(np.tile(np.arange(16, dtype=np.int32), (4, 1)))
