@@ -1,0 +1,83 @@
+"""Probe experiments: comparison across probe kinds, layer sweep, data efficiency, calibration.
+
+from mup import experiments
+rows = experiments.compare(train_store, {"anthropic": dev_store}, layer=20, val=val_store)
+print(experiments.markdown_table(rows))
+
+Each experiment also runs end to end (extraction included) from `python -m mup.probes ...`.
+"""
+
+# Probe comparison (every kind, out-of-distribution dev sets).
+from mup.experiments._compare import (  # isort: skip
+    CompareConfig,
+    CompareRow,
+    compare,
+    markdown_table,
+    plot_compare,
+    run_compare,
+)
+
+# Layer sweep with k-fold cross-validation grouped by pair_id.
+from mup.experiments._sweep import (  # isort: skip
+    SweepConfig,
+    SweepRow,
+    grouped_folds,
+    plot_sweep,
+    run_sweep,
+    sweep,
+)
+
+# Data efficiency: AUROC against training-set size.
+from mup.experiments._efficiency import (  # isort: skip
+    EfficiencyConfig,
+    EfficiencyRow,
+    efficiency,
+    plot_efficiency,
+    run_efficiency,
+    stratified_subsample,
+)
+
+# Calibration against the 1-10 stakes score.
+from mup.experiments._calibration import (  # isort: skip
+    CalibrationConfig,
+    calibration,
+    plot_calibration,
+    reliability_bins,
+    run_calibration,
+    scale_bins,
+    spearman,
+)
+
+# Shared pieces.
+from mup.experiments._common import DEV_SETS, ExtractOptions, record_field  # isort: skip
+
+__all__ = [
+    "DEV_SETS",
+    "CalibrationConfig",
+    "CompareConfig",
+    "CompareRow",
+    "EfficiencyConfig",
+    "EfficiencyRow",
+    "ExtractOptions",
+    "SweepConfig",
+    "SweepRow",
+    "calibration",
+    "compare",
+    "efficiency",
+    "grouped_folds",
+    "markdown_table",
+    "plot_calibration",
+    "plot_compare",
+    "plot_efficiency",
+    "plot_sweep",
+    "record_field",
+    "reliability_bins",
+    "run_calibration",
+    "run_compare",
+    "run_efficiency",
+    "run_sweep",
+    "scale_bins",
+    "spearman",
+    "stratified_subsample",
+    "sweep",
+]

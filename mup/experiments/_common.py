@@ -1,0 +1,142 @@
+"""Shared pieces of the probe experiments: data sets, extraction, record metadata, files.
+
+Axis letters: N records, K folds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from mup._resolve import DEFAULT_MODEL
+
+log = logging.getLogger("mup.experiments")
+
+# The four out-of-distribution dev sets of the MUP paper, by short name -> mup.data name.
+DEV_SETS = ("anthropic", "mt", "mts", "toolace")
+
+
+def default_layer(model: str) -> int:
+    """The layer in configs/models/<model>.yaml; a clear error for models without one."""
+    from mup._configs import load_config
+
+    try:
+        config = load_config("models", f"{model}.yaml")
+    except (FileNotFoundError, OSError) as error:
+        raise ValueError(
+            f"model {model!r} has no configs/models/{model}.yaml to take a default layer from; "
+            "pass --layer"
+        ) from error
+    if "layer" not in config:
+        raise ValueError(f"configs/models/{model}.yaml has no 'layer' field; pass --layer")
+    return int(config["layer"])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExtractOptions:
+    """How experiment commands extract activations (see `mup.extract.ExtractConfig`)."""
+
+    model: str = DEFAULT_MODEL  # model spec
+    out: str = "runs/experiments"  # store root; stores are content-keyed, re-runs are no-ops
+    max_tokens: int | None = 512  # longer chats keep their last max_tokens tokens
+    limit: int | None = None  # first `limit` records of each data set (quick runs)
+    progress: bool = True
+
+
+def extract(paths, *, layers, split: str | None, options: ExtractOptions) -> list:
+    """Extract `layers` of data sets (optionally one split of each) and open their stores.
+
+    One `mup.extract.run` for all paths: the model loads and compiles once.
+    """
+    from mup import store
+    from mup.extract import ExtractConfig, run
+
+    config = ExtractConfig(
+        model=options.model,
+        layers=tuple(int(x) for x in layers),
+        datasets=tuple(str(p) for p in paths),
+        out=str(Path(options.out).resolve()),
+        split=split,
+        limit=options.limit,
+        max_tokens=options.max_tokens,
+        resume=True,
+        progress=options.progress,
+    )
+    summary = run(config)
+    return [store.open(url) for url in summary.stores]
+
+
+def find(name: str, data) -> Path:
+    """Path of data set `name` ("training", "dev/anthropic", ...), searched as mup.data says."""
+    from mup.data import find_dataset
+
+    return find_dataset(name, explicit=data)
+
+
+def record_field(store, field: str) -> np.ndarray:
+    """The per-record `field` (e.g. pair_id, scale_labels) of a store's records, in store order.
+
+    Stores keep ids and labels only; the other columns come from the data set file the store
+    was extracted from (its `dataset` attribute), joined on the record id.
+    """
+    from mup.data import load_records
+
+    path = store.attrs.get("dataset")
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(
+            f"store {store.url}: its data set file {path!r} (attribute 'dataset') is not "
+            f"readable, so the field {field!r} cannot be looked up"
+        )
+    records = {r.id: r for r in load_records(path)}
+    values = []
+    for rid in store.ids:
+        record = records.get(rid)
+        if record is None:
+            raise ValueError(f"store {store.url}: record id {rid!r} is not in {path}")
+        value = record.scale_label if field == "scale_labels" else record.fields.get(field)
+        if value is None:
+            raise ValueError(f"{record.source}: record {rid!r} has no {field!r} field")
+        values.append(value)
+    return np.asarray(values)
+
+
+def dataset_info(store, name: str) -> dict:
+    """The dataset description written to results files."""
+    return {
+        "name": name,
+        "file": store.attrs.get("dataset"),
+        "sha256": store.attrs.get("dataset_sha256"),
+        "split": store.attrs.get("split"),
+        "limit": store.attrs.get("limit"),
+        "store": store.url,
+    }
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="fit", disable=not enabled, dynamic_ncols=True)
+
+
+def new_figure(*args, **kwargs):
+    """A matplotlib figure from the non-interactive backend (no display on servers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
