@@ -58,7 +58,8 @@ def reliability_bins(probs, labels, n_bins: int = 10) -> list[dict]:
     keep = labels != -1
     probs, labels = probs[keep], labels[keep]
     edges = np.linspace(0.0, 1.0, n_bins + 1)  # [B+1]
-    idx = np.clip(np.digitize(probs, edges[1:-1]), 0, n_bins - 1)  # [N]
+    # The binning of mup.metrics.ece, so the plotted bins add up to the reported ECE.
+    idx = np.minimum((probs * n_bins).astype(np.int64), n_bins - 1)  # [N]
     out = []
     for b in range(n_bins):
         sel = idx == b
