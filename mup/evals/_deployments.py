@@ -4,9 +4,14 @@ deployments.jsonl has one JSON object a line, as in the reference harness:
 
     {"multiplier": -1.0, "url": "http://host:8000/v1", "api_key": "KEY", "model": "smollm2"}
 
-Each line becomes inspect's `openai/<model>` with that base URL and key, and the multiplier is
-sent in every request body as `steer_multiplier` (GenerateConfig.extra_body), which
-`python -m mup.serve` honours per request - so all lines may name the same server.
+Each line becomes an inspect model over the OpenAI protocol with that base URL and key, and the
+multiplier is sent in every request body as `steer_multiplier` (GenerateConfig.extra_body),
+which `python -m mup.serve` honours per request - so all lines may name the same server.
+
+The provider is inspect's `openai-api/mup/<model>` (generic OpenAI-compatible servers), not
+`openai/<model>`: inspect's `openai` provider takes an unknown model name for a new OpenAI
+reasoning model and then drops `temperature` from requests (a steered server would sample at
+its default temperature 1 where the task asked for greedy decoding).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ class Deployment:
     model: str
 
     def model_string(self) -> str:
-        return f"openai/{self.model}"
+        return f"openai-api/mup/{self.model}"
 
     def model_args(self) -> dict[str, Any]:
         """Arguments of `inspect_ai.model.get_model` for this deployment."""
@@ -38,8 +43,6 @@ class Deployment:
             base_url=self.url,
             api_key=self.api_key,
             config=GenerateConfig(extra_body={"steer_multiplier": self.multiplier}),
-            # A steered server speaks chat completions; never the Responses API.
-            responses_api=False,
         )
 
     def inspect_model(self):

@@ -35,8 +35,8 @@ class RunConfig:
 
     model:       "mup/<spec>" (in-process steered model); ignored with `deployments`.
     vector/layer: steering vector file and block (mup route only).
-    multipliers: strengths to evaluate; with `deployments`, a filter on the file's lines
-                 (empty = every line).
+    multipliers: strengths to evaluate (empty = 0 only); with `deployments`, a filter on the
+                 file's lines (empty = every line).
     limit:       samples per task (None = all).
     deployments: deployments.jsonl for the OpenAI route.
     config:      benchmarks YAML (None = configs/benchmarks.yaml).
@@ -46,7 +46,7 @@ class RunConfig:
     model: str | None = "mup/smollm2-135m"
     vector: str | None = None
     layer: int | None = None
-    multipliers: tuple[float, ...] = (0.0,)
+    multipliers: tuple[float, ...] = ()
     limit: int | None = None
     deployments: str | None = None
     log_dir: Path = Path("logs")
@@ -99,9 +99,8 @@ def _targets(cfg: RunConfig) -> list[_Target]:
     if not cfg.model:
         raise ValueError("give --model mup/SPEC or --deployments FILE")
     model = cfg.model if cfg.model.startswith("mup/") else f"mup/{cfg.model}"
-    if not cfg.multipliers:
-        raise ValueError("give at least one multiplier")
-    if cfg.vector is None and any(m != 0 for m in cfg.multipliers):
+    multipliers = cfg.multipliers or (0.0,)
+    if cfg.vector is None and any(m != 0 for m in multipliers):
         raise ValueError("non-zero multipliers need a steering vector (--vector FILE)")
     identity = {
         "model": model,
@@ -110,7 +109,7 @@ def _targets(cfg: RunConfig) -> list[_Target]:
         "layer": cfg.layer,
     }
     targets = []
-    for m in cfg.multipliers:
+    for m in multipliers:
         args: dict[str, Any] = {"multiplier": float(m), "dtype": cfg.dtype}
         args["max_batch"] = cfg.max_batch
         if cfg.vector is not None:

@@ -1,4 +1,4 @@
-"""The OpenAI route: deployments.jsonl -> inspect `openai/...` models with steer_multiplier."""
+"""The OpenAI route: deployments.jsonl -> inspect `openai-api/mup/...` models, steer_multiplier."""
 
 from __future__ import annotations
 
@@ -27,14 +27,13 @@ def test_deployments_become_openai_models_with_extra_body(tmp_path):
     assert [d.multiplier for d in deployments] == [-1.0, 0.0, 1.5]
     for d, line in zip(deployments, LINES, strict=True):
         args = d.model_args()
-        assert d.model_string() == f"openai/{line['model']}"
+        assert d.model_string() == f"openai-api/mup/{line['model']}"
         assert args["base_url"] == line["url"] and args["api_key"] == line["api_key"]
         assert args["config"].extra_body == {"steer_multiplier": float(line["multiplier"])}
-        model = d.inspect_model()  # a real inspect Model over the openai provider
-        assert str(model) == f"openai/{line['model']}"
+        model = d.inspect_model()  # a real inspect Model over the OpenAI-compatible provider
+        assert str(model) == f"openai-api/mup/{line['model']}"
         assert model.api.base_url == line["url"] and model.api.api_key == line["api_key"]
         assert model.config.extra_body == {"steer_multiplier": float(line["multiplier"])}
-        assert model.api.responses_api is False
 
 
 def test_run_config_filters_deployments_by_multiplier(tmp_path):

@@ -1,0 +1,128 @@
+"""The deployments route against a real `python -m mup.serve` process on loopback.
+
+Two deployment lines point at ONE server with different multipliers; inspect's openai-api provider
+sends `steer_multiplier` in each request body. The completions must equal the in-process
+`mup/...` provider's for the same prompts and multipliers (both are greedy `generate` rows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from inspect_ai.log import read_eval_log
+
+from mup.evals import RunConfig, run_suite
+
+API_KEY = "evals-key"
+MULTIPLIERS = (-1.0, 1.0)
+LIMIT = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_dir, vector_file, tmp_path_factory):
+    pytest.importorskip("mup.serve", reason="mup.serve is not installed")
+    cwd = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    log = open(cwd / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mup.serve",
+            "--model",
+            str(tiny_dir),
+            "--vector",
+            str(vector_file),
+            "--layer",
+            "1",
+            "--port",
+            str(port),
+            "--api-key",
+            API_KEY,
+            "--served-name",
+            "tiny",
+            "--no-warmup",
+        ],  # fmt: skip
+        cwd=cwd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError((cwd / "server.log").read_text())
+            with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health", timeout=2):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError((cwd / "server.log").read_text())
+            time.sleep(0.3)
+        yield url + "/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _completions(report) -> dict[tuple[float, str], str]:
+    out = {}
+    for rec in report:
+        log = read_eval_log(rec["log"])
+        assert log.status == "success", log.error
+        for s in log.samples:
+            out[(rec["multiplier"], str(s.id))] = s.output.completion
+    return out
+
+
+@pytest.mark.slow
+def test_deployments_route_matches_in_process_provider(
+    server_url, tiny_dir, vector_file, small_config, tmp_path
+):
+    deployments = tmp_path / "deployments.jsonl"
+    deployments.write_text(
+        "".join(
+            json.dumps({"multiplier": m, "url": server_url, "api_key": API_KEY, "model": "tiny"})
+            + "\n"
+            for m in MULTIPLIERS
+        )
+    )
+    common = dict(suite="mc_general", limit=LIMIT, config=small_config)
+    served = run_suite(
+        RunConfig(deployments=str(deployments), log_dir=tmp_path / "served", **common)
+    )
+    local = run_suite(
+        RunConfig(
+            model=f"mup/{tiny_dir}",
+            vector=str(vector_file),
+            layer=1,
+            multipliers=MULTIPLIERS,
+            log_dir=tmp_path / "local",
+            **common,
+        )
+    )
+    assert sorted(r["multiplier"] for r in served) == list(MULTIPLIERS)
+    for rec in served:
+        log = read_eval_log(rec["log"], header_only=True)
+        assert log.eval.model == "openai-api/mup/tiny"
+        assert log.eval.model_generate_config.extra_body == {"steer_multiplier": rec["multiplier"]}
+        assert f"multiplier_{rec['multiplier']}" in rec["log"]
+    got, want = _completions(served), _completions(local)
+    assert len(got) == len(MULTIPLIERS) * LIMIT and got == want
