@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,9 @@ def extract(paths, *, layers, split: str | None, options: ExtractOptions) -> lis
         resume=True,
         progress=options.progress,
     )
-    summary = run(config)
+    # The current stdout, not the one bound as run()'s default when mup.extract was imported
+    # (which may be closed by now, e.g. under a test runner's capture).
+    summary = run(config, out=sys.stdout)
     return [store.open(url) for url in summary.stores]
 
 

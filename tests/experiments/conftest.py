@@ -100,3 +100,50 @@ def stores(tmp_path_factory):
 def helpers():
     """Constants for test modules (importlib import mode cannot import conftest)."""
     return types.SimpleNamespace(D=D, LAYERS=LAYERS, FAST=FAST, probes=probes)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A random 2-block llama (vocab of SmolLM2) saved with the SmolLM2 tokenizer."""
+    torch = pytest.importorskip("torch", reason="torch builds the tiny random checkpoint")
+    import transformers
+
+    from mup.text import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = load_tokenizer("smollm2-135m")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """A data root laid out like shared/data, every set a copy of the bundled mini set."""
+    from mup.data import bundled_path
+
+    root = tmp_path_factory.mktemp("data_root")
+    text = bundled_path().read_text()
+    for rel in (
+        "mup/training/synthetic_2025-03-25.jsonl",
+        "mup/evals/dev/anthropic_balanced.jsonl",
+        "mup/evals/dev/mt_balanced.jsonl",
+        "mup/evals/dev/mts_balanced.jsonl",
+        "mup/evals/dev/toolace_balanced.jsonl",
+    ):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
