@@ -262,6 +262,12 @@ def mc_general(max_tokens: int = 32) -> Task:
         )
         for item in load_mc_items()
     ]
+    # Round-robin over topics so that a small --limit still covers every topic.
+    by_topic: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_topic.setdefault(s.metadata["subset"], []).append(s)
+    queues = list(by_topic.values())
+    samples = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
     return Task(
         dataset=MemoryDataset(samples, name="mc_general"),
         solver=multiple_choice(),
