@@ -37,6 +37,7 @@ class CompareConfig:
     kinds: tuple[str, ...] | None = None  # None = every kind in mup.probes.PROBE_KINDS
     max_tokens: int | None = 512  # longer chats keep their last max_tokens tokens
     limit: int | None = None  # records per data set (and per training split)
+    train_limit: int | None = None  # training-split records, if not `limit` (a longer curve)
     seed: int = 0
     progress: bool = True
 
@@ -200,7 +201,9 @@ def run_compare(config: CompareConfig) -> tuple[list[CompareRow], dict]:
         progress=config.progress,
     )
     training = find("training", config.data)
-    (train,) = extract([training], layers=(layer,), split="train", options=options)
+    train_limit = config.limit if config.train_limit is None else config.train_limit
+    train_options = dataclasses.replace(options, limit=train_limit)
+    (train,) = extract([training], layers=(layer,), split="train", options=train_options)
     (val,) = extract([training], layers=(layer,), split="test", options=options)
     dev = [find(f"dev/{name}", config.data) for name in DEV_SETS]
     stores = extract(dev, layers=(layer,), split=None, options=options)
@@ -223,7 +226,8 @@ def run_compare(config: CompareConfig) -> tuple[list[CompareRow], dict]:
         f"Training: {training.name} (train split, {train.n_records} records; test split "
         f"{val.n_records} records for early stopping). Evaluation: "
         + ", ".join(f"{k} ({v.n_records})" for k, v in evals.items())
-        + f". max_tokens={config.max_tokens}, limit={config.limit}, seed={config.seed}.\n\n"
+        + f". max_tokens={config.max_tokens}, limit={config.limit}, train_limit={train_limit}, "
+        f"seed={config.seed}.\n\n"
     )
     (out / "compare.md").write_text(header + table)
     plot_compare(rows, out / "compare.png")

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "runs/compare")
     p.add_argument("--layer", type=int, default=None, help="default: configs/models/<model>")
     p.add_argument("--kinds", type=_kinds, default=None, help="comma-separated probe kinds")
+    p.add_argument(
+        "--train-limit", type=int, default=None, help="training-split records (default: --limit)"
+    )
 
     p = sub.add_parser("sweep", help="grouped k-fold AUROC of one probe kind over layers")
     _common(p, "runs/sweep")
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                     kinds=args.kinds,
                     max_tokens=args.max_tokens,
                     limit=args.limit,
+                    train_limit=args.train_limit,
                     seed=args.seed,
                     progress=not args.no_progress,
                 )
