@@ -168,7 +168,7 @@ def plot_compare(rows: list[CompareRow], path) -> Path:
     kinds = list(dict.fromkeys(r.kind for r in rows))
     sets = list(dict.fromkeys(r.dataset for r in rows)) + ["mean"]
     cell = {(r.kind, r.dataset): r for r in rows}
-    fig, axes = new_figure(2, 1, figsize=(max(8, 1.6 * len(sets) + 2), 8), sharex=True)
+    fig, axes = new_figure(2, 1, figsize=(max(9, 1.6 * len(sets) + 3), 8), sharex=True)
     width = 0.8 / len(kinds)
     x = np.arange(len(sets))  # [S]
     for ax, (title, attr) in zip(
@@ -184,7 +184,8 @@ def plot_compare(rows: list[CompareRow], path) -> Path:
             ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_xticks(x, sets)
-    axes[0].legend(ncol=min(5, len(kinds)), fontsize=8, loc="lower right")
+    # Outside the axes: with ten kinds a legend inside would hide bars.
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes[0].set_title("probes trained on the synthetic set, evaluated out of distribution")
     return save_figure(fig, path)
 
