@@ -362,7 +362,13 @@ def run_job(
     layers = tuple(sorted(config.layers))
     enc = job.encoded
     lengths = np.diff(enc.offsets)  # [N]
-    todo = writer.pending_rows()
+    pending = np.zeros(lengths.size, bool)  # [N]
+    pending[writer.pending_rows()] = True
+    # The batch plan covers EVERY row, whatever is already done, so each row is always computed
+    # in the same padded shape next to the same rows: a resumed run, or one host of many,
+    # reproduces the uninterrupted single-process run bit for bit (XLA's float sums depend on
+    # the program's shapes). Batches without a pending row are skipped.
+    todo = np.arange(lengths.size)
     batcher = _Batcher(config.batch_tokens, int(lengths.max()), row_multiple)
     window_tokens = max(WINDOW_SHARDS * writer.shard_tokens, config.batch_tokens)
     tokens_done = bytes_done = 0
@@ -370,12 +376,17 @@ def run_job(
 
     def drain(item):
         rows, hidden = item
-        lens = lengths[rows]  # [R]
-        local = np.zeros(rows.size + 1, np.int64)  # [R+1]
+        n_real = rows.size
+        keep = np.flatnonzero(pending[rows])  # [R'] batch slots whose rows are still to write
+        rows = rows[keep]
+        lens = lengths[rows]  # [R']
+        local = np.zeros(rows.size + 1, np.int64)  # [R'+1]
         np.cumsum(lens, out=local[1:])
         acts = {}
         for layer in layers:
-            block = np.asarray(hidden[layer])[: rows.size]  # [R, P, D]
+            block = np.asarray(hidden[layer])  # [B, P, D]
+            # Usually every slot is kept: a slice, not a copy.
+            block = block[: keep.size] if keep.size == n_real else block[keep]  # [R', P, D]
             flat = np.empty((int(local[-1]), block.shape[-1]), block.dtype)  # [sum lens, D]
             native.scatter_padded(block, local, np.arange(rows.size), flat)
             acts[layer] = flat
@@ -407,6 +418,8 @@ def run_job(
             carry = np.sort(np.concatenate([np.zeros(0, np.int64), *carry_parts]))
 
     for rows, padded_len in batches():
+        if not pending[rows].any():
+            continue
         n_rows = batcher.padded_rows(rows.size, padded_len)
         tokens = np.zeros((n_rows, padded_len), np.int32)  # [B, P]
         valid = np.zeros((n_rows, padded_len), bool)  # [B, P]
