@@ -1,5 +1,6 @@
 """The installed package: the compiled core is present and the console script answers."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -20,7 +21,10 @@ def test_version_is_a_string():
 def test_tests_run_against_the_installed_wheel():
     # scripts/test.sh installs the wheel; the suite must not silently test the checkout.
     assert "site-packages" in Path(mup.__file__).parts
-    import mup._native  # noqa: F401  (the compiled extension shipped in the wheel)
+    # The compiled extension shipped in the wheel (not a local `import`, which would make `mup`
+    # a local name of this function).
+    native = importlib.import_module("mup._native")
+    assert "site-packages" in Path(native.__file__).parts
 
 
 def test_console_script_lists_commands(tmp_path):

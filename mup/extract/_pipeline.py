@@ -231,7 +231,7 @@ def _store_state(url: str, config: ExtractConfig) -> str:
     return "resume"
 
 
-def describe_plan(jobs: list[Job], config: ExtractConfig, d_model: int, out=sys.stdout) -> None:
+def describe_plan(jobs: list[Job], config: ExtractConfig, d_model: int, out=None) -> None:
     itemsize = np.dtype("float32" if config.dtype == "float32" else "float16").itemsize
     n_layers = len(config.layers)
     print(
@@ -438,7 +438,7 @@ def run_job(
     return tokens_done, bytes_done
 
 
-def run(config: ExtractConfig, *, out=sys.stdout) -> Summary:
+def run(config: ExtractConfig, *, out=None) -> Summary:
     """Run an extraction job end to end (see the module docstring)."""
     from mup.extract._distributed import Topology
 

@@ -7,6 +7,7 @@ The first run is a subprocess (cwd=tmp_path, the installed package); the reruns 
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -34,7 +35,9 @@ def first_run(tmp_path_factory, tiny_dir, vector_file, small_config, shared_data
         "--multipliers", MULTIPLIERS, "--limit", str(LIMIT), "--log-dir", "logs",
         "--config", str(small_config), "--out", "results.csv", "--plot", "scores.png",
     ]  # fmt: skip
-    result = subprocess.run(args, cwd=work, capture_output=True, text=True, timeout=600)
+    # cwd is a tmp dir (no ../shared beside it): point the data lookup at the shared data.
+    env = {**os.environ, "MUP_DATA": str(shared_data)}
+    result = subprocess.run(args, cwd=work, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return work
 
