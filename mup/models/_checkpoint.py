@@ -17,6 +17,7 @@ more than one tensor of a checkpoint in memory.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -271,6 +272,17 @@ _GGUF_LLAMA_KEYS = {
 
 
 def _open_gguf(path: Path):
+    # GGUFReader walks every metadata field (the whole vocabulary) in Python, ~5 s for SmolLM2:
+    # load_model reads the config and then the tensors, so parse each file version once.
+    try:
+        stat = Path(path).stat()
+    except OSError as error:
+        raise CheckpointError(f"{path} is not a readable GGUF file: {error}") from None
+    return _open_gguf_cached(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_gguf_cached(path: str, mtime_ns: int, size: int):
     import gguf
 
     try:
