@@ -132,21 +132,24 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_steering:
         _step(4, "steering with the high-stakes direction (one batch, three multipliers)")
-        _steer(train, layer, args.multiplier)
+        _steer(train, layer, args.multiplier, Path(out))
 
     print(f"\nmup demo finished in {time.perf_counter() - started:.0f} s; outputs in {out}")
     return 0
 
 
-def _steer(train_store, layer: int, multiplier: float) -> None:
+def _steer(train_store, layer: int, multiplier: float, out: Path) -> None:
     from mup.models import Steering, generate, load_model
-    from mup.steering import dom_from_store
+    from mup.steering import dom_from_store, save_vector
 
     # The store holds hidden_states[layer] = the output of block layer - 1, so the high-stakes
     # direction steers block layer - 1 (mup.steering's convention). Normalised to unit length,
     # the multiplier is in units of residual-stream norm.
     result = dom_from_store(train_store, layer - 1)
     print(f"  {result.summary()}")
+    # Kept for `mup serve --vector` / `mup evals run --vector` (multiplier 1 = the mean difference).
+    path = save_vector(out / f"steering-dom-layer{layer - 1}.safetensors", result.vector)
+    print(f"  saved {path}")
     direction = result.vector.vector / result.norm
     model = load_model(DEFAULT_MODEL)
     multipliers = [-multiplier, 0.0, multiplier]
