@@ -15,12 +15,14 @@ from mup.evals._provider import MupModelAPI, load_vector
 # Offline tasks and their scorers
 from mup.evals._tasks import (
     OFFLINE_TASKS,
+    extract_choice,
     extract_final_number,
     gsm8k_match,
     gsm8k_offline,
     is_refusal,
     load_mc_items,
     mc_general,
+    mc_letter,
     refusal_scorer,
     xstest_offline,
 )
@@ -47,6 +49,7 @@ __all__ = [
     "aggregate",
     "build_task",
     "collect",
+    "extract_choice",
     "extract_final_number",
     "find_successful_log",
     "gsm8k_match",
@@ -56,6 +59,7 @@ __all__ = [
     "load_suites",
     "load_vector",
     "mc_general",
+    "mc_letter",
     "parse_multipliers",
     "plot",
     "read_deployments",

@@ -26,7 +26,6 @@ from inspect_ai.scorer import (
     Score,
     Target,
     accuracy,
-    choice,
     scorer,
     stderr,
 )
@@ -190,6 +189,47 @@ def refusal_scorer():
     return score
 
 
+# The chosen letter, most explicit form first: "ANSWER: B", "the answer is (B)", a leading "B)"
+# / "B." / "(B)", or a bare letter. After "answer is" a lower-case letter counts only in
+# parentheses ("the answer is a bird" picks nothing).
+_LETTER = r"(?:\(([A-Za-z])\)|([A-Z])\b)"
+_LETTER_FORMS = (
+    re.compile(r"(?i:answer)\s*:\s*" + _LETTER),
+    re.compile(r"(?i:answer is)\s*:?\s*" + _LETTER),
+    re.compile(r"^\s*(?:\(([A-Za-z])\)|([A-Za-z])[).:])(?:\s|$)"),
+    re.compile(r"^\s*(?:\(([A-Za-z])\)|([A-Za-z]))\s*$"),
+)
+
+
+def extract_choice(completion: str, choices: list[str]) -> str | None:
+    """The letter a multiple-choice answer picks, or None when it picks none or several.
+
+    A letter form wins; otherwise the answer picks a choice by quoting exactly one choice text.
+    """
+    letters = [chr(ord("A") + i) for i in range(len(choices))]
+    for form in _LETTER_FORMS:
+        match = form.search(completion)
+        letter = match and (match.group(1) or match.group(2)).upper()
+        if letter in letters:
+            return letter
+    text = completion.lower()
+    quoted = [letter for letter, c in zip(letters, choices, strict=True) if c.lower() in text]
+    return quoted[0] if len(quoted) == 1 else None
+
+
+@scorer(metrics=[accuracy(), stderr()])
+def mc_letter():
+    """Correct when the completion picks the target letter (see `extract_choice`)."""
+
+    async def score(state: TaskState, target: Target) -> Score:
+        choices = [c.value for c in state.choices]
+        picked = extract_choice(state.output.completion, choices)
+        ok = picked is not None and picked == target.text.strip().upper()
+        return Score(value=CORRECT if ok else INCORRECT, answer=picked)
+
+    return score
+
+
 @task
 def xstest_offline(max_tokens: int = 128, data: str | None = None) -> Task:
     """XSTest v2 prompts (safe and unsafe) scored by `is_refusal`, no judge model."""
@@ -251,7 +291,9 @@ def load_mc_items() -> list[dict]:
 
 @task
 def mc_general(max_tokens: int = 32) -> Task:
-    """~30 hand-written general-knowledge questions, inspect's multiple_choice + choice()."""
+    """~30 hand-written general-knowledge questions: inspect's multiple_choice prompt, scored by
+    `mc_letter` (inspect's choice() accepts only "ANSWER: X", which small models rarely write;
+    they answer "D) Helium" or "The answer is B", and that is still a clear choice)."""
     samples = [
         Sample(
             input=item["question"],
@@ -271,7 +313,7 @@ def mc_general(max_tokens: int = 32) -> Task:
     return Task(
         dataset=MemoryDataset(samples, name="mc_general"),
         solver=multiple_choice(),
-        scorer=choice(),
+        scorer=mc_letter(),
         config=GenerateConfig(max_tokens=int(max_tokens), temperature=0.0),
     )
 

@@ -7,14 +7,16 @@ import asyncio
 import pytest
 from inspect_ai.model import ChatMessageUser, ModelOutput
 from inspect_ai.scorer import CORRECT, INCORRECT, Target
-from inspect_ai.solver import TaskState
+from inspect_ai.solver import Choices, TaskState
 
 from mup.evals import (
+    extract_choice,
     extract_final_number,
     gsm8k_match,
     is_refusal,
     load_mc_items,
     mc_general,
+    mc_letter,
     refusal_scorer,
 )
 
@@ -101,3 +103,42 @@ def test_mc_set_loads_and_is_balanced():
     sample = task.dataset[0]
     assert sample.choices and sample.target in ("A", "B", "C", "D")
     assert sample.metadata["subset"] == items[0]["topic"]
+
+
+CHOICES = ["Oxygen", "Carbon dioxide", "Nitrogen", "Helium"]
+
+
+@pytest.mark.parametrize(
+    ("completion", "letter"),
+    [
+        ("ANSWER: B", "B"),
+        ("answer: (c)", "C"),
+        ("The answer is D) 64", "D"),
+        ("D) Helium", "D"),
+        ("B. Carbon dioxide, because plants fix it.", "B"),
+        ("(A)", "A"),
+        ("  c  ", "C"),
+        ("Plants take in carbon dioxide.", "B"),  # quotes exactly one choice
+        ("Oxygen or nitrogen, I think.", None),  # quotes two: no pick
+        ("I am not sure.", None),
+        ("A plant needs light.", None),  # a sentence starting with "A" picks nothing
+        ("The answer is a gas.", None),
+        ("ANSWER: E", None),  # not a choice
+    ],
+)
+def test_extract_choice(completion, letter):
+    assert extract_choice(completion, CHOICES) == letter
+
+
+def test_mc_letter_scorer():
+    score = mc_letter()
+
+    def run(text, target):
+        state = _state(text)
+        state.choices = Choices(CHOICES)
+        return asyncio.run(score(state, Target(target)))
+
+    assert run("D) Helium", "D").value == CORRECT
+    assert run("D) Helium", "B").value == INCORRECT
+    out = run("no idea", "B")
+    assert out.value == INCORRECT and out.answer is None
