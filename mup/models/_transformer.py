@@ -306,7 +306,10 @@ def block(ctx: _Context, p, x: jax.Array, idx: jax.Array, is_local: jax.Array, k
     a = _layers.attention(
         q, k, v, mask, scale=c.attn_scale, logit_softcap=c.attn_logit_softcap
     )  # [B, T, N, H]
-    a = jnp.einsum("btnh,nhd->btd", a, p["o"])
+    # Contract over the flattened heads: a plain [B*T, N*H] x [N*H, D] matmul. The 3-D einsum
+    # made XLA (CPU) re-layout the o weight on every call, i.e. every decode step and layer.
+    B, T, N, H = a.shape
+    a = jnp.einsum("btf,fd->btd", a.reshape(B, T, N * H), p["o"].reshape(N * H, -1))
     if c.post_norms:
         a = norm(a, p["post_attn_norm"])
     x = x + a
