@@ -165,7 +165,12 @@ def forward(
 
     layers = params["layers"]
     local_flags = jnp.asarray(np.asarray(config.local_layers, dtype=bool))  # [L]
+    # With a cache, each layer's slots ride in the scan inputs and only the T new keys/values
+    # come out (scan outputs [n, B, T, K, H]); they are written into the stacked cache once per
+    # segment below. Carrying the whole [L, B, S, K, H] cache through the layer scan instead
+    # cost more than the MLPs in a batched decode step on CPU.
     kv = None if cache is None else (cache.k, cache.v)
+    new_kv: list[tuple[int, jax.Array, jax.Array]] = []  # (first layer, k, v) per segment
     hidden: dict[int, jax.Array] = {}
     if 0 in capture:
         hidden[0] = _site(config, params, x, 0, site)
@@ -174,7 +179,10 @@ def forward(
         # Many captures (layer sweeps): one scan that emits every block's output, instead of
         # one compiled scan per segment. Costs [n_run, B, T, D] of memory.
         body = functools.partial(_scan_body, ctx, gate, True)
-        (x, kv), ys = jax.lax.scan(body, (x, kv), _scan_xs(layers, local_flags, delta, 0, n_run))
+        xs = _scan_xs(layers, local_flags, delta, kv, 0, n_run)
+        x, (ys, written) = jax.lax.scan(body, x, xs)
+        if written is not None:
+            new_kv.append((0, *written))
         for c in interior:
             hidden[c] = _site(config, params, ys[c - 1], c, site)
     else:
@@ -182,8 +190,10 @@ def forward(
         for stop in boundaries:
             if stop > start:
                 body = functools.partial(_scan_body, ctx, gate, False)
-                xs = _scan_xs(layers, local_flags, delta, start, stop)
-                (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
+                xs = _scan_xs(layers, local_flags, delta, kv, start, stop)
+                x, (_, written) = jax.lax.scan(body, x, xs)
+                if written is not None:
+                    new_kv.append((start, *written))
             if stop in capture and 0 < stop < n_run:
                 hidden[stop] = _site(config, params, x, stop, site)
             start = stop
@@ -191,7 +201,12 @@ def forward(
         hidden[n_run] = _site(config, params, x, n_run, site)
 
     if new_cache is not None:
-        new_cache = new_cache.replace(k=kv[0], v=kv[1])
+        k_all, v_all = cache.k, cache.v
+        for first, k_new, v_new in new_kv:  # [n, B, T, K, H] at layers first.., slot index
+            at = (first, 0, cache.index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k_new, at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v_new, at)
+        new_cache = new_cache.replace(k=k_all, v=v_all)
     out_logits = None
     if logits:
         normed = _final_norm(config, params, x)
@@ -250,29 +265,33 @@ class _Context:
 _MAX_SEGMENTS = 2
 
 
-def _scan_xs(layers, local_flags, delta, start: int, stop: int) -> dict:
+def _scan_xs(layers, local_flags, delta, kv, start: int, stop: int) -> dict:
     """Per-layer scan inputs for blocks start..stop-1 (static slices of the stacks)."""
     xs = {
         "p": jax.tree.map(lambda a: a[start:stop], layers),
-        "idx": jnp.arange(start, stop, dtype=jnp.int32),
         "local": local_flags[start:stop],
     }
     if delta is not None:
         xs["delta"] = delta[start:stop]
+    if kv is not None:
+        xs["kv"] = (kv[0][start:stop], kv[1][start:stop])  # each [n, B, S, K, H]
     return xs
 
 
-def _scan_body(ctx: _Context, gate, emit: bool, carry, xs):
-    x, kv = carry
-    x, kv = block(ctx, xs["p"], x, xs["idx"], xs["local"], kv)
+def _scan_body(ctx: _Context, gate, emit: bool, x, xs):
+    x, written = block(ctx, xs["p"], x, xs["local"], xs.get("kv"))
     if "delta" in xs:
         d = xs["delta"][:, None, :]  # [B, 1, D]
         x = x + (d if gate is None else d * gate[:, :, None])
-    return (x, kv), (x if emit else None)
+    return x, ((x if emit else None), written)
 
 
-def block(ctx: _Context, p, x: jax.Array, idx: jax.Array, is_local: jax.Array, kv):
-    """One decoder block. x [B, T, D]; kv = None or the full (k, v) caches [L, B, S, K, H]."""
+def block(ctx: _Context, p, x: jax.Array, is_local: jax.Array, kv):
+    """One decoder block. x [B, T, D]; kv = None or this layer's (k, v) cache [B, S, K, H].
+
+    Returns the block output and, with a cache, the new (k, v) [B, T, K, H] to write at
+    ``ctx.cache_index``.
+    """
     c = ctx.config
     norm = functools.partial(_layers.rms_norm, eps=c.rms_norm_eps, plus_one=c.norm_plus_one)
 
@@ -292,13 +311,14 @@ def block(ctx: _Context, p, x: jax.Array, idx: jax.Array, is_local: jax.Array, k
     q, k = _layers.apply_rope(q, cos, sin), _layers.apply_rope(k, cos, sin)
 
     if kv is not None:
-        # Write this layer's new keys into its slice of the stacked cache, then read it back.
-        k_all, v_all = kv
-        at = (idx, 0, ctx.cache_index, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
-        kv = (k_all, v_all)
-        k, v = k_all[idx], v_all[idx]  # [B, S, K, H]
+        # Attend to this layer's slots with the new tokens written in (cache dtype, as they
+        # will be read back in later steps).
+        k_layer, v_layer = kv
+        k_new, v_new = k.astype(k_layer.dtype), v.astype(v_layer.dtype)  # [B, T, K, H]
+        at = (0, ctx.cache_index, 0, 0)
+        k = jax.lax.dynamic_update_slice(k_layer, k_new, at)  # [B, S, K, H]
+        v = jax.lax.dynamic_update_slice(v_layer, v_new, at)
+        kv = (k_new, v_new)
 
     mask = ctx.mask_global
     if ctx.mask_local is not None:

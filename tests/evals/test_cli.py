@@ -78,9 +78,10 @@ def test_log_layout_csv_and_plot(first_run):
 
 
 def test_rerun_skips_successes_and_reruns_a_failed_log(
-    first_run, tiny_dir, vector_file, small_config, capsys, monkeypatch
+    first_run, tiny_dir, vector_file, small_config, shared_data, capsys, monkeypatch
 ):
     monkeypatch.chdir(first_run)
+    monkeypatch.setenv("MUP_DATA", str(shared_data))  # as in first_run: no ../shared beside it
     before = _logs(first_run / "logs")
     argv = [
         "run", "--suite", "offline", "--model", f"mup/{tiny_dir}", "--vector", str(vector_file),
