@@ -1,5 +1,7 @@
 """Probe training speed: mup (JAX, jitted) vs the PyTorch loop of the MUP paper, and the
-logistic-regression baseline vs scikit-learn, on the same synthetic ragged activations.
+logistic-regression baseline vs scikit-learn, on the same synthetic ragged activations, for two
+record-length distributions: uniform short records (16..160 tokens) and the lengths of the MUP
+training set's conversations (median ~150, tail past 1000 tokens).
 
     python benchmarks/bench_probes.py            # N=800 records, D=576 (SmolLM2 width)
     python benchmarks/bench_probes.py --quick    # small smoke run (< 30 s)
@@ -16,7 +18,9 @@ validation AUROC, no early stopping so both run every epoch):
     torch loop on pre-pooled vectors (the fairest torch alternative);
   * logreg: mup's Newton solver vs sklearn LogisticRegression (lbfgs) on the same
     standardised mean-pooled vectors.
-mup timings are reported cold (first call: includes XLA compilation) and warm (compiled).
+mup timings are reported cold (first call: includes XLA compilation) and warm (compiled);
+mup's include building its padded buckets from ragged storage, the torch loop gets its padded
+array ready-made.
 """
 
 from __future__ import annotations
@@ -28,11 +32,35 @@ import time
 import numpy as np
 
 
-def make_data(n: int, d: int, lo: int, hi: int, seed: int):
+def uniform_lengths(n: int, lo: int, hi: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(lo, hi + 1, n)
+
+
+def stakes_lengths(n: int, seed: int) -> tuple[np.ndarray, str]:
+    """Record lengths drawn from the MUP training set: its conversations' characters / 4
+    (about a token each for English BPE), capped at 4096 tokens like `mup extract`. Without
+    the data set, a log-normal with the same median and spread."""
+    rng = np.random.default_rng(seed)
+    try:
+        import json
+
+        from mup.data import find_dataset
+
+        path = find_dataset("training", allow_hub=False)
+        with open(path) as file:
+            chars = [len(json.dumps(json.loads(line)["inputs"])) for line in file if line.strip()]
+        pool = np.clip(np.asarray(chars) // 4, 8, 4096)
+        return rng.choice(pool, n), f"lengths of {path.name} (chars/4)"
+    except Exception as err:  # no data set here: its shape, not its records
+        lengths = np.clip(rng.lognormal(np.log(143), 0.9, n), 8, 4096).astype(np.int64)
+        return lengths, f"log-normal lengths (stakes data not found: {err})"
+
+
+def make_data(lengths: np.ndarray, d: int, seed: int):
     from mup import probes
 
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(lo, hi + 1, n)
+    n = len(lengths)
     offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
     labels = np.resize(np.array([0, 1], np.int8), n)
     rng.shuffle(labels)
@@ -190,19 +218,33 @@ def main():
     else:
         n, d, lo, hi, epochs = 800, 576, 16, 160, 10
     epochs = args.epochs or epochs
-    train, val = make_data(n, d, lo, hi, 0), make_data(n // 4, d, lo, hi, 1)
     print(
-        f"data: N={n} train / {n // 4} val records, T={train.acts.shape[0]} tokens, D={d}, "
-        f"lengths {lo}..{hi}, {epochs} epochs; jax {jax.__version__} on "
+        f"N={n} train / {n // 4} val records, D={d}, {epochs} epochs; jax {jax.__version__} on "
         f"{jax.devices()[0].platform}, torch {torch.__version__} ({torch.get_num_threads()} "
         f"threads), native backend: {native.backend()}"
     )
-    x_pad, m_pad = padded(train)
-    xv_pad, mv_pad = padded(val)
+    # Two length distributions: uniform short records, and the heavy tail of real chats,
+    # where padding every record to the longest (the MUP layout) costs the most.
+    stakes, stakes_source = stakes_lengths(n + n // 4, 0)
+    if args.quick:
+        stakes = np.minimum(stakes, 4 * hi)
+    distributions = {
+        f"uniform {lo}..{hi}": (uniform_lengths(n, lo, hi, 0), uniform_lengths(n // 4, lo, hi, 1)),
+        "stakes": (stakes[:n], stakes[n:]),
+    }
     rows = []
-
-    for kind in ("attention", "mean"):
-        rows += compare_probe(kind, train, val, epochs, (x_pad, m_pad), (xv_pad, mv_pad))
+    for name, (train_len, val_len) in distributions.items():
+        train, val = make_data(train_len, d, 0), make_data(val_len, d, 1)
+        print(
+            f"{name} lengths: T={train.acts.shape[0]} tokens, mean {train_len.mean():.0f}, "
+            f"max {train_len.max()}" + (f" ({stakes_source})" if name == "stakes" else "")
+        )
+        x_pad, m_pad = padded(train)
+        xv_pad, mv_pad = padded(val)
+        for kind in ("attention", "mean"):
+            for row in compare_probe(kind, train, val, epochs, (x_pad, m_pad), (xv_pad, mv_pad)):
+                rows.append((f"[{name.split()[0]}] {row[0]}", *row[1:]))
+        del x_pad, xv_pad
 
     # Logistic regression on the same standardised mean-pooled vectors.
     xp = native.pool(train.acts, train.offsets, method="mean", mask=train.mask)

@@ -54,14 +54,13 @@ def sequence_logits(params: dict, x, m, *, kind: str, temperature: float, window
         # logit = w . (sum_t alpha_t x_t) + b = sum_t alpha_t (w . x_t + b) because the weights
         # sum to 1: one [B, P, D] x [D, 2] product gives both the attention scores and the
         # token scores, so forward and backward each read the batch once.
-        d = x.shape[-1]
         qw = jnp.stack([params["q"], params["w"]], axis=-1)  # [D, 2]
-        both = x @ qw  # [B, P, 2]
-        a = (both[..., 0] + params["qb"]) / jnp.sqrt(jnp.float32(d))  # [B, P]
+        both = _tokens_matmul(x, qw)  # [B, P, 2]
+        a = (both[..., 0] + params["qb"]) / jnp.sqrt(jnp.float32(x.shape[-1]))  # [B, P]
         s = both[..., 1] + params["b"]  # [B, P] per-token logits
         alpha = jax.nn.softmax(jnp.where(m, a, _NEG), axis=-1) * mf  # [B, P]
         return jnp.sum(alpha * s, axis=-1)  # [B]
-    s = x @ params["w"] + params["b"]  # [B, P] per-token logits
+    s = _tokens_matmul(x, params["w"][:, None])[..., 0] + params["b"]  # [B, P] per-token logits
     if kind == "max":
         return jnp.max(jnp.where(m, s, _NEG), axis=-1)
     if kind == "softmax":
@@ -81,6 +80,16 @@ def sequence_logits(params: dict, x, m, *, kind: str, temperature: float, window
         means = sums / k[:, None].astype(jnp.float32)
         return jnp.max(jnp.where(valid, means, _NEG), axis=-1)
     raise ValueError(f"{kind!r} is not a sequence probe kind")
+
+
+def _tokens_matmul(x, w):
+    """x [B, P, D] @ w [D, K] -> [B, P, K] as one 2-D [B*P, D] product.
+
+    XLA on CPU runs the 3-D form (and its transpose in the backward pass) on a generic
+    contraction path several times slower than the 2-D matrix product.
+    """
+    B, P, D = x.shape
+    return (x.reshape(B * P, D) @ w).reshape(B, P, w.shape[-1])
 
 
 def auroc_jax(scores, labels):
