@@ -168,8 +168,10 @@ def main() -> None:
         store_bytes = du(scratch / "mup")  # every store: all four data sets
         d_model = model.config.d_model
         dense = n * t_max * d_model * 2
-        print(f"\ntokens/s ratio mup / HF: {summary.tokens / t_mup / (hf_tokens / t_hf):.2f}x"
-              "  (target >= 1.5x)")
+        print(
+            f"\ntokens/s ratio mup / HF: {summary.tokens / t_mup / (hf_tokens / t_hf):.2f}x"
+            "  (target >= 1.5x)"
+        )
         print(
             f"bytes on disk: mup store {store_bytes / 2**20:.1f} MiB; dense padded "
             f"[{n}, {t_max}, {d_model}] float16 {dense / 2**20:.1f} MiB -> "

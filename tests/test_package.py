@@ -41,7 +41,10 @@ def test_console_script_lists_commands(tmp_path):
 
 def test_console_script_rejects_unknown_command(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "mup.cli", "frobnicate"], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-m", "mup.cli", "frobnicate"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "unknown command 'frobnicate'" in result.stderr

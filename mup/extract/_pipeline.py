@@ -183,6 +183,7 @@ def plan_jobs(
             mask_mode=config.mask_mode,
             max_tokens=config.max_tokens,
             dtype=config.dtype,
+            compute_dtype=config.model_dtype,
         )
         split = f"-{config.split}" if config.split else ""
         store_name = f"{_slug(Path(path).stem)}{split}-{config.site}-{key}"
@@ -200,6 +201,10 @@ def plan_jobs(
             "max_tokens": config.max_tokens,
             "n_truncated": encoded.n_truncated,
             "key": key,
+            # Not in the key (float32 rounding only), but a resumed run must reuse them: they
+            # fix every batch's padded shape, so the resumed rows match the uninterrupted run.
+            "model_dtype": config.model_dtype,
+            "batch_tokens": config.batch_tokens,
         }
         jobs.append(
             Job(
@@ -227,6 +232,17 @@ def _store_state(url: str, config: ExtractConfig) -> str:
         raise store.StoreError(
             f"an incomplete store exists at {url} (an interrupted run?); pass --resume to "
             "continue it or --overwrite to start again"
+        )
+    settings = {"batch_tokens": config.batch_tokens, "model_dtype": config.model_dtype}
+    changed = [
+        f"{name} {existing.attrs[name]!r} -> {value!r}"
+        for name, value in settings.items()
+        if name in existing.attrs and existing.attrs[name] != value
+    ]
+    if changed:
+        raise store.StoreError(
+            f"cannot resume {url}: it was started with different settings ({'; '.join(changed)}); "
+            "resume with the original ones, or pass --overwrite to start again"
         )
     return "resume"
 

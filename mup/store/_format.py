@@ -113,11 +113,14 @@ def store_key(
     mask_mode: str,
     max_tokens: int | None,
     dtype: str,
+    compute_dtype: str = "float32",
 ) -> str:
     """A short content hash naming a store: the same job gives the same key.
 
-    The key covers everything that changes the stored bytes (dataset content, model, capture
-    site, layers, mask mode, truncation, storage dtype) and the format version.
+    The key covers everything that changes the stored values (dataset content, model, capture
+    site, layers, mask mode, truncation, storage dtype, the model's compute dtype) and the
+    format version. The float32 compute dtype is left out of the hashed job so that stores
+    written before it was part of the key keep their names.
     """
     job = {
         "format": FORMAT_NAME,
@@ -130,6 +133,8 @@ def store_key(
         "max_tokens": None if max_tokens is None else int(max_tokens),
         "dtype": str(dtype),
     }
+    if compute_dtype != "float32":
+        job["compute_dtype"] = str(compute_dtype)
     blob = json.dumps(job, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -163,6 +163,15 @@ def test_overwrite_and_incomplete_store_rules(tiny_model, mini_path, tmp_path):
     group.write_text(json.dumps(meta))
     with pytest.raises(store.StoreError, match="incomplete store exists.*--resume"):
         _run(cfg)
+    # A resume with another batch plan would compute the remaining rows in other shapes.
+    with pytest.raises(store.StoreError, match=r"cannot resume.*batch_tokens 512 -> 1024"):
+        _run(
+            _config(
+                tiny_model, mini_path, tmp_path, dtype="float32", limit=10, resume=True,
+                batch_tokens=1024,
+            )
+        )  # fmt: skip
+    assert store.open(url, require_complete=False).attrs["model_dtype"] == "float32"
     _, resumed = _run(
         _config(tiny_model, mini_path, tmp_path, dtype="float32", limit=10, resume=True)
     )

@@ -219,8 +219,10 @@ def test_store_key_stability():
     for field, other in [
         ("dataset_sha256", "cd" * 32), ("model", "llama-1b"), ("site", "normed"),
         ("layers", [11]), ("mask_mode", "assistant"), ("max_tokens", None), ("dtype", "bfloat16"),
+        ("compute_dtype", "bfloat16"),
     ]:  # fmt: skip
         assert store.store_key(**{**kw, field: other}) != key, field
+    assert store.store_key(**kw, compute_dtype="float32") == key  # the default: pinned key kept
 
 
 def test_create_validates_inputs(tmp_path, synth):
