@@ -21,19 +21,12 @@ DEV_SETS = ("anthropic", "mt", "mts", "toolace")
 
 
 def default_layer(model: str) -> int:
-    """The layer in configs/models/<model>.yaml; a clear error for models without one."""
-    from mup._configs import load_config
+    """The layer `mup extract` would default to for `model` (a configs/models entry whose
+    name or spec equals it); a clear error naming --layer for models without one."""
+    from mup.extract import default_layers
 
-    try:
-        config = load_config("models", f"{model}.yaml")
-    except (FileNotFoundError, OSError) as error:
-        raise ValueError(
-            f"model {model!r} has no configs/models/{model}.yaml to take a default layer from; "
-            "pass --layer"
-        ) from error
-    if "layer" not in config:
-        raise ValueError(f"configs/models/{model}.yaml has no 'layer' field; pass --layer")
-    return int(config["layer"])
+    (layer,) = default_layers(model)
+    return layer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -80,7 +80,7 @@ def default_layers(spec: str) -> tuple[int, ...]:
             return (int(entry["layer"]),)
     raise ValueError(
         f"no default layer for model {spec!r} (configs/models/ knows "
-        f"{', '.join(list_configs('models'))}); pass --layers"
+        f"{', '.join(list_configs('models'))}); pass --layers (--layer for probe experiments)"
     )
 
 

@@ -125,4 +125,4 @@ def test_clear_errors(tiny_dir, data_root, tmp_path, capsys):
         ]
     )
     assert rc == 1
-    assert "has no configs/models" in capsys.readouterr().err
+    assert "no default layer for model" in capsys.readouterr().err
