@@ -261,6 +261,13 @@ def fit(
             f"{kind} probe training diverged: parameter(s) {bad} are not finite; lower `lr` "
             "(gradient probes) or raise the regularisation (`c` for logreg, `shrinkage` for lda)"
         )
+    metadata = dict(metadata or {})
+    attrs = getattr(data, "attrs", None)
+    if isinstance(attrs, dict):
+        # Where the activations came from: a server or another store must read the same site.
+        for name in ("model", "site", "mask_mode"):
+            if name in attrs:
+                metadata.setdefault(name, str(attrs[name]))
     probe = Probe(
         config=config,
         params=params,
@@ -268,7 +275,7 @@ def fit(
         layers=layers,
         combine=combine,
         history=info,
-        metadata=dict(metadata or {}),
+        metadata=metadata,
     )
     if val_eval is not None:
         from mup import metrics

@@ -77,6 +77,15 @@ class RowResult:
     batch_rows: int
 
 
+def probe_site(probe) -> str:
+    """The capture site the probe was trained on: its store's `site` (recorded by `fit`),
+    residual for probes trained on in-memory arrays."""
+    site = probe.metadata.get("site", "residual")
+    if site not in ("residual", "normed"):
+        raise ValueError(f"the probe's metadata names an unknown site {site!r}")
+    return site
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -112,10 +121,12 @@ class Engine:
                     "the probe file records no layers; the server needs to know which residual "
                     "stream it reads (train it on a store, or with layer=...)"
                 )
-            bad = [x for x in probe.layers if not 0 <= x <= model.config.n_layers]
+            site = probe_site(probe)
+            top = model.config.n_layers if site == "residual" else model.config.n_layers - 1
+            bad = [x for x in probe.layers if not 0 <= x <= top]
             if bad:
                 raise ValueError(
-                    f"probe layers {bad} are outside the model's 0..{model.config.n_layers}"
+                    f"probe layers {bad} are outside the model's 0..{top} ({site} site)"
                 )
             width = model.config.d_model * (len(probe.layers) if probe.combine == "concat" else 1)
             if width != probe.d_model:
@@ -172,7 +183,8 @@ class Engine:
         return out
 
     def _probe_scores(self, rows: Sequence[Row]) -> list[float]:
-        """The probe's probability per row from the prompt's residual stream.
+        """The probe's probability per row from the prompt's activations at the probe's
+        layers and site (the store's `site` recorded at training; residual by default).
 
         `generate` does not return hidden states, so this is a second, capture-only forward over
         the same left-padded prompts with the same steering applied to the prompt: it runs only
@@ -205,6 +217,7 @@ class Engine:
             config=self.model.config,
             valid=jnp.asarray(valid),
             capture=tuple(probe.layers),
+            site=probe_site(probe),
             steering=spec,
             logits=False,
         )

@@ -74,6 +74,11 @@ def test_store_and_memory_give_the_same_probe(stores, train_data, val_data, help
     for name in a.params:
         np.testing.assert_allclose(a.params[name], b.params[name], rtol=1e-4, atol=1e-5)
     assert a.layers == (3,)
+    # Where the activations came from travels with the probe (mup serve reads the same site).
+    assert {k: a.metadata[k] for k in ("model", "site", "mask_mode")} == {
+        "model": "tiny-test", "site": "residual", "mask_mode": "all",
+    }  # fmt: skip
+    assert "site" not in b.metadata
     np.testing.assert_allclose(a.predict(s_val), b.predict(val_data), rtol=1e-4, atol=1e-5)
     # A store row subset reads the same records as an in-memory selection.
     sub = probes.Activations.from_store(s_val, 3, rows=[5, 1, 9])
