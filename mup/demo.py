@@ -144,7 +144,8 @@ def _steer(train_store, layer: int, multiplier: float, out: Path) -> None:
 
     # The store holds hidden_states[layer] = the output of block layer - 1, so the high-stakes
     # direction steers block layer - 1 (mup.steering's convention). Normalised to unit length,
-    # the multiplier is in units of residual-stream norm.
+    # the multiplier is the L2 norm of what is added (the printed mean difference's norm is
+    # the natural scale).
     result = dom_from_store(train_store, layer - 1)
     print(f"  {result.summary()}")
     # Kept for `mup serve --vector` / `mup evals run --vector` (multiplier 1 = the mean difference).
