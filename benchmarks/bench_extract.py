@@ -17,7 +17,7 @@ store vs the dense padded [N, T_max, D] float16 tensor of the same data (target 
 and vs the baseline's zstd files; the store writer's throughput on these activations vs the
 disk's plain write bandwidth (np.tofile + fsync of the same bytes), both measured here.
 
-usage: python benchmarks/bench_extract.py [--limit 400] [--layer 20] [--max-tokens 1024]
+usage: python benchmarks/bench_extract.py [--limit 400] [--layer 20] [--max-tokens 4096]
        (default: the training set and three dev sets of ../shared/data, ~2100 records)
 """
 
@@ -133,7 +133,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--layer", type=int, default=20)
     parser.add_argument("--limit", type=int, default=None, help="records per data set")
-    parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument(
+        "--max-tokens", type=int, default=4096, help="as mup extract (longer chats keep their end)"
+    )
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--scratch", default=None, help="directory for the outputs (a tmp dir)")
     args = parser.parse_args()

@@ -90,6 +90,47 @@ def attention(
     return out.reshape(B, T, N, H)
 
 
+CAUSAL_CHUNK = 128
+"""Query block of `causal_attention`: longer inputs skip the key blocks a block's queries
+cannot see (causal), about half of the score work at long lengths. Measured on SmolLM2-135M
+(CPU, 8192-token batches): 1.17x tokens/s at 512 tokens, 1.67x at 1024."""
+
+
+def causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float,
+    logit_softcap: float | None,
+) -> jax.Array:
+    """`attention` for a cache-free forward, where query t and key t are the same token and
+    `mask` [B, T, T] is causal: queries [i*C, (i+1)*C) attend to keys [0, (i+1)*C) only.
+
+    Exact: the keys left out are masked for those queries anyway (their softmax weight is
+    exactly 0). Also keeps each block's [B, K, G, C, S] scores small enough for the cache.
+    """
+    T = q.shape[1]
+    C = CAUSAL_CHUNK
+    if T <= C:
+        return attention(q, k, v, mask, scale=scale, logit_softcap=logit_softcap)
+    outs = []
+    for start in range(0, T, C):
+        stop = min(start + C, T)
+        outs.append(
+            attention(
+                q[:, start:stop],
+                k[:, :stop],
+                v[:, :stop],
+                mask[:, start:stop, :stop],
+                scale=scale,
+                logit_softcap=logit_softcap,
+            )
+        )
+    return jnp.concatenate(outs, axis=1)  # [B, T, N, H]
+
+
 def gated_mlp(
     x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, *, activation: str
 ) -> jax.Array:

@@ -323,7 +323,9 @@ def block(ctx: _Context, p, x: jax.Array, is_local: jax.Array, kv):
     mask = ctx.mask_global
     if ctx.mask_local is not None:
         mask = jnp.where(is_local, ctx.mask_local, mask)
-    a = _layers.attention(
+    # Without a cache, queries and keys are the same tokens in slot order: causal blocks.
+    attend = _layers.attention if kv is not None else _layers.causal_attention
+    a = attend(
         q, k, v, mask, scale=c.attn_scale, logit_softcap=c.attn_logit_softcap
     )  # [B, T, N, H]
     # Contract over the flattened heads: a plain [B*T, N*H] x [N*H, D] matmul. The 3-D einsum
