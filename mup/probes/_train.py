@@ -298,7 +298,6 @@ def train_sequence(cfg: ProbeConfig, data, val, seed: int):
     if key not in _PROGRAMS:
         _PROGRAMS[key] = jax.jit(functools.partial(_sequence_step, cfg, tx))
     step = _PROGRAMS[key]
-    step = _PROGRAMS[key]
 
     rng = np.random.default_rng(seed)
     params = init_params(cfg.kind, data.d_model, jax.random.key(seed))
