@@ -39,21 +39,16 @@ def uniform_lengths(n: int, lo: int, hi: int, seed: int) -> np.ndarray:
 def stakes_lengths(n: int, seed: int) -> tuple[np.ndarray, str]:
     """Record lengths drawn from the MUP training set: its conversations' characters / 4
     (about a token each for English BPE), capped at 4096 tokens like `mup extract`. Without
-    the data set, a log-normal with the same median and spread."""
-    rng = np.random.default_rng(seed)
-    try:
-        import json
+    ../shared data, `find_dataset` falls back to the bundled stakes sample."""
+    import json
 
-        from mup.data import find_dataset
+    from mup.data import find_dataset
 
-        path = find_dataset("training", allow_hub=False)
-        with open(path) as file:
-            chars = [len(json.dumps(json.loads(line)["inputs"])) for line in file if line.strip()]
-        pool = np.clip(np.asarray(chars) // 4, 8, 4096)
-        return rng.choice(pool, n), f"lengths of {path.name} (chars/4)"
-    except Exception as err:  # no data set here: its shape, not its records
-        lengths = np.clip(rng.lognormal(np.log(143), 0.9, n), 8, 4096).astype(np.int64)
-        return lengths, f"log-normal lengths (stakes data not found: {err})"
+    path = find_dataset("training", allow_hub=False)
+    with open(path) as file:
+        chars = [len(json.dumps(json.loads(line)["inputs"])) for line in file if line.strip()]
+    pool = np.clip(np.asarray(chars) // 4, 8, 4096)
+    return np.random.default_rng(seed).choice(pool, n), f"lengths of {path.name} (chars/4)"
 
 
 def make_data(lengths: np.ndarray, d: int, seed: int):
