@@ -9,8 +9,9 @@ A store (`mup.store.ActivationStore`) and an `Activations` are interchangeable e
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -158,7 +159,7 @@ class Activations:
 
         Raises for an incomplete store and for a layer the store does not hold.
         """
-        layers = _check_store(store, layer, combine)
+        layers = check_store(store, layer, combine)
         sel = None if rows is None else np.asarray(rows, dtype=np.int64)
         parts = []
         offsets = None
@@ -188,7 +189,7 @@ class Activations:
         )
 
 
-def _check_store(store, layer, combine) -> tuple[int, ...]:
+def check_store(store, layer, combine) -> tuple[int, ...]:
     """The requested layers, after checking the store is complete and holds them."""
     layers = _layer_tuple(layer)
     if not getattr(store, "complete", False):
@@ -205,6 +206,79 @@ def _check_store(store, layer, combine) -> tuple[int, ...]:
     if combine not in ("concat", "sum"):
         raise ValueError(f"combine must be 'concat' or 'sum', got {combine!r}")
     return layers
+
+
+def is_store(data) -> bool:
+    """True for an activation store (duck-typed: `mup.store.ActivationStore` or alike)."""
+    return hasattr(data, "read_layer") and hasattr(data, "offsets")
+
+
+def masked_lengths(store) -> np.ndarray:
+    """[N] masked tokens per record of a store, read from its small arrays (no activations);
+    errors for a record a probe could not read."""
+    offsets = np.asarray(store.offsets, np.int64)
+    mask = None if store.mask is None else np.asarray(store.mask, bool)
+    lengths = np.diff(offsets)
+    if mask is not None:
+        kept = np.r_[0, np.cumsum(mask, dtype=np.int64)]  # [T+1]
+        lengths = kept[offsets[1:]] - kept[offsets[:-1]]
+    if (lengths == 0).any():
+        i = int(np.argmax(lengths == 0))
+        raise ValueError(
+            f"record {i} (id {list(store.ids)[i]!r}) of store {_store_name(store)} has no masked "
+            "token; a probe would have nothing to read"
+        )
+    return lengths
+
+
+def prefetched(read: Callable, items: Iterable) -> Iterator[tuple]:
+    """(item, read(item)) for each item, the next read running in a thread while the caller
+    works on the current result (store reads release the GIL)."""
+    items = list(items)
+    if not items:
+        return
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mup-probe-read") as pool:
+        nxt = pool.submit(read, items[0])
+        try:
+            for i, item in enumerate(items):
+                got = nxt.result()
+                if i + 1 < len(items):
+                    nxt = pool.submit(read, items[i + 1])
+                yield item, got
+        finally:
+            nxt.cancel()
+
+
+def split_by_bytes(sizes: np.ndarray, max_bytes: int) -> list[np.ndarray]:
+    """Cut positions 0..len(sizes)-1 into consecutive runs of at most max_bytes in total (a
+    single larger item forms a run of its own)."""
+    cum = np.cumsum(sizes)  # [R]
+    runs, start = [], 0
+    while start < len(sizes):
+        base = cum[start - 1] if start else 0
+        end = max(int(np.searchsorted(cum, base + max_bytes, side="right")), start + 1)
+        runs.append(np.arange(start, end))
+        start = end
+    return runs
+
+
+def stored_row_bytes(store, n_layers: int) -> int:
+    """Bytes one token takes in the store, over `n_layers` layers."""
+    return store.d_model * np.dtype(store.dtype).itemsize * n_layers
+
+
+def record_chunks(data, layer, *, combine: Combine) -> Iterator[tuple[int, Activations]]:
+    """(first record, Activations of consecutive records) covering `data` in order: a store is
+    read `CHUNK_BYTES` at a time, anything else comes whole."""
+    if not is_store(data):
+        yield 0, as_activations(data, layer, combine=combine)
+        return
+    layers = check_store(data, layer, combine)
+    sizes = np.diff(np.asarray(data.offsets, np.int64)) * stored_row_bytes(data, len(layers))
+    runs = split_by_bytes(sizes, CHUNK_BYTES)
+    read = lambda rows: Activations.from_store(data, layers, rows=rows, combine=combine)  # noqa: E731
+    for rows, acts in prefetched(read, runs):
+        yield int(rows[0]), acts
 
 
 def _layer_tuple(layer) -> tuple[int, ...]:
@@ -265,7 +339,7 @@ def as_activations(data, layer=None, *, combine: Combine = "concat") -> Activati
                 f"{list(data.layers)}"
             )
         return data
-    if hasattr(data, "read_layer") and hasattr(data, "offsets"):
+    if is_store(data):
         return Activations.from_store(data, layer, combine=combine)
     raise TypeError(
         f"expected mup.probes.Activations or an activation store (mup.store.open), got "
@@ -275,13 +349,14 @@ def as_activations(data, layer=None, *, combine: Combine = "concat") -> Activati
 
 def labelled(data: Activations, what: str) -> Activations:
     """The records with label 0 or 1; errors for missing labels or a single class."""
-    keep = _labelled_rows(data.labels, what)
+    keep = labelled_rows(data.labels, what)
     return data if keep is None else data.select(keep)
 
 
-# Activations of one store chunk are at most this many bytes while pooling streams a store:
-# pooled probes never hold a whole layer in memory.
-POOL_CHUNK_BYTES = 256 << 20
+CHUNK_BYTES = 256 << 20
+"""Largest chunk of stored activations a probe reads at once when it streams a store (pooling,
+scoring, streamed training): big enough that one read amortises a store round trip (S3
+included), small enough that two in flight (current and prefetched) fit any host's memory."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -294,7 +369,7 @@ class Pooled:
 
     def labelled(self, what: str) -> Pooled:
         """The records with label 0 or 1; errors for missing labels or a single class."""
-        keep = _labelled_rows(self.labels, what)
+        keep = labelled_rows(self.labels, what)
         return (
             self
             if keep is None
@@ -324,21 +399,14 @@ def pooled(data, layer, *, combine: Combine, method: str) -> Pooled:
         acts = as_activations(data, layer, combine=combine)
         x = native.pool(acts.acts, acts.offsets, method=method, mask=acts.mask)
         return Pooled(x=np.asarray(x, np.float32), labels=acts.labels, layers=acts.layers)
-    layers = _check_store(data, layer, combine)
+    layers = check_store(data, layer, combine)
     offsets = np.asarray(data.offsets, np.int64)
     mask = np.asarray(data.mask, bool)
-    counts = np.add.reduceat(mask.astype(np.int64), offsets[:-1]) if mask.size else None
-    empty = np.diff(offsets) == 0
-    if empty.any() or (counts is not None and (counts == 0).any()):
-        i = int(np.argmax(empty | (counts == 0)))
-        raise ValueError(
-            f"record {i} (id {list(data.ids)[i]!r}) of store {_store_name(data)} has no masked "
-            "token; a probe would have nothing to read"
-        )
+    masked_lengths(data)  # every record must have a token to read
     per_layer = []
     for x_layer in layers:
         out = np.empty((data.n_records, data.d_model), np.float32)  # [N, D]
-        for rows, acts, off in data.iter_row_chunks(x_layer, POOL_CHUNK_BYTES):
+        for rows, acts, off in data.iter_row_chunks(x_layer, CHUNK_BYTES):
             t0 = offsets[rows[0]]
             m = mask[t0 : t0 + off[-1]]
             out[rows] = native.pool(acts, off, method=method, mask=m)
@@ -354,7 +422,7 @@ def pooled(data, layer, *, combine: Combine, method: str) -> Pooled:
     return Pooled(x=x, labels=labels, layers=layers)
 
 
-def _labelled_rows(labels, what: str):
+def labelled_rows(labels, what: str):
     """None if every record is labelled 0/1, else the bool [N] of those that are."""
     if labels is None:
         raise ValueError(f"{what} has no labels; probes train on labelled records")

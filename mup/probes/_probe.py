@@ -6,6 +6,7 @@ Axis letters: T tokens, N records, D model width.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -13,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mup._version import __version__
+from mup.probes._batches import sequence_source
 from mup.probes._config import POOLED_KINDS, SEQUENCE_KINDS, ProbeConfig, default_config
-from mup.probes._data import Activations, Pooled, as_activations, labelled, pooled
+from mup.probes._data import Pooled, pooled, record_chunks
 from mup.probes._train import (
-    PaddedBuckets,
-    sequence_predict_logits,
+    sequence_forward,
     train_dom,
     train_lda,
     train_logreg,
@@ -65,10 +66,11 @@ class Probe:
                 f"(layers {list(self.layers)}, {self.combine}) but the data has width {d}"
             )
 
-    def _data(self, data) -> Activations:
-        acts = as_activations(data, self.layers or None, combine=self.combine)
-        self._check_width(acts.d_model)
-        return acts
+    def _chunks(self, data):
+        """(first record, Activations) over `data` in order; stores stream chunk by chunk."""
+        for start, acts in record_chunks(data, self.layers or None, combine=self.combine):
+            self._check_width(acts.d_model)
+            yield start, acts
 
     def _pooled(self, data) -> Pooled:
         p = pooled(data, self.layers or None, combine=self.combine, method=POOLED_KINDS[self.kind])
@@ -82,9 +84,16 @@ class Probe:
         """Per-record logits [N] float32."""
         if self.kind in POOLED_KINDS:
             return _pooled_logits_np(self.params, self._pooled(data).x)
-        acts = self._data(data)
-        buckets = PaddedBuckets(acts, self.config.min_bucket)
-        return sequence_predict_logits(self.config, self._jparams(), buckets)
+        source = sequence_source(
+            data,
+            self.layers or None,
+            combine=self.combine,
+            min_bucket=self.config.min_bucket,
+            what="data",
+            train=False,
+        )
+        self._check_width(source.d_model)
+        return source.logits(sequence_forward(self.config), self._jparams())
 
     def predict(self, data) -> np.ndarray:
         """Probability of high stakes per record, float32 [N]."""
@@ -96,30 +105,33 @@ class Probe:
         Every token gets a score (unmasked ones too, for display); only masked tokens ever
         enter `predict`. For attention probes this is the classifier applied to each token.
         """
-        acts = self._data(data)
-        scores = np.empty(acts.acts.shape[0], np.float32)
-        step = max(1, (1 << 24) // max(acts.d_model, 1))  # bound the float32 copy
-        for t0 in range(0, scores.shape[0], step):
-            x = np.asarray(acts.acts[t0 : t0 + step], np.float32)  # [t, D]
-            scores[t0 : t0 + step] = _pooled_logits_np(self.params, x)
-        return scores, acts.offsets
+        scores, offsets = [], [np.zeros(1, np.int64)]
+        for _, acts in self._chunks(data):
+            step = max(1, (1 << 24) // max(acts.d_model, 1))  # bound the float32 copy
+            for t0 in range(0, acts.acts.shape[0], step):
+                x = np.asarray(acts.acts[t0 : t0 + step], np.float32)  # [t, D]
+                scores.append(_pooled_logits_np(self.params, x))
+            offsets.append(acts.offsets[1:] + offsets[-1][-1])
+        return np.concatenate(scores), np.concatenate(offsets)
 
     def attention_weights(self, data) -> tuple[np.ndarray, np.ndarray]:
         """Attention probes: per-token weights [T] (sum 1 over each record's masked tokens,
         0 on unmasked tokens) and offsets [N+1]."""
         if self.kind != "attention":
             raise ValueError(f"attention_weights needs an attention probe, this is {self.kind!r}")
-        acts = self._data(data)
         q, qb = np.asarray(self.params["q"]), float(self.params["qb"])
-        a = (np.asarray(acts.acts, np.float32) @ q + qb) / np.sqrt(np.float32(acts.d_model))
-        a = a.astype(np.float64)
-        mask = np.ones(a.shape[0], bool) if acts.mask is None else acts.mask
-        a_masked = np.where(mask, a, -np.inf)
-        rec_max = np.maximum.reduceat(a_masked, acts.offsets[:-1])  # [N]
-        e = np.where(mask, np.exp(a - np.repeat(rec_max, np.diff(acts.offsets))), 0.0)
-        denom = np.add.reduceat(e, acts.offsets[:-1])  # [N]
-        w = e / np.repeat(denom, np.diff(acts.offsets))
-        return w.astype(np.float32), acts.offsets
+        weights, offsets = [], [np.zeros(1, np.int64)]
+        for _, acts in self._chunks(data):
+            a = (np.asarray(acts.acts, np.float32) @ q + qb) / np.sqrt(np.float32(acts.d_model))
+            a = a.astype(np.float64)
+            mask = np.ones(a.shape[0], bool) if acts.mask is None else acts.mask
+            a_masked = np.where(mask, a, -np.inf)
+            rec_max = np.maximum.reduceat(a_masked, acts.offsets[:-1])  # [N]
+            e = np.where(mask, np.exp(a - np.repeat(rec_max, np.diff(acts.offsets))), 0.0)
+            denom = np.add.reduceat(e, acts.offsets[:-1])  # [N]
+            weights.append((e / np.repeat(denom, np.diff(acts.offsets))).astype(np.float32))
+            offsets.append(acts.offsets[1:] + offsets[-1][-1])
+        return np.concatenate(weights), np.concatenate(offsets)
 
     def evaluate(self, data, **kwargs) -> dict:
         """`mup.metrics.evaluate` of this probe's predictions on labelled data."""
@@ -201,6 +213,7 @@ def fit(
     combine: str = "concat",
     config: ProbeConfig | None = None,
     metadata: dict | None = None,
+    memory_budget: int | None = None,
     **overrides,
 ) -> Probe:
     """Train a probe of `kind` on `data` (an activation store or `Activations`).
@@ -212,6 +225,11 @@ def fit(
       val: optional validation data for early stopping on AUROC (the best epoch is kept).
       seed: initialisation and shuffling seed; the same seed gives identical parameters.
       config: a full ProbeConfig; by default `default_config(kind, **overrides)`.
+      memory_budget: bytes of activations a sequence probe (max / softmax / rolling /
+        attention) may hold while training. A store (or list of stores) whose padded batches
+        need more is streamed chunk by chunk every epoch instead of loaded (slower: each epoch
+        reads the store again). Default: a quarter of host RAM, and half of the accelerator's
+        memory. Pooled kinds always stream stores and keep only [N, D] pooled vectors.
       **overrides: hyperparameters replacing the defaults, e.g. `epochs=50, lr=1e-3`.
     """
     if config is None:
@@ -245,13 +263,26 @@ def fit(
         val_eval = val_p
     else:
         assert kind in SEQUENCE_KINDS
-        train = labelled(as_activations(data, layer, combine=combine), "training data")
+        source = functools.partial(
+            sequence_source,
+            layer=layer,
+            combine=combine,
+            min_bucket=config.min_bucket,
+            train=True,
+            memory_budget=memory_budget,
+        )
+        train = source(data, what="training data")
         layers, d_model = train.layers, train.d_model
         val_eval = None
         if val is not None:
-            val_eval = labelled(as_activations(val, layer, combine=combine), "validation data")
+            val_eval = source(val, what="validation data")
             _check_val_width(d_model, val_eval.d_model)
-        info["n_train"] = train.n_records
+        info["n_train"] = train.n
+        if hasattr(train, "chunks"):
+            info["streamed"] = {
+                "chunks": len(train.chunks),
+                "max_chunk_bytes": train.max_chunk_bytes,
+            }
         params, hist = train_sequence(config, train, val_eval, seed)
         info |= hist
     params = {k: np.asarray(v, np.float32) for k, v in params.items()}
@@ -283,7 +314,7 @@ def fit(
         z = (
             _pooled_logits_np(probe.params, val_eval.x)
             if kind in POOLED_KINDS
-            else probe.logits(val_eval)
+            else val_eval.logits(sequence_forward(config), probe._jparams())
         )
         probe.history["val_auroc_final"] = metrics.auroc(z, val_eval.labels)
     return probe

@@ -5,9 +5,9 @@ S optimiser steps per epoch.
 
 Pooled kinds train on [N, D] vectors with the WHOLE run in one compiled program: a
 `lax.while_loop` over epochs (it stops early when validation AUROC has not improved for
-`patience` epochs), each epoch a `lax.scan` over shuffled mini-batches. Sequence kinds keep one
-padded [n_k, P_k, D] array per length bucket on the device; each step gathers a [B, P_k, D]
-batch inside a jitted step, so XLA compiles one program per bucket.
+`patience` epochs), each epoch a `lax.scan` over shuffled mini-batches. Sequence kinds take
+[B, P_k, D] batches from a source in `mup.probes._batches` (padded buckets on the device, or a
+store streamed chunk by chunk); XLA compiles one step program per bucket shape.
 """
 
 from __future__ import annotations
@@ -21,13 +21,6 @@ import jax.numpy as jnp
 import jax.scipy.sparse.linalg
 import numpy as np
 import optax
-
-try:
-    import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype name)
-
-    _HAS_BF16 = True
-except ImportError:  # pragma: no cover
-    _HAS_BF16 = False
 
 from mup import metrics
 from mup.probes._config import ProbeConfig
@@ -171,46 +164,8 @@ def _pooled_program(cfg, n, d, b, steps, has_val, nv):
 # --------------------------------------------------------------------------- sequence kinds
 
 
-class PaddedBuckets:
-    """Compacted records grouped by length bucket, each bucket one padded device array.
-
-    x[k]: [n_k, P_k, D] float32, m[k]: [n_k, P_k] bool, rows[k]: [n_k] record indices.
-    """
-
-    def __init__(self, data, min_bucket: int):
-        from mup import native
-
-        data = data.compact()
-        lengths = data.lengths
-        buckets = list(native.length_buckets(int(lengths.max()), min_len=min_bucket))
-        # One batch per bucket: the budget admits every row at the longest bucket.
-        plan = native.plan_batches(
-            lengths,
-            token_budget=data.n_records * buckets[-1],
-            buckets=buckets,
-            max_rows=data.n_records,
-        )
-        # Half-precision stores stay half precision on accelerators (half the memory and the
-        # bandwidth of every batch gather); the probe upcasts inside its float32 products. XLA
-        # on CPU converts half precision several times slower than it reads float32 (a [16k,
-        # 576] float16 projection took 8x the float32 one), so CPU buckets are float32.
-        half = data.acts.dtype in (np.float16, np.dtype("bfloat16") if _HAS_BF16 else None)
-        half = half and jax.default_backend() != "cpu"
-        dtype = data.acts.dtype if half else np.float32
-        self.x, self.m, self.rows = [], [], []
-        for batch in plan:
-            rows = np.asarray(batch.rows, np.int64)
-            block, block_mask = native.gather_padded(
-                data.acts, data.offsets, rows, int(batch.padded_len), out_dtype=dtype
-            )  # [n_k, P_k, D], [n_k, P_k]
-            # device_put, not jnp.asarray: the latter also compiles a per-shape conversion.
-            self.x.append(jax.device_put(block))
-            self.m.append(jax.device_put(block_mask))
-            self.rows.append(rows)
-        self.n = data.n_records
-
-
-def _seq_forward(cfg):
+def sequence_forward(cfg):
+    """Jitted (params, x [B, P, D], m [B, P]) -> logits [B] of a sequence kind."""
     key = ("fwd", cfg.kind, cfg.temperature, cfg.window)
     if key not in _PROGRAMS:
         _PROGRAMS[key] = jax.jit(
@@ -219,14 +174,6 @@ def _seq_forward(cfg):
             )
         )
     return _PROGRAMS[key]
-
-
-def sequence_predict_logits(cfg, params, buckets: PaddedBuckets) -> np.ndarray:
-    fwd = _seq_forward(cfg)
-    out = np.empty(buckets.n, np.float32)
-    for x, m, rows in zip(buckets.x, buckets.m, buckets.rows, strict=True):
-        out[rows] = np.asarray(fwd(params, x, m))
-    return out
 
 
 _CHUNK_BYTES = 8 << 20
@@ -284,49 +231,34 @@ def _sequence_step(cfg: ProbeConfig, tx, params, opt_state, xk, mk, ykk, idx, wb
     return optax.apply_updates(params, updates), opt_state, total / n
 
 
-def train_sequence(cfg: ProbeConfig, data, val, seed: int):
+def train_sequence(cfg: ProbeConfig, train, val, seed: int):
     """AdamW on bucketed padded batches of a sequence kind (max / softmax / rolling /
-    attention). `data`, `val` are labelled Activations (val may be None)."""
-    train_b = PaddedBuckets(data, cfg.min_bucket)
-    val_b = None if val is None else PaddedBuckets(val, cfg.min_bucket)
-    y = np.asarray(data.labels, np.int32)
-    yk = [jnp.asarray(y[r]) for r in train_b.rows]
-    b = min(cfg.batch_size, data.n_records)
-    steps = sum(math.ceil(len(r) / b) for r in train_b.rows)
+    attention). `train`, `val` are batch sources of labelled records (`mup.probes._batches`:
+    device-resident buckets or streamed stores); val may be None."""
+    b = min(cfg.batch_size, train.n)
+    steps = train.n_steps(b)
     tx = _optimizer(cfg, cfg.epochs * steps)
     key = ("step", cfg, b, steps)
     if key not in _PROGRAMS:
         _PROGRAMS[key] = jax.jit(functools.partial(_sequence_step, cfg, tx))
     step = _PROGRAMS[key]
+    forward = sequence_forward(cfg)
 
     rng = np.random.default_rng(seed)
-    params = init_params(cfg.kind, data.d_model, jax.random.key(seed))
+    params = init_params(cfg.kind, train.d_model, jax.random.key(seed))
     opt_state = tx.init(params)
     has_val = val is not None
     patience = cfg.patience if (has_val and cfg.patience > 0) else cfg.epochs + 1
     best, best_auc, since, best_e = params, -1.0, 0, 0
     losses, aucs = [], []
     for e in range(cfg.epochs):
-        # Shuffle rows within each bucket, cut [B]-row batches (the last one padded with
-        # weight-0 rows so every step of a bucket has the same shape), shuffle the batch order.
-        batches = []
-        for k, rows in enumerate(train_b.rows):
-            perm = rng.permutation(len(rows))
-            for i in range(0, len(rows), b):
-                idx = perm[i : i + b]
-                wb = np.zeros(b, np.float32)
-                wb[: len(idx)] = 1.0
-                batches.append((k, np.pad(idx, (0, b - len(idx))).astype(np.int32), wb))
         total = jnp.float32(0.0)
-        for j in rng.permutation(len(batches)).tolist():
-            k, idx, wb = batches[j]
-            params, opt_state, loss = step(
-                params, opt_state, train_b.x[k], train_b.m[k], yk[k], idx, wb
-            )
+        for x, m, y, idx, wb in train.batches(b, rng):
+            params, opt_state, loss = step(params, opt_state, x, m, y, idx, wb)
             total = total + loss * wb.sum()
-        losses.append(float(total) / data.n_records)
+        losses.append(float(total) / train.n)
         if has_val:
-            auc = metrics.auroc(sequence_predict_logits(cfg, params, val_b), val.labels)
+            auc = metrics.auroc(val.logits(forward, params), val.labels)
             aucs.append(auc)
             better = auc > best_auc
         else:

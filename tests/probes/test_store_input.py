@@ -65,7 +65,7 @@ def stores(tmp_path_factory, train_data, val_data):
 
 def test_store_and_memory_give_the_same_probe(stores, train_data, val_data, helpers, monkeypatch):
     # Pooled probes stream stores chunk by chunk: force many small chunks.
-    monkeypatch.setattr("mup.probes._data.POOL_CHUNK_BYTES", 4096)
+    monkeypatch.setattr("mup.probes._data.CHUNK_BYTES", 4096)
     root, _ = stores
     s_train, s_val = store.open(root / "train"), store.open(root / "val")
     a = probes.fit("mean", s_train, layer=3, val=s_val, seed=0, **helpers.FAST)
@@ -183,3 +183,57 @@ def test_append_result_writes_self_describing_lines(stores, val_data, tmp_path):
             scores=p,
             labels=s_val.labels,
         )
+
+
+def test_sequence_probe_streams_a_store_over_its_memory_budget(
+    stores, train_data, val_data, helpers, monkeypatch, tmp_path
+):
+    root, _ = stores
+    s_train, s_val = store.open(root / "train"), store.open(root / "val")
+    # A 40 kB budget: loading would hold 206 kB (the stored layer, its compacted copy and the
+    # padded buckets), so training reads the store in chunks of at most a quarter of the
+    # budget, every epoch.
+    budget = 40_000
+    fit = lambda **kw: probes.fit(  # noqa: E731
+        "attention", s_train, layer=3, val=s_val, seed=0, **helpers.FAST, **kw
+    )
+    streamed = fit(memory_budget=budget)
+    info = streamed.history["streamed"]
+    assert info["chunks"] > 4 and 0 < info["max_chunk_bytes"] <= budget // 4
+    assert streamed.history["n_train"] == train_data.n_records
+    loaded = fit()
+    assert "streamed" not in loaded.history
+    for probe in (streamed, loaded):
+        assert probe.history["val_auroc_final"] > 0.95
+    # Same seed, same chunk order and batches: identical parameters.
+    again = fit(memory_budget=budget)
+    for name in streamed.params:
+        np.testing.assert_array_equal(streamed.params[name], again.params[name])
+
+    # Scoring a store streams it too (many small chunks here) and equals in-memory scoring.
+    monkeypatch.setattr("mup.probes._data.CHUNK_BYTES", 2048)
+    np.testing.assert_allclose(streamed.predict(s_val), streamed.predict(val_data), atol=2e-6)
+    for method in ("token_scores", "attention_weights"):
+        got, got_off = getattr(streamed, method)(s_val)
+        want, want_off = getattr(streamed, method)(val_data)
+        np.testing.assert_array_equal(got_off, want_off)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    # Unlabelled records are left out of streamed training, across several stores.
+    partial = probes.Activations(
+        acts=val_data.acts,
+        offsets=val_data.offsets,
+        mask=val_data.mask,
+        labels=np.where(np.arange(val_data.n_records) % 5 == 0, -1, val_data.labels),
+        ids=val_data.ids,
+    )
+    _write_store(tmp_path / "some-unlabelled", partial)
+    s_partial = store.open(tmp_path / "some-unlabelled")
+    both = probes.fit(
+        "max", [s_train, s_partial], layer=3, seed=0, memory_budget=budget, **helpers.FAST
+    )
+    assert both.history["n_train"] == train_data.n_records + int((partial.labels != -1).sum())
+    assert both.history["streamed"]["chunks"] > 4
+    assert probes.fit("max", s_partial, layer=3, seed=0, **helpers.FAST).history["n_train"] == int(
+        (partial.labels != -1).sum()
+    )
