@@ -296,9 +296,9 @@ def block(ctx: _Context, p, x: jax.Array, is_local: jax.Array, kv):
     norm = functools.partial(_layers.rms_norm, eps=c.rms_norm_eps, plus_one=c.norm_plus_one)
 
     h = norm(x, p["attn_norm"])
-    q = jnp.einsum("btd,dnh->btnh", h, p["q"])  # [B, T, N, H]
-    k = jnp.einsum("btd,dkh->btkh", h, p["k"])  # [B, T, K, H]
-    v = jnp.einsum("btd,dkh->btkh", h, p["v"])  # [B, T, K, H]
+    q = _layers.project("btd,dnh->btnh", h, p["q"])  # [B, T, N, H]
+    k = _layers.project("btd,dkh->btkh", h, p["k"])  # [B, T, K, H]
+    v = _layers.project("btd,dkh->btkh", h, p["v"])  # [B, T, K, H]
     if c.attention_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if c.qk_norm:
@@ -331,7 +331,7 @@ def block(ctx: _Context, p, x: jax.Array, is_local: jax.Array, kv):
     # Contract over the flattened heads: a plain [B*T, N*H] x [N*H, D] matmul. The 3-D einsum
     # made XLA (CPU) re-layout the o weight on every call, i.e. every decode step and layer.
     B, T, N, H = a.shape
-    a = jnp.einsum("btf,fd->btd", a.reshape(B, T, N * H), p["o"].reshape(N * H, -1))
+    a = _layers.project("btf,fd->btd", a.reshape(B, T, N * H), p["o"].reshape(N * H, -1))
     if c.post_norms:
         a = norm(a, p["post_attn_norm"])
     x = x + a

@@ -7,6 +7,8 @@ Every layer's hidden state and the logits must agree within 1e-4 max abs.
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +45,7 @@ def _hf(model, tokens: np.ndarray):
     """(hidden_states list of [B, T, D], logits [B, T, V]) as numpy float32."""
     with torch.no_grad():
         out = model(torch.as_tensor(tokens, dtype=torch.long), output_hidden_states=True)
-    return [h.numpy() for h in out.hidden_states], out.logits.numpy()
+    return [h.float().numpy() for h in out.hidden_states], out.logits.float().numpy()
 
 
 def _maxdiff(a, b) -> float:
@@ -80,6 +82,31 @@ def test_every_layer_and_logits_match_transformers(tiny_models, name):
     assert d0 <= TOL and d1 <= TOL, f"{name} logits: {d0:.2e} / padded row {d1:.2e}"
     assert np.abs(hf_logits_full).max() > 1.0, "reference logits are degenerate"
     print(f"\n{name}: max |hidden diff| {worst:.2e}, max |logit diff| {max(d0, d1):.2e}")
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_tied", "gemma2"])
+def test_bfloat16_forward_is_as_close_as_transformers_bfloat16(tiny_models, name):
+    """bfloat16 weights and activations: every layer and the logits stay within twice the error
+    of transformers' own bfloat16 forward, both against the float32 reference."""
+    case = tiny_models(name)
+    cfg = case.config
+    tok = _tokens(2)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), case.params)
+    out = jit_forward(
+        params,
+        jnp.asarray(tok),
+        jnp.asarray(_positions(2, SEQ)),
+        config=cfg,
+        capture=tuple(range(cfg.n_layers + 1)),
+    )
+    ref_hidden, ref_logits = _hf(case.hf_model, tok)
+    hf16_hidden, hf16_logits = _hf(copy.deepcopy(case.hf_model).to(torch.bfloat16), tok)
+    pairs = [(out.hidden[i], ref_hidden[i], hf16_hidden[i]) for i in range(cfg.n_layers + 1)]
+    for i, (ours, ref, hf16) in enumerate([*pairs, (out.logits, ref_logits, hf16_logits)]):
+        if i <= cfg.n_layers:
+            assert ours.dtype == jnp.bfloat16
+        err, hf_err = _maxdiff(ours, ref), _maxdiff(hf16, ref)
+        assert err <= 2 * hf_err + 1e-3, f"{name} output {i}: {err:.2e} vs HF bf16 {hf_err:.2e}"
 
 
 @pytest.mark.parametrize("name", ["llama_gqa_tied", "gemma3"])
