@@ -2,26 +2,32 @@
 
 What a user would do instead (the MUP paper's code): truncate the HF model to the layers
 needed (``model.model.layers = layers[:L]``) and call it with ``output_hidden_states=True``.
-We give HF its best case: the base model (no LM head), torch inference mode, float32 (its
-fastest CPU dtype; bfloat16 is measured too), the same length-sorted batches.
+We give HF its best case: the base model (no LM head), torch inference mode, the same
+length-sorted batches; both sides run in float32 and in bfloat16, with the same weights.
 
 mup: ``forward(params, tokens, positions, valid=..., capture=(L,), logits=False)`` jitted, batches
 right-padded to a few power-of-two length buckets (compiled once each, in the warm-up).
+Every run is warmed up first; the timed passes (``--repeats``) interleave the four runs and each
+keeps its best, so that load from elsewhere on the machine does not land on one side only.
 
-Printed: tokens/s of both, their ratio (target >= 1.5x), the largest difference between the
-two captures, and the fraction of the FLOP limit reached: 2 x params-below-layer-L x tokens /
-the matmul peak measured in this run (jnp.dot of big float32 matrices).
+Printed: tokens/s of each side and dtype; the ratios mup / HF per dtype and best dtype vs best
+dtype (target >= 1.5x); the largest differences between the captures (mup bfloat16 against both
+HF dtypes, and HF bfloat16 vs float32 for scale); and the fraction of the FLOP limit reached:
+2 x params-below-layer-L x tokens / the matmul peak of that dtype measured in this run (jnp.dot
+of big matrices; bfloat16 accumulating in float32, XLA CPU's fast bfloat16 path).
 
 GPU mode (``--device gpu --config llama-3.2-1b --random``): random bfloat16 weights, fixed-length
 batches, capture after the last block; prints MFU against the measured bf16 matmul peak.
 
 usage: python benchmarks/bench_capture.py [--quick] [--layer 20] [--batch 8] [--texts 64]
+                                          [--repeats 2]
        python benchmarks/bench_capture.py --device gpu --config llama-3.2-1b --random
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import time
@@ -31,15 +37,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+DTYPES = ("float32", "bfloat16")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TEXT_FILES = ("mup/evals/dev/mts_balanced.jsonl", "mup/training/synthetic_2025-03-25.jsonl")
 
 
 def matmul_peak(n: int, dtype, reps: int = 5) -> float:
-    """FLOP/s of one big jnp.dot on the default device (best of `reps`)."""
+    """FLOP/s of one big jnp.dot on the default device (best of `reps`), accumulating in
+    float32 as the model's projections do (`mup.models._layers.project`)."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    dot = jax.jit(jnp.dot)
+    dot = jax.jit(functools.partial(jnp.dot, preferred_element_type=jnp.float32))
     dot(a, b).block_until_ready()
     best = float("inf")
     for _ in range(reps):
@@ -92,20 +100,23 @@ def pad(rows: list[list[int]], width: int, batch: int):
     return tok, pos, valid
 
 
-def run_mup(params, config, batches, layer: int, batch: int):
+def mup_runner(params, config, batches, layer: int, batch: int):
+    """Compile every bucket (the warm-up); returns a call that captures every batch."""
     from mup.models._transformer import forward
 
     fn = jax.jit(functools.partial(forward, config=config, capture=(layer,), logits=False))
-    # Warm-up: compile every bucket once.
     for width in sorted({bucket(max(map(len, b))) for b in batches}):
         tok, pos, valid = pad([[0] * width], width, batch)
         fn(params, tok, pos, valid=valid).hidden[layer].block_until_ready()
-    outs = []
-    start = time.perf_counter()
-    for rows in batches:
-        tok, pos, valid = pad(rows, bucket(max(map(len, rows))), batch)
-        outs.append(np.asarray(fn(params, tok, pos, valid=valid).hidden[layer]))
-    return time.perf_counter() - start, outs
+
+    def run():
+        outs = []
+        for rows in batches:
+            tok, pos, valid = pad(rows, bucket(max(map(len, rows))), batch)
+            outs.append(np.asarray(fn(params, tok, pos, valid=valid).hidden[layer]))
+        return outs
+
+    return run
 
 
 def hf_model(config, params, layer: int, hf_config: dict):
@@ -129,10 +140,9 @@ def hf_model(config, params, layer: int, hf_config: dict):
     return base
 
 
-def run_hf(base, batches, layer: int, dtype):
+def hf_runner(base, batches, layer: int):
+    """Warm up `base` on the first batch; returns a call that captures every batch."""
     import torch
-
-    base = base.to(dtype)
 
     def call(rows):
         width = max(map(len, rows))
@@ -145,12 +155,8 @@ def run_hf(base, batches, layer: int, dtype):
             )
         return out.hidden_states[layer].float().numpy()
 
-    call(batches[0])  # warm-up
-    outs = []
-    start = time.perf_counter()
-    for rows in batches:
-        outs.append(call(rows))
-    return time.perf_counter() - start, outs
+    call(batches[0])
+    return lambda: [call(rows) for rows in batches]
 
 
 def cpu_main(args) -> None:
@@ -188,33 +194,76 @@ def cpu_main(args) -> None:
         flush=True,
     )
 
-    peak = matmul_peak(args.peak_n, jnp.float32)
-    print(f"matmul peak (jnp.dot {args.peak_n}^2 float32): {peak / 1e9:.1f} GFLOP/s", flush=True)
-    t_mup, mup_out = run_mup(params, config, batches, layer, args.batch)
-    print(f"mup  float32: {tokens / t_mup:10.0f} tokens/s  ({t_mup:.2f} s)", flush=True)
-    base = hf_model(config, params, layer, hf_config)
+    peak = {dtype: matmul_peak(args.peak_n, getattr(jnp, dtype)) for dtype in DTYPES}
+    print(
+        f"matmul peak (jnp.dot {args.peak_n}^2, float32 accumulation): "
+        + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items()),
+        flush=True,
+    )
     import torch
 
-    t_hf, hf_out = run_hf(base, batches, layer, torch.float32)
-    print(f"HF   float32: {tokens / t_hf:10.0f} tokens/s  ({t_hf:.2f} s)", flush=True)
-    diff = max(
-        float(np.abs(m[: len(rows), : h.shape[1]] - h)[_mask(rows, h.shape[1])].max())
-        for m, h, rows in zip(mup_out, hf_out, batches, strict=True)
-    )
-    sub = batches[: min(2, len(batches))]
-    sub_tokens = sum(len(r) for b in sub for r in b)
-    t_bf16, _ = run_hf(base, sub, layer, torch.bfloat16)
+    runs = {}
+    for dtype in DTYPES:
+        cast = jax.tree.map(lambda a, d=dtype: a.astype(d), params)
+        runs["mup", dtype] = mup_runner(cast, config, batches, layer, args.batch)
+    base = hf_model(config, params, layer, hf_config)
+    for dtype in DTYPES:
+        runs["HF", dtype] = hf_runner(copy.deepcopy(base).to(getattr(torch, dtype)), batches, layer)
+    # Repeats interleave the four runs and keep each one's best: a load burst from elsewhere on
+    # the machine then slows one repeat of every run, not every repeat of one.
+    seconds, outs = dict.fromkeys(runs, float("inf")), {}
+    for r in range(args.repeats):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            outs[key] = run()
+            t = time.perf_counter() - start
+            seconds[key] = min(seconds[key], t)
+            print(f"pass {r + 1}: {' '.join(key):12s} {tokens / t:7.0f} tokens/s", flush=True)
+    print("best: " + ", ".join(f"{' '.join(k)} {tokens / t:.0f}" for k, t in seconds.items()))
 
+    rate = {key: tokens / t for key, t in seconds.items()}
+    best = {side: max(DTYPES, key=lambda d, s=side: rate[s, d]) for side in ("mup", "HF")}
+    print("ratios (target >= 1.5x):")
+    for (a, da), (b, db) in [
+        (("mup", "float32"), ("HF", "float32")),
+        (("mup", "bfloat16"), ("HF", "bfloat16")),
+        (("mup", "bfloat16"), ("HF", "float32")),
+        (("mup", best["mup"]), ("HF", best["HF"])),
+    ]:
+        print(f"  {a} {da:8s} / {b} {db:8s}: {rate[a, da] / rate[b, db]:.2f}x")
     flops = 2 * config.param_count(layer, embeddings=False) * tokens
-    rate_mup, rate_hf = tokens / t_mup, tokens / t_hf
-    print(f"HF   bf16   : {sub_tokens / t_bf16:10.0f} tokens/s  (first {len(sub)} batches)")
-    print(f"ratio mup / HF float32: {rate_mup / rate_hf:.2f}x (target >= 1.5x)")
+    print("fraction of the FLOP limit (same-dtype matmul peak):")
+    for (side, dtype), t in seconds.items():
+        print(f"  {side:3s} {dtype:8s}: {flops / t / peak[dtype]:.1%}")
+    scale = max(float(np.abs(h).max()) for h in outs["HF", "float32"])
     print(
-        f"mup fraction of the FLOP limit: {flops / t_mup / peak:.1%} "
-        f"(HF: {flops / t_hf / peak:.1%})"
+        f"differences over real tokens at layer {layer}: max |a - b| (max |HF float32| "
+        f"{scale:.1f}); max ||a - b|| / ||b|| of a token:"
     )
-    scale = max(float(np.abs(h).max()) for h in hf_out)
-    print(f"max |mup - HF| over real tokens at layer {layer}: {diff:.2e} (max |HF| {scale:.1f})")
+    for a, b in [
+        (("mup", "float32"), ("HF", "float32")),
+        (("mup", "bfloat16"), ("HF", "bfloat16")),
+        (("mup", "bfloat16"), ("HF", "float32")),
+        (("mup", "bfloat16"), ("mup", "float32")),
+        (("HF", "bfloat16"), ("HF", "float32")),
+    ]:
+        worst, rel = _diffs(outs[a], outs[b], batches)
+        print(f"  {' '.join(a):12s} vs {' '.join(b):12s}: {worst:.2e}; {rel:.2e}")
+
+
+def _diffs(outs_a, outs_b, batches) -> tuple[float, float]:
+    """(largest |a - b|, largest ||a - b|| / ||b|| of one token) over the real tokens of every
+    batch (outputs may be padded wider)."""
+    worst = worst_rel = 0.0
+    for a, b, rows in zip(outs_a, outs_b, batches, strict=True):
+        width = max(map(len, rows))
+        mask = _mask(rows, width)
+        a = np.asarray(a[: len(rows), :width], np.float32)[mask]  # [tokens, D]
+        b = np.asarray(b[: len(rows), :width], np.float32)[mask]
+        worst = max(worst, float(np.abs(a - b).max()))
+        rel = np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-30)
+        worst_rel = max(worst_rel, float(rel.max()))
+    return worst, worst_rel
 
 
 def _mask(rows, width):
@@ -298,6 +347,7 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=None)
     ap.add_argument("--max-len", type=int, default=None)
     ap.add_argument("--peak-n", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="timed passes, best kept")
     args = ap.parse_args()
     if args.device == "gpu":
         args.config = args.config or "llama-3.2-1b"
@@ -313,6 +363,7 @@ def main() -> None:
     args.texts = args.texts or (8 if args.quick else 64)
     args.max_len = args.max_len or (64 if args.quick else 256)
     args.peak_n = args.peak_n or (512 if args.quick else 2048)
+    args.repeats = args.repeats or (1 if args.quick else 2)
     cpu_main(args)
 
 

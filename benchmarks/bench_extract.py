@@ -7,10 +7,12 @@ Both sides turn the same stakes records into layer-L activations on disk:
   call to the return, INCLUDING the GGUF weight load and every XLA compile: what a user waits.
 * baseline (what a user of HF transformers writes, the paper's code shape): the same weights in
   an HF `LlamaModel` truncated to L blocks (its best case: no LM head, no deeper blocks, torch
-  inference mode, float32), `apply_chat_template` per record, padded batches of records sorted
+  inference mode), `apply_chat_template` per record, padded batches of records sorted
   by length (also its best case), `output_hidden_states=True`, hidden_states[L] cast to float16
   and saved per batch with torch.save, then zstd-compressed (level 3) to disk. The HF model is
   built before its clock starts.
+
+Both sides compute in `--model-dtype` (mup's ``--model-dtype``; the HF model cast to it).
 
 Printed: tokens/s of both and their ratio (target >= 1.5x on CPU); bytes on disk of the mup
 store vs the dense padded [N, T_max, D] float16 tensor of the same data (target >= 5x smaller)
@@ -18,6 +20,7 @@ and vs the baseline's zstd files; the store writer's throughput on these activat
 disk's plain write bandwidth (np.tofile + fsync of the same bytes), both measured here.
 
 usage: python benchmarks/bench_extract.py [--limit 400] [--layer 20] [--max-tokens 4096]
+                                          [--model-dtype bfloat16]
        (default: the training set and three dev sets of ../shared/data, ~2100 records)
 """
 
@@ -55,6 +58,7 @@ def run_mup(paths: list[Path], out: Path, args):
         max_tokens=args.max_tokens,
         limit=args.limit,
         batch_tokens=args.batch_tokens,
+        model_dtype=args.model_dtype,
         progress=False,
     )
     start = time.perf_counter()
@@ -63,14 +67,17 @@ def run_mup(paths: list[Path], out: Path, args):
 
 
 def build_hf(args):
-    """An HF LlamaModel with mup's weights for the model spec, truncated to `args.layer` blocks."""
+    """An HF LlamaModel with mup's weights for the model spec, truncated to `args.layer` blocks,
+    in `args.model_dtype`."""
+    import torch
     from bench_capture import hf_model
 
     from mup.models import load_model
     from mup.models._checkpoint import read_hf_config
 
     model = load_model(args.model, dtype="float32")
-    return hf_model(model.config, model.params, args.layer, read_hf_config(model.spec)), model
+    base = hf_model(model.config, model.params, args.layer, read_hf_config(model.spec))
+    return base.to(getattr(torch, args.model_dtype)), model
 
 
 def run_hf(base, tokenizer, paths: list[Path], out: Path, args):
@@ -137,6 +144,9 @@ def main() -> None:
         "--max-tokens", type=int, default=4096, help="as mup extract (longer chats keep their end)"
     )
     parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument(
+        "--model-dtype", choices=("float32", "bfloat16"), default="float32", help="both sides"
+    )
     parser.add_argument("--scratch", default=None, help="directory for the outputs (a tmp dir)")
     args = parser.parse_args()
 
@@ -146,6 +156,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"{args.model}, layer {args.layer}, both sides computing in {args.model_dtype}")
     with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
         scratch = Path(tmp)
         base, model = build_hf(args)
