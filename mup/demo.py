@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from mup import _compile_cache
 from mup._configs import load_config
 from mup._resolve import DEFAULT_MODEL
 
@@ -74,6 +75,7 @@ def _extract(path: Path, *, split, limit, layer, out, max_tokens):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _compile_cache.enable()
     started = time.perf_counter()
     layer = args.layer
     if layer is None:

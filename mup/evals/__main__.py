@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+from mup import _compile_cache
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mup.evals", description=__doc__.split("\n")[0])
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(_join_negative_lists(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _compile_cache.enable()
     from mup.evals import _aggregate, _runner, _suite
 
     try:

@@ -9,6 +9,7 @@ Library use::
 """
 
 # The job description and its command line
+from mup import _compile_cache
 from mup.extract._config import ExtractConfig, build_parser, config_from_args
 
 # Running it
@@ -35,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run(config_from_args(argv))
+        config = config_from_args(argv)
+        _compile_cache.enable()
+        run(config)
     except (StoreError, FileNotFoundError, ValueError) as error:
         # One clear line, not a traceback, for problems with the user's input or storage.
         print(f"mup.extract: error: {error}", file=sys.stderr)

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from mup import _compile_cache
 from mup._resolve import DEFAULT_MODEL
 
 
@@ -95,6 +96,7 @@ def _kind(value: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _compile_cache.enable()
     from mup import experiments
 
     try:

@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from mup import _compile_cache
 from mup.serve._config import ServeConfig, parse_args
 
 
@@ -83,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     log = logging.getLogger("mup.serve")
+    _compile_cache.enable()
     t0 = time.perf_counter()
     try:
         engine = build_engine(config)

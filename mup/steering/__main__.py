@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 
+from mup import _compile_cache
 from mup.steering._pairs import bundled_pairs_path, load_pairs
 
 
@@ -58,6 +59,7 @@ def _pairs_path(arg: str):
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _compile_cache.enable()
     try:
         if args.command == "vector":
             return _vector(args)
