@@ -93,17 +93,20 @@ def attention(
     logit_softcap: float | None,
 ) -> jax.Array:
     """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]."""
-    kh, vh = _heads_major(k), _heads_major(v)
-    return _attend(q, kh, vh, mask, scale=scale, logit_softcap=logit_softcap)
+    return attention_heads_major(
+        q, heads_major(k), heads_major(v), mask, scale=scale, logit_softcap=logit_softcap
+    )
 
 
-def _heads_major(x: jax.Array) -> jax.Array:
-    """[B, S, K, H] -> [B, K, S, H]: every kv head's keys contiguous, so that both products
-    below are plain batched matrix products over (B, K)."""
+def heads_major(x: jax.Array) -> jax.Array:
+    """[B, S, K, H] -> [B, K, S, H]: every kv head's keys contiguous, so that both attention
+    products are plain batched matrix products over (B, K). The KV cache is kept in this
+    layout (a per-step copy of the whole cache cut `mup serve`'s batched decode from 83 to 57
+    tokens/s)."""
     return jnp.transpose(x, (0, 2, 1, 3))
 
 
-def _attend(
+def attention_heads_major(
     q: jax.Array,
     kh: jax.Array,
     vh: jax.Array,
@@ -154,12 +157,12 @@ def causal_attention(
     """
     T = q.shape[1]
     C = CAUSAL_CHUNK
-    kh, vh = _heads_major(k), _heads_major(v)  # once for all blocks
+    kh, vh = heads_major(k), heads_major(v)  # once for all blocks
     outs = []
     for start in range(0, T, C):
         stop = min(start + C, T)
         outs.append(
-            _attend(
+            attention_heads_major(
                 q[:, start:stop],
                 kh[:, :, :stop],
                 vh[:, :, :stop],

@@ -147,7 +147,7 @@ def cache_sharding(config: ModelConfig, mesh: Mesh, mesh_axes=("data", "model"))
 
     data, model = mesh_axes
     heads = model if config.n_kv_heads % mesh.shape[model] == 0 else None
-    kv = NamedSharding(mesh, P(None, data, None, heads, None))  # [L, B, S, K, H]
+    kv = NamedSharding(mesh, P(None, data, heads, None, None))  # [L, B, K, S, H]
     return KVCache(
         k=kv,
         v=kv,

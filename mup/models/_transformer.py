@@ -34,7 +34,8 @@ Site = Literal["residual", "normed"]
 class KVCache:
     """Keys and values of every layer for S slots, written left to right.
 
-    k, v:   [L, B, S, K, H] rotated keys and values (activation dtype).
+    k, v:   [L, B, K, S, H] rotated keys and values (activation dtype), heads major: both
+            attention products read a kv head's slots as one contiguous [S, H] matrix.
     valid:  [B, S] bool, True where the slot holds a real token. Prompts are LEFT-padded for
             generation; padding slots stay False and are never attended to.
     index:  int32 scalar, the next slot to write (shared by all rows).
@@ -47,7 +48,7 @@ class KVCache:
 
     @classmethod
     def create(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+        shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),
@@ -57,7 +58,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 @flax.struct.dataclass
@@ -166,8 +167,8 @@ def forward(
     layers = params["layers"]
     local_flags = jnp.asarray(np.asarray(config.local_layers, dtype=bool))  # [L]
     # With a cache, each layer's slots ride in the scan inputs and only the T new keys/values
-    # come out (scan outputs [n, B, T, K, H]); they are written into the stacked cache once per
-    # segment below. Carrying the whole [L, B, S, K, H] cache through the layer scan instead
+    # come out (scan outputs [n, B, K, T, H]); they are written into the stacked cache once per
+    # segment below. Carrying the whole [L, B, K, S, H] cache through the layer scan instead
     # cost more than the MLPs in a batched decode step on CPU.
     kv = None if cache is None else (cache.k, cache.v)
     new_kv: list[tuple[int, jax.Array, jax.Array]] = []  # (first layer, k, v) per segment
@@ -202,8 +203,8 @@ def forward(
 
     if new_cache is not None:
         k_all, v_all = cache.k, cache.v
-        for first, k_new, v_new in new_kv:  # [n, B, T, K, H] at layers first.., slot index
-            at = (first, 0, cache.index, 0, 0)
+        for first, k_new, v_new in new_kv:  # [n, B, K, T, H] at layers first.., slot index
+            at = (first, 0, 0, cache.index, 0)
             k_all = jax.lax.dynamic_update_slice(k_all, k_new, at)
             v_all = jax.lax.dynamic_update_slice(v_all, v_new, at)
         new_cache = new_cache.replace(k=k_all, v=v_all)
@@ -274,7 +275,7 @@ def _scan_xs(layers, local_flags, delta, kv, start: int, stop: int) -> dict:
     if delta is not None:
         xs["delta"] = delta[start:stop]
     if kv is not None:
-        xs["kv"] = (kv[0][start:stop], kv[1][start:stop])  # each [n, B, S, K, H]
+        xs["kv"] = (kv[0][start:stop], kv[1][start:stop])  # each [n, B, K, S, H]
     return xs
 
 
@@ -287,9 +288,9 @@ def _scan_body(ctx: _Context, gate, emit: bool, x, xs):
 
 
 def block(ctx: _Context, p, x: jax.Array, is_local: jax.Array, kv):
-    """One decoder block. x [B, T, D]; kv = None or this layer's (k, v) cache [B, S, K, H].
+    """One decoder block. x [B, T, D]; kv = None or this layer's (k, v) cache [B, K, S, H].
 
-    Returns the block output and, with a cache, the new (k, v) [B, T, K, H] to write at
+    Returns the block output and, with a cache, the new (k, v) [B, K, T, H] to write at
     ``ctx.cache_index``.
     """
     c = ctx.config
@@ -314,20 +315,22 @@ def block(ctx: _Context, p, x: jax.Array, is_local: jax.Array, kv):
         # Attend to this layer's slots with the new tokens written in (cache dtype, as they
         # will be read back in later steps).
         k_layer, v_layer = kv
-        k_new, v_new = k.astype(k_layer.dtype), v.astype(v_layer.dtype)  # [B, T, K, H]
-        at = (0, ctx.cache_index, 0, 0)
-        k = jax.lax.dynamic_update_slice(k_layer, k_new, at)  # [B, S, K, H]
+        k_new = _layers.heads_major(k.astype(k_layer.dtype))  # [B, K, T, H]
+        v_new = _layers.heads_major(v.astype(v_layer.dtype))
+        at = (0, 0, ctx.cache_index, 0)
+        k = jax.lax.dynamic_update_slice(k_layer, k_new, at)  # [B, K, S, H]
         v = jax.lax.dynamic_update_slice(v_layer, v_new, at)
         kv = (k_new, v_new)
 
     mask = ctx.mask_global
     if ctx.mask_local is not None:
         mask = jnp.where(is_local, ctx.mask_local, mask)
-    # Without a cache, queries and keys are the same tokens in slot order: causal blocks.
-    attend = _layers.attention if kv is not None else _layers.causal_attention
-    a = attend(
-        q, k, v, mask, scale=c.attn_scale, logit_softcap=c.attn_logit_softcap
-    )  # [B, T, N, H]
+    kw = dict(scale=c.attn_scale, logit_softcap=c.attn_logit_softcap)
+    if kv is not None:
+        a = _layers.attention_heads_major(q, k, v, mask, **kw)  # [B, T, N, H]
+    else:
+        # Without a cache, queries and keys are the same tokens in slot order: causal blocks.
+        a = _layers.causal_attention(q, k, v, mask, **kw)
     # Contract over the flattened heads: a plain [B*T, N*H] x [N*H, D] matmul. The 3-D einsum
     # made XLA (CPU) re-layout the o weight on every call, i.e. every decode step and layer.
     B, T, N, H = a.shape
