@@ -171,13 +171,14 @@ class StreamedBuckets:
         lengths, labels = [], []
         # (part, store rows [R], record numbers [R]) per chunk; chunks never span two stores.
         self.chunks: list[tuple[int, np.ndarray, np.ndarray]] = []
-        start = 0
+        start, self.max_chunk_bytes = 0, 0
         for j, (store, rows) in enumerate(parts):
             lengths.append(masked_lengths(store)[rows])
             labels.append(None if store.labels is None else np.asarray(store.labels)[rows])
             sizes = np.diff(store.offsets)[rows] * stored_row_bytes(store, len(self.layers))
             for sel in split_by_bytes(sizes, chunk_bytes):
                 self.chunks.append((j, rows[sel], start + sel))
+                self.max_chunk_bytes = max(self.max_chunk_bytes, int(sizes[sel].sum()))
             start += len(rows)
         self.n = start
         self.lengths = np.concatenate(lengths)  # [N] masked tokens per record
@@ -186,11 +187,6 @@ class StreamedBuckets:
             native.length_buckets(int(self.lengths.max()), min_len=min_bucket)
         )
         self.which = _bucket_index(self.lengths, self.buckets)  # [N]
-        self.max_chunk_bytes = max(
-            int(np.diff(parts[j][0].offsets)[r].sum())
-            * stored_row_bytes(parts[j][0], len(self.layers))
-            for j, r, _ in self.chunks
-        )
 
     def _read(self, c: int) -> Activations:
         j, rows, _ = self.chunks[c]
@@ -238,7 +234,8 @@ class StreamedBuckets:
                 # few compiled shapes per bucket); weight-0 batch rows point at row 0. A full
                 # [B, P, D] block for the last few rows of a long bucket would cost as much as
                 # a whole batch.
-                x, m, rows = self._gather(acts, local, k, _pow2(len(local), min(16, b)))
+                n_rows = min(_pow2(len(local), min(16, b)), b)
+                x, m, rows = self._gather(acts, local, k, n_rows)
                 y = jax.device_put(np.asarray(self.labels[record[rows]], np.int32))
                 yield x, m, y, np.where(wb > 0, np.arange(b), 0).astype(np.int32), wb
 
