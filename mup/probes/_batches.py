@@ -291,7 +291,7 @@ def sequence_source(
     rows = [np.arange(s.n_records) for s in stores]
     if train:
         keep = labelled_rows(
-            np.concatenate([_labels_or_none(s, what) for s in stores]), what
+            np.concatenate([_store_labels(s, what) for s in stores]), what
         )  # [N] bool or None
         if keep is not None:
             bounds = np.cumsum([0] + [s.n_records for s in stores])
@@ -307,7 +307,7 @@ def sequence_source(
     return StreamedBuckets(parts, layers, combine, min_bucket, chunk)
 
 
-def _labels_or_none(store, what: str) -> np.ndarray:
+def _store_labels(store, what: str) -> np.ndarray:
     if store.labels is None:
         raise ValueError(f"{what} has no labels; probes train on labelled records")
     return np.asarray(store.labels)
@@ -318,13 +318,10 @@ def _in_memory_bytes(stores, rows, layers, combine, min_bucket) -> int:
     their compacted copy and the padded float32 buckets."""
     from mup import native
 
-    total = 0
     n_layers = len(layers)
     width = stores[0].d_model * (n_layers if combine == "concat" else 1)
     lengths = np.concatenate([masked_lengths(s)[r] for s, r in zip(stores, rows, strict=True)])
     buckets = np.asarray(native.length_buckets(int(lengths.max()), min_len=min_bucket))
     padded = int(buckets[_bucket_index(lengths, buckets)].sum())
-    for s in stores:
-        total += s.n_tokens * stored_row_bytes(s, n_layers)
-    total += int(lengths.sum()) * width * 4 + padded * width * 4
-    return total
+    stored = sum(s.n_tokens * stored_row_bytes(s, n_layers) for s in stores)
+    return stored + (int(lengths.sum()) + padded) * width * 4

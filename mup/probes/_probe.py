@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mup._version import __version__
-from mup.probes._batches import sequence_source
+from mup.probes._batches import StreamedBuckets, sequence_source
 from mup.probes._config import POOLED_KINDS, SEQUENCE_KINDS, ProbeConfig, default_config
 from mup.probes._data import Pooled, pooled, record_chunks
 from mup.probes._train import (
@@ -278,7 +278,7 @@ def fit(
             val_eval = source(val, what="validation data")
             _check_val_width(d_model, val_eval.d_model)
         info["n_train"] = train.n
-        if hasattr(train, "chunks"):
+        if isinstance(train, StreamedBuckets):
             info["streamed"] = {
                 "chunks": len(train.chunks),
                 "max_chunk_bytes": train.max_chunk_bytes,
