@@ -267,18 +267,18 @@ def stored_row_bytes(store, n_layers: int) -> int:
     return store.d_model * np.dtype(store.dtype).itemsize * n_layers
 
 
-def record_chunks(data, layer, *, combine: Combine) -> Iterator[tuple[int, Activations]]:
-    """(first record, Activations of consecutive records) covering `data` in order: a store is
-    read `CHUNK_BYTES` at a time, anything else comes whole."""
+def record_chunks(data, layer, *, combine: Combine) -> Iterator[Activations]:
+    """Activations of consecutive records covering `data` in order: a store is read
+    `CHUNK_BYTES` at a time, anything else comes whole."""
     if not is_store(data):
-        yield 0, as_activations(data, layer, combine=combine)
+        yield as_activations(data, layer, combine=combine)
         return
     layers = check_store(data, layer, combine)
     sizes = np.diff(np.asarray(data.offsets, np.int64)) * stored_row_bytes(data, len(layers))
     runs = split_by_bytes(sizes, CHUNK_BYTES)
     read = lambda rows: Activations.from_store(data, layers, rows=rows, combine=combine)  # noqa: E731
-    for rows, acts in prefetched(read, runs):
-        yield int(rows[0]), acts
+    for _, acts in prefetched(read, runs):
+        yield acts
 
 
 def _layer_tuple(layer) -> tuple[int, ...]:

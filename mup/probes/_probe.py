@@ -66,11 +66,15 @@ class Probe:
                 f"(layers {list(self.layers)}, {self.combine}) but the data has width {d}"
             )
 
-    def _chunks(self, data):
-        """(first record, Activations) over `data` in order; stores stream chunk by chunk."""
-        for start, acts in record_chunks(data, self.layers or None, combine=self.combine):
+    def _per_token(self, data, fn) -> tuple[np.ndarray, np.ndarray]:
+        """(fn(acts) of every chunk concatenated [T], offsets [N+1]); `fn` maps the Activations
+        of consecutive records to one value per token. Stores stream chunk by chunk."""
+        values, offsets = [], [np.zeros(1, np.int64)]
+        for acts in record_chunks(data, self.layers or None, combine=self.combine):
             self._check_width(acts.d_model)
-            yield start, acts
+            values.append(fn(acts))
+            offsets.append(acts.offsets[1:] + offsets[-1][-1])
+        return np.concatenate(values), np.concatenate(offsets)
 
     def _pooled(self, data) -> Pooled:
         p = pooled(data, self.layers or None, combine=self.combine, method=POOLED_KINDS[self.kind])
@@ -105,14 +109,16 @@ class Probe:
         Every token gets a score (unmasked ones too, for display); only masked tokens ever
         enter `predict`. For attention probes this is the classifier applied to each token.
         """
-        scores, offsets = [], [np.zeros(1, np.int64)]
-        for _, acts in self._chunks(data):
+
+        def scores(acts):
             step = max(1, (1 << 24) // max(acts.d_model, 1))  # bound the float32 copy
-            for t0 in range(0, acts.acts.shape[0], step):
-                x = np.asarray(acts.acts[t0 : t0 + step], np.float32)  # [t, D]
-                scores.append(_pooled_logits_np(self.params, x))
-            offsets.append(acts.offsets[1:] + offsets[-1][-1])
-        return np.concatenate(scores), np.concatenate(offsets)
+            parts = [
+                _pooled_logits_np(self.params, np.asarray(acts.acts[t0 : t0 + step], np.float32))
+                for t0 in range(0, acts.acts.shape[0], step)
+            ]
+            return np.concatenate(parts)
+
+        return self._per_token(data, scores)
 
     def attention_weights(self, data) -> tuple[np.ndarray, np.ndarray]:
         """Attention probes: per-token weights [T] (sum 1 over each record's masked tokens,
@@ -120,8 +126,8 @@ class Probe:
         if self.kind != "attention":
             raise ValueError(f"attention_weights needs an attention probe, this is {self.kind!r}")
         q, qb = np.asarray(self.params["q"]), float(self.params["qb"])
-        weights, offsets = [], [np.zeros(1, np.int64)]
-        for _, acts in self._chunks(data):
+
+        def weights(acts):
             a = (np.asarray(acts.acts, np.float32) @ q + qb) / np.sqrt(np.float32(acts.d_model))
             a = a.astype(np.float64)
             mask = np.ones(a.shape[0], bool) if acts.mask is None else acts.mask
@@ -129,9 +135,9 @@ class Probe:
             rec_max = np.maximum.reduceat(a_masked, acts.offsets[:-1])  # [N]
             e = np.where(mask, np.exp(a - np.repeat(rec_max, np.diff(acts.offsets))), 0.0)
             denom = np.add.reduceat(e, acts.offsets[:-1])  # [N]
-            weights.append((e / np.repeat(denom, np.diff(acts.offsets))).astype(np.float32))
-            offsets.append(acts.offsets[1:] + offsets[-1][-1])
-        return np.concatenate(weights), np.concatenate(offsets)
+            return (e / np.repeat(denom, np.diff(acts.offsets))).astype(np.float32)
+
+        return self._per_token(data, weights)
 
     def evaluate(self, data, **kwargs) -> dict:
         """`mup.metrics.evaluate` of this probe's predictions on labelled data."""
