@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, args: list[str], cwd: Path):
+    def __init__(self, args: list[str], cwd: Path, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = cwd / f"server-{self.port}.log"
@@ -100,6 +101,7 @@ class Server:
             cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env=None if env is None else {**os.environ, **env},
         )
 
     def log(self) -> str:
@@ -135,8 +137,8 @@ def start_server():
     """Start Servers (args, cwd); every one is stopped at the end of the test."""
     started: list[Server] = []
 
-    def start(args: list[str], cwd: Path) -> Server:
-        started.append(Server(args, cwd))
+    def start(args: list[str], cwd: Path, env: dict | None = None) -> Server:
+        started.append(Server(args, cwd, env))
         return started[-1]
 
     yield start

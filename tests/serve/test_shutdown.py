@@ -12,11 +12,12 @@ openai = pytest.importorskip("openai")
 
 
 def test_sigterm_finishes_in_flight_request(start_server, tiny_dir, vector_file, tmp_path):
-    # No warm-up: the first request compiles the generation loop, so it is surely still in
-    # flight a second after it was sent.
+    # No warm-up and no persistent compilation cache: the first request compiles the
+    # generation loop, so it is surely still in flight a second after it was sent.
     srv = start_server(
         ["--model", str(tiny_dir), "--vector", str(vector_file), "--layer", "1", "--no-warmup"],
         tmp_path,
+        env={"MUP_COMPILATION_CACHE": "0"},
     )
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="-", max_retries=0, timeout=300)
     name = srv.wait_healthy()["model"]
