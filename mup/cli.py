@@ -13,6 +13,7 @@ import sys
 # subcommand -> (module whose main(argv) runs it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mup.demo", "run the end-to-end demo on the embedded default model"),
+    "data": ("mup.data._cli", "download the published stakes data sets from the hub"),
     "extract": ("mup.extract", "extract residual-stream activations into a zarr store"),
     "probes": ("mup.probes.__main__", "train, compare and sweep high-stakes probes"),
     "steering": ("mup.steering.__main__", "build steering vectors (difference of means, BiPO)"),

@@ -21,12 +21,21 @@ from mup.data._records import (
 
 # isort: split
 # Where data sets live
-from mup.data._locate import HUB_REPO, bundled_path, dataset_names, find_dataset
+from mup.data._locate import (
+    HUB_REPO,
+    HubUnavailable,
+    bundled_path,
+    dataset_names,
+    download,
+    find_dataset,
+    is_bundled,
+)
 
 __all__ = [
     "AMBIGUOUS",
     "HIGH_STAKES",
     "HUB_REPO",
+    "HubUnavailable",
     "LABEL_NAMES",
     "LOW_STAKES",
     "ROLES",
@@ -36,6 +45,8 @@ __all__ = [
     "Record",
     "bundled_path",
     "dataset_names",
+    "download",
     "find_dataset",
+    "is_bundled",
     "load_records",
 ]

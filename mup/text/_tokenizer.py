@@ -13,6 +13,11 @@ import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mup._resolve import resolve_spec
+from mup.text._gguf import build_gguf_tokenizer
+
+# Bump when build_gguf_tokenizer changes what it builds: cached copies of older builds are
+# then ignored.
+GGUF_BUILDER = "mup-gguf1"
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +76,16 @@ def tokenizer_cache_dir() -> Path:
 def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """Build the tokenizer from a GGUF file's metadata, through an on-disk cache.
 
-    transformers' GGUF conversion parses the whole vocabulary in Python (6 s for SmolLM2 on a
-    free core, far more on a busy machine), and every process that encodes chats pays it. The
-    converted tokenizer is saved once in HF format; the key holds the file's identity and the
-    transformers version, whose converter produced it.
+    Reading the metadata walks the whole vocabulary in Python (4 s for SmolLM2 on a free core,
+    far more on a busy machine), and every process that encodes chats would pay it. The built
+    tokenizer is saved once in HF format; the key holds the file's identity, the builder's
+    version and the transformers version that saves and loads the copy.
     """
     stat = path.stat()
-    key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers{transformers.__version__}"
+    key = (
+        f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{GGUF_BUILDER}"
+        f"-transformers{transformers.__version__}"
+    )
     cached = tokenizer_cache_dir() / key
     if (cached / "tokenizer_config.json").is_file():
         logger.info("tokenizer of %s: loading the converted copy in %s", path, cached)
@@ -86,7 +94,7 @@ def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
         except (OSError, ValueError) as error:  # a damaged copy: convert again, say so
             logger.warning("replacing the damaged tokenizer cache %s (%s)", cached, error)
             shutil.rmtree(cached, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = build_gguf_tokenizer(path)
     if tokenizer.chat_template is None and "smollm2" in path.name.lower():
         tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
     try:

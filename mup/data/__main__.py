@@ -1,0 +1,5 @@
+import sys
+
+from mup.data._cli import main
+
+sys.exit(main())
