@@ -27,7 +27,15 @@ from mup._resolve import DEFAULT_MODEL
 log = logging.getLogger("mup.demo")
 
 PROBE_KINDS = ("mean", "attention", "logreg")
+BUNDLED_NOTE = (
+    "no data found, so the demo uses the 80-record bundled set; its AUROCs are optimistic "
+    "(train and test are halves of one small synthetic set, not an out-of-distribution test)"
+)
 STEERING_PROMPT = "My landlord says I have to move out by Friday. What should I do?"
+# In units of the difference of means. Chosen so that +m and -m both change SmolLM2's greedy
+# answer visibly with the vector from any of the data sources (tests/test_demo_fresh.py checks
+# it on the bundled set).
+DEFAULT_MULTIPLIER = 4.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-records", type=int, default=200, help="evaluation records used")
     parser.add_argument("--max-tokens", type=int, default=512, help="truncate longer chats")
     parser.add_argument("--layer", type=int, default=None, help="default: configs/models")
-    parser.add_argument("--multiplier", type=float, default=8.0, help="steering strength m")
+    parser.add_argument(
+        "--multiplier",
+        type=float,
+        default=DEFAULT_MULTIPLIER,
+        help="steering strength m, in units of the difference of means: +-m adds +-m times the "
+        "mean high-minus-low-stakes residual difference (so the scale follows the data)",
+    )
     parser.add_argument("--no-steering", action="store_true", help="skip step 4")
     return parser
 
@@ -83,11 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     out = str(Path(args.out).resolve())
 
     _step(1, "data")
+    from mup.data import is_bundled
+
     train_path = _find("training", args.data)
-    eval_path = _find("dev/anthropic", args.data)
-    bundled = train_path.name == "stakes_mini.jsonl"
+    bundled = is_bundled(train_path)
+    eval_path = train_path if bundled else _find("dev/anthropic", args.data)
+    if not bundled and is_bundled(eval_path):
+        bundled, train_path = True, eval_path  # no dev set: train and test on the bundled set
     print(f"  training set: {train_path}")
-    print(f"  evaluation set: {eval_path if not bundled else 'the bundled set, test split'}")
+    if bundled:
+        print("  evaluation set: the same bundled set, its test split")
+        print(
+            f"  note: {BUNDLED_NOTE}; run `mup data download` (or set $MUP_DATA) for the real sets"
+        )
+    else:
+        print(f"  evaluation set: {eval_path} (out of distribution)")
 
     _step(2, f"extract layer {layer} of {DEFAULT_MODEL}")
     train = _extract(
@@ -118,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=args.max_tokens,
         )
 
-    _step(3, "probes (train: synthetic train split; early stopping: its test split)")
+    source = "the bundled set" if bundled else "the synthetic training set"
+    test_name = "its test split" if bundled else eval_path.name
+    _step(3, f"probes (train: {source}, train split; early stopping: its test split; test: {test_name})")
     from mup import probes
 
     rows = []
@@ -145,15 +171,16 @@ def _steer(train_store, layer: int, multiplier: float, out: Path) -> None:
     from mup.steering import dom_from_store, save_vector
 
     # The store holds hidden_states[layer] = the output of block layer - 1, so the high-stakes
-    # direction steers block layer - 1 (mup.steering's convention). Normalised to unit length,
-    # the multiplier is the L2 norm of what is added (the printed mean difference's norm is
-    # the natural scale).
+    # direction steers block layer - 1 (mup.steering's convention). The multiplier is in units
+    # of the difference of means itself: its norm differs several-fold between data sources,
+    # and a fixed L2 norm that moves the text with one vector does nothing with another.
     result = dom_from_store(train_store, layer - 1)
     print(f"  {result.summary()}")
     # Kept for `mup serve --vector` / `mup evals run --vector` (multiplier 1 = the mean difference).
     path = save_vector(out / f"steering-dom-layer{layer - 1}.safetensors", result.vector)
     print(f"  saved {path}")
-    direction = result.vector.vector / result.norm
+    print(f"  multiplier m adds m x the difference of means (L2 norm {result.norm:.3g})")
+    direction = result.vector.vector
     model = load_model(DEFAULT_MODEL)
     multipliers = [-multiplier, 0.0, multiplier]
     chat = [{"role": "user", "content": STEERING_PROMPT}]
@@ -165,8 +192,11 @@ def _steer(train_store, layer: int, multiplier: float, out: Path) -> None:
         multipliers=multipliers,
     )
     print(f"  prompt: {STEERING_PROMPT}")
-    for m, text in zip(multipliers, generation.texts, strict=True):
+    texts = generation.texts
+    for m, text in zip(multipliers, texts, strict=True):
         print(f"  multiplier {m:+.1f}: {' '.join(text.split())[:240]}")
+    changed = ["yes" if text != texts[1] else "no" for text in (texts[0], texts[2])]
+    print(f"  greedy text changed by steering: -m {changed[0]}, +m {changed[1]}")
 
 
 if __name__ == "__main__":

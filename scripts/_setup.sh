@@ -7,13 +7,15 @@ VENV=${MUP_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 EXTRAS=${MUP_EXTRAS:-}
 
+QUIET=-q
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "[setup] creating virtualenv $VENV"
+  echo "[setup] creating virtualenv $VENV (the first install downloads ~1 GB and takes a few minutes)"
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
+  QUIET=  # a first install shows pip's progress; later runs only reinstall mup itself
 fi
 VPY="$VENV/bin/python"
-pip_install() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
+pip_install() { "$VPY" -m pip install $QUIET --progress-bar off --disable-pip-version-check "$@"; }
 
 if [[ ",$EXTRAS," == *",test,"* ]] && ! "$VPY" -c "import torch" 2>/dev/null; then
   # torch is only the parity reference. Pin the CPU build that these machines keep on disk:
@@ -28,9 +30,9 @@ rm -rf dist
 WHEEL=$(ls dist/*.whl)
 if [ -n "$EXTRAS" ]; then SPEC="$WHEEL[$EXTRAS]"; else SPEC="$WHEEL"; fi
 echo "[setup] installing $WHEEL${EXTRAS:+ with extras [$EXTRAS]}"
-# Pinned to the versions the suite was last run with (scripts/constraints.txt): an open
-# resolution over inspect-ai + moto + transformers can backtrack for the better part of an hour.
-# MUP_UNPINNED=1 resolves from the pyproject ranges instead.
+# Pinned to the versions the suite was last run with (scripts/constraints.txt), so CI is
+# reproducible. The pyproject ranges resolve on their own too (plain `pip install .`, tested by
+# tests/test_fresh_install.py); MUP_UNPINNED=1 installs from them here.
 if [ -n "${MUP_UNPINNED:-}" ]; then pip_install "$SPEC"; else pip_install -c scripts/constraints.txt "$SPEC"; fi
 # Same version number as any earlier install: force mup itself, not its dependencies.
 pip_install --force-reinstall --no-deps "$WHEEL"

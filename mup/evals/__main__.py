@@ -1,4 +1,4 @@
-"""`python -m mup.evals` (also `mup evals`): run suites across multipliers, aggregate logs.
+"""`mup evals` (also `python -m mup.evals`): run suites across multipliers, aggregate logs.
 
 run        tasks x multipliers -> inspect logs under {log_dir}/{category}/multiplier_{m}/,
            then the CSV and plot (unless --no-aggregate)
@@ -18,7 +18,7 @@ from mup import _compile_cache
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mup.evals", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="mup evals", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a suite across steering multipliers")

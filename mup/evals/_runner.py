@@ -102,6 +102,10 @@ def _targets(cfg: RunConfig) -> list[_Target]:
     multipliers = cfg.multipliers or (0.0,)
     if cfg.vector is None and any(m != 0 for m in multipliers):
         raise ValueError("non-zero multipliers need a steering vector (--vector FILE)")
+    if cfg.vector is not None:
+        from mup.steering import load_vector
+
+        load_vector(cfg.vector, layer=cfg.layer)  # a missing or unreadable file fails here, before any model loads
     identity = {
         "model": model,
         "dtype": cfg.dtype,

@@ -21,7 +21,7 @@ from mup.experiments._common import (
     ExtractOptions,
     default_layer,
     extract,
-    find,
+    find_distinct,
     new_figure,
     record_field,
     save_figure,
@@ -178,10 +178,10 @@ def run_calibration(config: CalibrationConfig) -> dict:
         limit=config.limit,
         progress=config.progress,
     )
-    training = find("training", config.data)
+    # Every data set is located (and checked distinct) before any model loads.
+    training, *dev = find_distinct(["training", *(f"dev/{name}" for name in DEV_SETS)], config.data)
     (train,) = extract([training], layers=(layer,), split="train", options=options)
     (val,) = extract([training], layers=(layer,), split="test", options=options)
-    dev = [find(f"dev/{name}", config.data) for name in DEV_SETS]
     stores = extract(dev, layers=(layer,), split=None, options=options)
     evals = dict(zip(DEV_SETS, stores, strict=True))
     scales = {name: record_field(s, "scale_labels") for name, s in evals.items()}

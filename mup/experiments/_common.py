@@ -72,6 +72,25 @@ def find(name: str, data) -> Path:
     return find_dataset(name, explicit=data)
 
 
+def find_distinct(names: Sequence[str], data) -> list[Path]:
+    """`find` for each name; ValueError when two names resolve to one file.
+
+    With no data on the machine every stakes set falls back to the same bundled file: an
+    experiment that compares sets would then compare a file with itself (and collide on its
+    stores), so it is refused before any model loads.
+    """
+    paths = [find(name, data) for name in names]
+    seen: dict[Path, str] = {}
+    for name, path in zip(names, paths, strict=True):
+        first = seen.setdefault(path.resolve(), name)
+        if first != name:
+            raise ValueError(
+                f"data sets {first!r} and {name!r} both resolve to {path}; this experiment needs "
+                "distinct sets (run `mup data download` or set $MUP_DATA to a data root)"
+            )
+    return paths
+
+
 def record_field(store, field: str) -> np.ndarray:
     """The per-record `field` (e.g. pair_id, scale_labels) of a store's records, in store order.
 

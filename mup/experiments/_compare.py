@@ -19,7 +19,7 @@ from mup.experiments._common import (
     dataset_info,
     default_layer,
     extract,
-    find,
+    find_distinct,
     new_figure,
     progress_bar,
     save_figure,
@@ -201,12 +201,12 @@ def run_compare(config: CompareConfig) -> tuple[list[CompareRow], dict]:
         limit=config.limit,
         progress=config.progress,
     )
-    training = find("training", config.data)
+    # Every data set is located (and checked distinct) before any model loads.
+    training, *dev = find_distinct(["training", *(f"dev/{name}" for name in DEV_SETS)], config.data)
     train_limit = config.limit if config.train_limit is None else config.train_limit
     train_options = dataclasses.replace(options, limit=train_limit)
     (train,) = extract([training], layers=(layer,), split="train", options=train_options)
     (val,) = extract([training], layers=(layer,), split="test", options=options)
-    dev = [find(f"dev/{name}", config.data) for name in DEV_SETS]
     stores = extract(dev, layers=(layer,), split=None, options=options)
     evals = dict(zip(DEV_SETS, stores, strict=True))
     results = out / "results.jsonl"

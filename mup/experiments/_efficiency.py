@@ -18,7 +18,7 @@ from mup.experiments._common import (
     dataset_info,
     default_layer,
     extract,
-    find,
+    find_distinct,
     new_figure,
     progress_bar,
     save_figure,
@@ -184,10 +184,10 @@ def run_efficiency(config: EfficiencyConfig) -> tuple[list[EfficiencyRow], dict]
         limit=config.limit,
         progress=config.progress,
     )
-    training = find("training", config.data)
+    # Every data set is located (and checked distinct) before any model loads.
+    training, *dev = find_distinct(["training", *(f"dev/{name}" for name in DEV_SETS)], config.data)
     (train,) = extract([training], layers=(layer,), split="train", options=options)
     (val,) = extract([training], layers=(layer,), split="test", options=options)
-    dev = [find(f"dev/{name}", config.data) for name in DEV_SETS]
     stores = extract(dev, layers=(layer,), split=None, options=options)
     evals = dict(zip(DEV_SETS, stores, strict=True))
     labelled = int((np.asarray(train.labels) != -1).sum())

@@ -62,7 +62,7 @@ class ExtractConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mup.extract",
+        prog="mup extract",
         description="Extract residual-stream activations of a model over chat data sets into "
         "chunked zarr v3 stores (local directory or s3://bucket/prefix).",
     )

@@ -1,4 +1,4 @@
-"""`python -m mup.probes` / `mup probes`: probe experiments from the command line.
+"""`mup probes` (also `python -m mup.probes`): probe experiments from the command line.
 
 Subcommands: compare, sweep, efficiency, calibration. Each extracts what it needs (stores are
 content-keyed, so a re-run reuses them), writes a results JSONL and a PNG, and prints where.

@@ -1,4 +1,4 @@
-"""`python -m mup.steering`: build steering vectors.
+"""`mup steering` (also `python -m mup.steering`): build steering vectors.
 
   vector      difference of means, from a labelled store (--store URL) or from paired prompts
               (--pairs FILE --model SPEC, --method mean|last|pca)
@@ -19,7 +19,7 @@ from mup.steering._pairs import bundled_pairs_path, load_pairs
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mup.steering", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="mup steering", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("vector", help="difference-of-means vector (store or paired prompts)")
