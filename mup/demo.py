@@ -144,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
 
     source = "the bundled set" if bundled else "the synthetic training set"
     test_name = "its test split" if bundled else eval_path.name
-    _step(3, f"probes (train: {source}, train split; early stopping: its test split; test: {test_name})")
+    _step(
+        3,
+        f"probes (train: {source}, train split; early stopping: its test split; test: {test_name})",
+    )
     from mup import probes
 
     rows = []

@@ -43,11 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = download(args.dest, tuple(args.sets))
     except HubUnavailable as error:
-        print(f"mup data download: cannot reach the hub dataset {HUB_REPO}: {error}", file=sys.stderr)
+        print(
+            f"mup data download: cannot reach the hub dataset {HUB_REPO}: {error}", file=sys.stderr
+        )
         return 1
     for name, path in zip(args.sets, paths, strict=True):
         print(f"{name:<24} {path}")
-    print(f"\n{len(paths)} sets in {args.dest}; use them with MUP_DATA={args.dest} or --data {args.dest}")
+    print(
+        f"\n{len(paths)} sets in {args.dest}; use them with MUP_DATA={args.dest} (or --data)"
+    )
     return 0
 
 

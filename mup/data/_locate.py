@@ -140,7 +140,9 @@ def find_dataset(
         found = _in_root(source, path) if source else None
         if found is None:
             wanted = " or ".join(source.local) if source else "a file"
-            raise FileNotFoundError(f"data set {name!r}: the explicit data root {path} has no {wanted}")
+            raise FileNotFoundError(
+                f"data set {name!r}: the explicit data root {path} has no {wanted}"
+            )
         logger.info("data set %r: using %s (explicit data root)", name, found)
         return found
 

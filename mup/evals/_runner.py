@@ -105,7 +105,9 @@ def _targets(cfg: RunConfig) -> list[_Target]:
     if cfg.vector is not None:
         from mup.steering import load_vector
 
-        load_vector(cfg.vector, layer=cfg.layer)  # a missing or unreadable file fails here, before any model loads
+        load_vector(
+            cfg.vector, layer=cfg.layer
+        )  # a missing or unreadable file fails here, before any model loads
     identity = {
         "model": model,
         "dtype": cfg.dtype,

@@ -43,7 +43,9 @@ _QWEN2_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _SPLITS: dict[str, str] = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"), _LLAMA3_SPLIT),
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"), _LLAMA3_SPLIT
+    ),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
 }
 
@@ -75,7 +77,9 @@ def build_gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
         return _through_transformers(Path(path), kind)
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     if "tokenizer.ggml.merges" not in meta:
-        raise GGUFTokenizerError(f"{path}: a byte-level BPE vocabulary without tokenizer.ggml.merges")
+        raise GGUFTokenizerError(
+            f"{path}: a byte-level BPE vocabulary without tokenizer.ggml.merges"
+        )
     backend = _byte_level_bpe(
         tokens,
         list(meta["tokenizer.ggml.merges"]),

@@ -31,7 +31,11 @@ HUB_FILES = [
         for kind in ("balanced", "raw")
         for split in ("validation", "test")
     ),
-    *(f"{name}_{kind}/test.jsonl" for name in ("mental_health", "aya_redteaming") for kind in ("balanced", "raw")),
+    *(
+        f"{name}_{kind}/test.jsonl"
+        for name in ("mental_health", "aya_redteaming")
+        for kind in ("balanced", "raw")
+    ),
 ]
 
 
@@ -93,9 +97,14 @@ def test_download_lays_out_a_data_root(hub_repo, hub_server, tmp_path):
     assert (dest / "mup/evals/dev/anthropic_hh_balanced.jsonl").is_file()
     assert (dest / "mup/evals/test/aya_redteaming_balanced.jsonl").is_file()
     assert not (dest / "mup/evals/dev/mt_raw.jsonl").exists()  # raw sets only when asked
-    training = [json.loads(x) for x in (dest / "mup/training/prompts_4x.jsonl").read_text().splitlines()]
+    training = [
+        json.loads(x) for x in (dest / "mup/training/prompts_4x.jsonl").read_text().splitlines()
+    ]
     assert [r["split"] for r in training] == ["train"] * 4 + ["test"] * 4  # joined, split tagged
-    assert {r["ids"].split("#")[0] for r in training} == {"training/train.jsonl", "training/test.jsonl"}
+    assert {r["ids"].split("#")[0] for r in training} == {
+        "training/train.jsonl",
+        "training/test.jsonl",
+    }
     assert all("/resolve/main/" in r for r in requests if "resolve" in r)
     # The root then serves every lookup, with no hub at all.
     code = (

@@ -103,7 +103,9 @@ def test_extract_without_torch(tmp_path):
     data.write_text("".join(bundled_path().read_text().splitlines(keepends=True)[:4]))
     argv = ["mup extract", "--dataset", str(data), "--out", str(tmp_path / "out")]
     argv += ["--layers", "3", "--max-tokens", "64", "--no-progress"]
-    code = f"import runpy; sys.argv = {argv!r}; runpy.run_module('mup.extract', run_name='__main__')"
+    code = (
+        f"import runpy; sys.argv = {argv!r}; runpy.run_module('mup.extract', run_name='__main__')"
+    )
     done = _run_without_torch(code, tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     from mup import store
