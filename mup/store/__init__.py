@@ -18,6 +18,10 @@ from mup.store._format import (
 # Locations, access checks and errors
 from mup.store._location import Location, StoreAccessError, StoreError, parse_location, preflight
 
+# Integrity: what a store must hold, and checking all of it
+from mup.store._integrity import DamagedStoreError
+from mup.store._verify import Verdict, verify, verify_all
+
 # Reading and listing
 from mup.store._reader import (
     ActivationStore,
@@ -50,6 +54,7 @@ __all__ = [
     "SHARD_BYTES",
     "STORAGE_DTYPES",
     "ActivationStore",
+    "DamagedStoreError",
     "IncompleteStoreError",
     "Location",
     "StoreAccessError",
@@ -57,6 +62,7 @@ __all__ = [
     "StoreListing",
     "StoreNotFoundError",
     "StoreWriter",
+    "Verdict",
     "create",
     "list_stores",
     "open",
@@ -65,4 +71,6 @@ __all__ = [
     "preflight",
     "register_zarr_bfloat16",
     "store_key",
+    "verify",
+    "verify_all",
 ]

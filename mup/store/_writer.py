@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+import logging
 import threading
 from typing import Literal
 
@@ -36,7 +37,10 @@ import numpy as np
 import tensorstore as ts
 
 from mup.store import _format as F
+from mup.store._integrity import DamagedStoreError, describe_faults, list_objects, missing_objects
 from mup.store._location import Location, StoreError, parse_location
+
+log = logging.getLogger("mup.store")
 
 __all__ = [
     "DEFAULT_S3_UPLOAD",
@@ -92,10 +96,10 @@ def read_group_attrs(loc: Location) -> dict | None:
             f"{loc.url} is a zarr group but not a {F.FORMAT_NAME} store "
             f"(format attribute {attrs.get('format')!r})"
         )
-    if attrs.get("format_version") != F.FORMAT_VERSION:
+    if attrs.get("format_version") not in F.READABLE_VERSIONS:
         raise StoreError(
             f"{loc.url}: format version {attrs.get('format_version')!r} is not supported "
-            f"(this mup reads version {F.FORMAT_VERSION})"
+            f"(this mup reads versions {', '.join(map(str, F.READABLE_VERSIONS))})"
         )
     return attrs
 
@@ -125,7 +129,15 @@ def _delete_all(loc: Location) -> None:
         _kv(loc).delete_range(ts.KvStore.KeyRange()).result()
 
 
-def _open_array(kvstore: dict, metadata: dict | None = None) -> ts.TensorStore:
+def _open_array(
+    kvstore: dict, metadata: dict | None = None, *, fill_missing: bool = True
+) -> ts.TensorStore:
+    """Create (with `metadata`) or open a zarr v3 array.
+
+    fill_missing=False makes a read of a missing chunk or shard fail (naming its object) instead
+    of returning the fill value: every array of a complete store is fully materialised, so a
+    missing object is always a lost one. Only `done` (unset flags are absent) needs filling.
+    """
     spec = {"driver": "zarr3", "kvstore": kvstore}
     if metadata is not None:
         spec.update(metadata=metadata, create=True, delete_existing=True)
@@ -133,6 +145,8 @@ def _open_array(kvstore: dict, metadata: dict | None = None) -> ts.TensorStore:
         spec["store_data_equal_to_fill_value"] = True
     else:
         spec["open"] = True
+    if not fill_missing:
+        spec["fill_missing_data_reads"] = False
     return ts.open(spec).result()
 
 
@@ -283,6 +297,7 @@ def create(
         "mup_version": __version__,
         "created": _now(),
         "complete": False,
+        "has_labels": labels_a is not None,
     }
     write_group(loc, "", store_attrs)
     write_group(loc, "layers", {})
@@ -387,6 +402,7 @@ class StoreWriter:
         self._owns_row = self._own_end > self._own_first  # [N]
         self._done_arr = _open_array(loc.kvstore("done"))
         self._shard_done = self._done_arr.read().result().astype(bool)  # [S]
+        self._forget_lost_shards()
         self._received = np.zeros(self.n_records, bool)  # [N] rows taken by write() this session
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
@@ -406,13 +422,16 @@ class StoreWriter:
         self._arrays: dict[int, ts.TensorStore] = {}
         for layer in self.layers:
             if self._mode == "boto3":
-                meta = F.layer_array_metadata(
-                    n_tokens=self.n_tokens,
-                    d_model=self.d_model,
-                    dtype=self.dtype,
-                    chunk_tokens=int(attrs["chunk_tokens"]),
-                    shard_tokens=self.shard_tokens,
-                )
+                # The staged shards must be encoded exactly as the store's own array says (a
+                # resumed version 1 store keeps its codecs), so copy its metadata.
+                got = _kv(loc, f"layers/{layer}").read("zarr.json").result()
+                if got.state != "value":
+                    raise StoreError(f"{loc.url}: layers/{layer}/zarr.json is missing")
+                meta = {
+                    k: v
+                    for k, v in json.loads(bytes(got.value)).items()
+                    if k not in ("zarr_format", "node_type")
+                }
                 kv = {"driver": "file", "path": os.path.join(self._staging, str(layer)) + "/"}
                 self._arrays[layer] = _open_array(kv, meta)
             else:
@@ -421,6 +440,42 @@ class StoreWriter:
         self._error: BaseException | None = None
 
     # ---- bookkeeping
+    def _forget_lost_shards(self) -> None:
+        """Treat shards of this part flagged done whose objects are missing or empty as not done,
+        so that resuming rewrites what the storage lost (one listing of the layer arrays)."""
+        mine = np.zeros_like(self._shard_done)
+        mine[self._s_lo : self._s_hi] = True
+        flagged = np.flatnonzero(self._shard_done & mine)
+        if not flagged.size:
+            return
+        listed = list_objects(self._loc, "layers")
+        lost = [
+            int(s)
+            for s in flagged
+            if any(listed.get(F.shard_key(layer, s), 0) == 0 for layer in self.layers)
+        ]
+        if lost:
+            log.warning(
+                "%s: %d shards flagged done have a missing or empty object (first: %s); "
+                "they will be written again",
+                self.url,
+                len(lost),
+                F.shard_key(self.layers[0], lost[0]),
+            )
+            self._shard_done[lost] = False
+
+    def _check_objects(self, keys, what: str) -> None:
+        """Raise DamagedStoreError unless every object in `keys` is present and non-empty."""
+        objects = list_objects(self._loc)
+        faults = missing_objects(objects, keys(objects))
+        if faults:
+            raise DamagedStoreError(
+                f"cannot {what} {self.url}: {len(faults)} objects it must hold are missing or "
+                f"empty ({describe_faults(faults)}); the storage lost writes it had "
+                "acknowledged. Resuming rewrites lost layer shards; lost metadata needs "
+                "--overwrite"
+            )
+
     def _shard_range(self, s: int) -> tuple[int, int]:
         t0 = s * self.shard_tokens
         return t0, min(t0 + self.shard_tokens, self.n_tokens)
@@ -599,6 +654,8 @@ class StoreWriter:
                     f"cannot finish part {self.part} of {self.url}: {missing.size} of its records "
                     f"have not been written (first: {missing[:8].tolist()})"
                 )
+            own = F.shard_objects(self._attrs, range(self._s_lo, self._s_hi))
+            self._check_objects(lambda _: own, f"finish part {self.part} of")
             self.close()
             return
         missing = np.flatnonzero(~self.done_rows())
@@ -607,6 +664,11 @@ class StoreWriter:
                 f"cannot finalize {self.url}: {missing.size} of {self.n_records} records have not "
                 f"been written (first: {missing[:8].tolist()})"
             )
+        # Every acknowledged write must still be there before `complete` vouches for them.
+        self._check_objects(
+            lambda objects: F.expected_objects(self._attrs, labels="labels/zarr.json" in objects),
+            "complete",
+        )
         self._attrs["complete"] = True
         self._attrs["completed"] = _now()
         write_group(self._loc, "", self._attrs)
