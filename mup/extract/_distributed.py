@@ -126,6 +126,6 @@ def _create_or_resume(job, config, d_model: int):
         mask=job.mask,
         labels=labels if (labels >= 0).any() else None,
         attrs=job.attrs,
-        overwrite=job.state in ("overwrite", "resume"),
+        overwrite=job.state in ("overwrite", "resume", "recreate"),
         **sizes,
     )

@@ -65,7 +65,7 @@ def open(url, *, require_complete: bool = True) -> ActivationStore:  # noqa: A00
     if faults:
         raise DamagedStoreError(
             f"store {loc.url} is damaged: {describe_faults(faults)}; its activations cannot be "
-            "trusted; extract it again (--resume rewrites lost shards, --overwrite everything)"
+            "trusted: extract it again (--overwrite)"
         )
     return ActivationStore(loc, attrs, lost_shards=lost)
 

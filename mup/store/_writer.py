@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import datetime
+import errno
 import json
-import os
-import shutil
-import tempfile
 import logging
+import os
+import re
+import shutil
+import signal
+import tempfile
 import threading
 from typing import Literal
 
@@ -44,9 +48,12 @@ log = logging.getLogger("mup.store")
 
 __all__ = [
     "DEFAULT_S3_UPLOAD",
+    "Occupant",
+    "StoreExistsError",
     "StoreNotFoundError",
     "StoreWriter",
     "create",
+    "inspect",
     "open_writer",
 ]
 
@@ -69,6 +76,10 @@ DEFAULT_S3_UPLOAD: Literal["tensorstore", "boto3"] = "tensorstore"
 
 class StoreNotFoundError(StoreError, FileNotFoundError):
     """No (fully created) store at the URL: create one with `create`."""
+
+
+class StoreExistsError(StoreError, FileExistsError):
+    """`create` will not write there: a store, or something that is not a store (one line)."""
 
 
 def _now() -> str:
@@ -113,20 +124,109 @@ def _has_key(loc: Location, key: str) -> bool:
     return _kv(loc).read(key).result().state == "value"
 
 
-def _is_empty(loc: Location) -> bool:
-    if loc.kind == "file":
-        return not os.path.exists(loc.path) or not any(os.scandir(loc.path))
-    client = loc.boto3_client()
-    prefix = loc.prefix + "/" if loc.prefix else ""
-    resp = client.list_objects_v2(Bucket=loc.bucket, Prefix=prefix, MaxKeys=1)
-    return resp.get("KeyCount", 0) == 0
+# The top-level names of a store: anything else in its directory is a stray.
+STORE_NAMES = frozenset(
+    {"zarr.json", "layers", "done", "offsets", "ids", "input_ids", "roles", "mask", "labels"}
+)
+_SHARD_KEY = re.compile(r"layers/\d+/c/.+")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Occupant:
+    """What a location holds, as `create` and the extractor judge it (see `inspect`).
+
+    kind: "empty"; "store" (a fully created mup store: group and `done` array); "unfinished"
+      (parts of a mup store whose creation, or deletion, was interrupted); "foreign" (anything
+      else, which no mup command deletes).
+    attrs: the group attributes of a "store".
+    recreatable: an "unfinished" store that holds no layer shard and no stray, i.e. only what an
+      interrupted `create` leaves: creating it again loses nothing, so no overwrite is needed.
+    detail: one line on what is there, for error messages.
+    """
+
+    kind: Literal["empty", "store", "unfinished", "foreign"]
+    attrs: dict | None = None
+    recreatable: bool = False
+    detail: str = ""
+
+
+def inspect(url) -> Occupant:
+    """Judge what `url` holds (one listing) before anything is written there."""
+    loc = url if isinstance(url, Location) else parse_location(url)
+    if loc.kind == "file" and os.path.exists(loc.path) and not os.path.isdir(loc.path):
+        return Occupant(kind="foreign", detail="is a file, not a directory")
+    objects = list_objects(loc)
+    if not objects:
+        return Occupant(kind="empty")
+    strays = sorted({key.split("/", 1)[0] for key in objects} - STORE_NAMES)
+    named = ", ".join(repr(s) for s in strays[:4]) + (" ..." if len(strays) > 4 else "")
+    mup_group = readable = False
+    if "zarr.json" in objects:
+        try:
+            meta = json.loads(bytes(_kv(loc).read("zarr.json").result().value))
+            readable = True
+        except ValueError:
+            meta = None  # truncated or empty: a crash or a full disk while it was written
+        if isinstance(meta, dict):
+            attrs = meta.get("attributes")
+            mup_group = (
+                meta.get("node_type") == "group"
+                and isinstance(attrs, dict)
+                and attrs.get("format") == F.FORMAT_NAME
+            )
+        if readable and not mup_group:
+            return Occupant(kind="foreign", detail="holds a zarr.json that is not a mup store's")
+    markers = [k for k in objects if k != "zarr.json" and k.split("/", 1)[0] in STORE_NAMES]
+    if not mup_group and not markers and ("zarr.json" not in objects or strays):
+        return Occupant(kind="foreign", detail=f"is not empty and holds no mup store ({named})")
+    if mup_group and "done/zarr.json" in objects:
+        return Occupant(kind="store", attrs=read_group_attrs(loc))
+    shards = any(_SHARD_KEY.fullmatch(k) for k in objects)
+    what = ["this store was never fully created (done/zarr.json is missing)"]
+    if not mup_group:
+        what = ["this store was never fully created (no readable group zarr.json)"]
+    if shards:
+        what.append("yet it holds layer shards")
+    if strays:
+        what.append(f"and stray files ({named})")
+    return Occupant(
+        kind="unfinished", recreatable=not shards and not strays, detail=", ".join(what)
+    )
 
 
 def _delete_all(loc: Location) -> None:
+    # The group metadata goes first: a deletion cut short leaves no store that looks whole
+    # (what remains is "unfinished", and --overwrite deletes it).
     if loc.kind == "file":
+        try:
+            os.remove(os.path.join(loc.path, "zarr.json"))
+        except FileNotFoundError:
+            pass
+        _after("zarr.json deleted")
         shutil.rmtree(loc.path, ignore_errors=True)
     else:
+        _kv(loc).write("zarr.json", None).result()
+        _after("zarr.json deleted")
         _kv(loc).delete_range(ts.KvStore.KeyRange()).result()
+
+
+# Test hook: MUP_STORE_FAIL_AFTER="<step>:kill" makes `create` SIGKILL its own process right
+# after that step (an object key such as "zarr.json", "offsets/zarr.json", "offsets/c" or
+# "done/zarr.json"; or "deleted", "zarr.json deleted"), as kill -9 would; "<step>:raise" raises
+# ENOSPC there, as a full disk would. The crash tests walk every step.
+FAIL_AFTER_ENV = "MUP_STORE_FAIL_AFTER"
+
+
+def _after(step: str) -> None:
+    spec = os.environ.get(FAIL_AFTER_ENV)
+    if not spec:
+        return
+    target, _, how = spec.rpartition(":")
+    if target != step:
+        return
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise OSError(errno.ENOSPC, f"No space left on device (injected after {step})")
 
 
 def _open_array(
@@ -266,19 +366,20 @@ def create(
         raise ValueError(f"shard_tokens ({st}) must be a positive multiple of chunk_tokens ({ct})")
 
     # ---- decide what may be replaced
-    existing = read_group_attrs(loc)
-    if existing is not None:
-        if _has_key(loc, "done/zarr.json") and not overwrite:
-            state = "complete" if existing.get("complete") else "incomplete"
-            raise FileExistsError(
-                f"an {state} store already exists at {loc.url}; resume it with open_writer() "
-                "or pass overwrite=True"
-            )
-    elif not _is_empty(loc):
-        raise FileExistsError(
-            f"{loc.url} is not empty and holds no mup store; refusing to write there"
+    found = inspect(loc)
+    if found.kind == "foreign":
+        raise StoreExistsError(f"{loc.url} {found.detail}; refusing to write there")
+    if found.kind == "store" and not overwrite:
+        state = "complete" if found.attrs.get("complete") else "incomplete"
+        raise StoreExistsError(
+            f"an {state} store already exists at {loc.url}; resume it with open_writer() "
+            "or pass overwrite=True"
         )
-    _delete_all(loc)
+    if found.kind == "unfinished" and not overwrite and not found.recreatable:
+        raise StoreExistsError(f"{loc.url}: {found.detail}; pass overwrite=True (--overwrite)")
+    if found.kind != "empty":
+        _delete_all(loc)
+    _after("deleted")
 
     from mup import __version__
 
@@ -299,8 +400,13 @@ def create(
         "complete": False,
         "has_labels": labels_a is not None,
     }
+    # Written one object at a time, in this order, the `done` array last: a location whose
+    # `done/zarr.json` is missing was interrupted here, holds no activations, and `create`
+    # redoes it (see `inspect`).
     write_group(loc, "", store_attrs)
+    _after("zarr.json")
     write_group(loc, "layers", {})
+    _after("layers/zarr.json")
     small = [
         ("offsets", "int64", offsets, [F.RECORD_META_CHUNK]),
         ("ids", "uint8", ids_raw, [F.RECORD_META_CHUNK, ids_raw.shape[1]]),
@@ -310,19 +416,20 @@ def create(
     ]
     if labels_a is not None:
         small.append(("labels", "int8", labels_a.astype(np.int8), [F.RECORD_META_CHUNK]))
-    futures = []
     for name, dt, data, chunk in small:
         arr = _open_array(loc.kvstore(name), F.meta_array_metadata(dt, list(data.shape), chunk))
-        futures.append(arr.write(data))
+        _after(f"{name}/zarr.json")
+        arr.write(data).result()
+        _after(f"{name}/c")
     for layer in layers:
         md = F.layer_array_metadata(
             n_tokens=t, d_model=d_model, dtype=dtype, chunk_tokens=ct, shard_tokens=st
         )
         _open_array(loc.kvstore(f"layers/{layer}"), md)
-    for f in futures:
-        f.result()
+        _after(f"layers/{layer}/zarr.json")
     n_shards = -(-t // st)
     _open_array(loc.kvstore("done"), F.done_array_metadata(n_shards))
+    _after("done/zarr.json")
     return StoreWriter(loc, store_attrs, offsets, s3_upload=s3_upload)
 
 

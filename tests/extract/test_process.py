@@ -94,6 +94,27 @@ def test_kill_and_resume_local(tiny_model, big_path, baseline, tmp_path):
     assert_same_store(url, baseline)
 
 
+@pytest.mark.slow
+def test_kill9_right_after_the_group_metadata_appears(tiny_model, mini_path, tmp_path):
+    """The issue's window: kill -9 just after the group zarr.json is written. --resume then
+    creates the store again (it held nothing yet) and equals an uninterrupted run."""
+    from mup.store._writer import FAIL_AFTER_ENV
+
+    args = [*_args(tiny_model, mini_path, tmp_path / "out", "--dtype", "float32"), "--limit", "8"]
+    clean = run_cli([*_args(tiny_model, mini_path, tmp_path / "clean", "--dtype", "float32"),
+                     "--limit", "8"], tmp_path)  # fmt: skip
+    assert clean.returncode == 0, clean.stderr
+    killed = run_cli(args, tmp_path, env=cli_env(**{FAIL_AFTER_ENV: "zarr.json:kill"}))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (url,) = store_dirs(tmp_path / "out")
+    assert not (url / "offsets").exists()  # killed inside creation
+    resumed = run_cli([*args, "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "[recreate]" in resumed.stdout
+    (want,) = store_dirs(tmp_path / "clean")
+    assert_same_store(str(url), str(want))
+
+
 @pytest.mark.s3
 def test_kill_and_resume_s3(tiny_model, big_path, baseline, tmp_path, moto_endpoint, s3_bucket):
     import boto3
