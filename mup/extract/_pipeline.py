@@ -517,6 +517,8 @@ def run(config: ExtractConfig, *, out=None) -> Summary:
             disable=not (config.progress and topology.is_main),
             file=sys.stderr,
         ) as progress:
+            # Retries of failing shard writes (an unreachable S3 endpoint) show above the bar.
+            writer.on_retry = lambda message: tqdm.write(f"mup.extract: {message}", sys.stderr)
             t, b = run_job(job, writer, capture, config, topology.row_multiple(mesh), progress)
         tokens, nbytes, records = tokens + t, nbytes + b, records + remaining.size
         topology.finalize(writer)

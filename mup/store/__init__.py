@@ -33,6 +33,7 @@ from mup.store._reader import (
 
 # Writing
 from mup.store._writer import (
+    DEFAULT_RETRIES,
     DEFAULT_S3_UPLOAD,
     MAX_INFLIGHT_SHARDS,
     Occupant,
@@ -49,6 +50,7 @@ from mup.store._zarr_compat import register_zarr_bfloat16
 
 __all__ = [
     "CHUNK_BYTES",
+    "DEFAULT_RETRIES",
     "DEFAULT_S3_UPLOAD",
     "FORMAT_NAME",
     "FORMAT_VERSION",

@@ -33,8 +33,11 @@ import os
 import re
 import shutil
 import signal
+import itertools
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -63,6 +66,15 @@ __all__ = [
 # its own data, so commits may finish in any order.
 MAX_INFLIGHT_SHARDS = 2
 
+# Shard commits that fail for a transient reason are retried this often by default, after 1, 2,
+# 4, ... 60 s: a dead endpoint fails a run after about 5 minutes, each retry reported on the way
+# (tensorstore's own default retried 32 times over ~15 minutes in silence).
+DEFAULT_RETRIES = 10
+RETRY_DELAY_S = 1.0
+MAX_RETRY_DELAY_S = 60.0
+# tensorstore status codes (the start of its error messages) worth retrying.
+TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED")
+
 # How completed shards reach S3: "tensorstore" (its s3 kvstore PUTs each encoded shard) or
 # "boto3" (tensorstore encodes the shard into a local staging file, boto3 uploads it). Measured
 # against a moto server process on loopback (benchmarks/bench_store.py, 2 layers x D=576,
@@ -80,6 +92,31 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
 
 class StoreExistsError(StoreError, FileExistsError):
     """`create` will not write there: a store, or something that is not a store (one line)."""
+
+
+def _transient(error: BaseException) -> bool:
+    """Whether a failed write may succeed if tried again (network, endpoint, throttling)."""
+    if isinstance(error, ValueError):  # tensorstore: "CODE: message"
+        return str(error).startswith(TRANSIENT_CODES)
+    try:
+        import botocore.exceptions as bexc
+    except ImportError:
+        return False
+    if isinstance(error, bexc.ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status == 429
+    return isinstance(
+        error,
+        bexc.EndpointConnectionError
+        | bexc.ConnectionClosedError
+        | bexc.ConnectTimeoutError
+        | bexc.ReadTimeoutError,
+    )
+
+
+def _short_error(error: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _now() -> str:
@@ -276,6 +313,7 @@ def create(
     chunk_tokens: int | None = None,
     shard_tokens: int | None = None,
     s3_upload: Literal["tensorstore", "boto3"] | None = None,
+    retries: int = DEFAULT_RETRIES,
 ) -> StoreWriter:
     """Create an empty store for N records / T tokens and return its writer.
 
@@ -293,6 +331,8 @@ def create(
       chunk_tokens, shard_tokens: override the chunk/shard lengths derived from CHUNK_BYTES and
         SHARD_BYTES (shard_tokens must be a multiple of chunk_tokens).
       s3_upload: how shards reach S3 (default `DEFAULT_S3_UPLOAD`); ignored for local stores.
+      retries: transient failures of one shard commit retried before the writer fails (see
+        `StoreWriter`).
     """
     loc = parse_location(url)
     if loc.kind == "s3" and not loc.prefix:
@@ -430,7 +470,7 @@ def create(
     n_shards = -(-t // st)
     _open_array(loc.kvstore("done"), F.done_array_metadata(n_shards))
     _after("done/zarr.json")
-    return StoreWriter(loc, store_attrs, offsets, s3_upload=s3_upload)
+    return StoreWriter(loc, store_attrs, offsets, s3_upload=s3_upload, retries=retries)
 
 
 def open_writer(
@@ -438,6 +478,7 @@ def open_writer(
     *,
     part: tuple[int, int] | None = None,
     s3_upload: Literal["tensorstore", "boto3"] | None = None,
+    retries: int = DEFAULT_RETRIES,
 ) -> StoreWriter:
     """Reopen an existing store to resume writing (its `pending_rows()` say what is left).
 
@@ -458,7 +499,7 @@ def open_writer(
             f"creation of the store at {loc.url} was interrupted; create it again"
         )
     offsets = _open_array(loc.kvstore("offsets")).read().result().astype(np.int64)
-    return StoreWriter(loc, attrs, offsets, part=part, s3_upload=s3_upload)
+    return StoreWriter(loc, attrs, offsets, part=part, s3_upload=s3_upload, retries=retries)
 
 
 class _Pending:
@@ -475,10 +516,21 @@ class StoreWriter:
     """Writes layer activations into a created store; see the module docstring for the protocol.
 
     Use `create` or `open_writer` to get one. Not thread-safe: call from one thread.
+
+    retries: how often a shard commit that failed for a transient reason (an S3 endpoint that
+      does not answer, throttling) is tried again, with doubling delays from RETRY_DELAY_S up to
+      MAX_RETRY_DELAY_S, each retry reported through `on_retry`; then the writer fails.
     """
 
     def __init__(
-        self, loc: Location, attrs: dict, offsets: np.ndarray, *, part=None, s3_upload=None
+        self,
+        loc: Location,
+        attrs: dict,
+        offsets: np.ndarray,
+        *,
+        part=None,
+        s3_upload=None,
+        retries: int = DEFAULT_RETRIES,
     ):
         self.url = loc.url
         self._loc = loc
@@ -507,8 +559,9 @@ class StoreWriter:
         self._own_first = np.maximum(first, self._s_lo)  # [N] row's shards inside this part
         self._own_end = np.minimum(end, self._s_hi)
         self._owns_row = self._own_end > self._own_first  # [N]
-        self._done_arr = _open_array(loc.kvstore("done"))
-        self._shard_done = self._done_arr.read().result().astype(bool)  # [S]
+        self._shard_done = _open_array(loc.kvstore("done")).read().result().astype(bool)  # [S]
+        # Writes fail fast and `_commit` retries them, reporting each retry (see `retries`).
+        self._done_flags = _open_array(loc.kvstore("done", quick_retries=True))
         self._forget_lost_shards()
         self._received = np.zeros(self.n_records, bool)  # [N] rows taken by write() this session
         self._pending: dict[int, _Pending] = {}
@@ -542,9 +595,18 @@ class StoreWriter:
                 kv = {"driver": "file", "path": os.path.join(self._staging, str(layer)) + "/"}
                 self._arrays[layer] = _open_array(kv, meta)
             else:
-                self._arrays[layer] = _open_array(loc.kvstore(f"layers/{layer}"))
+                self._arrays[layer] = _open_array(
+                    loc.kvstore(f"layers/{layer}", quick_retries=True)
+                )
         self.complete = bool(attrs.get("complete"))
         self._error: BaseException | None = None
+        self._error_note = ""
+        if int(retries) < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        self.retries = int(retries)
+        # Called (from a writer thread) with one line per retry; the extractor shows it above
+        # its progress bar. Assign another callable to redirect it.
+        self.on_retry: Callable[[str], None] = log.warning
 
     # ---- bookkeeping
     def _forget_lost_shards(self) -> None:
@@ -699,29 +761,46 @@ class StoreWriter:
 
     def _submit(self, s: int, pending: _Pending) -> None:
         while len(self._inflight) >= MAX_INFLIGHT_SHARDS:
-            self._inflight.popleft().result()
+            self._wait(self._inflight.popleft())
         self._inflight.append(self._pool.submit(self._commit, s, pending))
 
     def _commit(self, s: int, pending: _Pending) -> None:
         try:
-            t0, t1 = self._shard_range(s)
-            # The buffers are dropped after the commit and never modified, so tensorstore may
-            # encode straight from them instead of copying each shard once more.
-            futures = [
-                self._arrays[layer][t0:t1].write(buf, can_reference_source_data_indefinitely=True)
-                for layer, buf in pending.bufs.items()
-            ]
-            for f in futures:
-                f.result()
-            if self._mode == "boto3":
-                self._upload_shard(s)
-            # Only now, with every layer's shard durable, may the shard count as done.
-            self._done_arr[s].write(np.uint8(1)).result()
-            with self._lock:
-                self._shard_done[s] = True
+            for attempt in itertools.count():
+                try:
+                    return self._commit_once(s, pending)
+                except Exception as e:
+                    if attempt >= self.retries or not _transient(e):
+                        if attempt:
+                            self._error_note = f" after {attempt} retries"
+                        raise
+                    delay = min(RETRY_DELAY_S * 2**attempt, MAX_RETRY_DELAY_S)
+                    self.on_retry(
+                        f"writing shard {s} of {self.url} failed ({_short_error(e)}); "
+                        f"retry {attempt + 1} of {self.retries} in {delay:g} s"
+                    )
+                    time.sleep(delay)
         except BaseException as e:
             self._error = e
             raise
+
+    def _commit_once(self, s: int, pending: _Pending) -> None:
+        """Write shard s of every layer, then its `done` flag; idempotent (same bytes again)."""
+        t0, t1 = self._shard_range(s)
+        # The buffers are dropped after the commit and never modified, so tensorstore may
+        # encode straight from them instead of copying each shard once more.
+        futures = [
+            self._arrays[layer][t0:t1].write(buf, can_reference_source_data_indefinitely=True)
+            for layer, buf in pending.bufs.items()
+        ]
+        for f in futures:
+            f.result()
+        if self._mode == "boto3":
+            self._upload_shard(s)
+        # Only now, with every layer's shard durable, may the shard count as done.
+        self._done_flags[s].write(np.uint8(1)).result()
+        with self._lock:
+            self._shard_done[s] = True
 
     def _upload_shard(self, s: int) -> None:
         for layer in self.layers:
@@ -733,13 +812,21 @@ class StoreWriter:
     def _check_error(self) -> None:
         if self._error is not None:
             raise StoreError(
-                f"writing a shard of {self.url} failed: {self._error}"
+                f"writing a shard of {self.url} failed{self._error_note}: "
+                f"{_short_error(self._error, 400)}"
             ) from self._error
+
+    def _wait(self, future) -> None:
+        try:
+            future.result()
+        except Exception:
+            self._check_error()  # the commit recorded its error: raise it as a StoreError
+            raise
 
     def flush(self) -> None:
         """Wait until every completed shard is durable. Partly filled shards stay buffered."""
         while self._inflight:
-            self._inflight.popleft().result()
+            self._wait(self._inflight.popleft())
         self._check_error()
 
     def pending_rows(self) -> np.ndarray:

@@ -173,6 +173,45 @@ def test_s3_errors_before_model_loading(tiny_model, mini_path, tmp_path, moto_en
         assert time.monotonic() - started < 90
 
 
+@pytest.mark.s3
+@pytest.mark.slow
+def test_endpoint_dies_mid_run(tiny_model, mini_path, tmp_path, moto_process):
+    """The S3 server goes away once a shard is durable: the retries (--s3-retries 1) are shown,
+    then one error line, well before tensorstore's silent 15 minutes."""
+    import boto3
+
+    base = {k: v for k, v in cli_env().items() if not k.startswith(("AWS_", "R2_"))}
+    with moto_process() as endpoint:
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
+                              aws_secret_access_key="test", region_name="us-east-1")  # fmt: skip
+        client.create_bucket(Bucket="dies")
+        env = {**base, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
+               "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+               "MUP_EXTRACT_SHARD_TOKENS": SHARD}  # fmt: skip
+        args = _args(tiny_model, mini_path, "s3://dies/out", "--s3-retries", "1")
+        proc = subprocess.Popen([sys.executable, "-m", "mup.extract", *map(str, args)],
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.monotonic() + 240
+        while not any("/done/c/" in o["Key"] for o in
+                      client.list_objects_v2(Bucket="dies").get("Contents", [])):  # fmt: skip
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no shard became durable in 240 s"
+            time.sleep(0.05)
+    started = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert time.monotonic() - started < 60
+    retries = [line for line in err.splitlines() if "retry 1 of 1 in 1 s" in line]
+    assert retries and all(line.startswith("mup.extract: writing shard ") for line in retries)
+    errors = [line for line in err.splitlines() if line.startswith("mup.extract: error")]
+    assert len(errors) == 1 and "failed after 1 retries" in errors[0], err
+    assert "Traceback" not in err
+
+
 def test_wrong_credentials(tiny_model, mini_path, tmp_path, moto_process):
     base = {k: v for k, v in cli_env().items() if not k.startswith(("AWS_", "R2_"))}
     # moto checks signatures once INITIAL_NO_AUTH_ACTION_COUNT requests have passed.
