@@ -41,6 +41,10 @@ LABEL_NAMES: Mapping[str, int] = MappingProxyType(
 )
 # Columns with a meaning of their own; everything else goes to Record.fields.
 _KNOWN_COLUMNS = frozenset({"inputs", "ids", "labels", "scale_labels"})
+# The largest record (one jsonl line, one csv field) a data file may hold: far above any
+# conversation a model reads (a 128k-token context is ~0.5 MB of text), far below memory.
+# csv's own default field limit (128 KiB) is raised to it.
+MAX_RECORD_BYTES = 64 << 20
 
 
 class DataError(ValueError):
@@ -210,11 +214,25 @@ def _jsonl_rows(path: Path, content: bytes) -> Iterator[tuple[str, Any, bool]]:
             raise DataError(source, None, f"not valid UTF-8 ({error})") from None
         if not line.strip():
             continue  # blank lines (a trailing newline) hold no record
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(source, None, f"invalid JSON: {error}") from None
-        yield source, row, False
+        if len(raw) > MAX_RECORD_BYTES:
+            raise DataError(
+                source, None, f"{len(raw)} bytes, over the {MAX_RECORD_BYTES >> 20} MiB limit"
+            )
+        yield source, _json(source, None, line), False
+
+
+def _json(source: str, field: str | None, text: str) -> Any:
+    """json.loads, with each way it fails (decode error, nesting, huge ints) as a DataError."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(source, field, f"invalid JSON: {error}") from None
+    except RecursionError:
+        raise DataError(source, field, "JSON nested too deeply to parse") from None
+    except ValueError as error:  # an int literal over Python's digit limit (4300 by default)
+        raise DataError(
+            source, field, f"invalid JSON: {str(error).split(';')[0]} (write long ids as strings)"
+        ) from None
 
 
 def _csv_rows(path: Path, content: bytes) -> Iterator[tuple[str, Any, bool]]:
@@ -222,15 +240,19 @@ def _csv_rows(path: Path, content: bytes) -> Iterator[tuple[str, Any, bool]]:
         text = content.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise DataError(str(path), None, f"not valid UTF-8 ({error})") from None
+    if csv.field_size_limit() < MAX_RECORD_BYTES:
+        csv.field_size_limit(MAX_RECORD_BYTES)  # process-wide; it is only ever raised
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
     except StopIteration:
         raise DataError(f"{path}:1", None, "empty csv file, expected a header row") from None
+    except csv.Error as error:
+        raise DataError(f"{path}:1", None, f"unreadable csv header: {error}") from None
     if len(set(header)) != len(header):
         raise DataError(f"{path}:1", None, f"duplicate column names in header {header}")
     end_line = reader.line_num
-    for values in reader:
+    for values in _csv_records(path, reader):
         # A quoted field may span lines: report the line the row starts on.
         source = f"{path}:{end_line + 1}"
         end_line = reader.line_num
@@ -243,6 +265,17 @@ def _csv_rows(path: Path, content: bytes) -> Iterator[tuple[str, Any, bool]]:
         yield source, dict(zip(header, values, strict=True)), True
 
 
+def _csv_records(path: Path, reader) -> Iterator[list[str]]:
+    while True:
+        start = reader.line_num + 1
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:  # e.g. a field over MAX_RECORD_BYTES
+            raise DataError(f"{path}:{start}", None, f"unreadable csv row: {error}") from None
+
+
 def _parse_row(source: str, row: Any, from_csv: bool) -> Record:
     if not isinstance(row, dict):
         raise DataError(source, None, f"expected a JSON object, got {type(row).__name__}")
@@ -252,7 +285,9 @@ def _parse_row(source: str, row: Any, from_csv: bool) -> Record:
         raise DataError(source, "ids", "missing (every row needs a unique id)")
     record_id = row["ids"]
     if isinstance(record_id, bool) or not isinstance(record_id, str | int) or record_id == "":
-        raise DataError(source, "ids", f"expected a non-empty string or int, got {record_id!r}")
+        raise DataError(
+            source, "ids", f"expected a non-empty string or int, got {_short(record_id)}"
+        )
     return Record(
         id=str(record_id),
         messages=_parse_inputs(source, row["inputs"], from_csv),
@@ -269,7 +304,9 @@ def _parse_inputs(source: str, value: Any, from_csv: bool) -> tuple[Message, ...
         if stripped.startswith("["):
             try:
                 decoded = json.loads(value)
-            except json.JSONDecodeError as error:
+            except RecursionError:
+                raise DataError(source, "inputs", "JSON nested too deeply to parse") from None
+            except ValueError as error:
                 if stripped[1:].lstrip().startswith("{"):
                     raise DataError(
                         source,
@@ -324,7 +361,7 @@ def _parse_label(source: str, value: Any) -> int | None:
     raise DataError(
         source,
         "labels",
-        f"unknown label {value!r}; expected high-stakes/low-stakes/ambiguous or 1/0/2",
+        f"unknown label {_short(value)}; expected high-stakes/low-stakes/ambiguous or 1/0/2",
     )
 
 
@@ -332,11 +369,19 @@ def _parse_scale(source: str, value: Any, from_csv: bool) -> float | None:
     if value is None or (from_csv and value == ""):
         return None
     if isinstance(value, bool):
-        raise DataError(source, "scale_labels", f"expected a number, got {value!r}")
+        raise DataError(source, "scale_labels", f"expected a number, got {_short(value)}")
     try:
         number = float(value) if isinstance(value, int | float | str) else None
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an int too large for a float
         number = None
     if number is None or not math.isfinite(number):
-        raise DataError(source, "scale_labels", f"expected a finite number, got {value!r}")
+        raise DataError(
+            source, "scale_labels", f"expected a finite number, got {_short(value)}"
+        )
     return number
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value) for an error message, cut short: a value may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"

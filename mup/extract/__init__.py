@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(argv)
         _compile_cache.enable()
         run(config)
-    except (StoreError, FileNotFoundError, ValueError) as error:
-        # One clear line, not a traceback, for problems with the user's input or storage.
+    except (StoreError, OSError, ValueError) as error:
+        # One clear line, not a traceback, for problems with the user's input or storage
+        # (OSError: a missing file, a full disk).
         print(f"mup.extract: error: {error}", file=sys.stderr)
         return 1
     return 0

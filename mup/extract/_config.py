@@ -8,7 +8,7 @@ import glob
 import os
 from typing import Literal
 
-from mup.store import STORAGE_DTYPES
+from mup.store import DEFAULT_RETRIES, STORAGE_DTYPES
 from mup.text import MASK_MODES
 
 Site = Literal["residual", "normed"]
@@ -34,6 +34,7 @@ class ExtractConfig:
     resume: bool = False  # continue an incomplete store
     overwrite: bool = False  # delete and recreate existing stores
     model_parallel: int = 1  # devices sharing one model replica; the rest split the batch
+    s3_retries: int = DEFAULT_RETRIES  # transient shard-write failures retried before failing
     coordinator_address: str | None = None  # multi-host: host:port of process 0
     num_processes: int | None = None
     process_id: int | None = None
@@ -52,6 +53,8 @@ class ExtractConfig:
             raise ValueError("--resume and --overwrite exclude each other")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.s3_retries < 0:
+            raise ValueError(f"s3_retries must be >= 0, got {self.s3_retries}")
         if self.batch_tokens < 16:
             raise ValueError(f"batch_tokens must be >= 16, got {self.batch_tokens}")
         if not self.datasets:
@@ -99,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--resume", action="store_true", help="continue an incomplete store")
     mode.add_argument("--overwrite", action="store_true", help="recreate existing stores")
     add("--model-parallel", type=int, default=1, help="devices per model replica")
+    add(
+        "--s3-retries",
+        type=int,
+        default=DEFAULT_RETRIES,
+        help="times a shard write that failed for a transient reason (endpoint unreachable, "
+        "throttled) is retried, after 1, 2, 4 ... 60 s, each retry shown above the progress "
+        "bar, before the run fails (default %(default)s: about 5 minutes)",
+    )
     add(
         "--coordinator-address",
         default=None,
@@ -153,6 +164,7 @@ def config_from_args(argv: list[str] | None) -> ExtractConfig:
         resume=args.resume,
         overwrite=args.overwrite,
         model_parallel=args.model_parallel,
+        s3_retries=args.s3_retries,
         coordinator_address=args.coordinator_address,
         num_processes=args.num_processes,
         process_id=args.process_id,

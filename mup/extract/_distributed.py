@@ -84,7 +84,9 @@ class Topology:
             if self.is_main:
                 writer.close()
             # Each process owns a contiguous block of shards; see the module docstring.
-            writer = store.open_writer(job.url, part=(self.process_id, self.num_processes))
+            writer = store.open_writer(
+                job.url, part=(self.process_id, self.num_processes), retries=config.s3_retries
+            )
         return writer
 
     def finalize(self, writer) -> None:
@@ -101,7 +103,7 @@ def _create_or_resume(job, config, d_model: int):
     labels = job.dataset.labels
     if job.state == "resume":
         try:
-            return store.open_writer(job.url)
+            return store.open_writer(job.url, retries=config.s3_retries)
         except store.StoreNotFoundError:
             pass  # creation itself was interrupted: start again below
     # Hidden override (tests, ops): small shards, one chunk each.
@@ -126,6 +128,7 @@ def _create_or_resume(job, config, d_model: int):
         mask=job.mask,
         labels=labels if (labels >= 0).any() else None,
         attrs=job.attrs,
-        overwrite=job.state in ("overwrite", "resume"),
+        overwrite=job.state in ("overwrite", "resume", "recreate"),
+        retries=config.s3_retries,
         **sizes,
     )

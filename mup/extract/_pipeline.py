@@ -56,7 +56,7 @@ class Job:
     mask: np.ndarray  # bool [T]
     url: str
     attrs: dict
-    state: str  # "complete" | "new" | "resume" | "overwrite"
+    state: str  # "complete" | "new" | "resume" | "overwrite" | "recreate" (creation interrupted)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -220,12 +220,22 @@ def plan_jobs(
 
 
 def _store_state(url: str, config: ExtractConfig) -> str:
-    try:
-        existing = store.open(url, require_complete=False)
-    except store.StoreNotFoundError:
+    """What to do with the store at `url`; every refusal is one line, before any model loads."""
+    found = store.inspect(url)
+    if found.kind == "foreign":
+        raise store.StoreError(
+            f"{url} {found.detail}; mup deletes only its own stores, even with --overwrite: "
+            "remove it or choose another --out"
+        )
+    if found.kind == "empty":
         return "new"
     if config.overwrite:
         return "overwrite"
+    if found.kind == "unfinished":
+        if found.recreatable:
+            return "recreate"  # an interrupted creation: nothing of value to keep
+        raise store.StoreError(f"{url}: {found.detail}; use --overwrite")
+    existing = store.open(url, require_complete=False)
     if existing.complete:
         return "complete"
     if not config.resume:
@@ -507,6 +517,8 @@ def run(config: ExtractConfig, *, out=None) -> Summary:
             disable=not (config.progress and topology.is_main),
             file=sys.stderr,
         ) as progress:
+            # Retries of failing shard writes (an unreachable S3 endpoint) show above the bar.
+            writer.on_retry = lambda message: tqdm.write(f"mup.extract: {message}", sys.stderr)
             t, b = run_job(job, writer, capture, config, topology.row_multiple(mesh), progress)
         tokens, nbytes, records = tokens + t, nbytes + b, records + remaining.size
         topology.finalize(writer)

@@ -14,7 +14,7 @@ from mup.probes._data import Activations, concat  # isort: skip
 from mup.probes._config import PROBE_KINDS, ProbeConfig, default_config  # isort: skip
 
 # Training, inference and files.
-from mup.probes._probe import Probe, fit, load  # isort: skip
+from mup.probes._probe import Probe, ProbeFileError, fit, load  # isort: skip
 
 # Results files.
 from mup.probes._results import append_result  # isort: skip
@@ -24,6 +24,7 @@ __all__ = [
     "Activations",
     "Probe",
     "ProbeConfig",
+    "ProbeFileError",
     "append_result",
     "concat",
     "default_config",

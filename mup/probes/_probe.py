@@ -183,30 +183,63 @@ def _pooled_logits_np(params: dict, x: np.ndarray) -> np.ndarray:
     return z.astype(np.float32)
 
 
+class ProbeFileError(ValueError):
+    """A file that cannot be read as a probe: the message is one line naming the file and
+    what is wrong with it (empty, truncated, not safetensors, not a mup probe, ...)."""
+
+
 def load(path) -> Probe:
-    """Read a probe written by `Probe.save`."""
+    """Read a probe written by `Probe.save`; raises ProbeFileError for anything else."""
     from safetensors import safe_open
-    from safetensors.numpy import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"probe file {path} does not exist")
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
+    if path.stat().st_size == 0:
+        raise ProbeFileError(f"{path}: empty file (0 bytes), not a probe")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            params = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own untyped errors
+        problem = " ".join(str(e).split()) or type(e).__name__
+        raise ProbeFileError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {problem}"
+        ) from None
     if "mup_probe" not in meta:
-        raise ValueError(f"{path}: not a mup probe file (no 'mup_probe' metadata entry)")
-    header = json.loads(meta["mup_probe"])
-    if header.get("format") != _FORMAT:
-        raise ValueError(f"{path}: unsupported probe format {header.get('format')!r}")
-    return Probe(
-        config=ProbeConfig(**header["config"]),
-        params=load_file(str(path)),
-        d_model=int(header["d_model"]),
-        layers=tuple(header["layers"]),
-        combine=header["combine"],
-        history=header["history"],
-        metadata=header["metadata"],
-    )
+        raise ProbeFileError(f"{path}: not a mup probe file (no 'mup_probe' metadata entry)")
+    try:
+        header = json.loads(meta["mup_probe"])
+    except ValueError as e:
+        raise ProbeFileError(f"{path}: the probe header is not valid JSON: {e}") from None
+    if not isinstance(header, dict) or header.get("format") != _FORMAT:
+        got = header.get("format") if isinstance(header, dict) else header
+        raise ProbeFileError(f"{path}: unsupported probe format {got!r:.80} (expected {_FORMAT})")
+    try:
+        probe = Probe(
+            config=ProbeConfig(**header["config"]),
+            params=params,
+            d_model=int(header["d_model"]),
+            layers=tuple(int(x) for x in header["layers"]),
+            combine=header["combine"],
+            history=header["history"],
+            metadata=header["metadata"],
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        problem = f"missing {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+        raise ProbeFileError(f"{path}: malformed probe header: {problem}") from None
+    w = params.get("w")
+    if w is None or "b" not in params or w.shape != (probe.d_model,):
+        shape = None if w is None else w.shape
+        raise ProbeFileError(
+            f"{path}: expected parameters w [{probe.d_model}] and b, got {sorted(params)} "
+            f"(w shape {shape})"
+        )
+    bad = [k for k, v in params.items() if not np.issubdtype(v.dtype, np.floating)]
+    bad += [k for k, v in params.items() if k not in bad and not np.isfinite(v).all()]
+    if bad:
+        raise ProbeFileError(f"{path}: parameters {bad} are not finite floating-point values")
+    return probe
 
 
 def fit(

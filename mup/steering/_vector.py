@@ -150,10 +150,15 @@ def _load_npy(path: Path, layer: int | None) -> SteeringVector:
             f"{path}: a .npy vector carries no layer; pass the layer (--layer L, the block whose "
             "output it is added to)"
         )
+    if path.stat().st_size == 0:
+        raise VectorFileError(f"{path}: empty file (0 bytes), not a numpy array")
     try:
         arr = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise VectorFileError(f"{path}: not a plain numpy array file: {e}") from None
+    except (ValueError, EOFError, OSError) as e:  # EOFError: cut short inside the header
+        problem = " ".join(str(e).split()) or type(e).__name__
+        raise VectorFileError(f"{path}: not a plain numpy array file: {problem}") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive renamed .npy
+        raise VectorFileError(f"{path}: holds an .npz archive, not one array")
     if arr.ndim != 1:
         raise VectorFileError(f"{path}: expected an array of shape [d_model], got {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating):
@@ -167,6 +172,8 @@ def _load_npy(path: Path, layer: int | None) -> SteeringVector:
 def _load_safetensors(path: Path, layer: int | None) -> SteeringVector:
     from safetensors import safe_open
 
+    if path.stat().st_size == 0:
+        raise VectorFileError(f"{path}: empty file (0 bytes), not a safetensors file")
     try:
         with safe_open(str(path), framework="numpy") as f:
             keys = list(f.keys())
@@ -179,7 +186,8 @@ def _load_safetensors(path: Path, layer: int | None) -> SteeringVector:
     except VectorFileError:
         raise
     except Exception as e:  # noqa: BLE001 - safetensors raises its own untyped errors
-        raise VectorFileError(f"{path}: not a readable safetensors file: {e}") from None
+        problem = " ".join(str(e).split()) or type(e).__name__
+        raise VectorFileError(f"{path}: not a readable safetensors file: {problem}") from None
     if arr.ndim != 1:
         raise VectorFileError(
             f"{path}: tensor {TENSOR_KEY!r} has shape {arr.shape}, expected [d_model]"

@@ -18,6 +18,10 @@ from mup.store._format import (
 # Locations, access checks and errors
 from mup.store._location import Location, StoreAccessError, StoreError, parse_location, preflight
 
+# Integrity: what a store must hold, and checking all of it
+from mup.store._integrity import DamagedStoreError
+from mup.store._verify import Verdict, verify, verify_all
+
 # Reading and listing
 from mup.store._reader import (
     ActivationStore,
@@ -29,11 +33,15 @@ from mup.store._reader import (
 
 # Writing
 from mup.store._writer import (
+    DEFAULT_RETRIES,
     DEFAULT_S3_UPLOAD,
     MAX_INFLIGHT_SHARDS,
+    Occupant,
+    StoreExistsError,
     StoreNotFoundError,
     StoreWriter,
     create,
+    inspect,
     open_writer,
 )
 
@@ -42,6 +50,7 @@ from mup.store._zarr_compat import register_zarr_bfloat16
 
 __all__ = [
     "CHUNK_BYTES",
+    "DEFAULT_RETRIES",
     "DEFAULT_S3_UPLOAD",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -50,14 +59,19 @@ __all__ = [
     "SHARD_BYTES",
     "STORAGE_DTYPES",
     "ActivationStore",
+    "DamagedStoreError",
     "IncompleteStoreError",
     "Location",
+    "Occupant",
     "StoreAccessError",
     "StoreError",
+    "StoreExistsError",
     "StoreListing",
     "StoreNotFoundError",
     "StoreWriter",
+    "Verdict",
     "create",
+    "inspect",
     "list_stores",
     "open",
     "open_writer",
@@ -65,4 +79,6 @@ __all__ = [
     "preflight",
     "register_zarr_bfloat16",
     "store_key",
+    "verify",
+    "verify_all",
 ]

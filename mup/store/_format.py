@@ -13,6 +13,14 @@ One zarr v3 group:
   labels               int8  [N]     1 high, 0 low, -1 none/ambiguous (optional)
   done                 uint8 [S]     1 = shard s of every layer array is durable (resume)
   layers/<L>           [T, D] storage dtype, sharded along T (sharding_indexed + zstd)
+
+Format versions (both readable):
+  1  inner chunks: bytes + zstd; only the shard index carried a crc32c, so a flipped bit in a
+     chunk decoded to wrong numbers without an error.
+  2  every chunk of every array ends in a crc32c (the zarr v3 `crc32c` codec, last in the chain,
+     over the compressed bytes; read by tensorstore and zarr-python, both of which raise on a
+     mismatch), and the group records `has_labels`, so that the set of objects a complete store
+     must hold is known from its attributes alone (see `expected_objects`).
 """
 
 from __future__ import annotations
@@ -24,7 +32,12 @@ from typing import Any
 import numpy as np
 
 FORMAT_NAME = "mup.activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this code reads (and resumes: a version 1 store keeps its own codec chains).
+READABLE_VERSIONS = (1, 2)
+# The format version hashed into `store_key`. Version 2 only adds checksums: the stored values,
+# and so the content key, are those of version 1, and existing stores keep their names.
+KEY_FORMAT_VERSION = 1
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -56,6 +69,7 @@ RESERVED_ATTRS = (
     "created",
     "complete",
     "completed",
+    "has_labels",
 )
 
 # Inner chunk = the unit of compression and of random reads. ~1 MiB uncompressed keeps zstd's
@@ -119,12 +133,12 @@ def store_key(
 
     The key covers everything that changes the stored values (dataset content, model, capture
     site, layers, mask mode, truncation, storage dtype, the model's compute dtype) and the
-    format version. The float32 compute dtype is left out of the hashed job so that stores
-    written before it was part of the key keep their names.
+    version of the stored values (`KEY_FORMAT_VERSION`). The float32 compute dtype is left out
+    of the hashed job so that stores written before it was part of the key keep their names.
     """
     job = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": KEY_FORMAT_VERSION,
         "dataset_sha256": str(dataset_sha256),
         "model": str(model),
         "site": str(site),
@@ -139,44 +153,63 @@ def store_key(
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _plain_codecs(level: int = ZSTD_LEVEL) -> list[dict[str, Any]]:
-    return [
+# The checksum codec that ends every chunk's codec chain from format version 2 on. It covers the
+# compressed bytes, so a flipped bit anywhere in an object fails the read instead of decoding.
+CRC32C = {"name": "crc32c"}
+
+
+def _plain_codecs(level: int = ZSTD_LEVEL, version: int = FORMAT_VERSION) -> list[dict[str, Any]]:
+    codecs = [
         {"name": "bytes", "configuration": {"endian": "little"}},
         {"name": "zstd", "configuration": {"level": level, "checksum": False}},
     ]
+    return codecs + [CRC32C] if version >= 2 else codecs
 
 
-def meta_array_metadata(dtype: str, shape: list[int], chunk: list[int]) -> dict[str, Any]:
+def meta_array_metadata(
+    dtype: str, shape: list[int], chunk: list[int], version: int = FORMAT_VERSION
+) -> dict[str, Any]:
     """zarr v3 metadata for a small unsharded array (offsets, ids, input_ids, ...)."""
-    chunk = [max(1, min(c, s)) for c, s in zip(chunk, shape, strict=True)]
+    chunk = meta_chunk_shape(shape, chunk)
     return {
         "shape": shape,
         "data_type": dtype,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
         "chunk_key_encoding": {"name": "default"},
-        "codecs": _plain_codecs(),
+        "codecs": _plain_codecs(version=version),
         "fill_value": False if dtype == "bool" else 0,
     }
 
 
-def done_array_metadata(n_shards: int) -> dict[str, Any]:
+def meta_chunk_shape(shape: list[int], chunk: list[int]) -> list[int]:
+    return [max(1, min(c, s)) for c, s in zip(chunk, shape, strict=True)]
+
+
+def done_array_metadata(n_shards: int, version: int = FORMAT_VERSION) -> dict[str, Any]:
     # One object per shard flag: marking shard s done never rewrites another shard's flag, so
     # concurrent writers (one per host) never contend on an object.
+    codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
     return {
         "shape": [n_shards],
         "data_type": "uint8",
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1]}},
         "chunk_key_encoding": {"name": "default"},
-        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        "codecs": codecs + [CRC32C] if version >= 2 else codecs,
         "fill_value": 0,
     }
 
 
 def layer_array_metadata(
-    *, n_tokens: int, d_model: int, dtype: str, chunk_tokens: int, shard_tokens: int
+    *,
+    n_tokens: int,
+    d_model: int,
+    dtype: str,
+    chunk_tokens: int,
+    shard_tokens: int,
+    version: int = FORMAT_VERSION,
 ) -> dict[str, Any]:
     """zarr v3 metadata for one layer array [T, D]: shards of whole inner chunks along T."""
-    inner = _plain_codecs(LAYER_ZSTD_LEVEL)
+    inner = _plain_codecs(LAYER_ZSTD_LEVEL, version)
     return {
         "shape": [n_tokens, d_model],
         "data_type": dtype,
@@ -232,3 +265,51 @@ def rows_done(offsets: np.ndarray, shard_done: np.ndarray, shard_tokens: int) ->
     first = starts // shard_tokens
     end = np.where(ends > starts, -(-ends // shard_tokens), first)  # one past the last shard
     return prefix[end] - prefix[first] == 0
+
+
+def _meta_keys(name: str, length: int, chunk: int, two_d: bool = False) -> list[str]:
+    c = max(1, min(chunk, length))
+    suffix = "/0" if two_d else ""  # ids [N, W]: one chunk spans every column
+    return [f"{name}/zarr.json"] + [f"{name}/c/{i}{suffix}" for i in range(-(-length // c))]
+
+
+def creation_objects(attrs: dict, *, labels: bool | None = None) -> list[str]:
+    """The objects `create` writes: metadata and the small token/record arrays (not shards).
+
+    labels: whether the store has a labels array; version 2 stores record it (`has_labels`),
+    version 1 stores need the caller to say (from a listing: `labels/zarr.json` present).
+    """
+    n, t = int(attrs["n_records"]), int(attrs["n_tokens"])
+    keys = ["zarr.json", "layers/zarr.json"]
+    keys += _meta_keys("offsets", n + 1, RECORD_META_CHUNK)
+    keys += _meta_keys("ids", n, RECORD_META_CHUNK, two_d=True)
+    for name in ("input_ids", "roles", "mask"):
+        keys += _meta_keys(name, t, TOKEN_META_CHUNK)
+    if attrs.get("has_labels", labels):
+        keys += _meta_keys("labels", n, RECORD_META_CHUNK)
+    keys.append("done/zarr.json")
+    keys += [f"layers/{int(layer)}/zarr.json" for layer in attrs["layers"]]
+    return keys
+
+
+def n_shards(attrs: dict) -> int:
+    return -(-int(attrs["n_tokens"]) // int(attrs["shard_tokens"]))
+
+
+def shard_key(layer: int, s: int) -> str:
+    """The object of shard s of a layer array (zarr v3 default chunk keys: c/<t>/<d>)."""
+    return f"layers/{int(layer)}/c/{int(s)}/0"
+
+
+def shard_objects(attrs: dict, shards) -> list[str]:
+    """The objects of `shards` (indices): every layer's shard object and its `done` flag."""
+    keys = []
+    for s in shards:
+        keys += [shard_key(layer, s) for layer in attrs["layers"]]
+        keys.append(f"done/c/{int(s)}")
+    return keys
+
+
+def expected_objects(attrs: dict, *, labels: bool | None = None) -> list[str]:
+    """Every object a complete store holds, from its attributes (see `creation_objects`)."""
+    return creation_objects(attrs, labels=labels) + shard_objects(attrs, range(n_shards(attrs)))

@@ -33,6 +33,8 @@ class StoreAccessError(StoreError):
 # size; s3transfer cuts equal `multipart_chunksize` parts, so a fixed chunk size satisfies it.
 MULTIPART_THRESHOLD = 64 << 20  # shards are usually below this: one PUT per shard object
 MULTIPART_CHUNKSIZE = 16 << 20  # equal part size; 16 MiB keeps part count low and retries cheap
+# tensorstore's per-request S3 retries where the caller retries (and reports) whole operations.
+QUICK_S3_RETRIES = {"max_retries": 2, "initial_delay": "0.5s", "max_delay": "1s"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,8 +75,13 @@ class Location:
         base = self.prefix if self.kind == "s3" else self.path
         return posixpath.join(base, sub) if base else sub
 
-    def kvstore(self, sub: str = "") -> dict[str, Any]:
-        """A tensorstore kvstore spec rooted at `sub` (a directory, so the path ends in '/')."""
+    def kvstore(self, sub: str = "", *, quick_retries: bool = False) -> dict[str, Any]:
+        """A tensorstore kvstore spec rooted at `sub` (a directory, so the path ends in '/').
+
+        quick_retries: S3 requests give up after `QUICK_S3_RETRIES` (about a second) instead of
+        tensorstore's silent default (32 retries, ~15 minutes against a dead endpoint), for
+        callers that retry whole operations themselves and report each retry (the writer).
+        """
         if self.kind == "file":
             path = os.path.join(self.path, sub) if sub else self.path
             return {"driver": "file", "path": path.rstrip("/") + "/"}
@@ -90,6 +97,8 @@ class Location:
         }
         if self.endpoint:
             spec["endpoint"] = self.endpoint
+        if quick_retries:
+            spec["context"] = {"s3_request_retries": QUICK_S3_RETRIES}
         return spec
 
     def boto3_client(self):
@@ -195,8 +204,10 @@ def parse_location(url: str | os.PathLike) -> Location:
 def preflight(url: str | os.PathLike) -> Location:
     """Check that `url` is writable before any model is loaded; raise `StoreAccessError` if not.
 
-    S3: credentials are present and accepted, the bucket exists and the endpoint answers (one
-    HEAD bucket request). Local: the nearest existing parent directory is writable.
+    S3: credentials are present and accepted, the bucket exists and the endpoint answers (a
+    HEAD bucket request), and they may write and delete under the prefix: one small object is
+    written there and deleted again, so read-only credentials fail here, not after the model
+    has loaded. Local: the nearest existing parent directory is writable.
     """
     loc = parse_location(url)
     if loc.kind == "file":
@@ -241,4 +252,27 @@ def preflight(url: str | os.PathLike) -> Location:
         raise StoreAccessError(f"S3 check of {loc.url} at {where} failed: {code} {e}") from None
     except bexc.BotoCoreError as e:
         raise StoreAccessError(f"S3 check of {loc.url} at {where} failed: {e}") from None
+    import uuid
+
+    probe = loc.key(f".mup-preflight-{uuid.uuid4().hex[:12]}")
+    for action in ("write", "delete"):
+        try:
+            if action == "write":
+                client.put_object(Bucket=loc.bucket, Key=probe, Body=b"mup preflight\n")
+            else:
+                client.delete_object(Bucket=loc.bucket, Key=probe)
+        except bexc.ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", "")) or str(
+                e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            )
+            left = f"; remove s3://{loc.bucket}/{probe} by hand" if action == "delete" else ""
+            raise StoreAccessError(
+                f"the S3 credentials may read bucket {loc.bucket!r} at {where} but not "
+                f"{action} objects under {loc.url} ({code}); mup needs to write and delete "
+                f"there{left}"
+            ) from None
+        except bexc.BotoCoreError as e:
+            raise StoreAccessError(
+                f"S3 check of {loc.url} at {where} failed ({action} a test object): {e}"
+            ) from None
     return loc

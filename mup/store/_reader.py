@@ -14,6 +14,7 @@ import numpy as np
 import tensorstore as ts
 
 from mup.store import _format as F
+from mup.store._integrity import DamagedStoreError, describe_faults, list_objects, missing_objects
 from mup.store._location import Location, StoreError, parse_location
 from mup.store._writer import StoreNotFoundError, _open_array, read_group_attrs
 
@@ -26,7 +27,13 @@ class IncompleteStoreError(StoreError):
 
 def open(url, *, require_complete: bool = True) -> ActivationStore:  # noqa: A001 (mirrors zarr.open)
     """Open a store for reading. Raises IncompleteStoreError unless it is complete (or
-    require_complete=False, for inspecting a partial store: see `done_rows()`)."""
+    require_complete=False, for inspecting a partial store: see `done_rows()`).
+
+    One listing checks that every object the store vouches for is there and not empty; a loss
+    raises DamagedStoreError naming the objects. In an incomplete store a lost shard that is
+    flagged done only counts as not done (resuming writes it again). Checksums are checked by
+    every read (format 2) and for the whole store by `mup store verify`.
+    """
     loc = parse_location(url)
     attrs = read_group_attrs(loc)
     if attrs is None:
@@ -36,14 +43,39 @@ def open(url, *, require_complete: bool = True) -> ActivationStore:  # noqa: A00
             f"store {loc.url} is incomplete (its writer did not finish); resume the extraction "
             "(--resume) or open it with require_complete=False"
         )
-    return ActivationStore(loc, attrs)
+    objects = list_objects(loc)
+    if "done/zarr.json" not in objects:
+        raise StoreNotFoundError(
+            f"the store at {loc.url} was never fully created (its creation was interrupted); "
+            "create it again (--overwrite)"
+        )
+    faults = missing_objects(
+        objects, F.creation_objects(attrs, labels="labels/zarr.json" in objects)
+    )
+    lost: list[int] = []
+    if attrs.get("complete"):
+        faults += missing_objects(objects, F.shard_objects(attrs, range(F.n_shards(attrs))))
+    else:
+        done = _open_array(loc.kvstore("done")).read().result()  # [S]
+        lost = [
+            int(s)
+            for s in np.flatnonzero(done)
+            if missing_objects(objects, F.shard_objects(attrs, [s]))
+        ]
+    if faults:
+        raise DamagedStoreError(
+            f"store {loc.url} is damaged: {describe_faults(faults)}; its activations cannot be "
+            "trusted: extract it again (--overwrite)"
+        )
+    return ActivationStore(loc, attrs, lost_shards=lost)
 
 
 class ActivationStore:
     """Read access to one store. Small per-token arrays load lazily on first use."""
 
-    def __init__(self, loc: Location, attrs: dict):
+    def __init__(self, loc: Location, attrs: dict, *, lost_shards=()):
         self.url = loc.url
+        self._lost_shards = list(lost_shards)  # flagged done, yet an object is missing
         self._loc = loc
         self.attrs = attrs
         self.layers: list[int] = [int(x) for x in attrs["layers"]]
@@ -59,6 +91,7 @@ class ActivationStore:
                 f"attributes say N={self.n_records}, T={self.n_tokens}"
             )
         self._arrays: dict[int, ts.TensorStore] = {}
+        self._shard_tokens = int(attrs["shard_tokens"])
 
     def __repr__(self) -> str:
         return (
@@ -67,7 +100,10 @@ class ActivationStore:
         )
 
     def _read_small(self, name: str) -> np.ndarray:
-        return _open_array(self._loc.kvstore(name)).read().result()
+        try:
+            return _open_array(self._loc.kvstore(name), fill_missing=False).read().result()
+        except ValueError as e:  # tensorstore: a lost object or a failed checksum
+            raise DamagedStoreError(f"{self.url}: reading {name} failed: {_one_line(e)}") from None
 
     @functools.cached_property
     def ids(self) -> list[str]:
@@ -92,7 +128,8 @@ class ActivationStore:
 
     def done_rows(self) -> np.ndarray:
         """bool [N]: records whose activations are written (all True for a complete store)."""
-        done = self._read_small("done").astype(bool)  # [S]
+        done = _open_array(self._loc.kvstore("done")).read().result().astype(bool)  # [S]
+        done[self._lost_shards] = False
         return F.rows_done(self.offsets, done, int(self.attrs["shard_tokens"]))
 
     def _array(self, layer: int) -> ts.TensorStore:
@@ -102,14 +139,28 @@ class ActivationStore:
             )
         layer = int(layer)
         if layer not in self._arrays:
-            self._arrays[layer] = _open_array(self._loc.kvstore(f"layers/{layer}"))
+            self._arrays[layer] = _open_array(
+                self._loc.kvstore(f"layers/{layer}"), fill_missing=False
+            )
         return self._arrays[layer]
+
+    def _result(self, future, layer: int, t0: int, t1: int) -> np.ndarray:
+        """A layer read's data; a lost shard or a failed checksum raises, naming the object."""
+        try:
+            return future.result()
+        except ValueError as e:
+            s0, s1 = t0 // self._shard_tokens, max(t0, t1 - 1) // self._shard_tokens
+            shards = F.shard_key(layer, s0) if s0 == s1 else f"layers/{layer}/c/{s0}..{s1}/0"
+            raise DamagedStoreError(
+                f"{self.url}: reading tokens {t0}:{t1} of layer {layer} ({shards}) failed: "
+                f"{_one_line(e)}"
+            ) from None
 
     def read_layer(self, layer: int, rows=None) -> tuple[np.ndarray, np.ndarray]:
         """Activations of `rows` (default: all) -> (acts [T', D], offsets' [R+1]) in row order."""
         arr = self._array(layer)
         if rows is None:
-            return arr.read().result(), self.offsets.copy()
+            return self._result(arr.read(), layer, 0, self.n_tokens), self.offsets.copy()
         rows = np.asarray(rows)
         if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
             raise ValueError(
@@ -133,7 +184,8 @@ class ActivationStore:
                 futures.append((i, j, arr[int(starts[i]) : int(ends[j])].read()))
             i = j + 1
         for i, j, f in futures:
-            out[out_offsets[i] : out_offsets[j + 1]] = f.result()
+            t0, t1 = int(starts[i]), int(ends[j])
+            out[out_offsets[i] : out_offsets[j + 1]] = self._result(f, layer, t0, t1)
         return out, out_offsets
 
     def iter_row_chunks(
@@ -159,8 +211,12 @@ class ActivationStore:
             cur = nxt
             if k + 1 < len(bounds):
                 nxt = read(*bounds[k + 1])
-            acts = cur.result()
+            acts = self._result(cur, layer, int(self.offsets[a]), int(self.offsets[b]))
             yield np.arange(a, b), acts, self.offsets[a : b + 1] - self.offsets[a]
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -176,9 +232,8 @@ class StoreListing:
         return bool(self.attrs.get("complete"))
 
 
-def list_stores(url) -> list[StoreListing]:
-    """The mup stores directly below `url` (an --out directory or s3:// prefix), sorted by key."""
-    loc = parse_location(url)
+def child_names(loc: Location) -> list[str]:
+    """The names of the directories (S3: common prefixes) directly below `loc`, sorted."""
     names: list[str] = []
     if loc.kind == "file":
         import os
@@ -194,8 +249,14 @@ def list_stores(url) -> list[StoreListing]:
             names += [
                 p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])
             ]
+    return sorted(names)
+
+
+def list_stores(url) -> list[StoreListing]:
+    """The mup stores directly below `url` (an --out directory or s3:// prefix), sorted by key."""
+    loc = parse_location(url)
     out = []
-    for name in sorted(names):
+    for name in child_names(loc):
         child = loc.child(name)
         try:
             attrs = read_group_attrs(child)

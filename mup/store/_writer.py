@@ -24,25 +24,39 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import datetime
+import errno
 import json
+import logging
 import os
+import re
 import shutil
+import signal
+import itertools
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
 import tensorstore as ts
 
 from mup.store import _format as F
+from mup.store._integrity import DamagedStoreError, describe_faults, list_objects, missing_objects
 from mup.store._location import Location, StoreError, parse_location
+
+log = logging.getLogger("mup.store")
 
 __all__ = [
     "DEFAULT_S3_UPLOAD",
+    "Occupant",
+    "StoreExistsError",
     "StoreNotFoundError",
     "StoreWriter",
     "create",
+    "inspect",
     "open_writer",
 ]
 
@@ -51,6 +65,15 @@ __all__ = [
 # keep the disk or network busy while bounding memory; each shard's `done` flag still follows
 # its own data, so commits may finish in any order.
 MAX_INFLIGHT_SHARDS = 2
+
+# Shard commits that fail for a transient reason are retried this often by default, after 1, 2,
+# 4, ... 60 s: a dead endpoint fails a run after about 5 minutes, each retry reported on the way
+# (tensorstore's own default retried 32 times over ~15 minutes in silence).
+DEFAULT_RETRIES = 10
+RETRY_DELAY_S = 1.0
+MAX_RETRY_DELAY_S = 60.0
+# tensorstore status codes (the start of its error messages) worth retrying.
+TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED")
 
 # How completed shards reach S3: "tensorstore" (its s3 kvstore PUTs each encoded shard) or
 # "boto3" (tensorstore encodes the shard into a local staging file, boto3 uploads it). Measured
@@ -65,6 +88,35 @@ DEFAULT_S3_UPLOAD: Literal["tensorstore", "boto3"] = "tensorstore"
 
 class StoreNotFoundError(StoreError, FileNotFoundError):
     """No (fully created) store at the URL: create one with `create`."""
+
+
+class StoreExistsError(StoreError, FileExistsError):
+    """`create` will not write there: a store, or something that is not a store (one line)."""
+
+
+def _transient(error: BaseException) -> bool:
+    """Whether a failed write may succeed if tried again (network, endpoint, throttling)."""
+    if isinstance(error, ValueError):  # tensorstore: "CODE: message"
+        return str(error).startswith(TRANSIENT_CODES)
+    try:
+        import botocore.exceptions as bexc
+    except ImportError:
+        return False
+    if isinstance(error, bexc.ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status == 429
+    return isinstance(
+        error,
+        bexc.EndpointConnectionError
+        | bexc.ConnectionClosedError
+        | bexc.ConnectTimeoutError
+        | bexc.ReadTimeoutError,
+    )
+
+
+def _short_error(error: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _now() -> str:
@@ -92,10 +144,10 @@ def read_group_attrs(loc: Location) -> dict | None:
             f"{loc.url} is a zarr group but not a {F.FORMAT_NAME} store "
             f"(format attribute {attrs.get('format')!r})"
         )
-    if attrs.get("format_version") != F.FORMAT_VERSION:
+    if attrs.get("format_version") not in F.READABLE_VERSIONS:
         raise StoreError(
             f"{loc.url}: format version {attrs.get('format_version')!r} is not supported "
-            f"(this mup reads version {F.FORMAT_VERSION})"
+            f"(this mup reads versions {', '.join(map(str, F.READABLE_VERSIONS))})"
         )
     return attrs
 
@@ -109,23 +161,120 @@ def _has_key(loc: Location, key: str) -> bool:
     return _kv(loc).read(key).result().state == "value"
 
 
-def _is_empty(loc: Location) -> bool:
-    if loc.kind == "file":
-        return not os.path.exists(loc.path) or not any(os.scandir(loc.path))
-    client = loc.boto3_client()
-    prefix = loc.prefix + "/" if loc.prefix else ""
-    resp = client.list_objects_v2(Bucket=loc.bucket, Prefix=prefix, MaxKeys=1)
-    return resp.get("KeyCount", 0) == 0
+# The top-level names of a store: anything else in its directory is a stray.
+STORE_NAMES = frozenset(
+    {"zarr.json", "layers", "done", "offsets", "ids", "input_ids", "roles", "mask", "labels"}
+)
+_SHARD_KEY = re.compile(r"layers/\d+/c/.+")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Occupant:
+    """What a location holds, as `create` and the extractor judge it (see `inspect`).
+
+    kind: "empty"; "store" (a fully created mup store: group and `done` array); "unfinished"
+      (parts of a mup store whose creation, or deletion, was interrupted); "foreign" (anything
+      else, which no mup command deletes).
+    attrs: the group attributes of a "store".
+    recreatable: an "unfinished" store that holds no layer shard and no stray, i.e. only what an
+      interrupted `create` leaves: creating it again loses nothing, so no overwrite is needed.
+    detail: one line on what is there, for error messages.
+    """
+
+    kind: Literal["empty", "store", "unfinished", "foreign"]
+    attrs: dict | None = None
+    recreatable: bool = False
+    detail: str = ""
+
+
+def inspect(url) -> Occupant:
+    """Judge what `url` holds (one listing) before anything is written there."""
+    loc = url if isinstance(url, Location) else parse_location(url)
+    if loc.kind == "file" and os.path.exists(loc.path) and not os.path.isdir(loc.path):
+        return Occupant(kind="foreign", detail="is a file, not a directory")
+    objects = list_objects(loc)
+    if not objects:
+        return Occupant(kind="empty")
+    strays = sorted({key.split("/", 1)[0] for key in objects} - STORE_NAMES)
+    named = ", ".join(repr(s) for s in strays[:4]) + (" ..." if len(strays) > 4 else "")
+    mup_group = readable = False
+    if "zarr.json" in objects:
+        try:
+            meta = json.loads(bytes(_kv(loc).read("zarr.json").result().value))
+            readable = True
+        except ValueError:
+            meta = None  # truncated or empty: a crash or a full disk while it was written
+        if isinstance(meta, dict):
+            attrs = meta.get("attributes")
+            mup_group = (
+                meta.get("node_type") == "group"
+                and isinstance(attrs, dict)
+                and attrs.get("format") == F.FORMAT_NAME
+            )
+        if readable and not mup_group:
+            return Occupant(kind="foreign", detail="holds a zarr.json that is not a mup store's")
+    markers = [k for k in objects if k != "zarr.json" and k.split("/", 1)[0] in STORE_NAMES]
+    if not mup_group and not markers and ("zarr.json" not in objects or strays):
+        return Occupant(kind="foreign", detail=f"is not empty and holds no mup store ({named})")
+    if mup_group and "done/zarr.json" in objects:
+        return Occupant(kind="store", attrs=read_group_attrs(loc))
+    shards = any(_SHARD_KEY.fullmatch(k) for k in objects)
+    what = ["this store was never fully created (done/zarr.json is missing)"]
+    if not mup_group:
+        what = ["this store was never fully created (no readable group zarr.json)"]
+    if shards:
+        what.append("yet it holds layer shards")
+    if strays:
+        what.append(f"and stray files ({named})")
+    return Occupant(
+        kind="unfinished", recreatable=not shards and not strays, detail=", ".join(what)
+    )
 
 
 def _delete_all(loc: Location) -> None:
+    # The group metadata goes first: a deletion cut short leaves no store that looks whole
+    # (what remains is "unfinished", and --overwrite deletes it).
     if loc.kind == "file":
+        try:
+            os.remove(os.path.join(loc.path, "zarr.json"))
+        except FileNotFoundError:
+            pass
+        _after("zarr.json deleted")
         shutil.rmtree(loc.path, ignore_errors=True)
     else:
+        _kv(loc).write("zarr.json", None).result()
+        _after("zarr.json deleted")
         _kv(loc).delete_range(ts.KvStore.KeyRange()).result()
 
 
-def _open_array(kvstore: dict, metadata: dict | None = None) -> ts.TensorStore:
+# Test hook: MUP_STORE_FAIL_AFTER="<step>:kill" makes `create` SIGKILL its own process right
+# after that step (an object key such as "zarr.json", "offsets/zarr.json", "offsets/c" or
+# "done/zarr.json"; or "deleted", "zarr.json deleted"), as kill -9 would; "<step>:raise" raises
+# ENOSPC there, as a full disk would. The crash tests walk every step.
+FAIL_AFTER_ENV = "MUP_STORE_FAIL_AFTER"
+
+
+def _after(step: str) -> None:
+    spec = os.environ.get(FAIL_AFTER_ENV)
+    if not spec:
+        return
+    target, _, how = spec.rpartition(":")
+    if target != step:
+        return
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise OSError(errno.ENOSPC, f"No space left on device (injected after {step})")
+
+
+def _open_array(
+    kvstore: dict, metadata: dict | None = None, *, fill_missing: bool = True
+) -> ts.TensorStore:
+    """Create (with `metadata`) or open a zarr v3 array.
+
+    fill_missing=False makes a read of a missing chunk or shard fail (naming its object) instead
+    of returning the fill value: every array of a complete store is fully materialised, so a
+    missing object is always a lost one. Only `done` (unset flags are absent) needs filling.
+    """
     spec = {"driver": "zarr3", "kvstore": kvstore}
     if metadata is not None:
         spec.update(metadata=metadata, create=True, delete_existing=True)
@@ -133,6 +282,8 @@ def _open_array(kvstore: dict, metadata: dict | None = None) -> ts.TensorStore:
         spec["store_data_equal_to_fill_value"] = True
     else:
         spec["open"] = True
+    if not fill_missing:
+        spec["fill_missing_data_reads"] = False
     return ts.open(spec).result()
 
 
@@ -162,6 +313,7 @@ def create(
     chunk_tokens: int | None = None,
     shard_tokens: int | None = None,
     s3_upload: Literal["tensorstore", "boto3"] | None = None,
+    retries: int = DEFAULT_RETRIES,
 ) -> StoreWriter:
     """Create an empty store for N records / T tokens and return its writer.
 
@@ -179,6 +331,8 @@ def create(
       chunk_tokens, shard_tokens: override the chunk/shard lengths derived from CHUNK_BYTES and
         SHARD_BYTES (shard_tokens must be a multiple of chunk_tokens).
       s3_upload: how shards reach S3 (default `DEFAULT_S3_UPLOAD`); ignored for local stores.
+      retries: transient failures of one shard commit retried before the writer fails (see
+        `StoreWriter`).
     """
     loc = parse_location(url)
     if loc.kind == "s3" and not loc.prefix:
@@ -252,19 +406,20 @@ def create(
         raise ValueError(f"shard_tokens ({st}) must be a positive multiple of chunk_tokens ({ct})")
 
     # ---- decide what may be replaced
-    existing = read_group_attrs(loc)
-    if existing is not None:
-        if _has_key(loc, "done/zarr.json") and not overwrite:
-            state = "complete" if existing.get("complete") else "incomplete"
-            raise FileExistsError(
-                f"an {state} store already exists at {loc.url}; resume it with open_writer() "
-                "or pass overwrite=True"
-            )
-    elif not _is_empty(loc):
-        raise FileExistsError(
-            f"{loc.url} is not empty and holds no mup store; refusing to write there"
+    found = inspect(loc)
+    if found.kind == "foreign":
+        raise StoreExistsError(f"{loc.url} {found.detail}; refusing to write there")
+    if found.kind == "store" and not overwrite:
+        state = "complete" if found.attrs.get("complete") else "incomplete"
+        raise StoreExistsError(
+            f"an {state} store already exists at {loc.url}; resume it with open_writer() "
+            "or pass overwrite=True"
         )
-    _delete_all(loc)
+    if found.kind == "unfinished" and not overwrite and not found.recreatable:
+        raise StoreExistsError(f"{loc.url}: {found.detail}; pass overwrite=True (--overwrite)")
+    if found.kind != "empty":
+        _delete_all(loc)
+    _after("deleted")
 
     from mup import __version__
 
@@ -283,9 +438,15 @@ def create(
         "mup_version": __version__,
         "created": _now(),
         "complete": False,
+        "has_labels": labels_a is not None,
     }
+    # Written one object at a time, in this order, the `done` array last: a location whose
+    # `done/zarr.json` is missing was interrupted here, holds no activations, and `create`
+    # redoes it (see `inspect`).
     write_group(loc, "", store_attrs)
+    _after("zarr.json")
     write_group(loc, "layers", {})
+    _after("layers/zarr.json")
     small = [
         ("offsets", "int64", offsets, [F.RECORD_META_CHUNK]),
         ("ids", "uint8", ids_raw, [F.RECORD_META_CHUNK, ids_raw.shape[1]]),
@@ -295,20 +456,21 @@ def create(
     ]
     if labels_a is not None:
         small.append(("labels", "int8", labels_a.astype(np.int8), [F.RECORD_META_CHUNK]))
-    futures = []
     for name, dt, data, chunk in small:
         arr = _open_array(loc.kvstore(name), F.meta_array_metadata(dt, list(data.shape), chunk))
-        futures.append(arr.write(data))
+        _after(f"{name}/zarr.json")
+        arr.write(data).result()
+        _after(f"{name}/c")
     for layer in layers:
         md = F.layer_array_metadata(
             n_tokens=t, d_model=d_model, dtype=dtype, chunk_tokens=ct, shard_tokens=st
         )
         _open_array(loc.kvstore(f"layers/{layer}"), md)
-    for f in futures:
-        f.result()
+        _after(f"layers/{layer}/zarr.json")
     n_shards = -(-t // st)
     _open_array(loc.kvstore("done"), F.done_array_metadata(n_shards))
-    return StoreWriter(loc, store_attrs, offsets, s3_upload=s3_upload)
+    _after("done/zarr.json")
+    return StoreWriter(loc, store_attrs, offsets, s3_upload=s3_upload, retries=retries)
 
 
 def open_writer(
@@ -316,6 +478,7 @@ def open_writer(
     *,
     part: tuple[int, int] | None = None,
     s3_upload: Literal["tensorstore", "boto3"] | None = None,
+    retries: int = DEFAULT_RETRIES,
 ) -> StoreWriter:
     """Reopen an existing store to resume writing (its `pending_rows()` say what is left).
 
@@ -336,7 +499,7 @@ def open_writer(
             f"creation of the store at {loc.url} was interrupted; create it again"
         )
     offsets = _open_array(loc.kvstore("offsets")).read().result().astype(np.int64)
-    return StoreWriter(loc, attrs, offsets, part=part, s3_upload=s3_upload)
+    return StoreWriter(loc, attrs, offsets, part=part, s3_upload=s3_upload, retries=retries)
 
 
 class _Pending:
@@ -353,10 +516,21 @@ class StoreWriter:
     """Writes layer activations into a created store; see the module docstring for the protocol.
 
     Use `create` or `open_writer` to get one. Not thread-safe: call from one thread.
+
+    retries: how often a shard commit that failed for a transient reason (an S3 endpoint that
+      does not answer, throttling) is tried again, with doubling delays from RETRY_DELAY_S up to
+      MAX_RETRY_DELAY_S, each retry reported through `on_retry`; then the writer fails.
     """
 
     def __init__(
-        self, loc: Location, attrs: dict, offsets: np.ndarray, *, part=None, s3_upload=None
+        self,
+        loc: Location,
+        attrs: dict,
+        offsets: np.ndarray,
+        *,
+        part=None,
+        s3_upload=None,
+        retries: int = DEFAULT_RETRIES,
     ):
         self.url = loc.url
         self._loc = loc
@@ -385,8 +559,10 @@ class StoreWriter:
         self._own_first = np.maximum(first, self._s_lo)  # [N] row's shards inside this part
         self._own_end = np.minimum(end, self._s_hi)
         self._owns_row = self._own_end > self._own_first  # [N]
-        self._done_arr = _open_array(loc.kvstore("done"))
-        self._shard_done = self._done_arr.read().result().astype(bool)  # [S]
+        self._shard_done = _open_array(loc.kvstore("done")).read().result().astype(bool)  # [S]
+        # Writes fail fast and `_commit` retries them, reporting each retry (see `retries`).
+        self._done_flags = _open_array(loc.kvstore("done", quick_retries=True))
+        self._forget_lost_shards()
         self._received = np.zeros(self.n_records, bool)  # [N] rows taken by write() this session
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
@@ -406,21 +582,69 @@ class StoreWriter:
         self._arrays: dict[int, ts.TensorStore] = {}
         for layer in self.layers:
             if self._mode == "boto3":
-                meta = F.layer_array_metadata(
-                    n_tokens=self.n_tokens,
-                    d_model=self.d_model,
-                    dtype=self.dtype,
-                    chunk_tokens=int(attrs["chunk_tokens"]),
-                    shard_tokens=self.shard_tokens,
-                )
+                # The staged shards must be encoded exactly as the store's own array says (a
+                # resumed version 1 store keeps its codecs), so copy its metadata.
+                got = _kv(loc, f"layers/{layer}").read("zarr.json").result()
+                if got.state != "value":
+                    raise StoreError(f"{loc.url}: layers/{layer}/zarr.json is missing")
+                meta = {
+                    k: v
+                    for k, v in json.loads(bytes(got.value)).items()
+                    if k not in ("zarr_format", "node_type")
+                }
                 kv = {"driver": "file", "path": os.path.join(self._staging, str(layer)) + "/"}
                 self._arrays[layer] = _open_array(kv, meta)
             else:
-                self._arrays[layer] = _open_array(loc.kvstore(f"layers/{layer}"))
+                self._arrays[layer] = _open_array(
+                    loc.kvstore(f"layers/{layer}", quick_retries=True)
+                )
         self.complete = bool(attrs.get("complete"))
         self._error: BaseException | None = None
+        self._error_note = ""
+        if int(retries) < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        self.retries = int(retries)
+        # Called (from a writer thread) with one line per retry; the extractor shows it above
+        # its progress bar. Assign another callable to redirect it.
+        self.on_retry: Callable[[str], None] = log.warning
 
     # ---- bookkeeping
+    def _forget_lost_shards(self) -> None:
+        """Treat shards of this part flagged done whose objects are missing or empty as not done,
+        so that resuming rewrites what the storage lost (one listing of the layer arrays)."""
+        mine = np.zeros_like(self._shard_done)
+        mine[self._s_lo : self._s_hi] = True
+        flagged = np.flatnonzero(self._shard_done & mine)
+        if not flagged.size:
+            return
+        listed = list_objects(self._loc, "layers")
+        lost = [
+            int(s)
+            for s in flagged
+            if any(listed.get(F.shard_key(layer, s), 0) == 0 for layer in self.layers)
+        ]
+        if lost:
+            log.warning(
+                "%s: %d shards flagged done have a missing or empty object (first: %s); "
+                "they will be written again",
+                self.url,
+                len(lost),
+                F.shard_key(self.layers[0], lost[0]),
+            )
+            self._shard_done[lost] = False
+
+    def _check_objects(self, keys, what: str) -> None:
+        """Raise DamagedStoreError unless every object in `keys` is present and non-empty."""
+        objects = list_objects(self._loc)
+        faults = missing_objects(objects, keys(objects))
+        if faults:
+            raise DamagedStoreError(
+                f"cannot {what} {self.url}: {len(faults)} objects it must hold are missing or "
+                f"empty ({describe_faults(faults)}); the storage lost writes it had "
+                "acknowledged. Resuming rewrites lost layer shards; lost metadata needs "
+                "--overwrite"
+            )
+
     def _shard_range(self, s: int) -> tuple[int, int]:
         t0 = s * self.shard_tokens
         return t0, min(t0 + self.shard_tokens, self.n_tokens)
@@ -537,29 +761,46 @@ class StoreWriter:
 
     def _submit(self, s: int, pending: _Pending) -> None:
         while len(self._inflight) >= MAX_INFLIGHT_SHARDS:
-            self._inflight.popleft().result()
+            self._wait(self._inflight.popleft())
         self._inflight.append(self._pool.submit(self._commit, s, pending))
 
     def _commit(self, s: int, pending: _Pending) -> None:
         try:
-            t0, t1 = self._shard_range(s)
-            # The buffers are dropped after the commit and never modified, so tensorstore may
-            # encode straight from them instead of copying each shard once more.
-            futures = [
-                self._arrays[layer][t0:t1].write(buf, can_reference_source_data_indefinitely=True)
-                for layer, buf in pending.bufs.items()
-            ]
-            for f in futures:
-                f.result()
-            if self._mode == "boto3":
-                self._upload_shard(s)
-            # Only now, with every layer's shard durable, may the shard count as done.
-            self._done_arr[s].write(np.uint8(1)).result()
-            with self._lock:
-                self._shard_done[s] = True
+            for attempt in itertools.count():
+                try:
+                    return self._commit_once(s, pending)
+                except Exception as e:
+                    if attempt >= self.retries or not _transient(e):
+                        if attempt:
+                            self._error_note = f" after {attempt} retries"
+                        raise
+                    delay = min(RETRY_DELAY_S * 2**attempt, MAX_RETRY_DELAY_S)
+                    self.on_retry(
+                        f"writing shard {s} of {self.url} failed ({_short_error(e)}); "
+                        f"retry {attempt + 1} of {self.retries} in {delay:g} s"
+                    )
+                    time.sleep(delay)
         except BaseException as e:
             self._error = e
             raise
+
+    def _commit_once(self, s: int, pending: _Pending) -> None:
+        """Write shard s of every layer, then its `done` flag; idempotent (same bytes again)."""
+        t0, t1 = self._shard_range(s)
+        # The buffers are dropped after the commit and never modified, so tensorstore may
+        # encode straight from them instead of copying each shard once more.
+        futures = [
+            self._arrays[layer][t0:t1].write(buf, can_reference_source_data_indefinitely=True)
+            for layer, buf in pending.bufs.items()
+        ]
+        for f in futures:
+            f.result()
+        if self._mode == "boto3":
+            self._upload_shard(s)
+        # Only now, with every layer's shard durable, may the shard count as done.
+        self._done_flags[s].write(np.uint8(1)).result()
+        with self._lock:
+            self._shard_done[s] = True
 
     def _upload_shard(self, s: int) -> None:
         for layer in self.layers:
@@ -571,13 +812,21 @@ class StoreWriter:
     def _check_error(self) -> None:
         if self._error is not None:
             raise StoreError(
-                f"writing a shard of {self.url} failed: {self._error}"
+                f"writing a shard of {self.url} failed{self._error_note}: "
+                f"{_short_error(self._error, 400)}"
             ) from self._error
+
+    def _wait(self, future) -> None:
+        try:
+            future.result()
+        except Exception:
+            self._check_error()  # the commit recorded its error: raise it as a StoreError
+            raise
 
     def flush(self) -> None:
         """Wait until every completed shard is durable. Partly filled shards stay buffered."""
         while self._inflight:
-            self._inflight.popleft().result()
+            self._wait(self._inflight.popleft())
         self._check_error()
 
     def pending_rows(self) -> np.ndarray:
@@ -599,6 +848,8 @@ class StoreWriter:
                     f"cannot finish part {self.part} of {self.url}: {missing.size} of its records "
                     f"have not been written (first: {missing[:8].tolist()})"
                 )
+            own = F.shard_objects(self._attrs, range(self._s_lo, self._s_hi))
+            self._check_objects(lambda _: own, f"finish part {self.part} of")
             self.close()
             return
         missing = np.flatnonzero(~self.done_rows())
@@ -607,6 +858,11 @@ class StoreWriter:
                 f"cannot finalize {self.url}: {missing.size} of {self.n_records} records have not "
                 f"been written (first: {missing[:8].tolist()})"
             )
+        # Every acknowledged write must still be there before `complete` vouches for them.
+        self._check_objects(
+            lambda objects: F.expected_objects(self._attrs, labels="labels/zarr.json" in objects),
+            "complete",
+        )
         self._attrs["complete"] = True
         self._attrs["completed"] = _now()
         write_group(self._loc, "", self._attrs)

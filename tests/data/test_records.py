@@ -191,6 +191,57 @@ def test_malformed_row_names_file_line_and_field(tmp_path, bad_line, field, mess
         assert f"{path}:1" in str(error.value)  # both lines are named
 
 
+def test_pathological_jsonl_lines_name_file_and_line(tmp_path):
+    """Nesting 100k deep (RecursionError inside json), a 5000-digit id (Python's int digit
+    limit), and the same in a csv inputs cell: each one DataError line, no traceback."""
+    deep = '{"inputs": "x", "ids": "d", "labels": 1, "extra": ' + "[" * 100_000 + "]" * 100_000
+    cases = [
+        (deep + "}", None, "JSON nested too deeply"),
+        ('{"inputs": "x", "ids": ' + "7" * 5000 + ', "labels": 1}', None, "4300"),
+        ('{"inputs": "x", "ids": "b", "labels": 1, "scale_labels": ' + "9" * 400 + "}",
+         "scale_labels", "finite number"),
+        ('{"inputs": "[' + "[" * 100_000 + '", "ids": "b", "labels": 1}', "inputs", "too deeply"),
+    ]  # fmt: skip
+    for bad_line, field, message in cases:
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(GOOD[0]) + "\n" + bad_line + "\n", encoding="utf-8")
+        with pytest.raises(DataError) as error:
+            load_records(path)
+        assert str(error.value).startswith(f"{path}:2"), str(error.value)[:200]
+        assert error.value.field == field and message in str(error.value)
+        assert "\n" not in str(error.value) and len(str(error.value)) < 400
+    # A 5000-digit id written as a string is simply an id.
+    path.write_text(json.dumps(GOOD[0] | {"ids": "7" * 5000}) + "\n", encoding="utf-8")
+    assert load_records(path)[0].id == "7" * 5000
+
+
+def test_csv_fields_beyond_128_kib(tmp_path):
+    big = "word " * 60_000  # 300 KB in one cell: over csv's default 128 KiB field limit
+    path = tmp_path / "big.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerows([["inputs", "ids", "labels"], ["short", "a", "high-stakes"],
+                     [big, "b", "low-stakes"]])  # fmt: skip
+    records = load_records(path)
+    assert records[1].messages[0].content == big
+    # Over the record limit: the file and the row's first line are named.
+    import mup.data._records as R
+
+    limit = R.MAX_RECORD_BYTES
+    try:
+        R.MAX_RECORD_BYTES = 1000
+        csv.field_size_limit(1000)
+        with pytest.raises(DataError, match=rf"{path}:3: unreadable csv row: field larger"):
+            load_records(path)
+        jsonl = tmp_path / "big.jsonl"
+        jsonl.write_text(json.dumps(GOOD[0]) + "\n" + json.dumps({"inputs": big, "ids": "b"}))
+        with pytest.raises(DataError, match=rf"{jsonl}:2: \d+ bytes, over the 0 MiB limit"):
+            load_records(jsonl)
+    finally:
+        R.MAX_RECORD_BYTES = limit
+        csv.field_size_limit(limit)
+
+
 def test_invalid_utf8_names_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(json.dumps(GOOD[0]).encode() + b'\n{"inputs": "\xff", "ids": "x"}\n')

@@ -120,3 +120,6 @@ def assert_same_store(a: str, b: str, layer_atol: float = 0.0) -> None:
     attrs_a = {k: v for k, v in store.open(a).attrs.items() if k not in skip}
     attrs_b = {k: v for k, v in store.open(b).attrs.items() if k not in skip}
     assert attrs_a == attrs_b
+    for url in (a, b):  # every object present, every chunk checksum sound
+        verdict = store.verify(url)
+        assert verdict.ok, verdict.line()

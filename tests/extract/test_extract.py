@@ -197,3 +197,60 @@ def test_bad_input_errors(tiny_model, mini_path, tmp_path):
         config_from_args(["--dataset", str(tmp_path / "nope*.jsonl"), "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="comma-separated integers"):
         config_from_args(["--dataset", str(mini_path), "--out", "x", "--layers", "a,b"])
+
+
+def _objects(root: Path) -> dict[str, bytes]:
+    """A store's objects but its group zarr.json (which holds timestamps)."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and p.relative_to(root).as_posix() != "zarr.json"
+    }
+
+
+def test_unfinished_stray_and_foreign_store_directories(tiny_model, mini_path, tmp_path,
+                                                        monkeypatch):  # fmt: skip
+    """Every refusal is one line, raised while planning (before the model loads); --overwrite
+    deletes a (partial) mup store, stray files included, and nothing that is not one; an
+    interrupted creation is simply created again, by a plain run or --resume."""
+    import shutil
+
+    from mup.store._writer import FAIL_AFTER_ENV
+
+    def config(**kw):
+        return _config(tiny_model, mini_path, tmp_path, dtype="float32", limit=6, **kw)
+
+    def refused(pattern, **kw):
+        text = io.StringIO()
+        with pytest.raises(store.StoreError, match=pattern) as e:
+            run(config(**kw), out=text)
+        assert "\n" not in str(e.value) and text.getvalue() == ""  # not even planned
+
+    _, first = _run(config())
+    url = Path(first.stores[0])
+    want = _objects(url)
+    # Creation or deletion cut short, old shards still there, and a stray lock file.
+    (url / "done" / "zarr.json").unlink()
+    (url / "LOCK").write_text("")
+    for kw in ({}, {"resume": True}):
+        refused(r"never fully created .*layer shards.*stray files \('LOCK'\); use --overwrite", **kw)
+    text, _ = _run(config(overwrite=True))
+    assert "[overwrite]" in text and _objects(url) == want and store.verify(url).ok
+    # A full disk while offsets are written (metadata there, data not): --resume creates the
+    # store again (tests/store/test_create_crash.py walks every step; test_process kill -9s).
+    monkeypatch.setenv(FAIL_AFTER_ENV, "offsets/c:raise")
+    with pytest.raises(OSError, match="No space left on device"):
+        _run(config(overwrite=True))
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    with pytest.raises(store.StoreNotFoundError, match="never fully created"):
+        store.open(url, require_complete=False)
+    text, summary = _run(config(resume=True))
+    assert "[recreate]" in text and summary.records == 6
+    assert _objects(url) == want and store.open(url).complete
+    # Not a mup store at all: refused whatever the flags, and left alone.
+    shutil.rmtree(url)
+    url.mkdir()
+    (url / "LOCK").write_text("")
+    for kw in ({}, {"resume": True}, {"overwrite": True}):
+        refused(r"holds no mup store \('LOCK'\); mup deletes only its own stores", **kw)
+    assert (url / "LOCK").exists()

@@ -94,6 +94,27 @@ def test_kill_and_resume_local(tiny_model, big_path, baseline, tmp_path):
     assert_same_store(url, baseline)
 
 
+@pytest.mark.slow
+def test_kill9_right_after_the_group_metadata_appears(tiny_model, mini_path, tmp_path):
+    """The issue's window: kill -9 just after the group zarr.json is written. --resume then
+    creates the store again (it held nothing yet) and equals an uninterrupted run."""
+    from mup.store._writer import FAIL_AFTER_ENV
+
+    args = [*_args(tiny_model, mini_path, tmp_path / "out", "--dtype", "float32"), "--limit", "8"]
+    clean = run_cli([*_args(tiny_model, mini_path, tmp_path / "clean", "--dtype", "float32"),
+                     "--limit", "8"], tmp_path)  # fmt: skip
+    assert clean.returncode == 0, clean.stderr
+    killed = run_cli(args, tmp_path, env=cli_env(**{FAIL_AFTER_ENV: "zarr.json:kill"}))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (url,) = store_dirs(tmp_path / "out")
+    assert not (url / "offsets").exists()  # killed inside creation
+    resumed = run_cli([*args, "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "[recreate]" in resumed.stdout
+    (want,) = store_dirs(tmp_path / "clean")
+    assert_same_store(str(url), str(want))
+
+
 @pytest.mark.s3
 def test_kill_and_resume_s3(tiny_model, big_path, baseline, tmp_path, moto_endpoint, s3_bucket):
     import boto3
@@ -150,6 +171,45 @@ def test_s3_errors_before_model_loading(tiny_model, mini_path, tmp_path, moto_en
         # The model is never loaded: nothing was planned or printed.
         assert "records" not in got.stdout, got.stdout
         assert time.monotonic() - started < 90
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_endpoint_dies_mid_run(tiny_model, mini_path, tmp_path, moto_process):
+    """The S3 server goes away once a shard is durable: the retries (--s3-retries 1) are shown,
+    then one error line, well before tensorstore's silent 15 minutes."""
+    import boto3
+
+    base = {k: v for k, v in cli_env().items() if not k.startswith(("AWS_", "R2_"))}
+    with moto_process() as endpoint:
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
+                              aws_secret_access_key="test", region_name="us-east-1")  # fmt: skip
+        client.create_bucket(Bucket="dies")
+        env = {**base, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
+               "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+               "MUP_EXTRACT_SHARD_TOKENS": SHARD}  # fmt: skip
+        args = _args(tiny_model, mini_path, "s3://dies/out", "--s3-retries", "1")
+        proc = subprocess.Popen([sys.executable, "-m", "mup.extract", *map(str, args)],
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.monotonic() + 240
+        while not any("/done/c/" in o["Key"] for o in
+                      client.list_objects_v2(Bucket="dies").get("Contents", [])):  # fmt: skip
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no shard became durable in 240 s"
+            time.sleep(0.05)
+    started = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert time.monotonic() - started < 60
+    retries = [line for line in err.splitlines() if "retry 1 of 1 in 1 s" in line]
+    assert retries and all(line.startswith("mup.extract: writing shard ") for line in retries)
+    errors = [line for line in err.splitlines() if line.startswith("mup.extract: error")]
+    assert len(errors) == 1 and "failed after 1 retries" in errors[0], err
+    assert "Traceback" not in err
 
 
 def test_wrong_credentials(tiny_model, mini_path, tmp_path, moto_process):

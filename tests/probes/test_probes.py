@@ -117,6 +117,64 @@ def test_save_load_round_trip(kind, fitted, val_data, tmp_path):
     np.testing.assert_array_equal(back.predict(val_data), probe.predict(val_data))
 
 
+def test_load_names_the_file_and_the_fault(tmp_path):
+    """Empty, truncated, garbage and malformed files: one ProbeFileError line each."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    w = np.linspace(-1, 1, 8).astype(np.float32)
+    probe = probes.Probe(config=probes.default_config("mean"), d_model=8,
+                         params={"w": w, "b": np.array(0.5, np.float32)})  # fmt: skip
+    good = probe.save(tmp_path / "good.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "good.safetensors"), "numpy") as f:
+        header = json.loads(f.metadata()["mup_probe"])
+
+    def meta_file(name, mup_probe=None, params=None):
+        path = tmp_path / name
+        meta = None if mup_probe is None else {"mup_probe": mup_probe}
+        save_file(params or {"w": w, "b": np.array(0.5, np.float32)}, str(path), metadata=meta)
+        return path
+
+    rng = np.random.default_rng(0)
+    cases = {
+        "empty file (0 bytes)": b"",
+        "not a readable safetensors file": good[: len(good) // 2],
+        "not a readable safetensors file (truncated": good[:5],
+        "not a readable safetensors": rng.bytes(300),
+    }
+    for message, data in cases.items():
+        (tmp_path / "bad.safetensors").write_bytes(data)
+        cases[message] = tmp_path / "bad.safetensors"
+        with pytest.raises(probes.ProbeFileError) as e:
+            probes.load(cases[message])
+        assert str(e.value).startswith(f"{tmp_path / 'bad.safetensors'}: " + message.split(" (")[0])
+        assert "\n" not in str(e.value) and isinstance(e.value, ValueError)
+    malformed = [
+        (meta_file("plain.safetensors"), "not a mup probe file"),
+        (meta_file("json.safetensors", "{not json"), "probe header is not valid JSON"),
+        (meta_file("fmt.safetensors", json.dumps({"format": "other/9"})), "unsupported probe"),
+        (meta_file("key.safetensors", json.dumps({k: v for k, v in header.items()
+                                                  if k != "d_model"})),
+         "malformed probe header: missing 'd_model'"),
+        (meta_file("cfg.safetensors", json.dumps({**header, "config": {"kind": "mean", "x": 1}})),
+         "malformed probe header"),
+        (meta_file("shape.safetensors", json.dumps(header),
+                   {"w": w[:4], "b": np.array(0, np.float32)}), r"expected parameters w [8]"),
+        (meta_file("nan.safetensors", json.dumps(header),
+                   {"w": np.full(8, np.nan, np.float32), "b": np.array(0, np.float32)}), "not finite"),
+    ]  # fmt: skip
+    for path, message in malformed:
+        with pytest.raises(probes.ProbeFileError) as e:
+            probes.load(path)
+        assert str(e.value).startswith(f"{path}: ") and message in str(e.value), str(e.value)
+        assert "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        probes.load(tmp_path / "missing.safetensors")
+    np.testing.assert_array_equal(probes.load(tmp_path / "good.safetensors").params["w"], w)
+
+
 @pytest.mark.parametrize("kind", ["linear_mean", "max"])
 def test_early_stopping_restores_best(kind, helpers):
     # Few noisy training records and a high learning rate: validation AUROC peaks early and

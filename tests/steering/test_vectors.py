@@ -79,6 +79,29 @@ def test_npy_needs_layer_and_checks_shape(tmp_path):
         load_vector(tmp_path / "nan.npy", layer=0)
 
 
+def test_broken_npy_files_name_the_file(tmp_path):
+    """0-byte, garbage and truncated .npy files: one VectorFileError line each (a 0-byte file
+    used to raise a bare EOFError)."""
+    good = tmp_path / "good.npy"
+    np.save(good, np.arange(64, dtype=np.float32))
+    whole = good.read_bytes()
+    np.savez(tmp_path / "archive.npz", v=np.ones(4, np.float32))
+    cases = [
+        ("empty.npy", b"", "empty file (0 bytes)"),
+        ("garbage.npy", np.random.default_rng(0).bytes(200), "not a plain numpy array file"),
+        ("header.npy", whole[:20], "not a plain numpy array file"),
+        ("data.npy", whole[: len(whole) - 9], "not a plain numpy array file"),
+        ("zip.npy", (tmp_path / "archive.npz").read_bytes(), "holds an .npz archive"),
+    ]
+    for name, data, message in cases:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(VectorFileError) as e:
+            load_vector(tmp_path / name, layer=3)
+        assert str(e.value).startswith(f"{tmp_path / name}: {message}"), str(e.value)
+        assert "\n" not in str(e.value) and isinstance(e.value, ValueError)
+    assert load_vector(good, layer=3).d_model == 64
+
+
 def test_safetensors_errors(tmp_path):
     from safetensors.numpy import save_file
 
@@ -95,6 +118,17 @@ def test_safetensors_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(VectorFileError, match="not a readable safetensors"):
         load_vector(tmp_path / "junk.safetensors")
+    whole = path.read_bytes()
+    for name, data, message in [
+        ("empty.safetensors", b"", "empty file (0 bytes)"),
+        ("cut.safetensors", whole[: len(whole) - 7], "not a readable safetensors file"),
+        ("head.safetensors", whole[:6], "not a readable safetensors file"),
+    ]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(VectorFileError) as e:
+            load_vector(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: {message}")
+        assert "\n" not in str(e.value)
     with pytest.raises(VectorFileError, match=r"\.safetensors or \.npy"):
         (tmp_path / "v.txt").write_text("1")
         load_vector(tmp_path / "v.txt")
