@@ -112,6 +112,10 @@ class Handle:
         self._error: BaseException | None = None
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.cancelled = False
+        # Set by the engine when the prefill ends, before the first token event: streams can
+        # send the prompt's score and logprobs (echo) ahead of the completion.
+        self.probe_score: float | None = None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def done(self) -> bool:
@@ -656,6 +660,9 @@ class Engine:
                 r.probe_score = float(s)
         for r in rows:
             r.probe_parts = []
+            r.handle.probe_score = r.probe_score
+            if r.req.prompt_logprobs:
+                r.handle.prompt_logprobs = list(r.prompt_lps)
         keep: list[_Row] = []
         for r in rows:
             if r.handle.cancelled:
