@@ -1,45 +1,44 @@
-"""The inspect-ai model provider `mup/<spec>`: in-process steered generation, batched.
+"""The inspect-ai model provider `mup/<spec>`: in-process steered generation on `mup.engine`.
 
     inspect eval TASK --model mup/smollm2-135m -M vector=v.npy -M layer=12 -M multiplier=1.0
 
-Axis letters: B batch rows, D model width.
-
 inspect calls `generate` once per sample, concurrently (up to max_connections per model, and
 for several models at once when one `eval()` runs tasks x models). Every provider instance
-that shares (model, dtype, vector, layer) also shares one `_Batcher`: the requests that arrive
-while a batch runs are gathered into the next `mup.models.generate` call, with each row's own
-multiplier, so the seven multipliers of a sweep run as one batch, not seven.
+that shares (model, dtype, vector, layer) also shares one `mup.engine.Engine`: each sample is
+one row submitted to it, with its own multiplier, sampler and seed, so the seven multipliers
+of a sweep decode together in the engine's slots, and a sample never waits for a batch to
+finish. With ``GenerateConfig(logprobs=True, top_logprobs=k)`` the completion carries each
+token's logprob and its k alternatives (float32 log-softmax of the model's logits).
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import os
-import re
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from inspect_ai.model import (
+    ChatCompletionChoice,
     ChatMessage,
+    ChatMessageAssistant,
     GenerateConfig,
+    Logprob,
+    Logprobs,
     ModelAPI,
     ModelOutput,
     ModelUsage,
+    TopLogprob,
     modelapi,
 )
 from inspect_ai.tool import ToolChoice, ToolInfo
 
 PROVIDER = "mup"
 DEFAULT_MAX_TOKENS = 256
-# Batch sizes are padded up to one of these (with copies of a real row, outputs dropped):
-# `generate` compiles one XLA program per batch size, so arbitrary sizes would recompile.
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
-# How long the first request of a batch waits for company. inspect starts a task's samples
-# within a few milliseconds of each other; a model step takes far longer than this.
-GATHER_SECONDS = 0.05
+MAX_SLOTS = 64
+MAX_CONTEXT = 2048  # each slot's KV cache length (prompt + completion), at most the model's
+VECTOR = "vector"  # the engine's name for the provider's one vector
 
 
 def load_vector(
@@ -57,12 +56,12 @@ def load_vector(
 
 
 # ---------------------------------------------------------------------------------------------
-# Loaded models and batchers, shared by every provider instance of one process
+# Loaded models and engines, shared by every provider instance of one process
 # ---------------------------------------------------------------------------------------------
 
 _LOCK = threading.Lock()
 _MODELS: dict[tuple[str, str], Any] = {}
-_BATCHERS: dict[tuple, _Batcher] = {}
+_ENGINES: dict[tuple, Any] = {}
 
 
 def _load(spec: str, dtype: str):
@@ -75,110 +74,33 @@ def _load(spec: str, dtype: str):
         return _MODELS[key]
 
 
-@dataclasses.dataclass
-class _Request:
-    messages: list[dict[str, str]]
-    multiplier: float
-    max_new_tokens: int
-    sampler: Any
-    seed: int
-    future: asyncio.Future
-
-
-class _Batcher:
-    """Gathers concurrent requests and runs them as `mup.models.generate` batches.
-
-    One worker task per event loop drains the queue: requests that need the same compiled
-    program (max_new_tokens, sampler) go into one call, each row with its own multiplier.
-    Generation runs in a worker thread so that inspect's event loop keeps scheduling samples
-    (and so keeps filling the next batch) meanwhile.
-    """
-
-    def __init__(self, model, steering, max_batch: int):
-        self.model = model
-        self.steering = steering
-        self.max_batch = max_batch
-        self._pending: list[_Request] = []
-        self._worker: asyncio.Task | None = None
-        self.batches: list[tuple[float, ...]] = []  # each call's row multipliers (real rows)
-
-    async def submit(self, request: _Request):
-        loop = asyncio.get_running_loop()
-        self._pending.append(request)
-        worker = self._worker
-        # Each inspect `eval()` runs its own event loop: a worker of an earlier loop is gone.
-        if worker is None or worker.done() or worker.get_loop() is not loop:
-            self._worker = loop.create_task(self._work())
-        return await request.future
-
-    async def _work(self) -> None:
-        await asyncio.sleep(GATHER_SECONDS)
-        loop = asyncio.get_running_loop()
-        while True:
-            # Requests of a finished loop (a cancelled eval) can never be answered: drop them.
-            self._pending = [
-                r for r in self._pending if r.future.get_loop() is loop and not r.future.done()
-            ]
-            if not self._pending:
-                return
-            first = self._pending[0]
-            key = (first.max_new_tokens, first.sampler)
-            batch = [r for r in self._pending if (r.max_new_tokens, r.sampler) == key]
-            batch = batch[: self.max_batch]
-            taken = {id(r) for r in batch}
-            self._pending = [r for r in self._pending if id(r) not in taken]
-            try:
-                result = await asyncio.to_thread(self._generate, batch)
-            except Exception as error:  # noqa: BLE001 - handed to every waiting sample
-                for r in batch:
-                    if not r.future.done():
-                        r.future.set_exception(error)
-            else:
-                for r, row in zip(batch, result, strict=True):
-                    if not r.future.done():
-                        r.future.set_result(row)
-            # Let samples whose previous turn just finished enqueue before the next batch.
-            await asyncio.sleep(0)
-
-    def _generate(self, batch: list[_Request]) -> list[tuple[str, int, int, bool]]:
-        from mup.models import generate
-
-        n = len(batch)
-        size = next((b for b in BATCH_BUCKETS if b >= n), n)
-        rows = batch + [batch[0]] * (size - n)  # padding rows repeat a real one
-        kwargs: dict[str, Any] = {}
-        if self.steering is not None:
-            kwargs = dict(steering=self.steering, multipliers=[r.multiplier for r in rows])
-        out = generate(
-            self.model,
-            [r.messages for r in rows],
-            max_new_tokens=batch[0].max_new_tokens,
-            sampler=batch[0].sampler,
-            seed=[r.seed for r in rows],
-            **kwargs,
-        )
-        self.batches.append(tuple(r.multiplier for r in batch))
-        return [
-            (out.texts[i], len(out.prompt_ids[i]), len(out.token_ids[i]), out.finished[i])
-            for i in range(n)
-        ]
-
-
-def _batcher(spec: str, dtype: str, vector: str | None, layer: int | None, max_batch: int):
-    from mup.models import Steering
+def _engine(spec: str, dtype: str, vector: str | None, layer: int | None, max_batch: int):
+    """The started engine of (model, dtype, vector, layer); the first caller's max_batch sets
+    its slot count."""
+    from mup.engine import Engine, EngineConfig
 
     key = (spec, dtype, None if vector is None else str(Path(vector).resolve()), layer)
     with _LOCK:
-        found = _BATCHERS.get(key)
+        found = _ENGINES.get(key)
     if found is not None:
         return found
     model = _load(spec, dtype)
-    steering = None
+    vectors = {}
     if vector is not None:
         values, layer = load_vector(vector, layer, d_model=model.config.d_model)
-        steering = Steering(layer, values)
+        vectors[VECTOR] = (values, layer)
+    engine = Engine(
+        model,
+        vectors=vectors,
+        config=EngineConfig(
+            max_slots=max_batch,
+            max_len=min(int(model.config.max_position_embeddings), MAX_CONTEXT),
+        ),
+    )
     with _LOCK:
-        return _BATCHERS.setdefault(key, _Batcher(model, steering, max_batch))
+        if key not in _ENGINES:
+            _ENGINES[key] = engine.start()
+        return _ENGINES[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +128,7 @@ class MupModelAPI(ModelAPI):
       vector:     steering vector file (.safetensors, or .npy with `layer`);
       layer:      the block whose output is steered (overrides / must match the file's);
       dtype:      "float32" (default) | "bfloat16" | "float16";
-      max_batch:  most rows per generate call (default 16).
+      max_batch:  the engine's slots, rows decoded together (default 16).
     """
 
     def __init__(
@@ -239,20 +161,20 @@ class MupModelAPI(ModelAPI):
             )
         dtype = str(model_args.get("dtype", "float32"))
         max_batch = int(model_args.get("max_batch", 16))
-        if not 1 <= max_batch <= BATCH_BUCKETS[-1]:
-            raise ValueError(f"mup provider: max_batch must be in 1..{BATCH_BUCKETS[-1]}")
-        self._batcher = _batcher(model_name, dtype, vector, layer, max_batch)
+        if not 1 <= max_batch <= MAX_SLOTS:
+            raise ValueError(f"mup provider: max_batch must be in 1..{MAX_SLOTS}")
+        self.engine = _engine(model_name, dtype, vector, layer, max_batch)
         self._seed = 0
 
     def max_tokens(self) -> int | None:
         return DEFAULT_MAX_TOKENS
 
     def max_connections(self) -> int:
-        # Enough concurrent samples to fill a batch of every model sharing the batcher.
-        return self._batcher.max_batch
+        # Enough concurrent samples to fill the slots of the engine the models share.
+        return self.engine.config.max_slots
 
     def connection_key(self) -> str:
-        # Each multiplier gets its own pool: they are batched together downstream anyway.
+        # Each multiplier gets its own pool: they decode together in the engine anyway.
         return f"{self.model_name}:{self.multiplier}"
 
     async def generate(
@@ -264,37 +186,72 @@ class MupModelAPI(ModelAPI):
     ) -> ModelOutput:
         if tools:
             raise ValueError("mup provider: tool calling is not supported")
-        from mup.models import Greedy, Temperature, TopP
+        from mup.engine import MAX_TOP_LOGPROBS, Request
+        from mup.text import encode_prompts
 
-        temperature = config.temperature
-        if temperature is None or temperature == 0:
-            sampler: Any = Greedy()
-        elif config.top_p is not None and config.top_p < 1:
-            sampler = TopP(p=float(config.top_p), t=float(temperature))
-        else:
-            sampler = Temperature(t=float(temperature))
+        temperature = float(config.temperature or 0.0)
+        top_p = float(config.top_p) if config.top_p is not None and temperature > 0 else 1.0
         max_new = int(config.max_tokens or DEFAULT_MAX_TOKENS)
         base_seed = config.seed if config.seed is not None else 0
         self._seed += 1
-        request = _Request(
-            messages=_to_chat(input),
-            multiplier=self.multiplier,
-            max_new_tokens=max_new,
-            sampler=sampler,
-            seed=int(base_seed) * 1_000_003 + self._seed,
-            future=asyncio.get_running_loop().create_future(),
+        top_k = int(config.top_logprobs or 0) if config.logprobs else 0
+        if not 0 <= top_k <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"mup provider: top_logprobs must be in 0..{MAX_TOP_LOGPROBS}")
+        engine = self.engine
+        with engine.tokenizer_lock:
+            ids = encode_prompts(engine.model.tokenizer, [_to_chat(input)])[0]
+        handle = engine.submit(
+            Request(
+                prompt_ids=tuple(ids),
+                max_tokens=max_new,
+                multiplier=self.multiplier,
+                vector=VECTOR if engine.vector_names else None,
+                temperature=temperature,
+                top_p=top_p,
+                seed=(int(base_seed) * 1_000_003 + self._seed) % (1 << 31),
+                stop=tuple(s for s in (config.stop_seqs or []) if s),
+                logprobs=bool(config.logprobs),
+                top_logprobs=top_k,
+            )
         )
-        text, n_in, n_out, finished = await self._batcher.submit(request)
-        stop_reason = "stop" if finished else "max_tokens"
-        if config.stop_seqs:
-            cut = _cut_at_stop(text, config.stop_seqs)
-            if cut is not None:
-                text, stop_reason = cut, "stop"
-        output = ModelOutput.from_content(
-            model=self.model_name, content=text, stop_reason=stop_reason
+        try:
+            result = await handle.wait()
+        finally:
+            handle.cancel()  # a cancelled sample frees its slot; no-op once finished
+        stop_reason = "stop" if result.finish_reason == "stop" else "max_tokens"
+        logprobs = None
+        if result.logprobs is not None:
+            logprobs = Logprobs(content=[self._logprob(t) for t in result.logprobs])
+        n_in, n_out = result.prompt_tokens, len(result.token_ids)
+        return ModelOutput(
+            model=self.model_name,
+            choices=[
+                ChatCompletionChoice(
+                    message=ChatMessageAssistant(
+                        content=result.text, model=self.model_name, source="generate"
+                    ),
+                    stop_reason=stop_reason,
+                    logprobs=logprobs,
+                )
+            ],
+            usage=ModelUsage(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out),
         )
-        output.usage = ModelUsage(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out)
-        return output
+
+    def _logprob(self, t) -> Logprob:
+        def text(token_id: int) -> str:
+            with self.engine.tokenizer_lock:
+                return self.engine.model.tokenizer.decode([token_id])
+
+        s = text(t.token_id)
+        return Logprob(
+            token=s,
+            logprob=t.logprob,
+            bytes=list(s.encode("utf-8")),
+            top_logprobs=[
+                TopLogprob(token=(x := text(i)), logprob=lp, bytes=list(x.encode("utf-8")))
+                for i, lp in t.top
+            ],
+        )
 
 
 def _to_chat(messages: list[ChatMessage]) -> list[dict[str, str]]:
@@ -309,6 +266,3 @@ def _to_chat(messages: list[ChatMessage]) -> list[dict[str, str]]:
     return out
 
 
-def _cut_at_stop(text: str, stops: list[str]) -> str | None:
-    hits = [m.start() for s in stops if s for m in [re.search(re.escape(s), text)] if m]
-    return text[: min(hits)] if hits else None

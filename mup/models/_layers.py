@@ -73,14 +73,16 @@ def attention_mask(
 ) -> jax.Array:
     """Which keys each query sees: [B, T, S] bool.
 
-    q_slots [T] and k_slots [S] are cache slot indices (shared by all rows; rows are padded,
-    never shifted), k_valid [B, S] marks real tokens. Causal; with `window`, a query sees the
+    q_slots [T] (shared by all rows: rows are padded, never shifted) or [B, T] (per row: the
+    engine's slots each write at their own cache index) and k_slots [S] are cache slot
+    indices, k_valid [B, S] marks real tokens. Causal; with `window`, a query sees the
     `window` most recent slots including itself (transformers: kv > q - window).
     """
-    allowed = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+    q = q_slots[None, :] if q_slots.ndim == 1 else q_slots  # [1 or B, T]
+    allowed = k_slots[None, None, :] <= q[:, :, None]  # [1 or B, T, S]
     if window is not None:
-        allowed &= k_slots[None, :] > q_slots[:, None] - window
-    return allowed[None, :, :] & k_valid[:, None, :]  # [B, T, S]
+        allowed &= k_slots[None, None, :] > q[:, :, None] - window
+    return allowed & k_valid[:, None, :]  # [B, T, S]
 
 
 def attention(
@@ -131,6 +133,47 @@ def attention_heads_major(
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(vh.dtype).reshape(B, K, G * T, S)
     out = project("bkms,bksh->bkmh", probs, vh).reshape(B, K, G, T, H)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, N, H)
+
+
+def attention_cache_and_new(
+    q: jax.Array,
+    kh: jax.Array,
+    vh: jax.Array,
+    mask: jax.Array,
+    kh_new: jax.Array,
+    vh_new: jax.Array,
+    mask_new: jax.Array,
+    *,
+    scale: float,
+    logit_softcap: float | None,
+) -> jax.Array:
+    """Attention over cache slots kh/vh [B, K, S, H] (mask [B, T, S], the slots written
+    before this call) and the T new tokens kh_new/vh_new [B, K, T, H] (mask_new [B, T, T]),
+    with one softmax over both: the same result as writing the new tokens into the cache first.
+
+    Why: the engine's slots write at per-row columns; writing first meant a fresh copy of every
+    layer's [B, K, S, H] slots per decode step (S is the whole slot length, not the prompt), and
+    here the cache is only read, the new keys are scattered into it once after the layer scan.
+    """
+    B, T, N, H = q.shape
+    K, S = kh.shape[1], kh.shape[2]
+    G = N // K
+    qh = jnp.transpose(q.reshape(B, T, K, G, H), (0, 2, 3, 1, 4)).reshape(B, K, G * T, H)
+
+    def scores(keys, m, width):
+        s = jnp.einsum("bkmh,bksh->bkms", qh, keys, preferred_element_type=jnp.float32)
+        s = softcap(s * scale, logit_softcap).reshape(B, K, G, T, width)
+        return jnp.where(m[:, None, None, :, :], s, _MASKED)
+
+    s_old, s_new = scores(kh, mask, S), scores(kh_new, mask_new, T)
+    top = jnp.maximum(s_old.max(axis=-1, keepdims=True), s_new.max(axis=-1, keepdims=True))
+    p_old, p_new = jnp.exp(s_old - top), jnp.exp(s_new - top)
+    denom = p_old.sum(axis=-1, keepdims=True) + p_new.sum(axis=-1, keepdims=True)
+    p_old = (p_old / denom).astype(vh.dtype).reshape(B, K, G * T, S)
+    p_new = (p_new / denom).astype(vh.dtype).reshape(B, K, G * T, T)
+    out = project("bkms,bksh->bkmh", p_old, vh) + project("bkms,bksh->bkmh", p_new, vh_new)
+    out = out.reshape(B, K, G, T, H)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, N, H)
 
 

@@ -38,7 +38,9 @@ class KVCache:
             attention products read a kv head's slots as one contiguous [S, H] matrix.
     valid:  [B, S] bool, True where the slot holds a real token. Prompts are LEFT-padded for
             generation; padding slots stay False and are never attended to.
-    index:  int32 scalar, the next slot to write (shared by all rows).
+    index:  int32 scalar, the next slot to write (shared by all rows), or int32 [B], each
+            row's own next slot (`mup.engine`: every row of the batch is a different request
+            at its own length, so new tokens land in different columns).
     """
 
     k: jax.Array
@@ -130,6 +132,15 @@ def forward(
         k_slots = q_slots
         k_valid = valid
         new_cache = None
+    elif cache.index.ndim == 1:  # per-row write positions [B]
+        q_slots = cache.index[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
+        k_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
+        # The old slots are masked as they were before this call; the new tokens are attended
+        # to separately (block: `attention_cache_and_new`).
+        k_valid = cache.valid
+        new_cache = cache.replace(
+            valid=_write_rows(cache.valid, valid, cache.index, axis=1), index=cache.index + T
+        )
     else:
         q_slots = cache.index + jnp.arange(T, dtype=jnp.int32)
         k_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
@@ -151,7 +162,16 @@ def forward(
             else None
         ),
         cache_index=None if cache is None else cache.index,
+        mask_new=None,
+        mask_new_local=None,
     )
+    if cache is not None and cache.index.ndim == 1:
+        t = jnp.arange(T, dtype=jnp.int32)
+        causal = (t[None, :] <= t[:, None])[None] & valid[:, None, :]  # [B, T, T]
+        local = None
+        if config.has_local_layers:
+            local = causal & (t[None, :] > t[:, None] - config.sliding_window)[None]
+        ctx = ctx.replace(mask_new=causal, mask_new_local=local)
 
     # Dense per-layer steering delta [L, B, D]; zero rows for unsteered layers.
     delta = None
@@ -204,6 +224,10 @@ def forward(
     if new_cache is not None:
         k_all, v_all = cache.k, cache.v
         for first, k_new, v_new in new_kv:  # [n, B, K, T, H] at layers first.., slot index
+            if cache.index.ndim == 1:
+                k_all = _write_layers_rows(k_all, k_new, first, cache.index)
+                v_all = _write_layers_rows(v_all, v_new, first, cache.index)
+                continue
             at = (first, 0, 0, cache.index, 0)
             k_all = jax.lax.dynamic_update_slice(k_all, k_new, at)
             v_all = jax.lax.dynamic_update_slice(v_all, v_new, at)
@@ -260,6 +284,8 @@ class _Context:
     mask_global: jax.Array  # [B, T, S]
     mask_local: jax.Array | None
     cache_index: jax.Array | None
+    mask_new: jax.Array | None  # [B, T, T] per-row cache mode: new tokens among themselves
+    mask_new_local: jax.Array | None
 
 
 # Above this many captured layers strictly inside the run, one scan emits every layer.
@@ -317,9 +343,22 @@ def block(ctx: _Context, p, x: jax.Array, is_local: jax.Array, kv):
         k_layer, v_layer = kv
         k_new = _layers.heads_major(k.astype(k_layer.dtype))  # [B, K, T, H]
         v_new = _layers.heads_major(v.astype(v_layer.dtype))
-        at = (0, 0, ctx.cache_index, 0)
-        k = jax.lax.dynamic_update_slice(k_layer, k_new, at)  # [B, K, S, H]
-        v = jax.lax.dynamic_update_slice(v_layer, v_new, at)
+        if ctx.cache_index.ndim == 1:
+            # Per-row slots (the engine): attend to the old slots and the new tokens without
+            # writing them into this layer's slots first (see `attention_cache_and_new`).
+            mask, mask_new = ctx.mask_global, ctx.mask_new
+            if ctx.mask_local is not None:
+                mask = jnp.where(is_local, ctx.mask_local, mask)
+                mask_new = jnp.where(is_local, ctx.mask_new_local, mask_new)
+            a = _layers.attention_cache_and_new(
+                q, k_layer, v_layer, mask, k_new, v_new, mask_new,
+                scale=c.attn_scale, logit_softcap=c.attn_logit_softcap,
+            )  # fmt: skip
+            return _block_out(c, norm, p, x, a), (k_new, v_new)
+        else:
+            at = (0, 0, ctx.cache_index, 0)
+            k = jax.lax.dynamic_update_slice(k_layer, k_new, at)  # [B, K, S, H]
+            v = jax.lax.dynamic_update_slice(v_layer, v_new, at)
         kv = (k_new, v_new)
 
     mask = ctx.mask_global
@@ -331,6 +370,11 @@ def block(ctx: _Context, p, x: jax.Array, is_local: jax.Array, kv):
     else:
         # Without a cache, queries and keys are the same tokens in slot order: causal blocks.
         a = _layers.causal_attention(q, k, v, mask, **kw)
+    return _block_out(c, norm, p, x, a), kv
+
+
+def _block_out(c: ModelConfig, norm, p, x: jax.Array, a: jax.Array) -> jax.Array:
+    """The rest of a block after attention a [B, T, N, H]: output projection, residual, MLP."""
     # Contract over the flattened heads: a plain [B*T, N*H] x [N*H, D] matmul. The 3-D einsum
     # made XLA (CPU) re-layout the o weight on every call, i.e. every decode step and layer.
     B, T, N, H = a.shape
@@ -343,7 +387,29 @@ def block(ctx: _Context, p, x: jax.Array, is_local: jax.Array, kv):
     m = _layers.gated_mlp(h, p["gate"], p["up"], p["down"], activation=c.activation)
     if c.post_norms:
         m = norm(m, p["post_mlp_norm"])
-    return x + m, kv
+    return x + m
+
+
+def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, *, axis: int) -> jax.Array:
+    """buf [B, ...] with new [B, ...] written at row b's own offset index[b] along `axis`
+    (axis counts from buf's batch axis 0): one scatter, in place under donation."""
+
+    def one(b, n, i):
+        at = [0] * b.ndim
+        at[axis - 1] = i
+        return jax.lax.dynamic_update_slice(b, n, tuple(at))
+
+    return jax.vmap(one)(buf, new, index)
+
+
+def _write_layers_rows(buf, new, first: int, index: jax.Array) -> jax.Array:
+    """Cache stack buf [L, B, K, S, H] with new [n, B, K, T, H] written at layers first..,
+    slot index[b] of row b."""
+
+    def one(b, n, i):  # b [L, K, S, H], n [n, K, T, H]
+        return jax.lax.dynamic_update_slice(b, n, (first, 0, i, 0))
+
+    return jax.vmap(one, in_axes=(1, 1, 0), out_axes=1)(buf, new, index)
 
 
 def _final_norm(config: ModelConfig, params, x: jax.Array) -> jax.Array:

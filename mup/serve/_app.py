@@ -1,31 +1,37 @@
 """The FastAPI application: routes, authentication, errors, streaming and request logs.
 
 Every /v1 response carries, next to the OpenAI fields, the steering actually applied:
-``steer_multiplier`` (float), ``steer_layer`` (int), ``system_fingerprint``
-("mup-steer-l<layer>-m<multiplier>"), ``batch_rows`` (real rows in the generate call that
-served it) and, with a probe, ``probe_score`` (the probe's
-probability for the prompt). The official client keeps such extra fields (``model_extra``).
+``steer_multiplier`` (float), ``steer_layer`` (int, null unsteered), ``steer_vector`` (the
+vector's name, "custom" for a request's own, null unsteered), ``system_fingerprint``
+("mup-steer-l<layer>-m<multiplier>", "mup-plain" unsteered), ``batch_rows`` (most rows the
+engine ran in one step with this request's rows; non-streamed responses) and, with a probe,
+``probe_score`` (the probe's probability for the prompt, from the generation's own prefill).
+The official client keeps such extra fields (``model_extra``).
+
+Streaming is real: each SSE chunk leaves when the engine decodes its token; a client that
+disconnects cancels its rows, which free their slots at the engine's next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mup.engine import Engine, EngineClosed, Handle, Result, TokenLogprob
+from mup.engine import Request as Row
 from mup.serve._config import ServeConfig
-from mup.serve._engine import Batcher, Engine, Row, RowResult
 from mup.serve._protocol import (
     APIError,
     Sampling,
@@ -38,24 +44,23 @@ from mup.serve._protocol import (
 )
 
 log = logging.getLogger("mup.serve")
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks for a gone client
 
 
 def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI:
-    """The server application around a loaded `Engine` (batcher started with the app)."""
-    max_context = config.max_context or int(engine.model.config.max_position_embeddings)
-    state: dict = {}
+    """The server application around a started `mup.engine.Engine` (closed with the app)."""
+    max_context = engine.config.max_len
+    tok = engine.model.tokenizer
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        state["batcher"] = Batcher(
-            engine, window_s=config.batch_window_ms / 1000, max_batch=config.max_batch
-        ).start()
+        engine.start()
         yield
         # uvicorn reaches this only after open requests have completed (graceful shutdown).
-        await run_in_threadpool(state["batcher"].close)
-        log.info("batcher stopped")
+        await run_in_threadpool(engine.close)
+        log.info("engine stopped")
 
-    app = FastAPI(title="mup steered server", lifespan=lifespan)
+    app = FastAPI(title="mup server", lifespan=lifespan)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -111,7 +116,6 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
     def chat_rows(messages, sampling: Sampling) -> list[Row]:
         from mup.text import encode_chats, encode_prompts, token_mask
 
-        tok = engine.model.tokenizer
         with engine.tokenizer_lock:
             try:
                 ids = encode_prompts(tok, [messages])[0]
@@ -131,57 +135,91 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
         check_length(len(ids), sampling, "messages")
         return _rows(ids, sampling, mask)
 
-    def completion_rows(prompts, sampling: Sampling) -> list[Row]:
-        tok = engine.model.tokenizer
+    def completion_rows(prompts, sampling: Sampling) -> tuple[list[Row], list[str | None]]:
         vocab = engine.model.config.vocab_size
-        rows = []
+        rows, texts = [], []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
                 with engine.tokenizer_lock:
                     ids = tok(prompt, add_special_tokens=True)["input_ids"]
                 if not ids:
                     raise bad(f"prompt {i} encodes to no tokens", "prompt")
+                texts.append(prompt)
             else:
                 ids = prompt
                 if any(not 0 <= t < vocab for t in ids):
                     raise bad(
                         f"prompt {i}: token ids outside the vocabulary 0..{vocab - 1}", "prompt"
                     )
+                texts.append(None)
             check_length(len(ids), sampling, "prompt")
             # Raw text has no roles: the probe reads every prompt token.
             mask = np.ones(len(ids), bool) if engine.probe is not None else None
             rows.extend(_rows(ids, sampling, mask))
-        return rows
+        return rows, texts
 
-    async def generate(rows: list[Row]) -> list[RowResult]:
+    def submit(rows: list[Row]) -> list[Handle]:
+        handles: list[Handle] = []
         try:
-            future = state["batcher"].submit(rows)
-        except RuntimeError as e:
+            for row in rows:
+                handles.append(engine.submit(row))
+        except EngineClosed as e:
+            for h in handles:
+                h.cancel()
             raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+        except ValueError as e:
+            for h in handles:
+                h.cancel()
+            raise bad(str(e), None) from None
+        return handles
+
+    async def wait_all(request: Request, handles: list[Handle]) -> list[Result]:
+        waiting = asyncio.ensure_future(asyncio.gather(*(h.wait() for h in handles)))
         try:
-            return await asyncio.wrap_future(future)
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return waiting.result()
+                if await request.is_disconnected():
+                    raise asyncio.CancelledError
+        except asyncio.CancelledError:
+            for h in handles:
+                h.cancel()
+            waiting.cancel()
+            raise
         except Exception as e:
             raise APIError(
                 500, f"generation failed: {type(e).__name__}: {e}", type="server_error"
             ) from None
 
-    def extras(sampling: Sampling, results: list[RowResult]) -> dict:
-        out = {
-            "system_fingerprint": fingerprint(sampling.multiplier, engine.layer),
-            "steer_multiplier": sampling.multiplier,
-            "steer_layer": engine.layer,
-            # rows of the largest generate call this request's rows shared (batching at work)
-            "batch_rows": max(r.batch_rows for r in results),
+    @functools.lru_cache(maxsize=65536)
+    def token_str(token_id: int) -> str:
+        with engine.tokenizer_lock:
+            return tok.decode([token_id])
+
+    def steer_extras(sampling: Sampling) -> dict:
+        steer = sampling.steer
+        return {
+            "system_fingerprint": fingerprint(steer),
+            "steer_multiplier": steer.multiplier,
+            "steer_layer": steer.layer,
+            "steer_vector": steer.name,
         }
+
+    def extras(sampling: Sampling, results: list[Result]) -> dict:
+        out = steer_extras(sampling)
+        # most rows the engine ran in one step with this request's rows (batching at work)
+        out["batch_rows"] = max(r.batch_rows for r in results)
         if engine.probe is not None:
             out["probe_score"] = results[0].probe_score
         return out
 
     def log_request(route, sampling, rows, results, t0):
         log.info(
-            "%s multiplier=%+g rows=%d prompt_tokens=%d completion_tokens=%d batch_rows=%d "
-            "latency=%.3fs",
+            "%s vector=%s multiplier=%+g rows=%d prompt_tokens=%d completion_tokens=%d "
+            "batch_rows=%d latency=%.3fs",
             route,
+            sampling.steer.name,
             sampling.multiplier,
             len(rows),
             sum(len(r.prompt_ids) for r in rows),
@@ -190,21 +228,74 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
             time.perf_counter() - t0,
         )
 
+    def chat_logprob(t: TokenLogprob) -> dict:
+        entry = _chat_token(token_str(t.token_id), t.logprob)
+        entry["top_logprobs"] = [_chat_token(token_str(i), lp) for i, lp in t.top]
+        return entry
+
+    def completion_logprobs(items: list[TokenLogprob | None], start: int = 0) -> dict:
+        """Legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = start
+        for t in items:
+            if t is None:  # the first prompt token: nothing predicts it
+                continue
+            s = token_str(t.token_id)
+            out["tokens"].append(s)
+            out["token_logprobs"].append(t.logprob)
+            # As vLLM and the OpenAI legacy API: the top-k plus the chosen token.
+            top = {token_str(i): lp for i, lp in t.top}
+            top.setdefault(s, t.logprob)
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+            offset += len(s)
+        return out
+
+    def echo_logprobs(row: Row, prompt_lps) -> dict:
+        first = token_str(row.prompt_ids[0])
+        out = completion_logprobs(prompt_lps or [], start=len(first))
+        out["tokens"].insert(0, first)
+        out["token_logprobs"].insert(0, None)
+        out["top_logprobs"].insert(0, None)
+        out["text_offset"].insert(0, 0)
+        return out
+
     @app.get("/health")
     async def health():
         return {
             "status": "ok",
             "model": served_name,
-            "steer_layer": engine.layer,
+            "steer_layer": engine.vector_layers[engine.vector_names[0]]
+            if engine.vector_names
+            else None,
             "probe": engine.probe is not None,
+            "vectors": engine.steering_layers,
         }
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(
+            engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
+        vectors = [{"name": n, "layer": engine.vector_layers[n]} for n in engine.vector_names]
         return {
             "object": "list",
-            "data": [{"id": served_name, "object": "model", "created": 0, "owned_by": "mup"}],
+            "data": [
+                {
+                    "id": served_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "mup",
+                    "max_model_len": max_context,
+                    "vectors": vectors,
+                    "custom_vector_layer": engine.custom_layer,
+                    "probe": engine.probe is not None,
+                }
+            ],
         }
 
     @app.post("/v1/chat/completions")
@@ -212,62 +303,170 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
         t0 = time.perf_counter()
         body = await read_body(request)
         messages = parse_messages(body)
-        sampling = parse_sampling(body, config)
+        sampling = parse_sampling(body, config, engine, "chat")
         rows = await run_in_threadpool(chat_rows, messages, sampling)
-        results = await generate(rows)
-        log_request("chat", sampling, rows, results, t0)
+        handles = submit(rows)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        n_prompt = len(rows[0].prompt_ids)
-        n_completion = sum(len(r.token_ids) for r in results)
         head = {"id": rid, "created": created, "model": served_name}
+        n_prompt = len(rows[0].prompt_ids)
         if sampling.stream:
-            return _sse(
-                _chat_chunks(engine, head, sampling, results, extras(sampling, results), n_prompt)
-            )
+            return _sse(chat_stream(head, sampling, handles, n_prompt, rows, t0))
+        results = await wait_all(request, handles)
+        log_request("chat", sampling, rows, results, t0)
+        n_completion = sum(len(r.token_ids) for r in results)
+        choices = []
+        for i, r in enumerate(results):
+            choice = {
+                "index": i,
+                "message": {"role": "assistant", "content": r.text},
+                "finish_reason": r.finish_reason,
+                "logprobs": None,
+            }
+            if sampling.logprobs:
+                choice["logprobs"] = {
+                    "content": [chat_logprob(t) for t in r.logprobs or []],
+                    "refusal": None,
+                }
+            if sampling.probe_token_scores:
+                choice["probe_token_scores"] = r.probe_token_scores
+            choices.append(choice)
         return {
             **head,
             "object": "chat.completion",
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": r.text},
-                    "finish_reason": r.finish_reason,
-                    "logprobs": None,
-                }
-                for i, r in enumerate(results)
-            ],
+            "choices": choices,
             "usage": usage(n_prompt, n_completion),
             **extras(sampling, results),
         }
+
+    async def chat_stream(head, sampling, handles, n_prompt, rows, t0):
+        base = {**head, "object": "chat.completion.chunk", **steer_extras(sampling)}
+        events = _merge(handles)
+        first = True
+        async for i, ev in events:
+            if first:
+                if engine.probe is not None:
+                    base["probe_score"] = handles[0].probe_score
+                for j in range(len(handles)):
+                    yield {**base, "choices": [_delta(j, {"role": "assistant", "content": ""})]}
+                first = False
+            if ev is None:  # choice i finished
+                r = handles[i].result(0)
+                choice = _delta(i, {}, r.finish_reason)
+                if sampling.probe_token_scores:
+                    choice["probe_token_scores"] = r.probe_token_scores
+                yield {**base, "choices": [choice]}
+                continue
+            choice = _delta(i, {"content": ev.text})
+            if sampling.logprobs and ev.logprob is not None:
+                choice["logprobs"] = {"content": [chat_logprob(ev.logprob)], "refusal": None}
+            elif not ev.text:
+                continue
+            yield {**base, "choices": [choice]}
+        results = [h.result(0) for h in handles]
+        log_request("chat-stream", sampling, rows, results, t0)
+        if sampling.include_usage:
+            n_completion = sum(len(r.token_ids) for r in results)
+            yield {
+                **base,
+                "choices": [],
+                "usage": usage(n_prompt, n_completion),
+                "batch_rows": max(r.batch_rows for r in results),
+            }
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         t0 = time.perf_counter()
         body = await read_body(request)
         prompts = parse_completion_prompts(body)
-        sampling = parse_sampling(body, config)
-        rows = await run_in_threadpool(completion_rows, prompts, sampling)
-        results = await generate(rows)
-        log_request("completions", sampling, rows, results, t0)
+        sampling = parse_sampling(body, config, engine, "completions")
+        rows, texts = await run_in_threadpool(completion_rows, prompts, sampling)
+        handles = submit(rows)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        n_prompt = sum(len(r.prompt_ids) for r in rows[:: len(sampling.seeds)])
-        n_completion = sum(len(r.token_ids) for r in results)
         head = {"id": rid, "created": created, "model": served_name}
+        n = len(sampling.seeds)
+        n_prompt = sum(len(r.prompt_ids) for r in rows[::n])
+        if sampling.stream:
+            return _sse(completion_stream(head, sampling, handles, rows, texts, n_prompt, t0))
+        results = await wait_all(request, handles)
+        log_request("completions", sampling, rows, results, t0)
+        n_completion = sum(len(r.token_ids) for r in results)
         ext = extras(sampling, results)
         if engine.probe is not None and len(prompts) > 1:
-            ext["probe_scores"] = [r.probe_score for r in results[:: len(sampling.seeds)]]
-        if sampling.stream:
-            return _sse(_completion_chunks(engine, head, sampling, results, ext, n_prompt))
+            ext["probe_scores"] = [r.probe_score for r in results[::n]]
+        choices = []
+        for i, (row, r) in enumerate(zip(rows, results, strict=True)):
+            prefix = ""
+            if sampling.echo:
+                prefix = texts[i // n] if texts[i // n] is not None else _decode(row.prompt_ids)
+            choice = {
+                "index": i,
+                "text": prefix + r.text,
+                "finish_reason": r.finish_reason,
+                "logprobs": None,
+            }
+            if sampling.logprobs:
+                gen = completion_logprobs(r.logprobs or [])
+                if sampling.echo:
+                    lp = echo_logprobs(row, r.prompt_logprobs)
+                    end = sum(len(s) for s in lp["tokens"])
+                    gen = completion_logprobs(r.logprobs or [], start=end)
+                    gen = {k: lp[k] + gen[k] for k in lp}
+                choice["logprobs"] = gen
+            if sampling.probe_token_scores:
+                choice["probe_token_scores"] = r.probe_token_scores
+            choices.append(choice)
         return {
             **head,
             "object": "text_completion",
-            "choices": [
-                {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                for i, r in enumerate(results)
-            ],
+            "choices": choices,
             "usage": usage(n_prompt, n_completion),
             **ext,
         }
+
+    def _decode(ids) -> str:
+        with engine.tokenizer_lock:
+            return tok.decode(list(ids))
+
+    async def completion_stream(head, sampling, handles, rows, texts, n_prompt, t0):
+        base = {**head, "object": "text_completion", **steer_extras(sampling)}
+        n = len(sampling.seeds)
+        offsets = [0] * len(handles)
+        first = True
+        async for i, ev in _merge(handles):
+            if first:
+                if engine.probe is not None:
+                    base["probe_score"] = handles[0].probe_score
+                first = False
+            if sampling.echo and offsets[i] == 0 and (ev is None or ev.index == 0):
+                row = rows[i]
+                prefix = texts[i // n] if texts[i // n] is not None else _decode(row.prompt_ids)
+                lp = echo_logprobs(row, handles[i].prompt_logprobs) if sampling.logprobs else None
+                offsets[i] = max(1, len(prefix))
+                yield {**base, "choices": [_text(i, prefix, None, lp)]}
+            if ev is None:
+                r = handles[i].result(0)
+                choice = _text(i, "", r.finish_reason)
+                if sampling.probe_token_scores:
+                    choice["probe_token_scores"] = r.probe_token_scores
+                yield {**base, "choices": [choice]}
+                continue
+            lp = None
+            if sampling.logprobs and ev.logprob is not None:
+                lp = completion_logprobs([ev.logprob], start=offsets[i])
+            elif not ev.text:
+                continue
+            offsets[i] += len(ev.text)
+            yield {**base, "choices": [_text(i, ev.text, None, lp)]}
+        results = [h.result(0) for h in handles]
+        log_request("completions-stream", sampling, rows, results, t0)
+        if sampling.include_usage:
+            n_completion = sum(len(r.token_ids) for r in results)
+            yield {
+                **base,
+                "choices": [],
+                "usage": usage(n_prompt, n_completion),
+                "batch_rows": max(r.batch_rows for r in results),
+            }
 
     return app
 
@@ -277,11 +476,17 @@ def _rows(ids, sampling: Sampling, mask) -> list[Row]:
         Row(
             prompt_ids=tuple(int(t) for t in ids),
             max_tokens=sampling.max_tokens,
-            multiplier=sampling.multiplier,
-            sampler=sampling.sampler,
+            multiplier=sampling.multiplier if sampling.steer.vector is not None else 0.0,
+            vector=sampling.steer.vector,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
             seed=seed,
             stop=sampling.stop,
+            logprobs=sampling.logprobs,
+            top_logprobs=sampling.top_logprobs,
+            prompt_logprobs=sampling.echo,
             probe_mask=mask,
+            probe_token_scores=sampling.probe_token_scores,
         )
         for seed in sampling.seeds
     ]
@@ -301,59 +506,57 @@ def _prompt_mask(prompt_ids, conversation_ids, conversation_mask) -> np.ndarray:
     return mask
 
 
-def _pieces(engine: Engine, result: RowResult) -> list[str]:
-    """The completion text split at token boundaries (what a token-by-token stream sends)."""
-    tok = engine.model.tokenizer
-    pieces, sent = [], ""
-    with engine.tokenizer_lock:
-        for k in range(1, len(result.token_ids) + 1):
-            text = tok.decode(result.token_ids[:k], skip_special_tokens=True)
-            # Cut at the final text (stop strings) and hold back partial multi-byte characters.
-            if not result.text.startswith(text) or "\ufffd" in text[len(sent) :]:
-                continue
-            if len(text) > len(sent):
-                pieces.append(text[len(sent) :])
-                sent = text
-    if len(result.text) > len(sent):
-        pieces.append(result.text[len(sent) :])
-    return pieces
+async def _merge(handles: list[Handle]):
+    """(choice index, token event) pairs of all handles as they arrive, and (index, None) when
+    a choice finishes; cancels every handle if the consumer goes away (client disconnect)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, h: Handle):
+        try:
+            async for ev in h.stream():
+                await queue.put((i, ev, None))
+            await queue.put((i, None, None))
+        except Exception as e:  # noqa: BLE001 - surfaced to the consumer below
+            await queue.put((i, None, e))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    remaining = len(handles)
+    try:
+        while remaining:
+            i, ev, error = await queue.get()
+            if error is not None:
+                raise error
+            if ev is None:
+                remaining -= 1
+            yield i, ev
+    finally:
+        for h in handles:
+            h.cancel()
+        for t in tasks:
+            t.cancel()
 
 
-def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+def _chat_token(s: str, logprob: float) -> dict:
+    return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8"))}
+
+
+def _sse(chunks) -> StreamingResponse:
     async def body():
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
+            log.exception("stream failed")
+            err = APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
+            yield f"data: {json.dumps(err.body())}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")
-
-
-async def _chat_chunks(engine, head, sampling, results, ext, n_prompt):
-    base = {**head, "object": "chat.completion.chunk", **ext}
-    for i, r in enumerate(results):
-        yield {**base, "choices": [_delta(i, {"role": "assistant", "content": ""})]}
-        for piece in _pieces(engine, r):
-            yield {**base, "choices": [_delta(i, {"content": piece})]}
-        yield {**base, "choices": [_delta(i, {}, r.finish_reason)]}
-    if sampling.include_usage:
-        n_completion = sum(len(r.token_ids) for r in results)
-        yield {**base, "choices": [], "usage": usage(n_prompt, n_completion)}
-
-
-async def _completion_chunks(engine, head, sampling, results, ext, n_prompt):
-    base = {**head, "object": "text_completion", **ext}
-    for i, r in enumerate(results):
-        for piece in _pieces(engine, r):
-            yield {**base, "choices": [_text(i, piece, None)]}
-        yield {**base, "choices": [_text(i, "", r.finish_reason)]}
-    if sampling.include_usage:
-        n_completion = sum(len(r.token_ids) for r in results)
-        yield {**base, "choices": [], "usage": usage(n_prompt, n_completion)}
 
 
 def _delta(i: int, delta: dict, finish: str | None = None) -> dict:
     return {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
 
 
-def _text(i: int, text: str, finish: str | None) -> dict:
-    return {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+def _text(i: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs}

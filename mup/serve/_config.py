@@ -4,38 +4,48 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 from mup.text import MASK_MODES
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ServeConfig:
-    """Everything `python -m mup.serve` is told on its command line.
+    """Everything `mup serve` is told on its command line.
 
     model: model spec (short name, .gguf file, HF checkpoint dir or hub id).
-    vector: steering vector file: safetensors (with a ``layer`` metadata entry) or .npy [D].
-    layer: block whose output is steered; required for .npy, must match a safetensors file's.
+    vectors: steering vectors as (name, file) pairs: safetensors (with a ``layer`` metadata
+      entry) or .npy [D]; none serves the plain model. A request picks one by name
+      (`steer_vector`); the first is the default.
+    layer: block a .npy vector steers (must match a safetensors file's), and the block that
+      request-supplied vectors (`steer_vector: [floats]`) steer; default: the first vector's.
     probe: optional probe file (`mup.probes.Probe.save`); every response then carries its score.
     probe_mask: which prompt tokens the probe reads (`mup.text.token_mask` modes).
     served_name: the model name clients send; default: the resolved spec's name.
     dtype: parameter and activation dtype.
     host / port: where to listen.
     api_key: when set, every /v1 request needs ``Authorization: Bearer <api_key>``.
-    default_multiplier: applied when a request names none.
+    default_multiplier: applied when a request names none (and a vector is in use).
     max_multiplier: requests with |multiplier| above this are refused (400).
-    max_batch: most rows in one generate call (a request with n choices counts n rows).
-    batch_window_ms: how long the first request of a batch waits for company.
+    max_vector_norm: request-supplied vectors with a larger L2 norm are refused (400).
+    max_batch: engine slots, i.e. rows decoded together (a request with n choices takes n).
+    batch_window_ms: when the engine is idle, how long a first request waits for company
+      before its prefill (0: none).
     max_tokens_per_request: largest max_tokens a request may ask for.
     default_max_tokens: used when a request gives no max_tokens.
-    max_context: largest prompt + max_tokens; default: the model's max_position_embeddings.
+    max_context: largest prompt + max_tokens, also each slot's KV cache length; default: the
+      model's max_position_embeddings, at most DEFAULT_MAX_CONTEXT.
+    prefill_chunk: longest prefill call (tokens); longer prompts are prefilled in chunks
+      between decode steps.
     steer_positions: "all" (prompt and generated tokens, as the vLLM reference), "prompt" or
       "generated".
-    warmup: compile the single-row loop before reporting healthy.
+    warmup: compile the prefill and decode programs before reporting healthy.
     """
 
     model: str
-    vector: str
+    vectors: tuple[tuple[str, str], ...] = ()
     layer: int | None = None
     probe: str | None = None
     probe_mask: str = "all"
@@ -46,19 +56,28 @@ class ServeConfig:
     api_key: str | None = None
     default_multiplier: float = 1.0
     max_multiplier: float = 10.0
+    max_vector_norm: float = 1000.0
     max_batch: int = 16
-    batch_window_ms: float = 10.0
+    batch_window_ms: float = 0.0
     max_tokens_per_request: int = 1024
     default_max_tokens: int = 256
     max_context: int | None = None
+    prefill_chunk: int = 512
     steer_positions: str = "all"
     warmup: bool = True
+
+    @property
+    def vector(self) -> str | None:
+        """The default (first) vector file, or None."""
+        return self.vectors[0][1] if self.vectors else None
 
     def __post_init__(self):
         if not 1 <= self.max_batch <= 256:
             raise ValueError(f"max_batch must be in 1..256, got {self.max_batch}")
         if not self.max_multiplier >= 0:
             raise ValueError(f"max_multiplier must be >= 0, got {self.max_multiplier}")
+        if not self.max_vector_norm > 0:
+            raise ValueError(f"max_vector_norm must be > 0, got {self.max_vector_norm}")
         if abs(self.default_multiplier) > self.max_multiplier:
             raise ValueError(
                 f"default_multiplier {self.default_multiplier} exceeds max_multiplier "
@@ -81,20 +100,50 @@ class ServeConfig:
             )
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.prefill_chunk < 16 or self.prefill_chunk % 16:
+            raise ValueError(f"prefill_chunk must be a multiple of 16, got {self.prefill_chunk}")
+        names = [n for n, _ in self.vectors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"vector names must be unique, got {names}")
+        for name, _ in self.vectors:
+            if not VECTOR_NAME.fullmatch(name):
+                raise ValueError(
+                    f"vector name {name!r}: use letters, digits, '.', '_' or '-' (NAME=FILE)"
+                )
+
+
+DEFAULT_MAX_CONTEXT = 2048  # each slot's KV cache is this long: memory and decode time scale
+VECTOR_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def parse_vector_arg(text: str) -> tuple[str, str]:
+    """`--vector [NAME=]FILE` -> (name, file); the name defaults to the file's stem."""
+    name, sep, path = text.partition("=")
+    if not sep or "/" in name or not name:
+        return Path(text).stem, text
+    return name, path
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m mup.serve",
-        description="Serve a steered model behind an OpenAI-compatible API "
-        "(/v1/chat/completions, /v1/completions, /v1/models, /health). Each request picks its "
-        "steering multiplier with the `steer_multiplier` field (or custom.steer_multiplier); "
-        "concurrent requests are batched into one generate call with per-row multipliers.",
+        prog="mup serve",
+        description="Serve a model (plain, or steered by any number of named vectors) behind an "
+        "OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /health, "
+        "/metrics). Each request picks its vector (`steer_vector`: a name, or its own list of "
+        "floats) and multiplier (`steer_multiplier`, or custom.steer_multiplier); requests are "
+        "decoded together by a continuous-batching engine, tokens streamed as they decode.",
     )
     add = p.add_argument
     add("--model", required=True, help="model spec: smollm2-135m, a .gguf, an HF dir or hub id")
-    add("--vector", required=True, help="steering vector: .safetensors (with metadata) or .npy")
-    add("--layer", type=int, help="steered block (required for .npy vectors)")
+    add(
+        "--vector",
+        action="append",
+        default=[],
+        metavar="[NAME=]FILE",
+        help="steering vector (.safetensors with metadata, or .npy); repeat for several; "
+        "none serves the plain model",
+    )
+    add("--layer", type=int, help="steered block of .npy vectors and request-supplied vectors")
     add("--probe", help="probe file; responses then carry the probe's score for the prompt")
     add("--probe-mask", choices=MASK_MODES, default="all", help="prompt tokens the probe reads")
     add("--served-name", help="model name clients use (default: the model's name)")
@@ -104,13 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
     add("--default-multiplier", type=float, default=1.0)
     add("--max-multiplier", type=float, default=10.0)
-    add("--max-batch", type=int, default=16, help="most rows per generate call")
-    add("--batch-window-ms", type=float, default=10.0, help="how long a batch collects requests")
+    add("--max-vector-norm", type=float, default=1000.0, help="largest request-supplied norm")
+    add("--max-batch", type=int, default=16, help="engine slots: rows decoded together")
+    add("--batch-window-ms", type=float, default=0.0, help="idle engine: wait for company")
     add("--max-tokens-per-request", type=int, default=1024)
     add("--default-max-tokens", type=int, default=256)
-    add("--max-context", type=int, help="largest prompt + max_tokens (default: the model's)")
+    add(
+        "--max-context",
+        type=int,
+        help=f"largest prompt + max_tokens, the slot length (default: the model's, at most "
+        f"{DEFAULT_MAX_CONTEXT})",
+    )
+    add("--prefill-chunk", type=int, default=512, help="longest prefill call, in tokens")
     add("--steer-positions", choices=("all", "prompt", "generated"), default="all")
-    add("--no-warmup", action="store_true", help="skip compiling the loop before serving")
+    add("--no-warmup", action="store_true", help="skip compiling the engine before serving")
     return p
 
 
@@ -120,7 +176,7 @@ def parse_args(argv: Sequence[str] | None) -> ServeConfig:
     try:
         return ServeConfig(
             model=args.model,
-            vector=args.vector,
+            vectors=tuple(parse_vector_arg(v) for v in args.vector),
             layer=args.layer,
             probe=args.probe,
             probe_mask=args.probe_mask,
@@ -131,11 +187,13 @@ def parse_args(argv: Sequence[str] | None) -> ServeConfig:
             api_key=args.api_key,
             default_multiplier=args.default_multiplier,
             max_multiplier=args.max_multiplier,
+            max_vector_norm=args.max_vector_norm,
             max_batch=args.max_batch,
             batch_window_ms=args.batch_window_ms,
             max_tokens_per_request=args.max_tokens_per_request,
             default_max_tokens=args.default_max_tokens,
             max_context=args.max_context,
+            prefill_chunk=args.prefill_chunk,
             steer_positions=args.steer_positions,
             warmup=not args.no_warmup,
         )

@@ -1,74 +1,139 @@
-"""`python -m mup.serve` / `mup serve`: load, warm up, serve until SIGTERM/SIGINT."""
+"""`mup serve` (== `python -m mup.serve`): check files, load, warm up, serve until SIGTERM."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
 from collections.abc import Sequence
 
 from mup import _compile_cache
-from mup.serve._config import ServeConfig, parse_args
+from mup.serve._config import DEFAULT_MAX_CONTEXT, ServeConfig, parse_args
 
 
-def build_engine(config: ServeConfig):
-    """Load the model, steering vector and probe named by `config` into an `Engine`."""
-    from mup.models import load_model
-    from mup.serve._engine import Engine
+@dataclasses.dataclass(frozen=True)
+class _Files:
+    """What the command line's files hold, read before the model loads."""
 
-    model = load_model(config.model, dtype=config.dtype)
-    vector, layer = _load_vector(config, model.config.d_model)
-    if not 0 <= layer < model.config.n_layers:
-        raise ValueError(
-            f"{config.vector}: steering layer {layer} is outside the model's blocks "
-            f"0..{model.config.n_layers - 1}"
-        )
+    vectors: dict  # name -> (vector [D] float32, layer)
+    probe: object | None
+
+
+def check_files(config: ServeConfig) -> _Files:
+    """Read every vector and probe file named by `config`; a bad one raises ValueError with
+    one line naming the flag and the file. Runs before the (slow) model load."""
+    vectors = {}
+    for name, path in config.vectors:
+        where = f"--vector {name}={path}"
+        try:
+            vectors[name] = _read_vector(path, config.layer)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{where}: {_one_line(e)}") from None
     probe = None
     if config.probe:
         from mup.probes import load
 
-        probe = load(config.probe)
-    return Engine(
-        model,
-        vector,
-        layer,
-        probe=probe,
-        steer_positions=config.steer_positions,
-        max_batch=config.max_batch,
-    )
+        try:
+            probe = load(config.probe)
+        except Exception as e:  # noqa: BLE001 - any unreadable probe file is one clear line
+            raise ValueError(f"--probe {config.probe}: {_one_line(e)}") from None
+        if not probe.layers:
+            raise ValueError(
+                f"--probe {config.probe}: the probe records no layers (train it on a store, "
+                "or with layer=...)"
+            )
+    return _Files(vectors=vectors, probe=probe)
 
 
-def _load_vector(config: ServeConfig, d_model: int):
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _read_vector(path: str, layer: int | None):
     # Prefer the steering package's reader (the files its commands write) when it is there;
     # the private reader accepts the same two formats otherwise.
+    from pathlib import Path
+
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise ValueError("file not found")
     try:
         from mup.steering import load_vector
     except ImportError:
         from mup.serve._vectors import load_steering_vector
 
-        return load_steering_vector(config.vector, config.layer, d_model)
-    sv = load_vector(config.vector, layer=config.layer, d_model=d_model)
-    return sv.vector, sv.layer
+        vec, lay = load_steering_vector(path, layer, None)
+        return np.asarray(vec, np.float32), int(lay)
+    sv = load_vector(path, layer=layer)
+    vec = np.asarray(sv.vector, np.float32)
+    if vec.ndim != 1 or not np.all(np.isfinite(vec)):
+        raise ValueError(f"expected a finite vector [D], got shape {vec.shape}")
+    return vec, int(sv.layer)
+
+
+def build_engine(config: ServeConfig, files: _Files | None = None):
+    """Check the files, load the model, and build the started-to-be `mup.engine.Engine`."""
+    from mup.engine import Engine, EngineConfig, check_probe
+    from mup.models import load_model
+
+    files = check_files(config) if files is None else files
+    model = load_model(config.model, dtype=config.dtype)
+    mc = model.config
+    for name, (vec, layer) in files.vectors.items():
+        path = dict(config.vectors)[name]
+        if vec.shape != (mc.d_model,):
+            raise ValueError(
+                f"--vector {name}={path}: shape {vec.shape}, the model needs [{mc.d_model}]"
+            )
+        if not 0 <= layer < mc.n_layers:
+            raise ValueError(
+                f"--vector {name}={path}: steering layer {layer} is outside the model's blocks "
+                f"0..{mc.n_layers - 1}"
+            )
+    if files.probe is not None:
+        try:
+            check_probe(files.probe, mc)
+        except ValueError as e:
+            raise ValueError(f"--probe {config.probe}: {e}") from None
+    custom = config.layer
+    if custom is None and files.vectors:
+        custom = next(iter(files.vectors.values()))[1]
+    if custom is not None and not 0 <= custom < mc.n_layers:
+        raise ValueError(f"--layer {custom} is outside the model's blocks 0..{mc.n_layers - 1}")
+    return Engine(
+        model,
+        vectors=files.vectors,
+        custom_layer=custom,
+        probe=files.probe,
+        config=EngineConfig(
+            max_slots=config.max_batch,
+            max_len=max_context(config, model),
+            prefill_chunk=config.prefill_chunk,
+            steer_positions=config.steer_positions,
+            admit_window_s=config.batch_window_ms / 1000,
+        ),
+    )
+
+
+def max_context(config: ServeConfig, model) -> int:
+    if config.max_context is not None:
+        return int(config.max_context)
+    return min(int(model.config.max_position_embeddings), DEFAULT_MAX_CONTEXT)
 
 
 def warm_up(engine) -> float:
-    """Compile the single-row loop (and probe capture) for a short chat before the server
-    reports healthy, so that the first real request does not pay for it."""
-    import numpy as np
-
-    from mup.models import Greedy
-    from mup.serve._engine import Row
+    """Compile the one-row prefill of a short chat and the decode step (and the probe capture
+    they carry) before the server reports healthy, so the first request does not pay for it."""
+    from mup.engine import Request
     from mup.text import encode_prompts
 
     t0 = time.perf_counter()
     with engine.tokenizer_lock:
         ids = encode_prompts(engine.model.tokenizer, [[{"role": "user", "content": "Hello!"}]])[0]
-    mask = np.ones(len(ids), bool) if engine.probe is not None else None
-    row = Row(
-        prompt_ids=tuple(ids), max_tokens=1, multiplier=0.0, sampler=Greedy(), seed=0,
-        probe_mask=mask,
-    )  # fmt: skip
-    engine.run([row])
+    engine.generate([Request(prompt_ids=tuple(ids), max_tokens=2, stop_ids=())])
     return time.perf_counter() - t0
 
 
@@ -84,26 +149,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     log = logging.getLogger("mup.serve")
+    try:
+        files = check_files(config)
+    except ValueError as e:
+        print(f"mup serve: error: {e}", file=sys.stderr)
+        return 2
     _compile_cache.enable()
     t0 = time.perf_counter()
     try:
-        engine = build_engine(config)
+        engine = build_engine(config, files)
     except (OSError, ValueError) as e:
-        print(f"mup serve: {e}", file=sys.stderr)
+        print(f"mup serve: error: {e}", file=sys.stderr)
         return 2
     name = config.served_name or engine.model.spec.name
     log.info("loaded %s (%s) in %.1fs", name, engine.model.spec.path, time.perf_counter() - t0)
+    engine.start()
     if config.warmup:
         log.info("warm-up compile took %.1fs", warm_up(engine))
     app = create_app(engine, config, name)
+    steer = (
+        ", ".join(f"{n} (layer {engine.vector_layers[n]})" for n in engine.vector_names)
+        or "none (plain model)"
+    )
     print(
-        f"mup serve: model {name!r} steered at layer {engine.layer} by {config.vector} "
-        f"(default multiplier {config.default_multiplier:+g}"
-        f"{', probe ' + config.probe if config.probe else ''}) "
+        f"mup serve: model {name!r}; vectors: {steer}; default multiplier "
+        f"{config.default_multiplier:+g}{', probe ' + config.probe if config.probe else ''}; "
+        f"{config.max_batch} slots of {engine.config.max_len} tokens; "
         f"on http://{config.host}:{config.port}/v1",
         flush=True,
     )
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown: stop accepting, let open requests
-    # finish, then run the app's lifespan exit (which drains the batcher).
+    # finish, then run the app's lifespan exit (which drains the engine).
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False)
     return 0

@@ -12,7 +12,8 @@ import math
 import secrets
 from typing import Any
 
-from mup.models import Greedy, Sampler, Temperature, TopP
+import numpy as np
+
 from mup.serve._config import ServeConfig
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API
@@ -55,16 +56,35 @@ def bad(message: str, param: str | None, code: str = "invalid_value") -> APIErro
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Steer:
+    """The steering a request asked for: a loaded vector by name, its own vector, or none."""
+
+    vector: str | np.ndarray | None  # what the engine gets
+    name: str | None  # the loaded vector's name, "custom" for an own vector, None for none
+    layer: int | None
+    multiplier: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Sampling:
     """The per-request generation settings shared by the chat and completions routes."""
 
-    multiplier: float
+    steer: Steer
     max_tokens: int
-    sampler: Sampler
+    temperature: float  # 0 = greedy
+    top_p: float
     seeds: tuple[int, ...]  # one per choice
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    logprobs: bool = False
+    top_logprobs: int = 0
+    echo: bool = False
+    probe_token_scores: bool = False
+
+    @property
+    def multiplier(self) -> float:
+        return self.steer.multiplier
 
 
 def _is_number(v: Any) -> bool:
@@ -82,17 +102,23 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float) -> floa
     return float(v)
 
 
-def parse_multiplier(body: dict, config: ServeConfig) -> float:
-    """The request's steering multiplier: `steer_multiplier` or `custom.steer_multiplier`."""
+def _fields(body: dict, name: str) -> list[tuple[str, Any]]:
+    """`name` given at the top level and/or inside `custom` (the vLLM-patch form)."""
     found: list[tuple[str, Any]] = []
-    if body.get("steer_multiplier") is not None:
-        found.append(("steer_multiplier", body["steer_multiplier"]))
+    if body.get(name) is not None:
+        found.append((name, body[name]))
     custom = body.get("custom")
     if custom is not None:
         if not isinstance(custom, dict):
             raise bad(f"'custom' must be an object, got {type(custom).__name__}", "custom")
-        if custom.get("steer_multiplier") is not None:
-            found.append(("custom.steer_multiplier", custom["steer_multiplier"]))
+        if custom.get(name) is not None:
+            found.append((f"custom.{name}", custom[name]))
+    return found
+
+
+def parse_multiplier(body: dict, config: ServeConfig, default: float | None = None) -> float:
+    """The request's steering multiplier: `steer_multiplier` or `custom.steer_multiplier`."""
+    found = _fields(body, "steer_multiplier")
     for param, v in found:
         if not _is_number(v):
             raise bad(f"'{param}' must be a number, got {v!r}", param)
@@ -109,18 +135,107 @@ def parse_multiplier(body: dict, config: ServeConfig) -> float:
             f"steer_multiplier {found[0][1]} and custom.steer_multiplier {found[1][1]} disagree",
             "steer_multiplier",
         )
-    return float(found[0][1]) if found else float(config.default_multiplier)
+    if found:
+        return float(found[0][1])
+    return float(config.default_multiplier if default is None else default)
 
 
-def parse_sampling(body: dict, config: ServeConfig) -> Sampling:
+def parse_steer(body: dict, config: ServeConfig, engine) -> Steer:
+    """`steer_vector` (a loaded vector's name, or a list of d_model floats; also in `custom`)
+    and `steer_multiplier`. Without `steer_vector` the server's first vector is used (none
+    on a plain server)."""
+    found = _fields(body, "steer_vector")
+    if len(found) == 2 and found[0][1] != found[1][1]:
+        raise bad("steer_vector and custom.steer_vector disagree", "steer_vector")
+    names = engine.vector_names
+    if not found:
+        if not names:
+            multiplier = parse_multiplier(body, config, default=0.0)
+            if multiplier != 0.0:
+                raise bad(
+                    "this server has no steering vector (started without --vector): send "
+                    "steer_vector as a list of floats, or no steer_multiplier",
+                    "steer_multiplier",
+                )
+            return Steer(vector=None, name=None, layer=None, multiplier=0.0)
+        name = names[0]
+        return Steer(
+            vector=name,
+            name=name,
+            layer=engine.vector_layers[name],
+            multiplier=parse_multiplier(body, config),
+        )
+    param, value = found[0]
+    if isinstance(value, str):
+        if value not in engine.vector_layers:
+            raise bad(
+                f"'{param}': unknown steering vector {value!r}; this server has "
+                f"{names or 'none'}",
+                param,
+                "vector_not_found",
+            )
+        return Steer(
+            vector=value,
+            name=value,
+            layer=engine.vector_layers[value],
+            multiplier=parse_multiplier(body, config),
+        )
+    if not isinstance(value, list) or not all(_is_number(x) for x in value):
+        raise bad(f"'{param}' must be a vector name or a list of numbers", param)
+    if engine.custom_layer is None:
+        raise bad(
+            "this server has no layer for request-supplied vectors (start it with --layer)", param
+        )
+    d = engine.d_model
+    if len(value) != d:
+        raise bad(f"'{param}' has {len(value)} numbers; the model's d_model is {d}", param)
+    vec = np.asarray(value, np.float64)
+    if not np.all(np.isfinite(vec)):
+        raise bad(f"'{param}' must be finite", param)
+    norm = float(np.linalg.norm(vec))
+    if norm > config.max_vector_norm:
+        raise bad(
+            f"'{param}' has norm {norm:.4g} > {config.max_vector_norm:g} (--max-vector-norm)",
+            param,
+        )
+    return Steer(
+        vector=vec.astype(np.float32),
+        name="custom",
+        layer=engine.custom_layer,
+        multiplier=parse_multiplier(body, config, default=1.0),
+    )
+
+
+def _logprob_fields(body: dict, route: str) -> tuple[bool, int, bool]:
+    """(logprobs, top_logprobs, echo) of a chat or completions request."""
+    echo = body.get("echo")
+    if route == "chat":
+        if echo not in (None, False):
+            raise bad("'echo' is a /v1/completions field", "echo", "unsupported_parameter")
+        lp = body.get("logprobs")
+        if lp is not None and not isinstance(lp, bool):
+            raise bad(f"'logprobs' must be true or false, got {lp!r}", "logprobs")
+        top = body.get("top_logprobs")
+        if top is not None:
+            if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
+                raise bad(f"'top_logprobs' must be an integer in 0..20, got {top!r}", "top_logprobs")
+            if top and not lp:
+                raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return bool(lp), int(top or 0), False
+    if echo is not None and not isinstance(echo, bool):
+        raise bad(f"'echo' must be true or false, got {echo!r}", "echo")
+    lp = body.get("logprobs")
+    if lp is None:
+        return False, 0, bool(echo)
+    if isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= 20:
+        raise bad(f"'logprobs' must be an integer in 0..20 (or null), got {lp!r}", "logprobs")
+    return True, int(lp), bool(echo)
+
+
+def parse_sampling(body: dict, config: ServeConfig, engine, route: str = "chat") -> Sampling:
     """Validate the generation fields common to both routes."""
-    for name, allowed in (
-        ("logprobs", (None, False)),
-        ("tools", (None, [])),
-        ("echo", (None, False)),
-    ):
-        if body.get(name) not in allowed:
-            raise bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    if body.get("tools") not in (None, []):
+        raise bad("'tools' is not supported by this server", "tools", "unsupported_parameter")
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
             raise bad(f"'{name}' is not supported (only 0)", name, "unsupported_parameter")
@@ -128,14 +243,24 @@ def parse_sampling(body: dict, config: ServeConfig) -> Sampling:
         raise bad("'best_of' is not supported (only 1)", "best_of", "unsupported_parameter")
     if body.get("suffix") is not None:
         raise bad("'suffix' is not supported", "suffix", "unsupported_parameter")
+    logprobs, top_logprobs, echo = _logprob_fields(body, route)
+    pts = body.get("probe_token_scores", False)
+    if not isinstance(pts, bool):
+        raise bad(f"'probe_token_scores' must be true or false, got {pts!r}", "probe_token_scores")
+    if pts and engine.probe is None:
+        raise bad("'probe_token_scores' needs a server started with --probe", "probe_token_scores")
 
-    multiplier = parse_multiplier(body, config)
+    steer = parse_steer(body, config, engine)
     max_param = "max_completion_tokens" if body.get("max_tokens") is None else "max_tokens"
     max_tokens = body.get(max_param)
+    least = 0 if echo else 1  # vLLM: echo with max_tokens 0 scores the prompt only
     if max_tokens is None:
         max_tokens = config.default_max_tokens
-    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise bad(f"'{max_param}' must be a positive integer, got {max_tokens!r}", max_param)
+    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < least:
+        what = "a non-negative integer (0 only with echo)" if route != "chat" else ""
+        raise bad(
+            f"'{max_param}' must be {what or 'a positive integer'}, got {max_tokens!r}", max_param
+        )
     elif max_tokens > config.max_tokens_per_request:
         raise bad(
             f"'{max_param}' {max_tokens} exceeds this server's limit of "
@@ -145,12 +270,8 @@ def parse_sampling(body: dict, config: ServeConfig) -> Sampling:
         )
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    if temperature == 0.0 or top_p == 0.0:
-        sampler: Sampler = Greedy()
-    elif top_p < 1.0:
-        sampler = TopP(p=top_p, t=temperature)
-    else:
-        sampler = Temperature(t=temperature)
+    if top_p == 0.0:
+        temperature, top_p = 0.0, 1.0
 
     n = body.get("n", 1)
     if n is None:
@@ -187,13 +308,18 @@ def parse_sampling(body: dict, config: ServeConfig) -> Sampling:
     if not isinstance(options, dict):
         raise bad("'stream_options' must be an object", "stream_options")
     return Sampling(
-        multiplier=multiplier,
+        steer=steer,
         max_tokens=max_tokens,
-        sampler=sampler,
+        temperature=temperature,
+        top_p=top_p,
         seeds=seeds,
         stop=stops,
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        echo=echo,
+        probe_token_scores=pts,
     )
 
 
@@ -249,9 +375,11 @@ def parse_completion_prompts(body: dict) -> list[str | list[int]]:
     )
 
 
-def fingerprint(multiplier: float, layer: int) -> str:
+def fingerprint(steer: Steer) -> str:
     """`system_fingerprint` value: says which steering produced the response."""
-    return f"mup-steer-l{layer}-m{multiplier:+g}"
+    if steer.vector is None:
+        return "mup-plain"
+    return f"mup-steer-l{steer.layer}-m{steer.multiplier:+g}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -1,7 +1,7 @@
 """The `mup/<spec>` inspect provider: real inspect evals over a tiny random llama.
 
-Two models (multipliers -1 and +1) run in ONE `inspect_ai.eval` call; their samples must be
-batched into shared `generate` calls, and every completion must equal what
+Two models (multipliers -1 and +1) run in ONE `inspect_ai.eval` call; their samples must
+decode together in the shared engine's slots, and every completion must equal what
 `mup.models.generate` returns for that prompt and multiplier directly.
 """
 
@@ -17,7 +17,7 @@ from inspect_ai.solver import generate
 
 import mup.evals  # noqa: F401 - registers the mup/ provider
 from mup.evals import load_vector
-from mup.evals._provider import _BATCHERS, _load
+from mup.evals._provider import _ENGINES, _load
 
 PROMPTS = ["What is 2 + 2?", "Name a colour.", "Say hello.", "Count to three."]
 MAX_TOKENS = 6
@@ -42,9 +42,9 @@ def test_multipliers_batched_and_equal_direct_generate(tiny_dir, vector_file, tm
     )
     multipliers = (-1.0, 1.0)
     models = [_model(tiny_dir, vector_file, m) for m in multipliers]
-    # Other tests of the session may have used the same shared batcher: count from here.
-    batcher = next(b for k, b in _BATCHERS.items() if k[0] == str(tiny_dir))
-    seen = len(batcher.batches)
+    # Other tests of the session may have used the same shared engine: count from here.
+    engine = next(e for k, e in _ENGINES.items() if k[0] == str(tiny_dir) and k[2] is not None)
+    mixed, requests = engine.stats["mixed_steps"], engine.metrics.requests
     logs = eval(
         task,
         model=models,
@@ -60,10 +60,9 @@ def test_multipliers_batched_and_equal_direct_generate(tiny_dir, vector_file, tm
     }
     assert len(got) == 8
 
-    batches = batcher.batches[seen:]
-    # 4 samples x 2 multipliers: at least one generate call mixed both multipliers.
-    assert any(len(set(batch)) == 2 for batch in batches), batches
-    assert sum(len(b) for b in batches) == 8
+    # 4 samples x 2 multipliers: some decode steps ran both multipliers together.
+    assert engine.stats["mixed_steps"] > mixed
+    assert engine.metrics.requests - requests == 8
 
     model = _load(str(tiny_dir), "float32")
     vector, layer = load_vector(vector_file, STEER_LAYER)
@@ -80,6 +79,24 @@ def test_multipliers_batched_and_equal_direct_generate(tiny_dir, vector_file, tm
         assert got[(m, p)] == text, (m, p)
     # the vector matters: some prompt's completion differs between -1 and +1
     assert any(got[(-1.0, p)] != got[(1.0, p)] for p in PROMPTS)
+
+
+def test_logprobs_reach_inspect(tiny_dir, vector_file):
+    """GenerateConfig(logprobs=True, top_logprobs=k): every completion token carries its
+    logprob and k alternatives; they equal the engine's for the same row."""
+    import asyncio
+
+    from inspect_ai.model import ChatMessageUser
+
+    model = _model(tiny_dir, vector_file, 1.0)
+    config = GenerateConfig(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=True, top_logprobs=3)
+    out = asyncio.run(model.generate([ChatMessageUser(content=PROMPTS[0])], config=config))
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.output_tokens == MAX_TOKENS or out.stop_reason == "stop"
+    assert "".join(t.token for t in content) == out.completion
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob == pytest.approx(t.logprob)
+        assert t.logprob <= 0
 
 
 def test_bad_model_args_are_refused(tiny_dir, vector_file):

@@ -155,6 +155,42 @@ def test_cached_decode_equals_uncached_forward(tiny_models, name):
     assert _maxdiff(cached[1, lpad:], hf_logits[0]) <= TOL
 
 
+@pytest.mark.parametrize("name", ["llama_gqa_tied", "gemma3"])
+def test_per_row_cache_index_decode_equals_uncached_forward(tiny_models, name):
+    """The engine's cache mode: rows prefilled to different lengths (right-padded), then decoded
+    together, each row writing at its own slot index; logits equal the uncached forward."""
+    case = tiny_models(name)
+    cfg = case.config
+    lengths = np.array([16, 11])  # row 1's prompt is shorter: its decode starts at column 11
+    tok = _tokens(2, seed=3)
+    pos = _positions(2, SEQ)
+    ref = jit_forward(case.params, jnp.asarray(tok), jnp.asarray(pos), config=cfg).logits
+    valid = np.arange(16)[None, :] < lengths[:, None]  # [2, 16] right padding
+    out = jit_forward(
+        case.params,
+        jnp.asarray(tok[:, :16]),
+        jnp.asarray(pos[:, :16]),
+        config=cfg,
+        valid=jnp.asarray(valid),
+        cache=KVCache.create(cfg, batch=2, max_len=SEQ, dtype=jnp.float32),
+    )
+    cache = out.cache.replace(index=jnp.asarray(lengths, jnp.int32))  # [B] per-row index
+    got = {0: [], 1: []}
+    for _ in range(SEQ - 16):
+        idx = np.asarray(cache.index)
+        step_tok = tok[np.arange(2), idx][:, None]
+        out = jit_forward(
+            case.params, jnp.asarray(step_tok), jnp.asarray(idx[:, None]), config=cfg, cache=cache
+        )
+        cache = out.cache
+        for b in range(2):
+            got[b].append((int(idx[b]), np.asarray(out.logits)[b, 0]))
+    assert np.asarray(cache.index).tolist() == [SEQ, 11 + SEQ - 16]
+    for b in range(2):
+        for t, logits in got[b]:
+            assert _maxdiff(logits, np.asarray(ref)[b, t]) <= 1e-5, (b, t)
+
+
 def _steer_jit():
     return jax.jit(forward, static_argnames=("config", "capture", "site", "logits"))
 

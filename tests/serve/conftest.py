@@ -148,8 +148,7 @@ def start_server():
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, vector_file, probe_file, tmp_path_factory):
-    """The main test server: API key, probe, a long batch window so that concurrent test
-    requests reliably meet in one batch."""
+    """The main test server: API key, probe, 8 engine slots."""
     cwd = tmp_path_factory.mktemp("serve")
     srv = Server(
         [
@@ -163,7 +162,6 @@ def server(tiny_dir, vector_file, probe_file, tmp_path_factory):
             "--default-multiplier", "0.5",
             "--max-tokens-per-request", "64",
             "--default-max-tokens", "16",
-            "--batch-window-ms", "300",
             "--max-batch", "8",
         ],
         cwd,

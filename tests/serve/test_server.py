@@ -91,7 +91,13 @@ def _chat(client, messages, multiplier=None, max_tokens=12, **kw):
 def test_health_and_models(server, client):
     with urllib.request.urlopen(server.url + "/health") as r:
         health = json.loads(r.read())
-    assert health == {"status": "ok", "model": NAME, "steer_layer": 0, "probe": True}
+    assert health == {
+        "status": "ok",
+        "model": NAME,
+        "steer_layer": 0,
+        "probe": True,
+        "vectors": {"vector": 0},
+    }
     assert [m.id for m in client.models.list().data] == [NAME]
 
 
@@ -290,7 +296,14 @@ ERRORS = [
     ({"max_tokens": 65}, 400, "max_tokens", "exceeds this server's limit"),
     ({"max_tokens": 0}, 400, "max_tokens", "positive integer"),
     ({"temperature": 3}, 400, "temperature", "must be in"),
-    ({"logprobs": True}, 400, "logprobs", "not supported"),
+    ({"logprobs": 2}, 400, "logprobs", "true or false"),
+    ({"top_logprobs": 3}, 400, "top_logprobs", "needs 'logprobs'"),
+    ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "0..20"),
+    ({"echo": True}, 400, "echo", "/v1/completions field"),
+    ({"steer_vector": "nope"}, 400, "steer_vector", "unknown steering vector"),
+    ({"steer_vector": [1.0, 2.0]}, 400, "steer_vector", "d_model is 64"),
+    ({"custom": {"steer_vector": "x"}}, 400, "custom.steer_vector", "unknown steering vector"),
+    ({"probe_token_scores": "yes"}, 400, "probe_token_scores", "true or false"),
     (
         {"messages": [{"role": "user", "content": "word " * 600}]},
         400,

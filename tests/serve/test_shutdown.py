@@ -49,6 +49,6 @@ def test_sigterm_finishes_in_flight_request(start_server, tiny_dir, vector_file,
     assert response.choices[0].finish_reason in ("stop", "length")
     assert response.model_extra["steer_multiplier"] == 1.0
     # uvicorn re-raises the signal once shut down, so the exit status is "killed by SIGTERM"
-    # (what supervisors expect) - after the lifespan exit drained the batcher.
+    # (what supervisors expect) - after the lifespan exit drained the engine.
     assert srv.proc.wait(60) in (0, -signal.SIGTERM), srv.log()
-    assert "batcher stopped" in srv.log()
+    assert "engine stopped" in srv.log()

@@ -1,0 +1,207 @@
+"""The engine's jitted programs: per-row sampling, a prefill chunk, slot insertion, decode.
+
+Axis letters: B slots (the decode batch), R rows of one prefill call, C chunk tokens,
+P prefill cache length (a prompt bucket), S slot cache length, D model, V vocab,
+J steering entries, X top-k width, L layers.
+
+Every program takes per-row arrays (temperature, top_p, PRNG keys, steering multipliers), so
+rows with different samplers and strengths share one call and one compiled program; the only
+static arguments are shapes and the model config, so compiled programs stay few: one decode
+step per slot count, one prefill chunk per (rows, chunk, bucket), one insert per (rows, bucket).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mup.models._config import ModelConfig
+from mup.models._generate import _last_logits
+from mup.models._transformer import KVCache, SteeringSpec, _site, forward
+
+
+def sample_rows(logits, temperature, top_p, keys):
+    """Per-row sampling: logits [B, V] float32, temperature [B] (0 = greedy), top_p [B],
+    keys [B] PRNG keys -> token ids [B] int32.
+
+    A row's draw depends only on its own logits, parameters and key: the nucleus cut is a
+    per-row logit threshold applied to the unsorted logits, so rows with top_p = 1 draw exactly
+    what `mup.models.Temperature` draws with the same key (and greedy rows what `Greedy` picks),
+    whatever their batch-mates ask for.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+    t = jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)
+    scaled = logits / t[:, None]  # [B, V]
+
+    def nucleus(x):
+        ranked = jnp.sort(x, axis=-1)[:, ::-1]  # [B, V] most likely first
+        probs = jax.nn.softmax(ranked, axis=-1)
+        mass_above = jnp.cumsum(probs, axis=-1) - probs
+        keep = jnp.sum(mass_above < top_p[:, None], axis=-1)  # [B] >= 1
+        cut = jnp.take_along_axis(ranked, jnp.maximum(keep - 1, 0)[:, None], axis=-1)  # [B, 1]
+        cut = jnp.where(top_p[:, None] < 1.0, cut, -jnp.inf)
+        return jnp.where(x >= cut, x, -jnp.inf)
+
+    # The sort is skipped when no row asks for a nucleus; it is the identity for p = 1 rows.
+    scaled = jax.lax.cond(jnp.any((top_p < 1.0) & (temperature > 0)), nucleus, lambda x: x, scaled)
+    sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+def _logprob_outputs(logits, chosen, top_k: int):
+    """float32 log-softmax of the raw logits [B, V]: the chosen token's value [B] and the top-k
+    (ids [B, X], values [B, X])."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, V]
+    chosen_lp = jnp.take_along_axis(lp, chosen[:, None], axis=-1)[:, 0]  # [B]
+    top_lp, top_ids = jax.lax.top_k(lp, top_k)  # [B, X]
+    return chosen_lp, top_ids.astype(jnp.int32), top_lp
+
+
+def _steering(steer_layers, vectors, multipliers):
+    if not steer_layers:
+        return None
+    return SteeringSpec(layers=steer_layers, vectors=vectors, multipliers=multipliers)
+
+
+def _captures(config: ModelConfig, params, out, probe_layers, site):
+    """Probe-layer activations at the probe's site from a forward that captured them at the
+    residual site (the normed site is the block's input norm applied to that residual)."""
+    return tuple(_site(config, params, out.hidden[c], c, site) for c in probe_layers)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "steer_layers", "probe_layers", "site", "top_k", "all_logprobs"),
+    donate_argnames=("cache",),
+)
+def prefill_chunk(
+    params,
+    cache: KVCache,  # [L, R, K, P, H], shared index = this chunk's first column
+    tokens,  # [R, C] int32, right-padded
+    valid,  # [R, C] bool
+    last_col,  # [R] int32: column of the row's last prompt token within this chunk (clipped)
+    next_tokens,  # [R, C] int32: the prompt token after each position (echo), or None
+    temperature,  # [R]
+    top_p,  # [R]
+    keys,  # [R] PRNG keys (step 0)
+    vectors,  # [J, D] or None
+    multipliers,  # [J, R] or None
+    *,
+    config: ModelConfig,
+    steer_layers: tuple[int, ...],
+    probe_layers: tuple[int, ...],
+    site: str,
+    top_k: int,
+    all_logprobs: bool,
+):
+    """One chunk of a right-padded prompt batch into its prefill cache; the first new token of
+    every row whose last prompt token is in this chunk (the host keeps those rows' values)."""
+    R, C = tokens.shape
+    L = config.n_layers
+    positions = cache.index + jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (R, C))
+    out = forward(
+        params,
+        tokens,
+        positions,
+        config=config,
+        valid=valid,
+        cache=cache,
+        capture=tuple(sorted(set(probe_layers) | {L})),
+        steering=_steering(steer_layers, vectors, multipliers),
+        logits=False,
+    )
+    final = out.hidden[L]  # [R, C, D] normed
+    last = jnp.take_along_axis(final, last_col[:, None, None], axis=1)[:, 0]  # [R, D]
+    logits = _last_logits(config, params, last)  # [R, V]
+    # The first new token is step 0 of the row's key, as in `mup.models.generate`.
+    step0 = jax.vmap(jax.random.fold_in)(keys, jnp.zeros(R, jnp.int32))
+    first = sample_rows(logits, temperature, top_p, step0)
+    first_lp, top_ids, top_lp = _logprob_outputs(logits, first, top_k)
+    result = {
+        "cache": out.cache,
+        "first": first,
+        "first_lp": first_lp,
+        "top_ids": top_ids,
+        "top_lp": top_lp,
+        "probe": _captures(config, params, out, probe_layers, site),  # each [R, C, D]
+    }
+    if all_logprobs:
+        # Every position's next-token distribution: the prompt tokens' logprobs (echo).
+        all_logits = jax.vmap(lambda f: _last_logits(config, params, f), in_axes=1, out_axes=1)(
+            final
+        )  # [R, C, V]
+        lp = jax.nn.log_softmax(all_logits, axis=-1)
+        result["prompt_lp"] = jnp.take_along_axis(lp, next_tokens[:, :, None], axis=-1)[..., 0]
+        p_top_lp, p_top_ids = jax.lax.top_k(lp, top_k)  # [R, C, X]
+        result["prompt_top_lp"], result["prompt_top_ids"] = p_top_lp, p_top_ids.astype(jnp.int32)
+    return result
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def insert_rows(cache: KVCache, k, v, valid, slots, lengths) -> KVCache:
+    """Write prefilled rows (k/v [L, R, K, P, H], valid [R, P]) into slots [R] of the slot
+    cache [L, B, K, S, H]; each slot's next write goes to its prompt length. Slots >= B (the
+    padding rows of a prefill batch) are dropped."""
+    P = min(k.shape[3], cache.max_len)  # a chunked prompt's bucket may pass the slot length
+    k, v, valid = k[:, :, :, :P], v[:, :, :, :P], valid[:, :P]
+    new_k = cache.k.at[:, slots, :, :P].set(k.astype(cache.k.dtype), mode="drop")
+    new_v = cache.v.at[:, slots, :, :P].set(v.astype(cache.v.dtype), mode="drop")
+    row_valid = jnp.zeros((valid.shape[0], cache.max_len), bool).at[:, :P].set(valid)
+    new_valid = cache.valid.at[slots].set(row_valid, mode="drop")
+    new_index = cache.index.at[slots].set(lengths.astype(jnp.int32), mode="drop")
+    return cache.replace(k=new_k, v=new_v, valid=new_valid, index=new_index)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "steer_layers", "probe_layers", "site", "top_k", "n_steps"),
+    donate_argnames=("cache",),
+)
+def decode_steps(
+    params,
+    cache: KVCache,  # [L, B, K, S, H], per-row index
+    tokens,  # [B] int32: each slot's last token (not yet in the cache)
+    steps,  # [B] int32: tokens the row has generated (the PRNG step of the next draw)
+    temperature,  # [B]
+    top_p,  # [B]
+    keys,  # [B] PRNG keys of the rows
+    vectors,  # [J, D] or None
+    multipliers,  # [J, B] or None
+    *,
+    config: ModelConfig,
+    steer_layers: tuple[int, ...],
+    probe_layers: tuple[int, ...],
+    site: str,
+    top_k: int,
+    n_steps: int,
+):
+    """`n_steps` decode steps of every slot (free slots too: fixed shapes; their outputs are
+    ignored). Returns the cache and per-step tokens [B, n], logprobs [B, n], top-k ids / values
+    [B, n, X] and probe-layer activations of the fed tokens, each [B, n, D]."""
+    L = config.n_layers
+    steering = _steering(steer_layers, vectors, multipliers)
+
+    def one(carry, _):
+        cache, tok, step = carry
+        out = forward(
+            params,
+            tok[:, None],
+            cache.index[:, None],  # right-padded rows: a token's rope position is its column
+            config=config,
+            cache=cache,
+            capture=tuple(sorted(set(probe_layers) | {L})),
+            steering=steering,
+            logits=False,
+        )
+        logits = _last_logits(config, params, out.hidden[L][:, 0])  # [B, V]
+        step_keys = jax.vmap(jax.random.fold_in)(keys, step)
+        nxt = sample_rows(logits, temperature, top_p, step_keys)
+        lp, top_ids, top_lp = _logprob_outputs(logits, nxt, top_k)
+        probe = tuple(h[:, 0] for h in _captures(config, params, out, probe_layers, site))
+        return (out.cache, nxt, step + 1), (nxt, lp, top_ids, top_lp, probe)
+
+    (cache, _, _), ys = jax.lax.scan(one, (cache, tokens, steps), None, length=n_steps)
+    nxt, lp, top_ids, top_lp, probe = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), ys)
+    return cache, {"tokens": nxt, "lp": lp, "top_ids": top_ids, "top_lp": top_lp, "probe": probe}
