@@ -47,9 +47,8 @@ from mup.store import _format as F
 from mup.store._integrity import DamagedStoreError, describe_faults, list_objects, missing_objects
 from mup.store._location import Location, StoreError, parse_location
 
-log = logging.getLogger("mup.store")
-
 __all__ = [
+    "DEFAULT_RETRIES",
     "DEFAULT_S3_UPLOAD",
     "Occupant",
     "StoreExistsError",
@@ -59,6 +58,8 @@ __all__ = [
     "inspect",
     "open_writer",
 ]
+
+log = logging.getLogger("mup.store")
 
 # Shard commits run on background threads so compression and upload overlap with the model. Two
 # in flight (each on its own thread; a shard's layers encode in parallel inside tensorstore)

@@ -195,7 +195,8 @@ def _write_format_1_store(url: Path, meta: dict, acts: dict, done_shards) -> Non
 
     def array(name, metadata, data=None):
         spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(url / name) + "/"},
-                "metadata": metadata, "create": True, "store_data_equal_to_fill_value": True}  # fmt: skip
+                "metadata": metadata, "create": True,
+                "store_data_equal_to_fill_value": True}  # fmt: skip
         arr = ts.open(spec).result()
         if data is not None:
             arr.write(data).result()
