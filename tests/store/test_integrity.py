@@ -320,3 +320,32 @@ def test_verify_command_is_a_module(tmp_path, synth):
     got = subprocess.run([sys.executable, "-m", "mup.store", "verify", str(url)], env=env,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert got.returncode == 0 and got.stdout.startswith("ok"), got.stderr
+
+
+@pytest.mark.s3
+def test_completion_refused_when_the_bucket_is_gone(monkeypatch, moto_process, synth):
+    """A restarted S3 server that lost everything, bucket included: the completion check fails
+    in one StoreError line and never writes `complete`."""
+    import boto3
+
+    meta, acts = synth.make_job(seed=3)
+    with moto_process() as endpoint:
+        for name in ("R2_ACCOUNT_ID", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
+                            "AWS_SECRET_ACCESS_KEY": "test"}.items():  # fmt: skip
+            monkeypatch.setenv(name, value)
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket="lost")
+        writer = store.create("s3://lost/job", **meta, **SMALL)
+        rows = np.arange(writer.n_records)
+        writer.write(rows, synth.batch_acts(acts, meta["offsets"], rows))
+        writer.flush()
+        for item in client.list_objects_v2(Bucket="lost")["Contents"]:
+            client.delete_object(Bucket="lost", Key=item["Key"])
+        client.delete_bucket(Bucket="lost")
+        with pytest.raises(store.StoreError, match=r"listing s3://lost/job failed: .*NoSuchBucket"):
+            writer.finalize()
+        writer.close()
+        client.create_bucket(Bucket="lost")
+        assert client.list_objects_v2(Bucket="lost").get("KeyCount", 0) == 0  # no `complete`
