@@ -237,6 +237,9 @@ def test_unfinished_stray_and_foreign_store_directories(tiny_model, mini_path, t
                 **kw)
     text, _ = _run(config(overwrite=True))
     assert "[overwrite]" in text and _objects(url) == want and store.verify(url).ok
+    # A complete store that lost a shard: refused in one line (the --overwrite below redoes it).
+    next((url / "layers" / "1" / "c").iterdir()).joinpath("0").unlink()
+    refused(r"store .* is damaged: layers/1/c/\d+/0 missing; .*--overwrite")
     # A full disk while offsets are written (metadata there, data not): --resume creates the
     # store again (tests/store/test_create_crash.py walks every step; test_process kill -9s).
     monkeypatch.setenv(FAIL_AFTER_ENV, "offsets/c:raise")
