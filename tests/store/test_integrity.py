@@ -349,3 +349,31 @@ def test_completion_refused_when_the_bucket_is_gone(monkeypatch, moto_process, s
         writer.close()
         client.create_bucket(Bucket="lost")
         assert client.list_objects_v2(Bucket="lost").get("KeyCount", 0) == 0  # no `complete`
+
+
+@pytest.mark.s3
+def test_verify_on_s3(s3_env, synth, capsys):
+    """The same verdicts over S3: a prefix holding stores, one with a lost and one with a
+    corrupted shard object."""
+    import uuid
+
+    base = f"s3://{synth.BUCKET}/verify-{uuid.uuid4().hex[:8]}"
+    for name, seed in (("good", 1), ("lost", 2), ("flipped", 3)):
+        _complete_store(f"{base}/model/{name}", synth, seed=seed)
+    loc = store.parse_location(base)
+    client = loc.boto3_client()
+    client.delete_object(Bucket=loc.bucket, Key=loc.key("model/lost/layers/2/c/4/0"))
+    key = loc.key("model/flipped/layers/5/c/0/0")
+    data = bytearray(client.get_object(Bucket=loc.bucket, Key=key)["Body"].read())
+    data[3] ^= 0x10
+    client.put_object(Bucket=loc.bucket, Key=key, Body=bytes(data))
+    assert store_main(["verify", base]) == 1
+    lines = {line.split()[1].rstrip(":").rsplit("/", 1)[1]: line
+             for line in capsys.readouterr().out.splitlines()}  # fmt: skip
+    assert sorted(lines) == ["flipped", "good", "lost"]
+    assert lines["good"].startswith("ok") and "every chunk checksum verified" in lines["good"]
+    assert lines["lost"].startswith("FAULT") and "layers/2/c/4/0 missing" in lines["lost"]
+    # A flip in the zstd frame header fails decompression before the checksum is reached.
+    assert lines["flipped"].startswith("FAULT") and "layers/5/c/0/0: " in lines["flipped"]
+    with pytest.raises(store.DamagedStoreError, match="layers/2/c/4/0 missing"):
+        store.open(f"{base}/model/lost")
