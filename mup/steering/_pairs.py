@@ -62,17 +62,20 @@ def load_pairs(path: str | os.PathLike, *, split: str | None = None) -> list[Pre
         raise FileNotFoundError(f"pairs file {path} does not exist")
     pairs: list[PreferencePair] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            pair = _parse(line, f"{path}:{lineno}", lineno)
-            if pair.id in seen:
-                raise PairsError(
-                    f"{path}:{lineno}: duplicate id {pair.id!r} (first on line {seen[pair.id]})"
-                )
-            seen[pair.id] = lineno
-            pairs.append(pair)
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PairsError(f"{path}:{lineno}: not valid UTF-8 ({e})") from None
+        if not line.strip():
+            continue
+        pair = _parse(line, f"{path}:{lineno}", lineno)
+        if pair.id in seen:
+            raise PairsError(
+                f"{path}:{lineno}: duplicate id {pair.id!r} (first on line {seen[pair.id]})"
+            )
+        seen[pair.id] = lineno
+        pairs.append(pair)
     if not pairs:
         raise PairsError(f"{path}: no pairs")
     return [p for p in pairs if split is None or p.split == split]
@@ -83,6 +86,10 @@ def _parse(line: str, where: str, lineno: int) -> PreferencePair:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise PairsError(f"{where}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise PairsError(f"{where}: not valid JSON: nested too deeply to parse") from None
+    except ValueError as e:  # an int literal over Python's digit limit
+        raise PairsError(f"{where}: not valid JSON: {str(e).split(';')[0]}") from None
     if not isinstance(obj, dict):
         raise PairsError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     for key in ("prompt", "chosen", "rejected"):

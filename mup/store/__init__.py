@@ -1,7 +1,9 @@
 """mup.store: the zarr v3 activation store (ragged [T, D] per layer), local or S3 / R2.
 
-Writing is crash-safe and resumable (see `StoreWriter`); reading refuses incomplete stores.
-The on-disk format is documented in `mup/store/_format.py`.
+Writing is crash-safe and resumable (see `StoreWriter`); reading refuses incomplete stores and
+stores that lost objects, and every chunk carries a checksum (format 2) that every read checks.
+`python -m mup.store verify URL...` (`mup store verify`) checks whole stores. The on-disk format
+is documented in `mup/store/_format.py`.
 """
 
 # Format

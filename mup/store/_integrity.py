@@ -36,12 +36,18 @@ def list_objects(loc: Location, sub: str = "") -> dict[str, int]:
                     continue  # removed while walking (a writer's temporary file)
                 out[os.path.relpath(full, loc.path).replace(os.sep, "/")] = size
         return out
+    import botocore.exceptions as bexc
+
     client = loc.boto3_client()
     base = loc.prefix + "/" if loc.prefix else ""
     prefix = base + (sub.strip("/") + "/" if sub else "")
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
-        for item in page.get("Contents", []):
-            out[item["Key"][len(base) :]] = int(item["Size"])
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix)
+        for page in pages:
+            for item in page.get("Contents", []):
+                out[item["Key"][len(base) :]] = int(item["Size"])
+    except (bexc.ClientError, bexc.BotoCoreError) as e:  # e.g. the bucket is gone
+        raise StoreError(f"listing {loc.url} failed: {' '.join(str(e).split())}") from None
     return out
 
 

@@ -16,7 +16,12 @@ import tensorstore as ts
 from mup.store import _format as F
 from mup.store._integrity import DamagedStoreError, describe_faults, list_objects, missing_objects
 from mup.store._location import Location, StoreError, parse_location
-from mup.store._writer import StoreNotFoundError, _open_array, read_group_attrs
+from mup.store._writer import (
+    TRANSIENT_CODES,
+    StoreNotFoundError,
+    _open_array,
+    read_group_attrs,
+)
 
 __all__ = ["ActivationStore", "IncompleteStoreError", "StoreListing", "list_stores", "open"]
 
@@ -103,7 +108,7 @@ class ActivationStore:
         try:
             return _open_array(self._loc.kvstore(name), fill_missing=False).read().result()
         except ValueError as e:  # tensorstore: a lost object or a failed checksum
-            raise DamagedStoreError(f"{self.url}: reading {name} failed: {_one_line(e)}") from None
+            raise _read_error(e)(f"{self.url}: reading {name} failed: {_one_line(e)}") from None
 
     @functools.cached_property
     def ids(self) -> list[str]:
@@ -151,7 +156,7 @@ class ActivationStore:
         except ValueError as e:
             s0, s1 = t0 // self._shard_tokens, max(t0, t1 - 1) // self._shard_tokens
             shards = F.shard_key(layer, s0) if s0 == s1 else f"layers/{layer}/c/{s0}..{s1}/0"
-            raise DamagedStoreError(
+            raise _read_error(e)(
                 f"{self.url}: reading tokens {t0}:{t1} of layer {layer} ({shards}) failed: "
                 f"{_one_line(e)}"
             ) from None
@@ -213,6 +218,12 @@ class ActivationStore:
                 nxt = read(*bounds[k + 1])
             acts = self._result(cur, layer, int(self.offsets[a]), int(self.offsets[b]))
             yield np.arange(a, b), acts, self.offsets[a : b + 1] - self.offsets[a]
+
+
+def _read_error(error: BaseException) -> type[StoreError]:
+    """DamagedStoreError for what the data says (lost object, checksum), StoreError for a read
+    that failed on the way (an S3 endpoint that stopped answering)."""
+    return StoreError if str(error).startswith(TRANSIENT_CODES) else DamagedStoreError
 
 
 def _one_line(error: BaseException) -> str:

@@ -4,15 +4,25 @@ Axis letters: N records, T tokens, D model width, S shards (T split into shard_t
 
 Write protocol (what makes kill -9 safe at any instant):
   1. `create` writes the group attributes (complete=false), the arrays' metadata and the small
-     token/record arrays, and creates the `done` array LAST: a store without `done/zarr.json`
-     was interrupted during creation and `create` redoes it.
+     token/record arrays one object at a time, and creates the `done` array LAST: a store
+     without `done/zarr.json` was interrupted during creation, holds no activations, and
+     `create` redoes it without being asked to overwrite (see `inspect`, which also tells such
+     a store from one that still holds shards or stray files, and from foreign data, which is
+     never deleted). Overwriting deletes the group zarr.json first, so an interrupted deletion
+     never leaves something that looks like a whole store.
   2. `write` buffers each batch's tokens in per-shard host buffers. A shard is written only when
      every token in it has arrived, as one whole-shard write per layer (no read-modify-write of a
      compressed shard), and only AFTER all layers' shard objects are durable is its `done[s]`
      flag written. A crash leaves at worst a rewritten-but-unflagged shard, which a resumed
      writer writes again with the same bytes.
-  3. `finalize` waits for the last shards and then sets the group attribute `complete` (the
-     group zarr.json is replaced atomically: rename locally, a single PUT on S3).
+  3. `finalize` waits for the last shards, lists the store and checks that every object it must
+     hold is there and not empty (storage can lose acknowledged writes), and only then sets the
+     group attribute `complete` (the group zarr.json is replaced atomically: rename locally, a
+     single PUT on S3). A resumed writer likewise treats a shard flagged done whose object is
+     missing as not done.
+
+Shard commits that fail for a transient reason are retried `retries` times with doubling delays,
+each retry reported through `StoreWriter.on_retry`.
 
 Memory bound: the caller feeds rows in windows (any order within a window, windows advancing
 through the token range). Pending shards are those a window touches, plus at most
@@ -47,9 +57,8 @@ from mup.store import _format as F
 from mup.store._integrity import DamagedStoreError, describe_faults, list_objects, missing_objects
 from mup.store._location import Location, StoreError, parse_location
 
-log = logging.getLogger("mup.store")
-
 __all__ = [
+    "DEFAULT_RETRIES",
     "DEFAULT_S3_UPLOAD",
     "Occupant",
     "StoreExistsError",
@@ -59,6 +68,8 @@ __all__ = [
     "inspect",
     "open_writer",
 ]
+
+log = logging.getLogger("mup.store")
 
 # Shard commits run on background threads so compression and upload overlap with the model. Two
 # in flight (each on its own thread; a shard's layers encode in parallel inside tensorstore)

@@ -233,9 +233,13 @@ def test_unfinished_stray_and_foreign_store_directories(tiny_model, mini_path, t
     (url / "done" / "zarr.json").unlink()
     (url / "LOCK").write_text("")
     for kw in ({}, {"resume": True}):
-        refused(r"never fully created .*layer shards.*stray files \('LOCK'\); use --overwrite", **kw)
+        refused(r"never fully created .*layer shards.*stray files \('LOCK'\); use --overwrite",
+                **kw)
     text, _ = _run(config(overwrite=True))
     assert "[overwrite]" in text and _objects(url) == want and store.verify(url).ok
+    # A complete store that lost a shard: refused in one line (the --overwrite below redoes it).
+    next((url / "layers" / "1" / "c").iterdir()).joinpath("0").unlink()
+    refused(r"store .* is damaged: layers/1/c/\d+/0 missing; .*--overwrite")
     # A full disk while offsets are written (metadata there, data not): --resume creates the
     # store again (tests/store/test_create_crash.py walks every step; test_process kill -9s).
     monkeypatch.setenv(FAIL_AFTER_ENV, "offsets/c:raise")

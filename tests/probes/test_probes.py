@@ -163,7 +163,8 @@ def test_load_names_the_file_and_the_fault(tmp_path):
         (meta_file("shape.safetensors", json.dumps(header),
                    {"w": w[:4], "b": np.array(0, np.float32)}), r"expected parameters w [8]"),
         (meta_file("nan.safetensors", json.dumps(header),
-                   {"w": np.full(8, np.nan, np.float32), "b": np.array(0, np.float32)}), "not finite"),
+                   {"w": np.full(8, np.nan, np.float32), "b": np.array(0, np.float32)}),
+         "not finite"),
     ]  # fmt: skip
     for path, message in malformed:
         with pytest.raises(probes.ProbeFileError) as e:

@@ -342,6 +342,8 @@ def test_pairs_file_errors(tmp_path):
         ),
         (json.dumps({**good, "split": "dev"}), "'split' is 'dev'"),
         (json.dumps({**good, "prompt": [{"role": "bot", "content": "x"}]}), "unknown role 'bot'"),
+        ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        ('{"id": ' + "7" * 5000 + "}", "not valid JSON: Exceeds the limit"),
     ]
     for text, message in cases:
         path = tmp_path / "p.jsonl"
@@ -349,6 +351,9 @@ def test_pairs_file_errors(tmp_path):
         with pytest.raises(PairsError, match=message.split("|")[-1]) as err:
             load_pairs(path)
         assert f"{path}:2" in str(err.value)
+    path.write_bytes(json.dumps(good).encode() + b'\n{"prompt": "\xff"}\n')
+    with pytest.raises(PairsError, match=f"{path}:2: not valid UTF-8"):
+        load_pairs(path)
     path.write_text(json.dumps({**good, "id": "x"}) + "\n" + json.dumps({**good, "id": "x"}) + "\n")
     with pytest.raises(PairsError, match="duplicate id 'x'"):
         load_pairs(path)

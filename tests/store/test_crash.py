@@ -135,6 +135,7 @@ def _assert_same_as_clean_run(url: str, ref_url: str, synth) -> None:
         a.pop("completed")
     assert attrs["got"] == attrs["ref"] and attrs["got"]["complete"] is True
     st = store.open(url)
+    assert store.verify(url).ok
     meta, acts = synth.make_job(**synth.CRASH_JOB, seed=SEED)
     assert st.done_rows().all() and st.ids == meta["ids"]
     for layer in st.layers:

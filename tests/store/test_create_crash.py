@@ -73,7 +73,7 @@ def _assert_equal_to_clean(url: Path, clean: Path) -> None:
             assert got[key] == want[key], key
     attrs = [json.loads(o["zarr.json"])["attributes"] for o in (got, want)]
     for a in attrs:
-        a.pop("created"), a.pop("completed")
+        del a["created"], a["completed"]
     assert attrs[0] == attrs[1] and attrs[0]["complete"] is True
     assert store.verify(url).ok
 
@@ -149,8 +149,9 @@ def test_kill9_at_every_creation_step(job, clean, old_store, synth, tmp_path):
         shutil.copytree(old_store, url)
         code = CREATE.format(here=str(Path(__file__).parent), seed=SEED, url=str(url),
                              sizes=SIZES, overwrite=True)  # fmt: skip
+        env = {**os.environ, FAIL_AFTER_ENV: f"{step}:kill"}
         got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env={**os.environ, FAIL_AFTER_ENV: f"{step}:kill"}, timeout=60)  # fmt: skip
+                             env=env, timeout=60)  # fmt: skip
         assert got.returncode == -signal.SIGKILL, (step, got.stdout, got.stderr)
         assert "created" not in got.stdout
         _recover(url, step, True, job, synth)

@@ -195,7 +195,8 @@ def _write_format_1_store(url: Path, meta: dict, acts: dict, done_shards) -> Non
 
     def array(name, metadata, data=None):
         spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(url / name) + "/"},
-                "metadata": metadata, "create": True, "store_data_equal_to_fill_value": True}  # fmt: skip
+                "metadata": metadata, "create": True,
+                "store_data_equal_to_fill_value": True}  # fmt: skip
         arr = ts.open(spec).result()
         if data is not None:
             arr.write(data).result()
@@ -319,3 +320,60 @@ def test_verify_command_is_a_module(tmp_path, synth):
     got = subprocess.run([sys.executable, "-m", "mup.store", "verify", str(url)], env=env,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert got.returncode == 0 and got.stdout.startswith("ok"), got.stderr
+
+
+@pytest.mark.s3
+def test_completion_refused_when_the_bucket_is_gone(monkeypatch, moto_process, synth):
+    """A restarted S3 server that lost everything, bucket included: the completion check fails
+    in one StoreError line and never writes `complete`."""
+    import boto3
+
+    meta, acts = synth.make_job(seed=3)
+    with moto_process() as endpoint:
+        for name in ("R2_ACCOUNT_ID", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
+                            "AWS_SECRET_ACCESS_KEY": "test"}.items():  # fmt: skip
+            monkeypatch.setenv(name, value)
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket="lost")
+        writer = store.create("s3://lost/job", **meta, **SMALL)
+        rows = np.arange(writer.n_records)
+        writer.write(rows, synth.batch_acts(acts, meta["offsets"], rows))
+        writer.flush()
+        for item in client.list_objects_v2(Bucket="lost")["Contents"]:
+            client.delete_object(Bucket="lost", Key=item["Key"])
+        client.delete_bucket(Bucket="lost")
+        with pytest.raises(store.StoreError, match=r"listing s3://lost/job failed: .*NoSuchBucket"):
+            writer.finalize()
+        writer.close()
+        client.create_bucket(Bucket="lost")
+        assert client.list_objects_v2(Bucket="lost").get("KeyCount", 0) == 0  # no `complete`
+
+
+@pytest.mark.s3
+def test_verify_on_s3(s3_env, synth, capsys):
+    """The same verdicts over S3: a prefix holding stores, one with a lost and one with a
+    corrupted shard object."""
+    import uuid
+
+    base = f"s3://{synth.BUCKET}/verify-{uuid.uuid4().hex[:8]}"
+    for name, seed in (("good", 1), ("lost", 2), ("flipped", 3)):
+        _complete_store(f"{base}/model/{name}", synth, seed=seed)
+    loc = store.parse_location(base)
+    client = loc.boto3_client()
+    client.delete_object(Bucket=loc.bucket, Key=loc.key("model/lost/layers/2/c/4/0"))
+    key = loc.key("model/flipped/layers/5/c/0/0")
+    data = bytearray(client.get_object(Bucket=loc.bucket, Key=key)["Body"].read())
+    data[3] ^= 0x10
+    client.put_object(Bucket=loc.bucket, Key=key, Body=bytes(data))
+    assert store_main(["verify", base]) == 1
+    lines = {line.split()[1].rstrip(":").rsplit("/", 1)[1]: line
+             for line in capsys.readouterr().out.splitlines()}  # fmt: skip
+    assert sorted(lines) == ["flipped", "good", "lost"]
+    assert lines["good"].startswith("ok") and "every chunk checksum verified" in lines["good"]
+    assert lines["lost"].startswith("FAULT") and "layers/2/c/4/0 missing" in lines["lost"]
+    # A flip in the zstd frame header fails decompression before the checksum is reached.
+    assert lines["flipped"].startswith("FAULT") and "layers/5/c/0/0: " in lines["flipped"]
+    with pytest.raises(store.DamagedStoreError, match="layers/2/c/4/0 missing"):
+        store.open(f"{base}/model/lost")

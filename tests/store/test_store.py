@@ -49,6 +49,8 @@ def _check_store(st, meta, acts, dtype="float16"):
         assert got.dtype == exp[layer].dtype
         np.testing.assert_array_equal(got, exp[layer])
         np.testing.assert_array_equal(off, meta["offsets"])
+    verdict = store.verify(st.url)  # every object present, every chunk checksum sound
+    assert verdict.ok, verdict.line()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
