@@ -32,7 +32,7 @@ class EngineConfig:
     max_slots: int = 16
     max_len: int = 2048
     prefill_chunk: int = 512
-    prefill_rows: tuple[int, ...] = (1, 2, 4, 8)
+    prefill_rows: tuple[int, ...] = (1, 4)
     decode_steps: int = 1
     steer_positions: str = "all"
     admit_window_s: float = 0.0

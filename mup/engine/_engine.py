@@ -50,7 +50,6 @@ from mup.engine._config import (
 from mup.engine._metrics import EngineMetrics
 from mup.engine._steps import decode_steps, insert_rows, prefill_chunk
 from mup.models import KVCache, default_stop_tokens
-from mup.models._generate import PROMPT_BUCKETS
 
 log = logging.getLogger("mup.engine")
 
@@ -257,12 +256,16 @@ class _Prefill:
         return -(-self.P // self.C)
 
 
+MIN_PREFILL_BUCKET = 32
+
+
 def prompt_bucket(n: int, chunk: int) -> int:
-    """Prefill cache length for an n-token prompt: a fixed bucket up to `chunk`, multiples of
-    the chunk above it (so every chunk of a long prompt has the same shape)."""
+    """Prefill cache length for an n-token prompt: a power of two from 32 up to `chunk`,
+    multiples of the chunk above it (every chunk of a long prompt has the same shape). Few
+    buckets, so that the warm-up can compile every prefill program the load can need."""
     if n > chunk:
         return -(-n // chunk) * chunk
-    return next((b for b in PROMPT_BUCKETS if n <= b <= chunk), chunk)
+    return min(chunk, max(MIN_PREFILL_BUCKET, 1 << (n - 1).bit_length()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,12 +362,47 @@ class Engine:
             self._thread.start()
         return self
 
-    def submit(self, request: Request) -> Handle:
-        """Queue one row; raises ValueError for a request the engine cannot serve and
-        EngineClosed once closing."""
-        entry, custom = self._check(request)
-        handle = Handle(request, self)
-        row = _Row(
+    def warm_up(self) -> int:
+        """Compile, before `start`, every program a load of greedy rows can need: each
+        prefill rows x bucket up to the chunk (and the chunked buckets that the decode buckets
+        imply), its insert, and the decode step at every attend bucket up to max_len, by
+        running short rows through the loop's own code in this thread. Programs for top-k
+        logprobs and echo compile on first use. Returns the number of rows run."""
+        if self._thread.is_alive():
+            raise RuntimeError("warm_up runs before start()")
+        cfg = self.config
+        top = self._max_len - 2  # room for 2 new tokens
+        lengths = []
+        b = MIN_PREFILL_BUCKET
+        while b <= min(cfg.prefill_chunk, top + 1):
+            lengths.append(b - 1)  # bucket b; decode reads bucket(b) columns
+            b *= 2
+        for a in _ATTEND_BUCKETS:  # longer prompts: chunked prefill, wider decode reads
+            n = min(a - 1, top)
+            if n > cfg.prefill_chunk and n + 1 > a // 2 and n not in lengths:
+                lengths.append(n)
+        runs = 0
+        for n in lengths:
+            for R in cfg.prefill_rows:
+                if R > cfg.max_slots:
+                    continue
+                handles = [
+                    Handle(Request(prompt_ids=(0,) * n, max_tokens=2), self) for _ in range(R)
+                ]
+                for h in handles:
+                    self._waiting.append(self._new_row(h.request, h, None, None))
+                while self._busy():
+                    self._admit()
+                    self._run_prefills()
+                    if self.running():
+                        self._decode()
+                runs += R
+        self.metrics = EngineMetrics()  # the warm-up is not traffic
+        self.stats = {k: 0 for k in self.stats}
+        return runs
+
+    def _new_row(self, request: Request, handle: Handle, entry, custom) -> _Row:
+        return _Row(
             req=request,
             handle=handle,
             key=np.asarray(jax.random.PRNGKey(int(request.seed) % (1 << 32)), np.uint32),
@@ -373,6 +411,13 @@ class Engine:
             custom=custom,
             t_submit=time.perf_counter(),
         )
+
+    def submit(self, request: Request) -> Handle:
+        """Queue one row; raises ValueError for a request the engine cannot serve and
+        EngineClosed once closing."""
+        entry, custom = self._check(request)
+        handle = Handle(request, self)
+        row = self._new_row(request, handle, entry, custom)
         with self._cv:
             if self._closing:
                 raise EngineClosed("the engine is shutting down")
@@ -739,7 +784,8 @@ class Engine:
             None if not entries else jnp.asarray(self._mult, self._dtype),
             config=self.model.config,
             steer_layers=self._steer_layers(self.config.max_slots) if entries else (),
-            probe_layers=self.probe_layers,
+            # the probe's layers only while a row wants per-token scores (another program)
+            probe_layers=self.probe_layers if any(r.req.probe_token_scores for r in live) else (),
             site=self.site,
             # XLA CPU's top-k over the vocabulary took 40% of a SmolLM2 step: only when asked.
             top_k=MAX_TOP_LOGPROBS if any(r.req.top_logprobs for r in live) else 1,
@@ -751,7 +797,7 @@ class Engine:
             s = r.slot
             r.batch_rows = max(r.batch_rows, n_live)
             for k in range(self.config.decode_steps):
-                if r.req.probe_token_scores:  # activations of the token fed at this step
+                if r.req.probe_token_scores and host["probe"]:  # the token fed at this step
                     r.token_acts.append(self._combine([h[s, k] for h in host["probe"]]))
                 if r.final_feed:
                     r.final_feed = False

@@ -42,6 +42,8 @@ class ServeConfig:
     steer_positions: "all" (prompt and generated tokens, as the vLLM reference), "prompt" or
       "generated".
     warmup: compile the prefill and decode programs before reporting healthy.
+    static_batches: admit requests only when no row is running (the static-batch design the
+      engine replaced; a benchmark baseline, never faster).
     """
 
     model: str
@@ -65,6 +67,7 @@ class ServeConfig:
     prefill_chunk: int = 512
     steer_positions: str = "all"
     warmup: bool = True
+    static_batches: bool = False
 
     @property
     def vector(self) -> str | None:
@@ -167,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prefill-chunk", type=int, default=512, help="longest prefill call, in tokens")
     add("--steer-positions", choices=("all", "prompt", "generated"), default="all")
     add("--no-warmup", action="store_true", help="skip compiling the engine before serving")
+    add(
+        "--static-batches",
+        action="store_true",
+        help="baseline: admit requests only when no row runs (static batches)",
+    )
     return p
 
 
@@ -196,6 +204,7 @@ def parse_args(argv: Sequence[str] | None) -> ServeConfig:
             prefill_chunk=args.prefill_chunk,
             steer_positions=args.steer_positions,
             warmup=not args.no_warmup,
+            static_batches=args.static_batches,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -114,6 +114,7 @@ def build_engine(config: ServeConfig, files: _Files | None = None):
             prefill_chunk=config.prefill_chunk,
             steer_positions=config.steer_positions,
             admit_window_s=config.batch_window_ms / 1000,
+            static_batches=config.static_batches,
         ),
     )
 
@@ -125,15 +126,10 @@ def max_context(config: ServeConfig, model) -> int:
 
 
 def warm_up(engine) -> float:
-    """Compile the one-row prefill of a short chat and the decode step (and the probe capture
-    they carry) before the server reports healthy, so the first request does not pay for it."""
-    from mup.engine import Request
-    from mup.text import encode_prompts
-
+    """Compile the engine's prefill, insert and decode programs (`Engine.warm_up`) before the
+    server reports healthy, so that no request of a greedy load waits for a compile."""
     t0 = time.perf_counter()
-    with engine.tokenizer_lock:
-        ids = encode_prompts(engine.model.tokenizer, [[{"role": "user", "content": "Hello!"}]])[0]
-    engine.generate([Request(prompt_ids=tuple(ids), max_tokens=2, stop_ids=())])
+    engine.warm_up()
     return time.perf_counter() - t0
 
 
@@ -163,9 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     name = config.served_name or engine.model.spec.name
     log.info("loaded %s (%s) in %.1fs", name, engine.model.spec.path, time.perf_counter() - t0)
-    engine.start()
     if config.warmup:
         log.info("warm-up compile took %.1fs", warm_up(engine))
+    engine.start()
     app = create_app(engine, config, name)
     steer = (
         ", ".join(f"{n} (layer {engine.vector_layers[n]})" for n in engine.vector_names)

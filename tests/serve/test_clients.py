@@ -61,6 +61,7 @@ def steered(tiny_dir, vector_file, tmp_path_factory):
             "--model", str(tiny_dir), "--vector", f"v={vector_file}",
             "--layer", str(STEER_LAYER), "--served-name", NAME,
             "--default-multiplier", str(MULTIPLIER), "--default-max-tokens", "16",
+            "--no-warmup",
         ],
         tmp_path_factory.mktemp("serve_clients"),
     )  # fmt: skip

@@ -49,6 +49,7 @@ def multi(tiny_dir, vector_file, vector_b, tmp_path_factory):
             "--served-name", NAME,
             "--max-tokens-per-request", "400",
             "--max-batch", "4",
+            "--no-warmup",  # the main test server covers the warm-up; compile what is used
         ],
         tmp_path_factory.mktemp("serve_multi"),
     )  # fmt: skip
@@ -282,7 +283,7 @@ def test_disconnect_mid_stream_frees_the_slot(client, multi):
 
 
 def test_plain_server_and_files_checked_first(start_server, tiny_dir, client, tmp_path):
-    plain = start_server(["--model", str(tiny_dir), "--served-name", NAME], tmp_path)
+    plain = start_server(["--model", str(tiny_dir), "--served-name", NAME, "--no-warmup"], tmp_path)
     health = plain.wait_healthy()
     assert health["vectors"] == {} and health["steer_layer"] is None
     c = openai.OpenAI(base_url=plain.url + "/v1", api_key="-", max_retries=0, timeout=120)
