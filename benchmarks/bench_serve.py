@@ -111,8 +111,10 @@ def _prompts(n: int, seed: int) -> list[list[dict]]:
     picks = rng.choice(len(ds), size=n, replace=len(ds) < n)
     out = []
     for i in picks:
-        msgs = [m.as_dict() if hasattr(m, "as_dict") else {"role": m.role, "content": m.content}
-                for m in ds[int(i)].messages]
+        msgs = [
+            m.as_dict() if hasattr(m, "as_dict") else {"role": m.role, "content": m.content}
+            for m in ds[int(i)].messages
+        ]
         while msgs and msgs[-1]["role"] == "assistant":
             msgs.pop()
         out.append(msgs or [{"role": "user", "content": "Hello."}])
@@ -160,7 +162,9 @@ def _stream(base: str, body: dict) -> dict:
     """One streamed chat request: text, completion tokens, first-token and end times."""
     req = urllib.request.Request(
         base + "/v1/chat/completions",
-        data=json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode(),
+        data=json.dumps(
+            {**body, "stream": True, "stream_options": {"include_usage": True}}
+        ).encode(),
         headers={"Content-Type": "application/json", "Authorization": "Bearer -"},
     )
     t0 = time.perf_counter()

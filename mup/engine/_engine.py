@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -135,10 +136,9 @@ class Handle:
         waiters, self._waiters = self._waiters, []
         self._cond.notify_all()
         for loop, event in waiters:
-            try:
+            # RuntimeError: that event loop is closed, nobody is listening any more
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # that event loop is closed: nobody is listening
-                pass
 
     def _push(self, event: TokenEvent) -> None:
         with self._cond:
@@ -163,7 +163,7 @@ class Handle:
         i = 0
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: len(self._events) > i or self.done)
+                self._cond.wait_for(lambda seen=i: len(self._events) > seen or self.done)
                 new, done = self._events[i:], self.done
             yield from new
             i += len(new)
@@ -384,7 +384,7 @@ class Engine:
         runs = 0
         for n in lengths:
             for R in cfg.prefill_rows:
-                if R > cfg.max_slots:
+                if cfg.max_slots < R:
                     continue
                 handles = [
                     Handle(Request(prompt_ids=(0,) * n, max_tokens=2), self) for _ in range(R)
@@ -640,7 +640,9 @@ class Engine:
     def _prefill_chunk(self, job: _Prefill) -> None:
         start = job.chunk * job.C
         stop = start + job.C
-        lengths = np.array([len(r.req.prompt_ids) for r in job.rows] + [1] * (job.R - len(job.rows)))
+        lengths = np.array(
+            [len(r.req.prompt_ids) for r in job.rows] + [1] * (job.R - len(job.rows))
+        )
         last_col = np.clip(lengths - 1 - start, 0, job.C - 1).astype(np.int32)
         entries = self._n_entries(job.R)
         out = prefill_chunk(
@@ -766,7 +768,10 @@ class Engine:
         n_live = len(live)
         self.stats["decode_steps"] += 1
         self.stats["max_live"] = max(self.stats["max_live"], n_live)
-        if len({(r.entry, None if r.custom is None else id(r), r.req.multiplier) for r in live}) > 1:
+        if (
+            len({(r.entry, None if r.custom is None else id(r), r.req.multiplier) for r in live})
+            > 1
+        ):
             self.stats["mixed_steps"] += 1
         entries = self._n_entries(self.config.max_slots)
         # Columns the step must read: every live row's next write, plus the steps of the call.

@@ -115,9 +115,7 @@ def test_lm_eval_local_completions_equals_in_process_scoring(
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is a test-only dependency")
     data = tmp_path / "items.jsonl"
     data.write_text(
-        "".join(
-            json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in ITEMS
-        )
+        "".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in ITEMS)
     )
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -169,7 +167,9 @@ def test_inspect_openai_api_with_logprobs(steered):
         config=GenerateConfig(extra_body={"steer_multiplier": -1.0}),
     )
     config = GenerateConfig(max_tokens=8, temperature=0.0, logprobs=True, top_logprobs=4)
-    out = asyncio.run(model.generate([ChatMessageUser(content="Tell me about the sea.")], config=config))
+    out = asyncio.run(
+        model.generate([ChatMessageUser(content="Tell me about the sea.")], config=config)
+    )
     content = out.choices[0].logprobs.content
     assert len(content) == out.usage.output_tokens
     assert "".join(t.token for t in content) == out.completion

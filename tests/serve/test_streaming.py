@@ -185,7 +185,9 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(multi, hf):
     lp1 = body["choices"][0]["logprobs"]
     assert len(lp1["token_logprobs"]) == len(ids) + 1
     np.testing.assert_allclose(lp1["token_logprobs"][1 : len(ids)], want, atol=1e-4)
-    code, body = _post(multi.url + "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 0})
+    code, body = _post(
+        multi.url + "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 0}
+    )
     assert code == 400 and body["error"]["param"] == "max_tokens"
     code, body = _post(
         multi.url + "/v1/completions", {"model": NAME, "prompt": "x", "logprobs": 21}
@@ -209,7 +211,10 @@ def test_named_vectors_and_request_vectors(client, vector_b):
     assert custom_form.choices[0].message.content == by_name.choices[0].message.content
     assert default.choices[0].message.content == a.choices[0].message.content
     assert a.choices[0].message.content != by_name.choices[0].message.content
-    assert by_name.model_extra["steer_vector"] == "b" and by_floats.model_extra["steer_vector"] == "custom"
+    assert (
+        by_name.model_extra["steer_vector"] == "b"
+        and by_floats.model_extra["steer_vector"] == "custom"
+    )
     assert by_name.model_extra["steer_layer"] == 0
     models = client.models.list().data
     assert [v["name"] for v in models[0].model_extra["vectors"]] == ["a", "b"]
@@ -229,7 +234,7 @@ def test_late_request_joins_running_batch(client, multi):
         stream = client.completions.create(
             model=NAME, prompt=PROMPT, max_tokens=300, temperature=0, stream=True
         )
-        for chunk in stream:
+        for _chunk in stream:
             first_chunk.set()
         long_done["t"] = time.perf_counter()
 
