@@ -349,7 +349,14 @@ class Engine:
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="mup-engine", daemon=True)
         # what the steps did, for tests and logs
-        self.stats = {"decode_steps": 0, "prefill_calls": 0, "max_live": 0, "mixed_steps": 0}
+        # (interleaved_steps: decode steps run while a chunked prefill was still in progress)
+        self.stats = {
+            "decode_steps": 0,
+            "prefill_calls": 0,
+            "max_live": 0,
+            "mixed_steps": 0,
+            "interleaved_steps": 0,
+        }
 
     # -- public ----------------------------------------------------------------------------
 
@@ -767,6 +774,7 @@ class Engine:
         live = [r for r in self._slots if r is not None and r.live]
         n_live = len(live)
         self.stats["decode_steps"] += 1
+        self.stats["interleaved_steps"] += bool(self._prefills)
         self.stats["max_live"] = max(self.stats["max_live"], n_live)
         if (
             len({(r.entry, None if r.custom is None else id(r), r.req.multiplier) for r in live})

@@ -206,6 +206,28 @@ def test_late_row_joins_and_short_finishes_first(engine, prompts):
     assert len(h_long.result(120).token_ids) == 120
 
 
+def test_long_prompt_prefill_is_chunked_between_decode_steps(engine, model, prompts):
+    """A 150-token prompt (5 chunks of 32) arriving while a row decodes: the decoding row keeps
+    receiving tokens while the long prompt is prefilled, and the long row's output equals
+    `mup.models.generate` (one unchunked prefill)."""
+    from mup.models import generate
+
+    long_ids = tuple((list(prompts[2]) * 4)[:150])
+    want = generate(model, [list(long_ids)], max_new_tokens=6, chat=False).token_ids[0]
+    h_dec = engine.submit(_req(prompts[0], max_tokens=100, stop_ids=()))
+    events = h_dec.events()
+    next(events), next(events)
+    interleaved = engine.stats["interleaved_steps"]
+    h_long = engine.submit(_req(long_ids, max_tokens=6))
+    first = next(h_long.events())
+    got = h_long.result(60)
+    h_dec.cancel()
+    h_dec.result(60)
+    assert got.token_ids[0] == first.token_id and got.token_ids == want
+    # a decode step ran between the prefill's chunks (budget: 4 chunks per turn, 5 chunks)
+    assert engine.stats["interleaved_steps"] > interleaved
+
+
 def test_cancel_frees_the_slot_at_the_next_step(engine, prompts):
     h = engine.submit(_req(prompts[3], max_tokens=120, stop_ids=()))
     events = h.events()
