@@ -120,6 +120,7 @@ class Handle:
         # Set by the engine when the prefill ends, before the first token event: streams can
         # send the prompt's score and logprobs (echo) ahead of the completion.
         self.probe_score: float | None = None
+        self.probe_scores: list[float] | None = None
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
@@ -222,6 +223,7 @@ class _Row:
     probe_parts: list[list[np.ndarray]] = dataclasses.field(default_factory=list)
     token_acts: list[np.ndarray] = dataclasses.field(default_factory=list)
     probe_score: float | None = None
+    probe_scores: list[float] = dataclasses.field(default_factory=list)  # one per probe
     decoded: str = ""  # text of ids[:read]
     prefix_at: int = 0
     read_at: int = 0
@@ -280,8 +282,9 @@ class Engine:
     vectors: name -> (vector [D], steered block); any number, each request picks one by name.
     custom_layer: the block a request's own vector (`Request.vector` as an array) steers;
       None refuses own vectors.
-    probe: a `mup.probes.Probe`; its layers are captured in the same prefill (prompt score)
-      and decode steps (per-token scores).
+    probe: a `mup.probes.Probe`, or a sequence of them; their layers are captured in the same
+      prefill (prompt scores, one per probe) and, for the first probe, in the decode steps
+      (per-token scores).
     """
 
     def __init__(
@@ -314,13 +317,22 @@ class Engine:
         if custom_layer is not None and not 0 <= int(custom_layer) < mc.n_layers:
             raise ValueError(f"custom_layer {custom_layer} outside 0..{mc.n_layers - 1}")
         self.custom_layer = None if custom_layer is None else int(custom_layer)
-        self.probe = probe
-        self.probe_layers: tuple[int, ...] = ()
-        self.site = "residual"
-        if probe is not None:
-            check_probe(probe, mc)
-            self.probe_layers = tuple(int(x) for x in probe.layers)
-            self.site = probe_site(probe)
+        if probe is None:
+            self.probes = []
+        elif isinstance(probe, list | tuple):
+            self.probes = list(probe)
+        else:
+            self.probes = [probe]
+        self.probe = self.probes[0] if self.probes else None
+        for p in self.probes:
+            check_probe(p, mc)
+        # (layer, site) pairs every probe reads, captured once per forward
+        self.captures: tuple[tuple[int, str], ...] = tuple(
+            sorted({(int(x), probe_site(p)) for p in self.probes for x in p.layers})
+        )
+        self._probe_cols = [
+            [self.captures.index((int(x), probe_site(p))) for x in p.layers] for p in self.probes
+        ]
         self.stop_ids = tuple(default_stop_tokens(model.tokenizer))
         self.pad_id = self.stop_ids[0]
         # Request handlers tokenize on their own threads; fast tokenizers are not re-entrant.
@@ -613,7 +625,7 @@ class Engine:
             nxt[i, : n - 1] = ids[1:]
             temp[i], top_p[i], keys[i] = r.req.temperature, r.req.top_p, r.key
             self._steer_row(vectors, mults, i, len(self._loaded) + i, r, phase)
-            r.probe_parts = [[] for _ in self.probe_layers]
+            r.probe_parts = [[] for _ in self.captures]
         C = min(P, cfg.prefill_chunk)
         cache = KVCache.create(self.model.config, R, P, dtype=self._dtype)
         return _Prefill(
@@ -666,8 +678,7 @@ class Engine:
             None if not entries else jnp.asarray(job.multipliers, self._dtype),
             config=self.model.config,
             steer_layers=self._steer_layers(job.R) if entries else (),
-            probe_layers=self.probe_layers,
-            site=self.site,
+            captures=self.captures,
             top_k=MAX_TOP_LOGPROBS if any(r.req.top_logprobs for r in job.rows) else 1,
             all_logprobs=job.echo,
         )
@@ -711,15 +722,17 @@ class Engine:
             r.batch_rows = max(r.batch_rows, len(rows))
         scored = [r for r in rows if r.req.probe_mask is not None]
         if scored:
-            scores = self._probe_predict(
-                [self._combine([np.concatenate(p) for p in r.probe_parts]) for r in scored],
-                [np.asarray(r.req.probe_mask, bool) for r in scored],
-            )
-            for r, s in zip(scored, scores, strict=True):
-                r.probe_score = float(s)
+            masks = [np.asarray(r.req.probe_mask, bool) for r in scored]
+            per_row = [[np.concatenate(p) for p in r.probe_parts] for r in scored]
+            for k in range(len(self.probes)):
+                scores = self._probe_predict(k, [self._combine(k, a) for a in per_row], masks)
+                for r, x in zip(scored, scores, strict=True):
+                    r.probe_scores.append(float(x))
         for r in rows:
             r.probe_parts = []
+            r.probe_score = r.probe_scores[0] if r.probe_scores else None
             r.handle.probe_score = r.probe_score
+            r.handle.probe_scores = list(r.probe_scores) if r.probe_scores else None
             if r.req.prompt_logprobs:
                 r.handle.prompt_logprobs = list(r.prompt_lps)
         keep: list[_Row] = []
@@ -797,9 +810,8 @@ class Engine:
             None if not entries else jnp.asarray(self._mult, self._dtype),
             config=self.model.config,
             steer_layers=self._steer_layers(self.config.max_slots) if entries else (),
-            # the probe's layers only while a row wants per-token scores (another program)
-            probe_layers=self.probe_layers if any(r.req.probe_token_scores for r in live) else (),
-            site=self.site,
+            # the probes' layers only while a row wants per-token scores (another program)
+            captures=self.captures if any(r.req.probe_token_scores for r in live) else (),
             # XLA CPU's top-k over the vocabulary took 40% of a SmolLM2 step: only when asked.
             top_k=MAX_TOP_LOGPROBS if any(r.req.top_logprobs for r in live) else 1,
             n_steps=self.config.decode_steps,
@@ -811,7 +823,7 @@ class Engine:
             r.batch_rows = max(r.batch_rows, n_live)
             for k in range(self.config.decode_steps):
                 if r.req.probe_token_scores and host["probe"]:  # the token fed at this step
-                    r.token_acts.append(self._combine([h[s, k] for h in host["probe"]]))
+                    r.token_acts.append(self._combine(0, [h[s, k] for h in host["probe"]]))
                 if r.final_feed:
                     r.final_feed = False
                     break
@@ -912,6 +924,7 @@ class Engine:
             logprobs=list(r.logprobs) if r.req.logprobs else None,
             prompt_logprobs=list(r.prompt_lps) if r.req.prompt_logprobs else None,
             probe_score=r.probe_score,
+            probe_scores=list(r.probe_scores) if r.probe_scores else None,
             probe_token_scores=scores,
             batch_rows=r.batch_rows,
             prompt_tokens=len(r.req.prompt_ids),
@@ -922,24 +935,26 @@ class Engine:
 
     # -- probes ------------------------------------------------------------------------------
 
-    def _combine(self, per_layer: list[np.ndarray]) -> np.ndarray:
-        if len(per_layer) == 1:
-            return np.asarray(per_layer[0], np.float32)
-        if self.probe.combine == "sum":
-            return np.sum(per_layer, axis=0).astype(np.float32)
-        return np.concatenate(per_layer, axis=-1).astype(np.float32)
+    def _combine(self, k: int, captured: list[np.ndarray]) -> np.ndarray:
+        """Probe k's input from the engine's captures (one array per (layer, site))."""
+        parts = [captured[c] for c in self._probe_cols[k]]
+        if len(parts) == 1:
+            return np.asarray(parts[0], np.float32)
+        if self.probes[k].combine == "sum":
+            return np.sum(parts, axis=0).astype(np.float32)
+        return np.concatenate(parts, axis=-1).astype(np.float32)
 
-    def _probe_predict(self, acts: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
+    def _probe_predict(self, k: int, acts: list[np.ndarray], masks: list[np.ndarray]):
         from mup.probes import Activations
 
         offsets = np.zeros(len(acts) + 1, np.int64)
         np.cumsum([len(a) for a in acts], out=offsets[1:])
         data = Activations(acts=np.concatenate(acts), offsets=offsets, mask=np.concatenate(masks))
-        return self.probe.predict(data)
+        return self.probes[k].predict(data)
 
     def _probe_token_scores(self, acts: np.ndarray) -> list[float]:
         from mup.probes import Activations
 
         data = Activations(acts=acts, offsets=np.array([0, len(acts)], np.int64))
-        logits, _ = self.probe.token_scores(data)
+        logits, _ = self.probes[0].token_scores(data)
         return [float(x) for x in 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))]

@@ -77,15 +77,16 @@ def _steering(steer_layers, vectors, multipliers):
     return SteeringSpec(layers=steer_layers, vectors=vectors, multipliers=multipliers)
 
 
-def _captures(config: ModelConfig, params, out, probe_layers, site):
-    """Probe-layer activations at the probe's site from a forward that captured them at the
-    residual site (the normed site is the block's input norm applied to that residual)."""
-    return tuple(_site(config, params, out.hidden[c], c, site) for c in probe_layers)
+def _captures(config: ModelConfig, params, out, captures):
+    """Activations at each (layer, site) of `captures` from a forward that captured the layers
+    at the residual site (the normed site is the block's input norm applied to that residual),
+    so probes of both sites share one forward."""
+    return tuple(_site(config, params, out.hidden[c], c, site) for c, site in captures)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "steer_layers", "probe_layers", "site", "top_k", "all_logprobs"),
+    static_argnames=("config", "steer_layers", "captures", "top_k", "all_logprobs"),
     donate_argnames=("cache",),
 )
 def prefill_chunk(
@@ -103,8 +104,7 @@ def prefill_chunk(
     *,
     config: ModelConfig,
     steer_layers: tuple[int, ...],
-    probe_layers: tuple[int, ...],
-    site: str,
+    captures: tuple[tuple[int, str], ...],
     top_k: int,
     all_logprobs: bool,
 ):
@@ -120,7 +120,7 @@ def prefill_chunk(
         config=config,
         valid=valid,
         cache=cache,
-        capture=tuple(sorted(set(probe_layers) | {L})),
+        capture=tuple(sorted({c for c, _ in captures} | {L})),
         steering=_steering(steer_layers, vectors, multipliers),
         logits=False,
     )
@@ -136,7 +136,7 @@ def prefill_chunk(
         "first_lp": first_lp,
         "top_ids": top_ids,
         "top_lp": top_lp,
-        "probe": _captures(config, params, out, probe_layers, site),  # each [R, C, D]
+        "probe": _captures(config, params, out, captures),  # each [R, C, D]
     }
     if all_logprobs:
         # Every position's next-token distribution: the prompt tokens' logprobs (echo).
@@ -172,7 +172,7 @@ def insert_rows(cache: KVCache, k, v, valid, slots, lengths) -> KVCache:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "config", "steer_layers", "probe_layers", "site", "top_k", "n_steps", "attend_len"
+        "config", "steer_layers", "captures", "top_k", "n_steps", "attend_len"
     ),
     donate_argnames=("cache",),
 )  # fmt: skip
@@ -189,8 +189,7 @@ def decode_steps(
     *,
     config: ModelConfig,
     steer_layers: tuple[int, ...],
-    probe_layers: tuple[int, ...],
-    site: str,
+    captures: tuple[tuple[int, str], ...],
     top_k: int,
     n_steps: int,
     attend_len: int,
@@ -210,7 +209,7 @@ def decode_steps(
             cache.index[:, None],  # right-padded rows: a token's rope position is its column
             config=config,
             cache=cache,
-            capture=tuple(sorted(set(probe_layers) | {L})),
+            capture=tuple(sorted({c for c, _ in captures} | {L})),
             steering=steering,
             logits=False,
             attend_len=attend_len,
@@ -218,7 +217,7 @@ def decode_steps(
         logits = _last_logits(config, params, out.hidden[L][:, 0])  # [B, V]
         step_keys = jax.vmap(jax.random.fold_in)(keys, step)
         nxt, lp, top_ids, top_lp = sample_rows(logits, temperature, top_p, step_keys, top_k)
-        probe = tuple(h[:, 0] for h in _captures(config, params, out, probe_layers, site))
+        probe = tuple(h[:, 0] for h in _captures(config, params, out, captures))
         return (out.cache, nxt, step + 1), (nxt, lp, top_ids, top_lp, probe)
 
     # A Python loop, not lax.scan: a while-loop carry made XLA copy the whole slot cache.

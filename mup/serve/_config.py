@@ -21,7 +21,8 @@ class ServeConfig:
       (`steer_vector`); the first is the default.
     layer: block a .npy vector steers (must match a safetensors file's), and the block that
       request-supplied vectors (`steer_vector: [floats]`) steer; default: the first vector's.
-    probe: optional probe file (`mup.probes.Probe.save`); every response then carries its score.
+    probes: probe files (`mup.probes.Probe.save`); every response then carries the first one's
+      score (`probe_score`) and, with several, every one's (`probe_scores_by_probe`).
     probe_mask: which prompt tokens the probe reads (`mup.text.token_mask` modes).
     served_name: the model name clients send; default: the resolved spec's name.
     dtype: parameter and activation dtype.
@@ -49,7 +50,7 @@ class ServeConfig:
     model: str
     vectors: tuple[tuple[str, str], ...] = ()
     layer: int | None = None
-    probe: str | None = None
+    probes: tuple[str, ...] = ()
     probe_mask: str = "all"
     served_name: str | None = None
     dtype: str = "float32"
@@ -68,6 +69,11 @@ class ServeConfig:
     steer_positions: str = "all"
     warmup: bool = True
     static_batches: bool = False
+
+    @property
+    def probe(self) -> str | None:
+        """The first probe file, or None."""
+        return self.probes[0] if self.probes else None
 
     @property
     def vector(self) -> str | None:
@@ -147,7 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         "none serves the plain model",
     )
     add("--layer", type=int, help="steered block of .npy vectors and request-supplied vectors")
-    add("--probe", help="probe file; responses then carry the probe's score for the prompt")
+    add(
+        "--probe",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="probe file; responses then carry its score for the prompt; repeat for several",
+    )
     add("--probe-mask", choices=MASK_MODES, default="all", help="prompt tokens the probe reads")
     add("--served-name", help="model name clients use (default: the model's name)")
     add("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -186,7 +198,7 @@ def parse_args(argv: Sequence[str] | None) -> ServeConfig:
             model=args.model,
             vectors=tuple(parse_vector_arg(v) for v in args.vector),
             layer=args.layer,
-            probe=args.probe,
+            probes=tuple(args.probe),
             probe_mask=args.probe_mask,
             served_name=args.served_name,
             dtype=args.dtype,

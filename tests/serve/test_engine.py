@@ -192,6 +192,41 @@ def test_probe_scores_come_from_the_same_pass(engine, hf, prompts, probe_file):
     np.testing.assert_allclose(r.probe_token_scores, 1 / (1 + np.exp(-logits)), atol=1e-4)
 
 
+def test_several_probes_score_from_one_prefill(model, hf, prompts, probe_file):
+    """Two probes at different layers (the residual stream entering block 1, and the token
+    embeddings): one prefill captures both; each score equals that probe on transformers'
+    hidden states."""
+    from mup import probes
+    from mup.engine import Engine, EngineConfig
+
+    first = probes.load(probe_file)
+    rng = np.random.default_rng(7)
+    acts = rng.normal(size=(60, engine_d(model))).astype(np.float32)
+    labels = (np.arange(12) % 2).astype(np.int8)
+    second = probes.fit(
+        "dom",
+        probes.Activations(acts=acts, offsets=np.arange(0, 61, 5), labels=labels, layers=(0,)),
+        layer=0,
+    )
+    eng = Engine(model, probe=[first, second], config=EngineConfig(max_slots=1, max_len=64)).start()
+    try:
+        ids = prompts[0]
+        r = eng.generate([_req(ids, max_tokens=1, probe_mask=np.ones(len(ids), bool))])[0]
+    finally:
+        eng.close()
+    assert eng.captures == ((0, "residual"), (PROBE_LAYER, "residual"))
+    with torch.no_grad():
+        hidden = hf(torch.tensor([list(ids)]), output_hidden_states=True).hidden_states
+    for probe, layer, got in zip((first, second), (PROBE_LAYER, 0), r.probe_scores, strict=True):
+        data = probes.Activations(acts=hidden[layer][0].numpy(), offsets=np.array([0, len(ids)]))
+        assert got == pytest.approx(float(probe.predict(data)[0]), abs=1e-4)
+    assert r.probe_score == r.probe_scores[0]
+
+
+def engine_d(model) -> int:
+    return int(model.config.d_model)
+
+
 def test_late_row_joins_and_short_finishes_first(engine, prompts):
     long = _req(prompts[0], max_tokens=120, stop_ids=())
     short = _req(prompts[1], max_tokens=4, vector="b", multiplier=2.0)

@@ -38,13 +38,31 @@ def vector_b(tmp_path_factory, vector_file):
 
 
 @pytest.fixture(scope="module")
-def multi(tiny_dir, vector_file, vector_b, tmp_path_factory):
-    """Two named vectors at block 0 (request vectors steer block 0 too), 4 slots."""
+def embed_probe(tmp_path_factory):
+    """A second probe, reading the token embeddings (layer 0)."""
+    from mup import probes
+
+    rng = np.random.default_rng(7)
+    acts = rng.normal(size=(60, 64)).astype(np.float32)
+    data = probes.Activations(
+        acts=acts, offsets=np.arange(0, 61, 5), labels=(np.arange(12) % 2).astype(np.int8),
+        layers=(0,),
+    )  # fmt: skip
+    return probes.fit("dom", data, layer=0).save(
+        tmp_path_factory.mktemp("p0") / "embed.safetensors"
+    )
+
+
+@pytest.fixture(scope="module")
+def multi(tiny_dir, vector_file, vector_b, probe_file, embed_probe, tmp_path_factory):
+    """Two named vectors at block 0 (request vectors steer block 0 too), two probes, 4 slots."""
     srv = Server(
         [
             "--model", str(tiny_dir),
             "--vector", f"a={vector_file}",
             "--vector", f"b={vector_b}",
+            "--probe", str(probe_file),
+            "--probe", str(embed_probe),
             "--layer", "0",
             "--served-name", NAME,
             "--max-tokens-per-request", "400",
@@ -222,6 +240,14 @@ def test_named_vectors_and_request_vectors(client, vector_b):
     assert [v["name"] for v in models[0].model_extra["vectors"]] == ["a", "b"]
     with pytest.raises(openai.BadRequestError, match="norm"):
         run(steer_vector=[1e4] * len(b))
+
+
+def test_several_probes(client):
+    r = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=2, temperature=0)
+    scores = r.model_extra["probe_scores_by_probe"]
+    assert list(scores) == ["probe", "embed"]
+    assert scores["probe"] == r.model_extra["probe_score"]
+    assert all(0.0 < x < 1.0 for x in scores.values()) and scores["probe"] != scores["embed"]
 
 
 def test_late_request_joins_running_batch(client, multi):
