@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 MULTIPLIERS = (-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5)
+MAX_PROMPT, MAX_CONTEXT = 384, 512
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,9 +98,11 @@ def _probe_file(path: Path, d_model: int, layer: int) -> Path:
     return probes.fit("dom", data, layer=layer).save(path)
 
 
-def _prompts(n: int, seed: int) -> list[list[dict]]:
-    """n conversations of mixed lengths from the stakes data (bundled set as a fallback)."""
+def _prompts(n: int, seed: int, tokenizer, max_prompt: int) -> list[list[dict]]:
+    """n conversations of mixed lengths (at most max_prompt template tokens) from the stakes
+    data (the bundled set as a fallback)."""
     from mup.data import find_dataset, load_records
+    from mup.text import encode_prompts
 
     try:
         ds = load_records(find_dataset("training", allow_hub=False))
@@ -108,17 +111,16 @@ def _prompts(n: int, seed: int) -> list[list[dict]]:
 
         ds = load_records(bundled_path())
     rng = np.random.default_rng(seed)
-    picks = rng.choice(len(ds), size=n, replace=len(ds) < n)
     out = []
-    for i in picks:
-        msgs = [
-            m.as_dict() if hasattr(m, "as_dict") else {"role": m.role, "content": m.content}
-            for m in ds[int(i)].messages
-        ]
+    for i in rng.permutation(np.resize(np.arange(len(ds)), max(len(ds), 4 * n))):
+        msgs = [m.as_dict() for m in ds[int(i)].messages]
         while msgs and msgs[-1]["role"] == "assistant":
             msgs.pop()
-        out.append(msgs or [{"role": "user", "content": "Hello."}])
-    return out
+        if msgs and len(encode_prompts(tokenizer, [msgs])[0]) <= max_prompt:
+            out.append(msgs)
+        if len(out) == n:
+            return out
+    raise RuntimeError(f"fewer than {n} records of at most {max_prompt} prompt tokens")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,8 +263,12 @@ def main(argv=None) -> int:
     np.save(tmp / "vector.npy", v / np.linalg.norm(v) * 4.0)
     probe = _probe_file(tmp / "probe.safetensors", d_model, layer + 1)
 
+    from mup.text import load_tokenizer
+
     rng = np.random.default_rng(args.seed)
-    chats = _prompts(n, args.seed)
+    # Prompts up to 384 tokens (the stakes data runs to ~1300): slots of 512 tokens then hold
+    # every request, and each server's warm-up compiles only the shapes such a load needs.
+    chats = _prompts(n, args.seed, load_tokenizer(model), MAX_PROMPT)
     max_tokens = rng.integers(lo, hi + 1, size=n)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, size=n))
     bodies = [
@@ -280,7 +286,7 @@ def main(argv=None) -> int:
             sys.executable, "-m", "mup.serve", "--model", model, "--vector",
             f"v={tmp / 'vector.npy'}", "--layer", str(layer), "--port", str(port),
             "--served-name", "bench", "--max-tokens-per-request", str(hi),
-            "--default-max-tokens", str(lo), *extra,
+            "--default-max-tokens", str(lo), "--max-context", str(MAX_CONTEXT), *extra,
         ]  # fmt: skip
 
     results = {}
