@@ -276,6 +276,20 @@ def test_cancel_frees_the_slot_at_the_next_step(engine, prompts):
     assert engine.running() == 0
 
 
+def test_stop_strings_cut_text_and_stream_holds_back(engine, prompts):
+    """A stop string ends the row where it first appears; the streamed pieces (which hold back
+    a tail that may still become the stop string) add up to the final text."""
+    full = engine.generate([_req(prompts[1], max_tokens=24, stop_ids=())])[0]
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    assert len(stop) == 3
+    h = engine.submit(_req(prompts[1], max_tokens=24, stop_ids=(), stop=(stop,)))
+    pieces = [e.text for e in h.events()]
+    r = h.result(0)
+    assert r.text == full.text[: full.text.find(stop)] and r.finish_reason == "stop"
+    assert "".join(pieces) == r.text
+    assert r.token_ids == full.token_ids[: len(r.token_ids)] and len(r.token_ids) < 24
+
+
 def test_bad_requests_are_refused(engine, prompts):
     with pytest.raises(ValueError, match="unknown steering vector"):
         engine.submit(_req(prompts[0], max_tokens=2, vector="zzz"))
