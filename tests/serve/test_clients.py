@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.serve.conftest import STEER_LAYER, Server
+STEER_LAYER = 0  # the tiny checkpoint's, as in conftest
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +55,8 @@ metric_list:
 
 
 @pytest.fixture(scope="module")
-def steered(tiny_dir, vector_file, tmp_path_factory):
-    srv = Server(
+def steered(module_server, tiny_dir, vector_file, tmp_path_factory):
+    srv = module_server(
         [
             "--model", str(tiny_dir), "--vector", f"v={vector_file}",
             "--layer", str(STEER_LAYER), "--served-name", NAME,

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.serve.conftest import PROBE_LAYER, STEER_LAYER
+STEER_LAYER, PROBE_LAYER = 0, 1  # the tiny checkpoint's, as in conftest
 
 torch = pytest.importorskip("torch", reason="torch is the parity reference")
 

@@ -19,8 +19,6 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.serve.conftest import Server
-
 openai = pytest.importorskip("openai")
 torch = pytest.importorskip("torch", reason="torch is the logprob reference")
 
@@ -54,9 +52,11 @@ def embed_probe(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def multi(tiny_dir, vector_file, vector_b, probe_file, embed_probe, tmp_path_factory):
+def multi(
+    module_server, tiny_dir, vector_file, vector_b, probe_file, embed_probe, tmp_path_factory
+):
     """Two named vectors at block 0 (request vectors steer block 0 too), two probes, 4 slots."""
-    srv = Server(
+    srv = module_server(
         [
             "--model", str(tiny_dir),
             "--vector", f"a={vector_file}",
@@ -315,6 +315,7 @@ def test_disconnect_mid_stream_frees_the_slot(client, multi):
     assert _metrics(multi)["mup_running_rows"] == 0
 
 
+@pytest.mark.slow
 def test_plain_server_and_files_checked_first(start_server, tiny_dir, client, tmp_path):
     plain = start_server(["--model", str(tiny_dir), "--served-name", NAME, "--no-warmup"], tmp_path)
     health = plain.wait_healthy()
