@@ -241,11 +241,13 @@ def main(argv=None) -> int:
     p.add_argument("--layer", type=int, default=12)
     p.add_argument("--requests", type=int, default=None, help="requests in the load (32)")
     p.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second")
-    p.add_argument("--slots", type=int, default=16, help="engine slots (--max-batch)")
+    p.add_argument("--slots", type=int, default=None, help="engine slots (16; --quick: 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-transformers", action="store_true", help="skip transformers serve")
     args = p.parse_args(argv)
-    n = args.requests or (12 if args.quick else 32)
+    n = args.requests or (24 if args.quick else 32)
+    # more requests than slots, so static batches must wait for whole batches
+    args.slots = args.slots or (8 if args.quick else 16)
     # Arrivals faster than any of the servers can answer: throughput is then capacity.
     rate = args.rate or (200.0 if args.quick else 4.0)
     lo, hi = (8, 32) if args.quick else (16, 128)
