@@ -32,7 +32,7 @@ class EngineConfig:
     max_slots: int = 16
     max_len: int = 2048
     prefill_chunk: int = 512
-    prefill_rows: tuple[int, ...] = (1, 2, 4, 8)
+    prefill_rows: tuple[int, ...] = (1, 4)
     decode_steps: int = 1
     steer_positions: str = "all"
     admit_window_s: float = 0.0
@@ -121,8 +121,9 @@ class Result:
     finish_reason: "stop" (stop token or stop string), "length" or "cancelled".
     logprobs: per generated token (when asked), else None.
     prompt_logprobs: per prompt token (echo), the first one None (nothing predicts it).
-    probe_score: the probe's probability for the prompt, or None.
-    probe_token_scores: the probe's probability on each generated token, or None.
+    probe_score: the (first) probe's probability for the prompt, or None.
+    probe_scores: every probe's probability for the prompt, in the engine's probe order.
+    probe_token_scores: the first probe's probability on each generated token, or None.
     batch_rows: most rows that ran in one engine step with this row.
     prompt_tokens: len(prompt_ids).
     ttft_s: seconds from submission to the first token (None without one).
@@ -134,6 +135,7 @@ class Result:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     probe_score: float | None = None
+    probe_scores: list[float] | None = None
     probe_token_scores: list[float] | None = None
     batch_rows: int = 1
     prompt_tokens: int = 0

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -50,9 +51,13 @@ from mup.engine._config import (
 from mup.engine._metrics import EngineMetrics
 from mup.engine._steps import decode_steps, insert_rows, prefill_chunk
 from mup.models import KVCache, default_stop_tokens
-from mup.models._generate import PROMPT_BUCKETS
 
 log = logging.getLogger("mup.engine")
+
+# Slot columns a decode step reads: the smallest bucket holding every live row (each bucket is
+# one compiled decode program). Reading all max_len columns made a batched SmolLM2 step with
+# 8 rows of ~100 tokens 3x slower at max_len 2048.
+_ATTEND_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 # Phases of steering per steer_positions: (prefill factor, decode factor).
 _STEER_PHASES = {"all": (1.0, 1.0), "prompt": (1.0, 0.0), "generated": (0.0, 1.0)}
@@ -115,6 +120,7 @@ class Handle:
         # Set by the engine when the prefill ends, before the first token event: streams can
         # send the prompt's score and logprobs (echo) ahead of the completion.
         self.probe_score: float | None = None
+        self.probe_scores: list[float] | None = None
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
@@ -131,10 +137,9 @@ class Handle:
         waiters, self._waiters = self._waiters, []
         self._cond.notify_all()
         for loop, event in waiters:
-            try:
+            # RuntimeError: that event loop is closed, nobody is listening any more
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # that event loop is closed: nobody is listening
-                pass
 
     def _push(self, event: TokenEvent) -> None:
         with self._cond:
@@ -159,7 +164,7 @@ class Handle:
         i = 0
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: len(self._events) > i or self.done)
+                self._cond.wait_for(lambda seen=i: len(self._events) > seen or self.done)
                 new, done = self._events[i:], self.done
             yield from new
             i += len(new)
@@ -218,6 +223,7 @@ class _Row:
     probe_parts: list[list[np.ndarray]] = dataclasses.field(default_factory=list)
     token_acts: list[np.ndarray] = dataclasses.field(default_factory=list)
     probe_score: float | None = None
+    probe_scores: list[float] = dataclasses.field(default_factory=list)  # one per probe
     decoded: str = ""  # text of ids[:read]
     prefix_at: int = 0
     read_at: int = 0
@@ -252,12 +258,16 @@ class _Prefill:
         return -(-self.P // self.C)
 
 
+MIN_PREFILL_BUCKET = 32
+
+
 def prompt_bucket(n: int, chunk: int) -> int:
-    """Prefill cache length for an n-token prompt: a fixed bucket up to `chunk`, multiples of
-    the chunk above it (so every chunk of a long prompt has the same shape)."""
+    """Prefill cache length for an n-token prompt: a power of two from 32 up to `chunk`,
+    multiples of the chunk above it (every chunk of a long prompt has the same shape). Few
+    buckets, so that the warm-up can compile every prefill program the load can need."""
     if n > chunk:
         return -(-n // chunk) * chunk
-    return next((b for b in PROMPT_BUCKETS if n <= b <= chunk), chunk)
+    return min(chunk, max(MIN_PREFILL_BUCKET, 1 << (n - 1).bit_length()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,8 +282,9 @@ class Engine:
     vectors: name -> (vector [D], steered block); any number, each request picks one by name.
     custom_layer: the block a request's own vector (`Request.vector` as an array) steers;
       None refuses own vectors.
-    probe: a `mup.probes.Probe`; its layers are captured in the same prefill (prompt score)
-      and decode steps (per-token scores).
+    probe: a `mup.probes.Probe`, or a sequence of them; their layers are captured in the same
+      prefill (prompt scores, one per probe) and, for the first probe, in the decode steps
+      (per-token scores).
     """
 
     def __init__(
@@ -306,13 +317,22 @@ class Engine:
         if custom_layer is not None and not 0 <= int(custom_layer) < mc.n_layers:
             raise ValueError(f"custom_layer {custom_layer} outside 0..{mc.n_layers - 1}")
         self.custom_layer = None if custom_layer is None else int(custom_layer)
-        self.probe = probe
-        self.probe_layers: tuple[int, ...] = ()
-        self.site = "residual"
-        if probe is not None:
-            check_probe(probe, mc)
-            self.probe_layers = tuple(int(x) for x in probe.layers)
-            self.site = probe_site(probe)
+        if probe is None:
+            self.probes = []
+        elif isinstance(probe, list | tuple):
+            self.probes = list(probe)
+        else:
+            self.probes = [probe]
+        self.probe = self.probes[0] if self.probes else None
+        for p in self.probes:
+            check_probe(p, mc)
+        # (layer, site) pairs every probe reads, captured once per forward
+        self.captures: tuple[tuple[int, str], ...] = tuple(
+            sorted({(int(x), probe_site(p)) for p in self.probes for x in p.layers})
+        )
+        self._probe_cols = [
+            [self.captures.index((int(x), probe_site(p))) for x in p.layers] for p in self.probes
+        ]
         self.stop_ids = tuple(default_stop_tokens(model.tokenizer))
         self.pad_id = self.stop_ids[0]
         # Request handlers tokenize on their own threads; fast tokenizers are not re-entrant.
@@ -341,7 +361,14 @@ class Engine:
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="mup-engine", daemon=True)
         # what the steps did, for tests and logs
-        self.stats = {"decode_steps": 0, "prefill_calls": 0, "max_live": 0, "mixed_steps": 0}
+        # (interleaved_steps: decode steps run while a chunked prefill was still in progress)
+        self.stats = {
+            "decode_steps": 0,
+            "prefill_calls": 0,
+            "max_live": 0,
+            "mixed_steps": 0,
+            "interleaved_steps": 0,
+        }
 
     # -- public ----------------------------------------------------------------------------
 
@@ -354,12 +381,47 @@ class Engine:
             self._thread.start()
         return self
 
-    def submit(self, request: Request) -> Handle:
-        """Queue one row; raises ValueError for a request the engine cannot serve and
-        EngineClosed once closing."""
-        entry, custom = self._check(request)
-        handle = Handle(request, self)
-        row = _Row(
+    def warm_up(self) -> int:
+        """Compile, before `start`, every program a load of greedy rows can need: each
+        prefill rows x bucket up to the chunk (and the chunked buckets that the decode buckets
+        imply), its insert, and the decode step at every attend bucket up to max_len, by
+        running short rows through the loop's own code in this thread. Programs for top-k
+        logprobs and echo compile on first use. Returns the number of rows run."""
+        if self._thread.is_alive():
+            raise RuntimeError("warm_up runs before start()")
+        cfg = self.config
+        top = self._max_len - 2  # room for 2 new tokens
+        lengths = []
+        b = MIN_PREFILL_BUCKET
+        while b <= min(cfg.prefill_chunk, top + 1):
+            lengths.append(b - 1)  # bucket b; decode reads bucket(b) columns
+            b *= 2
+        for a in _ATTEND_BUCKETS:  # longer prompts: chunked prefill, wider decode reads
+            n = min(a - 1, top)
+            if n > cfg.prefill_chunk and n + 1 > a // 2 and n not in lengths:
+                lengths.append(n)
+        runs = 0
+        for n in lengths:
+            for R in cfg.prefill_rows:
+                if cfg.max_slots < R:
+                    continue
+                handles = [
+                    Handle(Request(prompt_ids=(0,) * n, max_tokens=2), self) for _ in range(R)
+                ]
+                for h in handles:
+                    self._waiting.append(self._new_row(h.request, h, None, None))
+                while self._busy():
+                    self._admit()
+                    self._run_prefills()
+                    if self.running():
+                        self._decode()
+                runs += R
+        self.metrics = EngineMetrics()  # the warm-up is not traffic
+        self.stats = {k: 0 for k in self.stats}
+        return runs
+
+    def _new_row(self, request: Request, handle: Handle, entry, custom) -> _Row:
+        return _Row(
             req=request,
             handle=handle,
             key=np.asarray(jax.random.PRNGKey(int(request.seed) % (1 << 32)), np.uint32),
@@ -368,6 +430,13 @@ class Engine:
             custom=custom,
             t_submit=time.perf_counter(),
         )
+
+    def submit(self, request: Request) -> Handle:
+        """Queue one row; raises ValueError for a request the engine cannot serve and
+        EngineClosed once closing."""
+        entry, custom = self._check(request)
+        handle = Handle(request, self)
+        row = self._new_row(request, handle, entry, custom)
         with self._cv:
             if self._closing:
                 raise EngineClosed("the engine is shutting down")
@@ -556,7 +625,7 @@ class Engine:
             nxt[i, : n - 1] = ids[1:]
             temp[i], top_p[i], keys[i] = r.req.temperature, r.req.top_p, r.key
             self._steer_row(vectors, mults, i, len(self._loaded) + i, r, phase)
-            r.probe_parts = [[] for _ in self.probe_layers]
+            r.probe_parts = [[] for _ in self.captures]
         C = min(P, cfg.prefill_chunk)
         cache = KVCache.create(self.model.config, R, P, dtype=self._dtype)
         return _Prefill(
@@ -590,7 +659,9 @@ class Engine:
     def _prefill_chunk(self, job: _Prefill) -> None:
         start = job.chunk * job.C
         stop = start + job.C
-        lengths = np.array([len(r.req.prompt_ids) for r in job.rows] + [1] * (job.R - len(job.rows)))
+        lengths = np.array(
+            [len(r.req.prompt_ids) for r in job.rows] + [1] * (job.R - len(job.rows))
+        )
         last_col = np.clip(lengths - 1 - start, 0, job.C - 1).astype(np.int32)
         entries = self._n_entries(job.R)
         out = prefill_chunk(
@@ -607,9 +678,8 @@ class Engine:
             None if not entries else jnp.asarray(job.multipliers, self._dtype),
             config=self.model.config,
             steer_layers=self._steer_layers(job.R) if entries else (),
-            probe_layers=self.probe_layers,
-            site=self.site,
-            top_k=MAX_TOP_LOGPROBS,
+            captures=self.captures,
+            top_k=MAX_TOP_LOGPROBS if any(r.req.top_logprobs for r in job.rows) else 1,
             all_logprobs=job.echo,
         )
         job.cache = out["cache"]
@@ -652,15 +722,17 @@ class Engine:
             r.batch_rows = max(r.batch_rows, len(rows))
         scored = [r for r in rows if r.req.probe_mask is not None]
         if scored:
-            scores = self._probe_predict(
-                [self._combine([np.concatenate(p) for p in r.probe_parts]) for r in scored],
-                [np.asarray(r.req.probe_mask, bool) for r in scored],
-            )
-            for r, s in zip(scored, scores, strict=True):
-                r.probe_score = float(s)
+            masks = [np.asarray(r.req.probe_mask, bool) for r in scored]
+            per_row = [[np.concatenate(p) for p in r.probe_parts] for r in scored]
+            for k in range(len(self.probes)):
+                scores = self._probe_predict(k, [self._combine(k, a) for a in per_row], masks)
+                for r, x in zip(scored, scores, strict=True):
+                    r.probe_scores.append(float(x))
         for r in rows:
             r.probe_parts = []
+            r.probe_score = r.probe_scores[0] if r.probe_scores else None
             r.handle.probe_score = r.probe_score
+            r.handle.probe_scores = list(r.probe_scores) if r.probe_scores else None
             if r.req.prompt_logprobs:
                 r.handle.prompt_logprobs = list(r.prompt_lps)
         keep: list[_Row] = []
@@ -715,10 +787,17 @@ class Engine:
         live = [r for r in self._slots if r is not None and r.live]
         n_live = len(live)
         self.stats["decode_steps"] += 1
+        self.stats["interleaved_steps"] += bool(self._prefills)
         self.stats["max_live"] = max(self.stats["max_live"], n_live)
-        if len({(r.entry, None if r.custom is None else id(r), r.req.multiplier) for r in live}) > 1:
+        if (
+            len({(r.entry, None if r.custom is None else id(r), r.req.multiplier) for r in live})
+            > 1
+        ):
             self.stats["mixed_steps"] += 1
         entries = self._n_entries(self.config.max_slots)
+        # Columns the step must read: every live row's next write, plus the steps of the call.
+        need = max(len(r.req.prompt_ids) + len(r.ids) - 1 for r in live) + self.config.decode_steps
+        attend = next((b for b in _ATTEND_BUCKETS if b >= need), self._max_len)
         self._cache, out = decode_steps(
             self.model.params,
             self._cache,
@@ -731,18 +810,20 @@ class Engine:
             None if not entries else jnp.asarray(self._mult, self._dtype),
             config=self.model.config,
             steer_layers=self._steer_layers(self.config.max_slots) if entries else (),
-            probe_layers=self.probe_layers,
-            site=self.site,
-            top_k=MAX_TOP_LOGPROBS,
+            # the probes' layers only while a row wants per-token scores (another program)
+            captures=self.captures if any(r.req.probe_token_scores for r in live) else (),
+            # XLA CPU's top-k over the vocabulary took 40% of a SmolLM2 step: only when asked.
+            top_k=MAX_TOP_LOGPROBS if any(r.req.top_logprobs for r in live) else 1,
             n_steps=self.config.decode_steps,
+            attend_len=min(attend, self._max_len),
         )
         host = jax.device_get(out)
         for r in live:
             s = r.slot
             r.batch_rows = max(r.batch_rows, n_live)
             for k in range(self.config.decode_steps):
-                if r.req.probe_token_scores:  # activations of the token fed at this step
-                    r.token_acts.append(self._combine([h[s, k] for h in host["probe"]]))
+                if r.req.probe_token_scores and host["probe"]:  # the token fed at this step
+                    r.token_acts.append(self._combine(0, [h[s, k] for h in host["probe"]]))
                 if r.final_feed:
                     r.final_feed = False
                     break
@@ -843,6 +924,7 @@ class Engine:
             logprobs=list(r.logprobs) if r.req.logprobs else None,
             prompt_logprobs=list(r.prompt_lps) if r.req.prompt_logprobs else None,
             probe_score=r.probe_score,
+            probe_scores=list(r.probe_scores) if r.probe_scores else None,
             probe_token_scores=scores,
             batch_rows=r.batch_rows,
             prompt_tokens=len(r.req.prompt_ids),
@@ -853,24 +935,26 @@ class Engine:
 
     # -- probes ------------------------------------------------------------------------------
 
-    def _combine(self, per_layer: list[np.ndarray]) -> np.ndarray:
-        if len(per_layer) == 1:
-            return np.asarray(per_layer[0], np.float32)
-        if self.probe.combine == "sum":
-            return np.sum(per_layer, axis=0).astype(np.float32)
-        return np.concatenate(per_layer, axis=-1).astype(np.float32)
+    def _combine(self, k: int, captured: list[np.ndarray]) -> np.ndarray:
+        """Probe k's input from the engine's captures (one array per (layer, site))."""
+        parts = [captured[c] for c in self._probe_cols[k]]
+        if len(parts) == 1:
+            return np.asarray(parts[0], np.float32)
+        if self.probes[k].combine == "sum":
+            return np.sum(parts, axis=0).astype(np.float32)
+        return np.concatenate(parts, axis=-1).astype(np.float32)
 
-    def _probe_predict(self, acts: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
+    def _probe_predict(self, k: int, acts: list[np.ndarray], masks: list[np.ndarray]):
         from mup.probes import Activations
 
         offsets = np.zeros(len(acts) + 1, np.int64)
         np.cumsum([len(a) for a in acts], out=offsets[1:])
         data = Activations(acts=np.concatenate(acts), offsets=offsets, mask=np.concatenate(masks))
-        return self.probe.predict(data)
+        return self.probes[k].predict(data)
 
     def _probe_token_scores(self, acts: np.ndarray) -> list[float]:
         from mup.probes import Activations
 
         data = Activations(acts=acts, offsets=np.array([0, len(acts)], np.int64))
-        logits, _ = self.probe.token_scores(data)
+        logits, _ = self.probes[0].token_scores(data)
         return [float(x) for x in 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))]

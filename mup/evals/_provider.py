@@ -264,5 +264,3 @@ def _to_chat(messages: list[ChatMessage]) -> list[dict[str, str]]:
             )
         out.append({"role": message.role, "content": message.text})
     return out
-
-

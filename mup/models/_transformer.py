@@ -98,6 +98,7 @@ def forward(
     site: Site = "residual",
     steering: SteeringSpec | None = None,
     logits: bool = True,
+    attend_len: int | None = None,
 ) -> ForwardOutput:
     """Run the decoder on tokens [B, T] at rope positions [B, T] (int32, per row).
 
@@ -107,6 +108,9 @@ def forward(
     below the deepest captured layer run and the LM head is skipped.
     cache: the T new tokens are written at ``cache.index`` and attend to every valid slot
     (causally among themselves); the updated cache is returned.
+    attend_len: with a per-row cache index, read only the first attend_len slots (static;
+    every row's index + T must be <= attend_len): a decode step then costs what the rows'
+    lengths need, not the whole slot length.
     `config`, `capture`, `site` and `logits` are static under jit (see `jit_forward`).
     """
     B, T = tokens.shape
@@ -134,12 +138,13 @@ def forward(
         new_cache = None
     elif cache.index.ndim == 1:  # per-row write positions [B]
         q_slots = cache.index[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
-        k_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
+        read = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
+        k_slots = jnp.arange(read, dtype=jnp.int32)
         # The old slots are masked as they were before this call; the new tokens are attended
         # to separately (block: `attention_cache_and_new`).
-        k_valid = cache.valid
+        k_valid = cache.valid[:, :read]
         new_cache = cache.replace(
-            valid=_write_rows(cache.valid, valid, cache.index, axis=1), index=cache.index + T
+            valid=_write_rows(cache.valid, valid, cache.index), index=cache.index + T
         )
     else:
         q_slots = cache.index + jnp.arange(T, dtype=jnp.int32)
@@ -191,6 +196,8 @@ def forward(
     # segment below. Carrying the whole [L, B, K, S, H] cache through the layer scan instead
     # cost more than the MLPs in a batched decode step on CPU.
     kv = None if cache is None else (cache.k, cache.v)
+    if cache is not None and cache.index.ndim == 1 and attend_len is not None:
+        kv = (cache.k[:, :, :, : k_slots.shape[0]], cache.v[:, :, :, : k_slots.shape[0]])
     new_kv: list[tuple[int, jax.Array, jax.Array]] = []  # (first layer, k, v) per segment
     hidden: dict[int, jax.Array] = {}
     if 0 in capture:
@@ -390,26 +397,25 @@ def _block_out(c: ModelConfig, norm, p, x: jax.Array, a: jax.Array) -> jax.Array
     return x + m
 
 
-def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, *, axis: int) -> jax.Array:
-    """buf [B, ...] with new [B, ...] written at row b's own offset index[b] along `axis`
-    (axis counts from buf's batch axis 0): one scatter, in place under donation."""
-
-    def one(b, n, i):
-        at = [0] * b.ndim
-        at[axis - 1] = i
-        return jax.lax.dynamic_update_slice(b, n, tuple(at))
-
-    return jax.vmap(one)(buf, new, index)
+def _write_rows(valid: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """valid [B, S] with new [B, T] written at columns index[b].. of row b (one scatter;
+    columns past S are dropped: free engine slots keep advancing)."""
+    B, T = new.shape
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    cols = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+    return valid.at[rows, cols].set(new, mode="drop")
 
 
 def _write_layers_rows(buf, new, first: int, index: jax.Array) -> jax.Array:
     """Cache stack buf [L, B, K, S, H] with new [n, B, K, T, H] written at layers first..,
-    slot index[b] of row b."""
-
-    def one(b, n, i):  # b [L, K, S, H], n [n, K, T, H]
-        return jax.lax.dynamic_update_slice(b, n, (first, 0, i, 0))
-
-    return jax.vmap(one, in_axes=(1, 1, 0), out_axes=1)(buf, new, index)
+    slots index[b].. of row b: one scatter, in place under donation. (A vmap of
+    dynamic_update_slice lowered to a copy of the whole stack per step: 339 ms vs 0.2 ms for
+    SmolLM2's 8 x 2048 slots on CPU.)"""
+    n, B, _, T, _ = new.shape
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    cols = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+    update = jnp.transpose(new, (1, 3, 0, 2, 4))  # [B, T, n, K, H]: advanced axes first
+    return buf.at[first : first + n, rows, :, cols, :].set(update, mode="drop")
 
 
 def _final_norm(config: ModelConfig, params, x: jax.Array) -> jax.Array:

@@ -22,6 +22,7 @@ import json
 import logging
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -51,6 +52,11 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
     """The server application around a started `mup.engine.Engine` (closed with the app)."""
     max_context = engine.config.max_len
     tok = engine.model.tokenizer
+    # responses name each probe by its file's stem (the path where stems collide)
+    stems = [Path(p).stem for p in config.probes]
+    probe_names = [
+        st if stems.count(st) == 1 else str(p) for st, p in zip(stems, config.probes, strict=True)
+    ]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -212,6 +218,10 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
         out["batch_rows"] = max(r.batch_rows for r in results)
         if engine.probe is not None:
             out["probe_score"] = results[0].probe_score
+            if len(probe_names) > 1:
+                out["probe_scores_by_probe"] = dict(
+                    zip(probe_names, results[0].probe_scores or [], strict=False)
+                )
         return out
 
     def log_request(route, sampling, rows, results, t0):
@@ -346,6 +356,10 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
             if first:
                 if engine.probe is not None:
                     base["probe_score"] = handles[0].probe_score
+                    if len(probe_names) > 1:
+                        base["probe_scores_by_probe"] = dict(
+                            zip(probe_names, handles[0].probe_scores or [], strict=False)
+                        )
                 for j in range(len(handles)):
                     yield {**base, "choices": [_delta(j, {"role": "assistant", "content": ""})]}
                 first = False
@@ -436,6 +450,10 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
             if first:
                 if engine.probe is not None:
                     base["probe_score"] = handles[0].probe_score
+                    if len(probe_names) > 1:
+                        base["probe_scores_by_probe"] = dict(
+                            zip(probe_names, handles[0].probe_scores or [], strict=False)
+                        )
                 first = False
             if sampling.echo and offsets[i] == 0 and (ev is None or ev.index == 0):
                 row = rows[i]

@@ -21,7 +21,8 @@ class ServeConfig:
       (`steer_vector`); the first is the default.
     layer: block a .npy vector steers (must match a safetensors file's), and the block that
       request-supplied vectors (`steer_vector: [floats]`) steer; default: the first vector's.
-    probe: optional probe file (`mup.probes.Probe.save`); every response then carries its score.
+    probes: probe files (`mup.probes.Probe.save`); every response then carries the first one's
+      score (`probe_score`) and, with several, every one's (`probe_scores_by_probe`).
     probe_mask: which prompt tokens the probe reads (`mup.text.token_mask` modes).
     served_name: the model name clients send; default: the resolved spec's name.
     dtype: parameter and activation dtype.
@@ -42,12 +43,14 @@ class ServeConfig:
     steer_positions: "all" (prompt and generated tokens, as the vLLM reference), "prompt" or
       "generated".
     warmup: compile the prefill and decode programs before reporting healthy.
+    static_batches: admit requests only when no row is running (the static-batch design the
+      engine replaced; a benchmark baseline, never faster).
     """
 
     model: str
     vectors: tuple[tuple[str, str], ...] = ()
     layer: int | None = None
-    probe: str | None = None
+    probes: tuple[str, ...] = ()
     probe_mask: str = "all"
     served_name: str | None = None
     dtype: str = "float32"
@@ -65,6 +68,12 @@ class ServeConfig:
     prefill_chunk: int = 512
     steer_positions: str = "all"
     warmup: bool = True
+    static_batches: bool = False
+
+    @property
+    def probe(self) -> str | None:
+        """The first probe file, or None."""
+        return self.probes[0] if self.probes else None
 
     @property
     def vector(self) -> str | None:
@@ -144,7 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         "none serves the plain model",
     )
     add("--layer", type=int, help="steered block of .npy vectors and request-supplied vectors")
-    add("--probe", help="probe file; responses then carry the probe's score for the prompt")
+    add(
+        "--probe",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="probe file; responses then carry its score for the prompt; repeat for several",
+    )
     add("--probe-mask", choices=MASK_MODES, default="all", help="prompt tokens the probe reads")
     add("--served-name", help="model name clients use (default: the model's name)")
     add("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -167,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prefill-chunk", type=int, default=512, help="longest prefill call, in tokens")
     add("--steer-positions", choices=("all", "prompt", "generated"), default="all")
     add("--no-warmup", action="store_true", help="skip compiling the engine before serving")
+    add(
+        "--static-batches",
+        action="store_true",
+        help="baseline: admit requests only when no row runs (static batches)",
+    )
     return p
 
 
@@ -178,7 +198,7 @@ def parse_args(argv: Sequence[str] | None) -> ServeConfig:
             model=args.model,
             vectors=tuple(parse_vector_arg(v) for v in args.vector),
             layer=args.layer,
-            probe=args.probe,
+            probes=tuple(args.probe),
             probe_mask=args.probe_mask,
             served_name=args.served_name,
             dtype=args.dtype,
@@ -196,6 +216,7 @@ def parse_args(argv: Sequence[str] | None) -> ServeConfig:
             prefill_chunk=args.prefill_chunk,
             steer_positions=args.steer_positions,
             warmup=not args.no_warmup,
+            static_batches=args.static_batches,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from mup import _compile_cache
 from mup.serve._config import DEFAULT_MAX_CONTEXT, ServeConfig, parse_args
@@ -17,7 +18,7 @@ class _Files:
     """What the command line's files hold, read before the model loads."""
 
     vectors: dict  # name -> (vector [D] float32, layer)
-    probe: object | None
+    probes: list  # loaded probes, in command-line order
 
 
 def check_files(config: ServeConfig) -> _Files:
@@ -30,20 +31,23 @@ def check_files(config: ServeConfig) -> _Files:
             vectors[name] = _read_vector(path, config.layer)
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"{where}: {_one_line(e)}") from None
-    probe = None
-    if config.probe:
+    probes = []
+    for path in config.probes:
         from mup.probes import load
 
+        if not Path(path).is_file():
+            raise ValueError(f"--probe {path}: file not found")
         try:
-            probe = load(config.probe)
+            probe = load(path)
         except Exception as e:  # noqa: BLE001 - any unreadable probe file is one clear line
-            raise ValueError(f"--probe {config.probe}: {_one_line(e)}") from None
+            raise ValueError(f"--probe {path}: {_one_line(e)}") from None
         if not probe.layers:
             raise ValueError(
-                f"--probe {config.probe}: the probe records no layers (train it on a store, "
+                f"--probe {path}: the probe records no layers (train it on a store, "
                 "or with layer=...)"
             )
-    return _Files(vectors=vectors, probe=probe)
+        probes.append(probe)
+    return _Files(vectors=vectors, probes=probes)
 
 
 def _one_line(e: BaseException) -> str:
@@ -54,8 +58,6 @@ def _one_line(e: BaseException) -> str:
 def _read_vector(path: str, layer: int | None):
     # Prefer the steering package's reader (the files its commands write) when it is there;
     # the private reader accepts the same two formats otherwise.
-    from pathlib import Path
-
     import numpy as np
 
     if not Path(path).is_file():
@@ -93,11 +95,11 @@ def build_engine(config: ServeConfig, files: _Files | None = None):
                 f"--vector {name}={path}: steering layer {layer} is outside the model's blocks "
                 f"0..{mc.n_layers - 1}"
             )
-    if files.probe is not None:
+    for path, probe in zip(config.probes, files.probes, strict=True):
         try:
-            check_probe(files.probe, mc)
+            check_probe(probe, mc)
         except ValueError as e:
-            raise ValueError(f"--probe {config.probe}: {e}") from None
+            raise ValueError(f"--probe {path}: {e}") from None
     custom = config.layer
     if custom is None and files.vectors:
         custom = next(iter(files.vectors.values()))[1]
@@ -107,13 +109,14 @@ def build_engine(config: ServeConfig, files: _Files | None = None):
         model,
         vectors=files.vectors,
         custom_layer=custom,
-        probe=files.probe,
+        probe=files.probes or None,
         config=EngineConfig(
             max_slots=config.max_batch,
             max_len=max_context(config, model),
             prefill_chunk=config.prefill_chunk,
             steer_positions=config.steer_positions,
             admit_window_s=config.batch_window_ms / 1000,
+            static_batches=config.static_batches,
         ),
     )
 
@@ -125,15 +128,10 @@ def max_context(config: ServeConfig, model) -> int:
 
 
 def warm_up(engine) -> float:
-    """Compile the one-row prefill of a short chat and the decode step (and the probe capture
-    they carry) before the server reports healthy, so the first request does not pay for it."""
-    from mup.engine import Request
-    from mup.text import encode_prompts
-
+    """Compile the engine's prefill, insert and decode programs (`Engine.warm_up`) before the
+    server reports healthy, so that no request of a greedy load waits for a compile."""
     t0 = time.perf_counter()
-    with engine.tokenizer_lock:
-        ids = encode_prompts(engine.model.tokenizer, [[{"role": "user", "content": "Hello!"}]])[0]
-    engine.generate([Request(prompt_ids=tuple(ids), max_tokens=2, stop_ids=())])
+    engine.warm_up()
     return time.perf_counter() - t0
 
 
@@ -163,9 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     name = config.served_name or engine.model.spec.name
     log.info("loaded %s (%s) in %.1fs", name, engine.model.spec.path, time.perf_counter() - t0)
-    engine.start()
     if config.warmup:
         log.info("warm-up compile took %.1fs", warm_up(engine))
+    engine.start()
     app = create_app(engine, config, name)
     steer = (
         ", ".join(f"{n} (layer {engine.vector_layers[n]})" for n in engine.vector_names)
@@ -173,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(
         f"mup serve: model {name!r}; vectors: {steer}; default multiplier "
-        f"{config.default_multiplier:+g}{', probe ' + config.probe if config.probe else ''}; "
+        f"{config.default_multiplier:+g}"
+        f"{'; probes ' + ', '.join(config.probes) if config.probes else ''}; "
         f"{config.max_batch} slots of {engine.config.max_len} tokens; "
         f"on http://{config.host}:{config.port}/v1",
         flush=True,

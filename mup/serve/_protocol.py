@@ -169,8 +169,7 @@ def parse_steer(body: dict, config: ServeConfig, engine) -> Steer:
     if isinstance(value, str):
         if value not in engine.vector_layers:
             raise bad(
-                f"'{param}': unknown steering vector {value!r}; this server has "
-                f"{names or 'none'}",
+                f"'{param}': unknown steering vector {value!r}; this server has {names or 'none'}",
                 param,
                 "vector_not_found",
             )
@@ -218,7 +217,9 @@ def _logprob_fields(body: dict, route: str) -> tuple[bool, int, bool]:
         top = body.get("top_logprobs")
         if top is not None:
             if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
-                raise bad(f"'top_logprobs' must be an integer in 0..20, got {top!r}", "top_logprobs")
+                raise bad(
+                    f"'top_logprobs' must be an integer in 0..20, got {top!r}", "top_logprobs"
+                )
             if top and not lp:
                 raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         return bool(lp), int(top or 0), False

@@ -119,3 +119,33 @@ def test_greedy_chat_generation_matches_transformers(models):
             )
         assert out[0, len(prompt_ids) :].tolist() == new_ids
     assert "Paris" in gen.texts[0]
+
+
+def test_engine_logprobs_match_transformers(models):
+    """`mup.engine`'s logprobs on the default model (generated tokens with top-5, and echo's
+    prompt-token logprobs) equal a float32 log-softmax of transformers' logits, <= 1e-3."""
+    from mup.engine import Engine, EngineConfig, Request
+    from mup.text import encode_prompts
+
+    ours, hf = models
+    ids = encode_prompts(ours.tokenizer, CHATS[:1])[0]
+    engine = Engine(ours, config=EngineConfig(max_slots=2, max_len=128, prefill_rows=(1,)))
+    engine.start()
+    try:
+        r = engine.generate(
+            [Request(prompt_ids=tuple(ids), max_tokens=8, logprobs=True, top_logprobs=5,
+                     prompt_logprobs=True)]
+        )[0]  # fmt: skip
+    finally:
+        engine.close()
+    full = list(ids) + r.token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([full])).logits[0].float(), -1).numpy()
+    n = len(ids)
+    got = [t.logprob for t in r.prompt_logprobs[1:]] + [t.logprob for t in r.logprobs]
+    want = [ref[c - 1, full[c]] for c in range(1, len(full))]
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    for k, t in enumerate(r.logprobs):
+        top_ids = [i for i, _ in t.top]
+        assert top_ids[0] == t.token_id == int(np.argmax(ref[n - 1 + k]))  # greedy
+        np.testing.assert_allclose([lp for _, lp in t.top], ref[n - 1 + k, top_ids], atol=1e-3)

@@ -147,6 +147,22 @@ def start_server():
 
 
 @pytest.fixture(scope="module")
+def module_server():
+    """Start Servers (args, cwd) that live until the end of the test module. (Test modules
+    cannot import this conftest: the suite runs from the installed package, no checkout on
+    sys.path.)"""
+    started: list[Server] = []
+
+    def start(args: list[str], cwd: Path, env: dict | None = None) -> Server:
+        started.append(Server(args, cwd, env))
+        return started[-1]
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
 def server(tiny_dir, vector_file, probe_file, tmp_path_factory):
     """The main test server: API key, probe, 8 engine slots."""
     cwd = tmp_path_factory.mktemp("serve")

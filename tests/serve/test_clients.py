@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.serve.conftest import STEER_LAYER, Server
+STEER_LAYER = 0  # the tiny checkpoint's, as in conftest
 
 pytestmark = pytest.mark.slow
 
@@ -55,12 +55,13 @@ metric_list:
 
 
 @pytest.fixture(scope="module")
-def steered(tiny_dir, vector_file, tmp_path_factory):
-    srv = Server(
+def steered(module_server, tiny_dir, vector_file, tmp_path_factory):
+    srv = module_server(
         [
             "--model", str(tiny_dir), "--vector", f"v={vector_file}",
             "--layer", str(STEER_LAYER), "--served-name", NAME,
             "--default-multiplier", str(MULTIPLIER), "--default-max-tokens", "16",
+            "--no-warmup",
         ],
         tmp_path_factory.mktemp("serve_clients"),
     )  # fmt: skip
@@ -114,9 +115,7 @@ def test_lm_eval_local_completions_equals_in_process_scoring(
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is a test-only dependency")
     data = tmp_path / "items.jsonl"
     data.write_text(
-        "".join(
-            json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in ITEMS
-        )
+        "".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in ITEMS)
     )
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -168,7 +167,9 @@ def test_inspect_openai_api_with_logprobs(steered):
         config=GenerateConfig(extra_body={"steer_multiplier": -1.0}),
     )
     config = GenerateConfig(max_tokens=8, temperature=0.0, logprobs=True, top_logprobs=4)
-    out = asyncio.run(model.generate([ChatMessageUser(content="Tell me about the sea.")], config=config))
+    out = asyncio.run(
+        model.generate([ChatMessageUser(content="Tell me about the sea.")], config=config)
+    )
     content = out.choices[0].logprobs.content
     assert len(content) == out.usage.output_tokens
     assert "".join(t.token for t in content) == out.completion

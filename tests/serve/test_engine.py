@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.serve.conftest import PROBE_LAYER, STEER_LAYER
+STEER_LAYER, PROBE_LAYER = 0, 1  # the tiny checkpoint's, as in conftest
 
 torch = pytest.importorskip("torch", reason="torch is the parity reference")
 
@@ -192,6 +192,41 @@ def test_probe_scores_come_from_the_same_pass(engine, hf, prompts, probe_file):
     np.testing.assert_allclose(r.probe_token_scores, 1 / (1 + np.exp(-logits)), atol=1e-4)
 
 
+def test_several_probes_score_from_one_prefill(model, hf, prompts, probe_file):
+    """Two probes at different layers (the residual stream entering block 1, and the token
+    embeddings): one prefill captures both; each score equals that probe on transformers'
+    hidden states."""
+    from mup import probes
+    from mup.engine import Engine, EngineConfig
+
+    first = probes.load(probe_file)
+    rng = np.random.default_rng(7)
+    acts = rng.normal(size=(60, engine_d(model))).astype(np.float32)
+    labels = (np.arange(12) % 2).astype(np.int8)
+    second = probes.fit(
+        "dom",
+        probes.Activations(acts=acts, offsets=np.arange(0, 61, 5), labels=labels, layers=(0,)),
+        layer=0,
+    )
+    eng = Engine(model, probe=[first, second], config=EngineConfig(max_slots=1, max_len=64)).start()
+    try:
+        ids = prompts[0]
+        r = eng.generate([_req(ids, max_tokens=1, probe_mask=np.ones(len(ids), bool))])[0]
+    finally:
+        eng.close()
+    assert eng.captures == ((0, "residual"), (PROBE_LAYER, "residual"))
+    with torch.no_grad():
+        hidden = hf(torch.tensor([list(ids)]), output_hidden_states=True).hidden_states
+    for probe, layer, got in zip((first, second), (PROBE_LAYER, 0), r.probe_scores, strict=True):
+        data = probes.Activations(acts=hidden[layer][0].numpy(), offsets=np.array([0, len(ids)]))
+        assert got == pytest.approx(float(probe.predict(data)[0]), abs=1e-4)
+    assert r.probe_score == r.probe_scores[0]
+
+
+def engine_d(model) -> int:
+    return int(model.config.d_model)
+
+
 def test_late_row_joins_and_short_finishes_first(engine, prompts):
     long = _req(prompts[0], max_tokens=120, stop_ids=())
     short = _req(prompts[1], max_tokens=4, vector="b", multiplier=2.0)
@@ -206,6 +241,28 @@ def test_late_row_joins_and_short_finishes_first(engine, prompts):
     assert len(h_long.result(120).token_ids) == 120
 
 
+def test_long_prompt_prefill_is_chunked_between_decode_steps(engine, model, prompts):
+    """A 150-token prompt (5 chunks of 32) arriving while a row decodes: the decoding row keeps
+    receiving tokens while the long prompt is prefilled, and the long row's output equals
+    `mup.models.generate` (one unchunked prefill)."""
+    from mup.models import generate
+
+    long_ids = tuple((list(prompts[2]) * 4)[:150])
+    want = generate(model, [list(long_ids)], max_new_tokens=6, chat=False).token_ids[0]
+    h_dec = engine.submit(_req(prompts[0], max_tokens=100, stop_ids=()))
+    events = h_dec.events()
+    next(events), next(events)
+    interleaved = engine.stats["interleaved_steps"]
+    h_long = engine.submit(_req(long_ids, max_tokens=6))
+    first = next(h_long.events())
+    got = h_long.result(60)
+    h_dec.cancel()
+    h_dec.result(60)
+    assert got.token_ids[0] == first.token_id and got.token_ids == want
+    # a decode step ran between the prefill's chunks (budget: 4 chunks per turn, 5 chunks)
+    assert engine.stats["interleaved_steps"] > interleaved
+
+
 def test_cancel_frees_the_slot_at_the_next_step(engine, prompts):
     h = engine.submit(_req(prompts[3], max_tokens=120, stop_ids=()))
     events = h.events()
@@ -217,6 +274,20 @@ def test_cancel_frees_the_slot_at_the_next_step(engine, prompts):
     while engine.running() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.running() == 0
+
+
+def test_stop_strings_cut_text_and_stream_holds_back(engine, prompts):
+    """A stop string ends the row where it first appears; the streamed pieces (which hold back
+    a tail that may still become the stop string) add up to the final text."""
+    full = engine.generate([_req(prompts[1], max_tokens=24, stop_ids=())])[0]
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    assert len(stop) == 3
+    h = engine.submit(_req(prompts[1], max_tokens=24, stop_ids=(), stop=(stop,)))
+    pieces = [e.text for e in h.events()]
+    r = h.result(0)
+    assert r.text == full.text[: full.text.find(stop)] and r.finish_reason == "stop"
+    assert "".join(pieces) == r.text
+    assert r.token_ids == full.token_ids[: len(r.token_ids)] and len(r.token_ids) < 24
 
 
 def test_bad_requests_are_refused(engine, prompts):

@@ -19,8 +19,6 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.serve.conftest import Server
-
 openai = pytest.importorskip("openai")
 torch = pytest.importorskip("torch", reason="torch is the logprob reference")
 
@@ -38,17 +36,38 @@ def vector_b(tmp_path_factory, vector_file):
 
 
 @pytest.fixture(scope="module")
-def multi(tiny_dir, vector_file, vector_b, tmp_path_factory):
-    """Two named vectors at block 0 (request vectors steer block 0 too), 4 slots."""
-    srv = Server(
+def embed_probe(tmp_path_factory):
+    """A second probe, reading the token embeddings (layer 0)."""
+    from mup import probes
+
+    rng = np.random.default_rng(7)
+    acts = rng.normal(size=(60, 64)).astype(np.float32)
+    data = probes.Activations(
+        acts=acts, offsets=np.arange(0, 61, 5), labels=(np.arange(12) % 2).astype(np.int8),
+        layers=(0,),
+    )  # fmt: skip
+    return probes.fit("dom", data, layer=0).save(
+        tmp_path_factory.mktemp("p0") / "embed.safetensors"
+    )
+
+
+@pytest.fixture(scope="module")
+def multi(
+    module_server, tiny_dir, vector_file, vector_b, probe_file, embed_probe, tmp_path_factory
+):
+    """Two named vectors at block 0 (request vectors steer block 0 too), two probes, 4 slots."""
+    srv = module_server(
         [
             "--model", str(tiny_dir),
             "--vector", f"a={vector_file}",
             "--vector", f"b={vector_b}",
+            "--probe", str(probe_file),
+            "--probe", str(embed_probe),
             "--layer", "0",
             "--served-name", NAME,
             "--max-tokens-per-request", "400",
             "--max-batch", "4",
+            "--no-warmup",  # the main test server covers the warm-up; compile what is used
         ],
         tmp_path_factory.mktemp("serve_multi"),
     )  # fmt: skip
@@ -98,6 +117,8 @@ def _metrics(srv) -> dict[str, float]:
 
 def test_stream_arrives_as_tokens_decode(client):
     """64 tokens: the first content chunk arrives long before the last one."""
+    # untimed: this server compiles on first use (--no-warmup)
+    client.completions.create(model=NAME, prompt=PROMPT, max_tokens=64, temperature=0)
     t0 = time.perf_counter()
     stream = client.completions.create(
         model=NAME, prompt=PROMPT, max_tokens=64, temperature=0, stream=True,
@@ -184,7 +205,9 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(multi, hf):
     lp1 = body["choices"][0]["logprobs"]
     assert len(lp1["token_logprobs"]) == len(ids) + 1
     np.testing.assert_allclose(lp1["token_logprobs"][1 : len(ids)], want, atol=1e-4)
-    code, body = _post(multi.url + "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 0})
+    code, body = _post(
+        multi.url + "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 0}
+    )
     assert code == 400 and body["error"]["param"] == "max_tokens"
     code, body = _post(
         multi.url + "/v1/completions", {"model": NAME, "prompt": "x", "logprobs": 21}
@@ -208,12 +231,23 @@ def test_named_vectors_and_request_vectors(client, vector_b):
     assert custom_form.choices[0].message.content == by_name.choices[0].message.content
     assert default.choices[0].message.content == a.choices[0].message.content
     assert a.choices[0].message.content != by_name.choices[0].message.content
-    assert by_name.model_extra["steer_vector"] == "b" and by_floats.model_extra["steer_vector"] == "custom"
+    assert (
+        by_name.model_extra["steer_vector"] == "b"
+        and by_floats.model_extra["steer_vector"] == "custom"
+    )
     assert by_name.model_extra["steer_layer"] == 0
     models = client.models.list().data
     assert [v["name"] for v in models[0].model_extra["vectors"]] == ["a", "b"]
     with pytest.raises(openai.BadRequestError, match="norm"):
         run(steer_vector=[1e4] * len(b))
+
+
+def test_several_probes(client):
+    r = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=2, temperature=0)
+    scores = r.model_extra["probe_scores_by_probe"]
+    assert list(scores) == ["probe", "embed"]
+    assert scores["probe"] == r.model_extra["probe_score"]
+    assert all(0.0 < x < 1.0 for x in scores.values()) and scores["probe"] != scores["embed"]
 
 
 def test_late_request_joins_running_batch(client, multi):
@@ -228,7 +262,7 @@ def test_late_request_joins_running_batch(client, multi):
         stream = client.completions.create(
             model=NAME, prompt=PROMPT, max_tokens=300, temperature=0, stream=True
         )
-        for chunk in stream:
+        for _chunk in stream:
             first_chunk.set()
         long_done["t"] = time.perf_counter()
 
@@ -281,8 +315,9 @@ def test_disconnect_mid_stream_frees_the_slot(client, multi):
     assert _metrics(multi)["mup_running_rows"] == 0
 
 
+@pytest.mark.slow
 def test_plain_server_and_files_checked_first(start_server, tiny_dir, client, tmp_path):
-    plain = start_server(["--model", str(tiny_dir), "--served-name", NAME], tmp_path)
+    plain = start_server(["--model", str(tiny_dir), "--served-name", NAME, "--no-warmup"], tmp_path)
     health = plain.wait_healthy()
     assert health["vectors"] == {} and health["steer_layer"] is None
     c = openai.OpenAI(base_url=plain.url + "/v1", api_key="-", max_retries=0, timeout=120)
