@@ -42,6 +42,7 @@ def first_run(tmp_path_factory, tiny_dir, vector_file, small_config, shared_data
     return work
 
 
+@pytest.mark.slow
 def test_log_layout_csv_and_plot(first_run):
     log_dir = first_run / "logs"
     logs = _logs(log_dir)
@@ -77,6 +78,7 @@ def test_log_layout_csv_and_plot(first_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_rerun_skips_successes_and_reruns_a_failed_log(
     first_run, tiny_dir, vector_file, small_config, shared_data, capsys, monkeypatch
 ):

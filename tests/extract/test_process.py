@@ -82,6 +82,7 @@ def _kill_then_resume(tiny_model, big_path, out, url_of, env, cwd):
     return url
 
 
+@pytest.mark.slow
 def test_kill_and_resume_local(tiny_model, big_path, baseline, tmp_path):
     out = tmp_path / "out"
     env = cli_env(MUP_EXTRACT_SHARD_TOKENS=SHARD)
@@ -116,6 +117,7 @@ def test_kill9_right_after_the_group_metadata_appears(tiny_model, mini_path, tmp
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_kill_and_resume_s3(tiny_model, big_path, baseline, tmp_path, moto_endpoint, s3_bucket):
     import boto3
 
@@ -149,6 +151,7 @@ def test_kill_and_resume_s3(tiny_model, big_path, baseline, tmp_path, moto_endpo
                 os.environ[k] = v
 
 
+@pytest.mark.slow
 def test_s3_errors_before_model_loading(tiny_model, mini_path, tmp_path, moto_endpoint,
                                         s3_bucket, free_port):  # fmt: skip
     base = {k: v for k, v in cli_env().items() if not k.startswith(("AWS_", "R2_"))}
@@ -225,6 +228,7 @@ def test_wrong_credentials(tiny_model, mini_path, tmp_path, moto_process):
     assert "records" not in got.stdout
 
 
+@pytest.mark.slow
 def test_eight_devices_and_model_parallel(tiny_model, big_path, baseline, tmp_path):
     env = cli_env(MUP_EXTRACT_SHARD_TOKENS=SHARD,
                   XLA_FLAGS="--xla_force_host_platform_device_count=8")  # fmt: skip
@@ -241,6 +245,7 @@ def test_eight_devices_and_model_parallel(tiny_model, big_path, baseline, tmp_pa
         assert_same_store(str(url), baseline, layer_atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes(tiny_model, big_path, baseline, tmp_path, free_port):
     out = tmp_path / "out"
     port = free_port()
@@ -274,6 +279,7 @@ def test_two_processes(tiny_model, big_path, baseline, tmp_path, free_port):
     assert_same_store(str(url), baseline)
 
 
+@pytest.mark.slow
 def test_console_script_is_the_module(tiny_model, mini_path, tmp_path):
     args = _args(tiny_model, mini_path, tmp_path / "out", "--limit", "4")
     via_module = run_cli(args, tmp_path)

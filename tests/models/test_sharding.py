@@ -149,6 +149,7 @@ _SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_forward_on_8_device_mesh_equals_unsharded(tmp_path):
     script = tmp_path / "mesh_check.py"
     script.write_text(_SCRIPT)

@@ -11,6 +11,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_in_flight_request(start_server, tiny_dir, vector_file, tmp_path):
     # No warm-up and no persistent compilation cache: the first request compiles the
     # generation loop, so it is surely still in flight a second after it was sent.
