@@ -80,7 +80,13 @@ def _safetensors_copy(spec: str, out: Path) -> Path:
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     )
     tok = tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model.save_pretrained(out)
+    # A GGUF-loaded model carries a quantizer that refuses save_pretrained; the same weights,
+    # already dequantized to float32, go into a plain model built from its config.
+    config = model.config
+    config.__dict__.pop("quantization_config", None)
+    plain = type(model)(config).to(torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(out)
     tok.save_pretrained(out)
     return out
 

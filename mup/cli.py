@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mup.demo", "run the end-to-end demo on the embedded default model"),
     "data": ("mup.data._cli", "download the published stakes data sets from the hub"),
     "extract": ("mup.extract", "extract residual-stream activations into a zarr store"),
-    "store": ("mup.store.__main__", "verify activation stores (every object, every chunk checksum)"),
+    "store": ("mup.store.__main__", "verify activation stores (every object and chunk checksum)"),
     "probes": ("mup.probes.__main__", "train, compare and sweep high-stakes probes"),
     "steering": ("mup.steering.__main__", "build steering vectors (difference of means, BiPO)"),
     "serve": ("mup.serve", "serve the plain or a steered model behind an OpenAI-compatible API"),

@@ -74,6 +74,9 @@ class Request:
     prompt_logprobs: return the prompt tokens' logprobs (echo), with top_logprobs alternatives.
     probe_mask: bool [len(prompt_ids)], the prompt tokens the probe reads; None = no score.
     probe_token_scores: the probe's score on every generated token.
+    group: rows sharing a group (one API request's prompts x n) are admitted fairly against
+      other groups: a free slot goes to the waiting row whose group has the fewest rows in
+      slots, so one request's thousand rows cannot hold back another's one. None = its own.
     """
 
     prompt_ids: tuple[int, ...]
@@ -90,6 +93,7 @@ class Request:
     prompt_logprobs: bool = False
     probe_mask: np.ndarray | None = None
     probe_token_scores: bool = False
+    group: object = None
 
 
 @dataclasses.dataclass(frozen=True)

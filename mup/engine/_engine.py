@@ -575,12 +575,14 @@ class Engine:
             return
         free = [s for s, r in enumerate(self._slots) if r is None]
         while free and self._waiting:
-            head = self._waiting[0]
+            head = self._fairest()
             P = prompt_bucket(len(head.req.prompt_ids), cfg.prefill_chunk)
             echo = head.req.prompt_logprobs
             limit = min(len(free), cfg.prefill_rows[-1])
-            group = []
+            group = [head]
             for r in self._waiting:
+                if r is head:
+                    continue
                 if len(group) == limit:
                     break
                 same = prompt_bucket(len(r.req.prompt_ids), cfg.prefill_chunk) == P
@@ -591,6 +593,16 @@ class Engine:
                 r.slot = free.pop(0)
                 self._slots[r.slot] = r
             self._prefills.append(self._new_prefill(group, P, echo))
+
+    def _fairest(self) -> _Row:
+        """The waiting row to admit next: the earliest of the groups with the fewest rows in
+        slots (plain FIFO when no request groups its rows)."""
+        in_slots = collections.Counter(
+            r.req.group for r in self._slots if r is not None and r.req.group is not None
+        )
+        if not in_slots:
+            return self._waiting[0]
+        return min(self._waiting, key=lambda r: 0 if r.req.group is None else in_slots[r.req.group])
 
     def _n_entries(self, rows: int) -> int:
         return len(self._loaded) + (rows if self.custom_layer is not None else 0)

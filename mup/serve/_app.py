@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hmac
+import itertools
 import json
 import logging
 import time
@@ -34,10 +36,12 @@ from mup.engine import Engine, EngineClosed, Handle, Result, TokenLogprob
 from mup.engine import Request as Row
 from mup.serve._config import ServeConfig
 from mup.serve._protocol import (
+    MAX_BODY_BYTES,
     APIError,
     Sampling,
     bad,
     fingerprint,
+    parse_body,
     parse_completion_prompts,
     parse_messages,
     parse_sampling,
@@ -71,7 +75,7 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         log.info("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.message)
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -94,12 +98,7 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
 
     async def read_body(request: Request) -> dict:
         check_key(request)
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
-        if not isinstance(body, dict):
-            raise bad("the request body must be a JSON object", None, "invalid_json")
+        body = parse_body(await _bounded_body(request))
         model = body.get("model")
         if model != served_name:
             raise APIError(
@@ -164,11 +163,30 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
             rows.extend(_rows(ids, sampling, mask))
         return rows, texts
 
+    groups = itertools.count()
+
     def submit(rows: list[Row]) -> list[Handle]:
+        if len(rows) > config.max_rows_per_request:
+            raise bad(
+                f"this request makes {len(rows)} rows (prompts x n); this server takes at most "
+                f"{config.max_rows_per_request} per request (--max-rows-per-request)",
+                "n",
+                "too_many_rows",
+            )
+        if engine.waiting() + len(rows) > config.max_waiting_rows:
+            raise APIError(
+                429,
+                f"the server's queue is full ({engine.waiting()} rows wait for a slot); retry "
+                "shortly",
+                code="queue_full",
+                type="rate_limit_error",
+                headers={"Retry-After": "1"},
+            )
+        group = next(groups)  # this request's rows are admitted fairly against others'
         handles: list[Handle] = []
         try:
             for row in rows:
-                handles.append(engine.submit(row))
+                handles.append(engine.submit(dataclasses.replace(row, group=group)))
         except EngineClosed as e:
             for h in handles:
                 h.cancel()
@@ -487,6 +505,26 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
             }
 
     return app
+
+
+async def _bounded_body(request: Request) -> bytes:
+    """The body, refused with a 413 past MAX_BODY_BYTES, whether the client declared its
+    length or streams it chunked."""
+    too_big = APIError(
+        413,
+        f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB",
+        code="request_too_large",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _rows(ids, sampling: Sampling, mask) -> list[Row]:

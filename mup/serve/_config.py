@@ -35,6 +35,9 @@ class ServeConfig:
     batch_window_ms: when the engine is idle, how long a first request waits for company
       before its prefill (0: none).
     max_tokens_per_request: largest max_tokens a request may ask for.
+    max_rows_per_request: most rows (prompts x n) one request may submit (a 400 above).
+    max_waiting_rows: rows queued for a slot beyond which new requests get a 429 with
+      Retry-After (a full queue only grows every waiting client's latency).
     default_max_tokens: used when a request gives no max_tokens.
     max_context: largest prompt + max_tokens, also each slot's KV cache length; default: the
       model's max_position_embeddings, at most DEFAULT_MAX_CONTEXT.
@@ -63,6 +66,8 @@ class ServeConfig:
     max_batch: int = 16
     batch_window_ms: float = 0.0
     max_tokens_per_request: int = 1024
+    max_rows_per_request: int = 256
+    max_waiting_rows: int = 4096
     default_max_tokens: int = 256
     max_context: int | None = None
     prefill_chunk: int = 512
@@ -94,6 +99,8 @@ class ServeConfig:
             )
         if self.batch_window_ms < 0:
             raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        if self.max_rows_per_request < 1 or self.max_waiting_rows < 1:
+            raise ValueError("max_rows_per_request and max_waiting_rows must be >= 1")
         if self.max_tokens_per_request < 1 or self.default_max_tokens < 1:
             raise ValueError("max_tokens_per_request and default_max_tokens must be >= 1")
         if self.default_max_tokens > self.max_tokens_per_request:
@@ -172,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-batch", type=int, default=16, help="engine slots: rows decoded together")
     add("--batch-window-ms", type=float, default=0.0, help="idle engine: wait for company")
     add("--max-tokens-per-request", type=int, default=1024)
+    add(
+        "--max-rows-per-request",
+        type=int,
+        default=256,
+        help="most rows (prompts x n) in one request; more get a 400",
+    )
+    add(
+        "--max-waiting-rows",
+        type=int,
+        default=4096,
+        help="rows queued for a slot beyond which requests get a 429 with Retry-After",
+    )
     add("--default-max-tokens", type=int, default=256)
     add(
         "--max-context",
@@ -211,6 +230,8 @@ def parse_args(argv: Sequence[str] | None) -> ServeConfig:
             max_batch=args.max_batch,
             batch_window_ms=args.batch_window_ms,
             max_tokens_per_request=args.max_tokens_per_request,
+            max_rows_per_request=args.max_rows_per_request,
+            max_waiting_rows=args.max_waiting_rows,
             default_max_tokens=args.default_max_tokens,
             max_context=args.max_context,
             prefill_chunk=args.prefill_chunk,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -56,24 +57,37 @@ def _one_line(e: BaseException) -> str:
 
 
 def _read_vector(path: str, layer: int | None):
-    # Prefer the steering package's reader (the files its commands write) when it is there;
-    # the private reader accepts the same two formats otherwise.
     import numpy as np
+
+    from mup.steering import load_vector
 
     if not Path(path).is_file():
         raise ValueError("file not found")
-    try:
-        from mup.steering import load_vector
-    except ImportError:
-        from mup.serve._vectors import load_steering_vector
-
-        vec, lay = load_steering_vector(path, layer, None)
-        return np.asarray(vec, np.float32), int(lay)
     sv = load_vector(path, layer=layer)
     vec = np.asarray(sv.vector, np.float32)
     if vec.ndim != 1 or not np.all(np.isfinite(vec)):
         raise ValueError(f"expected a finite vector [D], got shape {vec.shape}")
     return vec, int(sv.layer)
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a taken port fails in one line at
+    once instead of after the load and warm-up, and nothing can take it in between (uvicorn
+    serves on this very socket). Port 0 picks a free one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        reason = e.strerror or str(e)
+        raise ValueError(
+            f"--port {port}: cannot listen on {host}:{port} ({reason}); is another server "
+            "running there? choose another --port"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def build_engine(config: ServeConfig, files: _Files | None = None):
@@ -149,9 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = logging.getLogger("mup.serve")
     try:
         files = check_files(config)
+        sock = bind_port(config.host, config.port)
     except ValueError as e:
         print(f"mup serve: error: {e}", file=sys.stderr)
         return 2
+    port = sock.getsockname()[1]
     _compile_cache.enable()
     t0 = time.perf_counter()
     try:
@@ -174,10 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{config.default_multiplier:+g}"
         f"{'; probes ' + ', '.join(config.probes) if config.probes else ''}; "
         f"{config.max_batch} slots of {engine.config.max_len} tokens; "
-        f"on http://{config.host}:{config.port}/v1",
+        f"on http://{config.host}:{port}/v1",
         flush=True,
     )
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown: stop accepting, let open requests
     # finish, then run the app's lifespan exit (which drains the engine).
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.host, port=port, log_level="warning", access_log=False)
+    )
+    server.run(sockets=[sock])
     return 0

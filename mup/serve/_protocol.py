@@ -8,8 +8,10 @@ expected; fields the server does not implement are refused rather than silently 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import secrets
+import sys
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,9 @@ from mup.serve._config import ServeConfig
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API
 MAX_CHOICES = 16
+# A request body's bound: a full 2048-token context of text is ~10 KB; lists of token-id
+# prompts and request vectors stay far below this too.
+MAX_BODY_BYTES = 32 << 20
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -32,8 +37,10 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.param = param
@@ -87,18 +94,63 @@ class Sampling:
         return self.steer.multiplier
 
 
+def parse_body(raw: bytes) -> dict:
+    """The request body as a JSON object, or one 400: bad UTF-8 or JSON, numbers past Python's
+    digit limit, nesting deep enough to exhaust the parser's recursion, and lone UTF-16
+    surrogates (``"\\ud800"``: valid JSON, but no tokenizer can encode it) are all refused here,
+    before any field is read."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise bad("the request body is nested too deeply", None, "invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise bad(f"the request body is not valid JSON: {message}", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object", None, "invalid_json")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(
+            "the request body holds a lone UTF-16 surrogate (e.g. \\ud800) in a string: "
+            "send valid Unicode text",
+            None,
+            "invalid_json",
+        ) from None
+    except (RecursionError, ValueError):
+        raise bad("the request body is nested too deeply", None, "invalid_json") from None
+    return body
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _finite(v: int | float) -> bool:
+    """A JSON number a float can hold: ints of hundreds of digits overflow float()."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def show(v: Any, limit: int = 60) -> str:
+    """`repr(v)` cut to `limit` characters: error messages echo what was sent, not all of it."""
+    try:
+        text = repr(v)
+    except ValueError:  # an int past Python's digit limit for str()
+        return f"<an integer of more than {sys.get_int_max_str_digits()} digits>"
+    return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text)} chars)"
 
 
 def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
     v = body.get(name)
     if v is None:
         return default
-    if not _is_number(v) or not math.isfinite(v):
-        raise bad(f"'{name}' must be a number, got {v!r}", name)
+    if not _is_number(v) or not _finite(v):
+        raise bad(f"'{name}' must be a finite number, got {show(v)}", name)
     if not lo <= v <= hi:
-        raise bad(f"'{name}' must be in [{lo}, {hi}], got {v}", name)
+        raise bad(f"'{name}' must be in [{lo}, {hi}], got {show(v)}", name)
     return float(v)
 
 
@@ -121,12 +173,12 @@ def parse_multiplier(body: dict, config: ServeConfig, default: float | None = No
     found = _fields(body, "steer_multiplier")
     for param, v in found:
         if not _is_number(v):
-            raise bad(f"'{param}' must be a number, got {v!r}", param)
-        if not math.isfinite(v):
-            raise bad(f"'{param}' must be finite, got {v!r}", param)
+            raise bad(f"'{param}' must be a number, got {show(v)}", param)
+        if not _finite(v):
+            raise bad(f"'{param}' must be finite, got {show(v)}", param)
         if abs(v) > config.max_multiplier:
             raise bad(
-                f"'{param}' {v} is out of range: |multiplier| must be <= "
+                f"'{param}' {show(v)} is out of range: |multiplier| must be <= "
                 f"{config.max_multiplier} (--max-multiplier)",
                 param,
             )
@@ -169,7 +221,8 @@ def parse_steer(body: dict, config: ServeConfig, engine) -> Steer:
     if isinstance(value, str):
         if value not in engine.vector_layers:
             raise bad(
-                f"'{param}': unknown steering vector {value!r}; this server has {names or 'none'}",
+                f"'{param}': unknown steering vector {show(value)}; this server has "
+                f"{names or 'none'}",
                 param,
                 "vector_not_found",
             )
@@ -188,6 +241,8 @@ def parse_steer(body: dict, config: ServeConfig, engine) -> Steer:
     d = engine.d_model
     if len(value) != d:
         raise bad(f"'{param}' has {len(value)} numbers; the model's d_model is {d}", param)
+    if not all(_finite(x) for x in value):
+        raise bad(f"'{param}' must be finite", param)
     vec = np.asarray(value, np.float64)
     if not np.all(np.isfinite(vec)):
         raise bad(f"'{param}' must be finite", param)
@@ -213,23 +268,23 @@ def _logprob_fields(body: dict, route: str) -> tuple[bool, int, bool]:
             raise bad("'echo' is a /v1/completions field", "echo", "unsupported_parameter")
         lp = body.get("logprobs")
         if lp is not None and not isinstance(lp, bool):
-            raise bad(f"'logprobs' must be true or false, got {lp!r}", "logprobs")
+            raise bad(f"'logprobs' must be true or false, got {show(lp)}", "logprobs")
         top = body.get("top_logprobs")
         if top is not None:
             if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
                 raise bad(
-                    f"'top_logprobs' must be an integer in 0..20, got {top!r}", "top_logprobs"
+                    f"'top_logprobs' must be an integer in 0..20, got {show(top)}", "top_logprobs"
                 )
             if top and not lp:
                 raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         return bool(lp), int(top or 0), False
     if echo is not None and not isinstance(echo, bool):
-        raise bad(f"'echo' must be true or false, got {echo!r}", "echo")
+        raise bad(f"'echo' must be true or false, got {show(echo)}", "echo")
     lp = body.get("logprobs")
     if lp is None:
         return False, 0, bool(echo)
     if isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= 20:
-        raise bad(f"'logprobs' must be an integer in 0..20 (or null), got {lp!r}", "logprobs")
+        raise bad(f"'logprobs' must be an integer in 0..20 (or null), got {show(lp)}", "logprobs")
     return True, int(lp), bool(echo)
 
 
@@ -247,7 +302,9 @@ def parse_sampling(body: dict, config: ServeConfig, engine, route: str = "chat")
     logprobs, top_logprobs, echo = _logprob_fields(body, route)
     pts = body.get("probe_token_scores", False)
     if not isinstance(pts, bool):
-        raise bad(f"'probe_token_scores' must be true or false, got {pts!r}", "probe_token_scores")
+        raise bad(
+            f"'probe_token_scores' must be true or false, got {show(pts)}", "probe_token_scores"
+        )
     if pts and engine.probe is None:
         raise bad("'probe_token_scores' needs a server started with --probe", "probe_token_scores")
 
@@ -260,11 +317,12 @@ def parse_sampling(body: dict, config: ServeConfig, engine, route: str = "chat")
     elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < least:
         what = "a non-negative integer (0 only with echo)" if route != "chat" else ""
         raise bad(
-            f"'{max_param}' must be {what or 'a positive integer'}, got {max_tokens!r}", max_param
+            f"'{max_param}' must be {what or 'a positive integer'}, got {show(max_tokens)}",
+            max_param,
         )
     elif max_tokens > config.max_tokens_per_request:
         raise bad(
-            f"'{max_param}' {max_tokens} exceeds this server's limit of "
+            f"'{max_param}' {show(max_tokens)} exceeds this server's limit of "
             f"{config.max_tokens_per_request} tokens per request",
             max_param,
             "max_tokens_exceeded",
@@ -278,12 +336,12 @@ def parse_sampling(body: dict, config: ServeConfig, engine, route: str = "chat")
     if n is None:
         n = 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
-        raise bad(f"'n' must be an integer in 1..{MAX_CHOICES}, got {n!r}", "n")
+        raise bad(f"'n' must be an integer in 1..{MAX_CHOICES}, got {show(n)}", "n")
     seed = body.get("seed")
     if seed is None:
         base = secrets.randbits(31)
     elif isinstance(seed, bool) or not isinstance(seed, int):
-        raise bad(f"'seed' must be an integer, got {seed!r}", "seed")
+        raise bad(f"'seed' must be an integer, got {show(seed)}", "seed")
     else:
         base = seed
     # Choice j of a seeded request uses seed + j: the same seed gives the same choices,
@@ -298,13 +356,15 @@ def parse_sampling(body: dict, config: ServeConfig, engine, route: str = "chat")
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         stops = tuple(stop)
     else:
-        raise bad(f"'stop' must be a string or a list of strings, got {stop!r}", "stop")
+        raise bad(f"'stop' must be a string or a list of strings, got {show(stop)}", "stop")
     if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
-        raise bad(f"'stop' takes 1..{MAX_STOP_STRINGS} non-empty strings, got {stops!r}", "stop")
+        raise bad(
+            f"'stop' takes 1..{MAX_STOP_STRINGS} non-empty strings, got {show(stops)}", "stop"
+        )
 
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise bad(f"'stream' must be true or false, got {stream!r}", "stream")
+        raise bad(f"'stream' must be true or false, got {show(stream)}", "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad("'stream_options' must be an object", "stream_options")
@@ -336,7 +396,7 @@ def parse_messages(body: dict) -> list[dict[str, str]]:
             raise bad(f"{where} must be an object, got {type(m).__name__}", where)
         role = m.get("role")
         if role not in CHAT_ROLES:
-            raise bad(f"{where}.role must be one of {list(CHAT_ROLES)}, got {role!r}", where)
+            raise bad(f"{where}.role must be one of {list(CHAT_ROLES)}, got {show(role)}", where)
         content = m.get("content")
         if isinstance(content, list):
             texts = []
@@ -344,7 +404,7 @@ def parse_messages(body: dict) -> list[dict[str, str]]:
                 if not isinstance(part, dict) or part.get("type") != "text":
                     raise bad(
                         f"{where}.content[{j}]: only text parts are supported, got "
-                        f"{part.get('type') if isinstance(part, dict) else part!r}",
+                        f"{show(part.get('type') if isinstance(part, dict) else part)}",
                         where,
                     )
                 if not isinstance(part.get("text"), str):

@@ -241,6 +241,20 @@ def test_late_row_joins_and_short_finishes_first(engine, prompts):
     assert len(h_long.result(120).token_ids) == 120
 
 
+def test_one_request_of_many_rows_does_not_starve_another(engine, prompts):
+    """16 rows of one group on 4 slots, then a 1-row group: the small one takes the first slot
+    that frees (not the 13th), so it is done while most of the big group still waits."""
+    big = [
+        engine.submit(_req(prompts[3], max_tokens=12, stop_ids=(), group="big"))
+        for _ in range(16)
+    ]
+    time.sleep(0.05)
+    small = engine.submit(_req(prompts[3], max_tokens=2, stop_ids=(), group="small"))
+    small.result(120)
+    assert sum(h.done for h in big) <= 8, "the small request waited behind the big one's rows"
+    assert all(len(h.result(120).token_ids) == 12 for h in big)
+
+
 def test_long_prompt_prefill_is_chunked_between_decode_steps(engine, model, prompts):
     """A 150-token prompt (5 chunks of 32) arriving while a row decodes: the decoding row keeps
     receiving tokens while the long prompt is prefilled, and the long row's output equals

@@ -342,6 +342,78 @@ def test_errors_through_the_client_and_server_keeps_serving(server, client):
     assert _chat(client, CHATS[3], 0.0, 4).choices[0].message.content is not None
 
 
+def _good_with(field: str, raw_value: str, route: str = "chat") -> bytes:
+    """GOOD (or a completions body) with one field's JSON text replaced verbatim."""
+    head = json.dumps(GOOD if route == "chat" else {"model": NAME, "prompt": "hi", "max_tokens": 4})
+    return (head[:-1] + f', "{field}": {raw_value}}}').encode()
+
+
+HUGE = "1" + "0" * 400  # parses as a Python int; float() of it overflows
+PAST_DIGIT_LIMIT = "9" * 5000  # over Python's 4300-digit int parsing limit
+PATHOLOGICAL = [
+    ("chat", _good_with("steer_multiplier", HUGE), "steer_multiplier"),
+    ("chat", _good_with("steer_multiplier", "-" + HUGE), "steer_multiplier"),
+    ("chat", _good_with("temperature", HUGE), "temperature"),
+    ("chat", _good_with("top_p", "1e999"), "top_p"),
+    ("chat", _good_with("max_tokens", HUGE), "max_tokens"),
+    ("chat", _good_with("seed", PAST_DIGIT_LIMIT), None),
+    ("chat", _good_with("steer_vector", "[" + ", ".join([HUGE] * 64) + "]"), "steer_vector"),
+    ("chat", b"[" * 100_000 + b"]" * 100_000, None),
+    (
+        "chat",
+        b'{"model": "' + NAME.encode() + b'", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        None,
+    ),
+    (
+        "chat",
+        json.dumps({**GOOD, "messages": [{"role": "user", "content": "a\ud800b"}]}).encode(),
+        None,
+    ),
+    ("completions", _good_with("prompt", '"lone \\udfff surrogate"', "completions"), None),
+    ("completions", _good_with("prompt", "[" + HUGE + "]", "completions"), "prompt"),
+    ("chat", b"\xff\xfe not utf-8", None),
+]
+
+
+@pytest.mark.parametrize(("route", "raw", "param"), PATHOLOGICAL, ids=lambda x: repr(x)[:30])
+def test_pathological_bodies_get_4xx_never_500(server, route, raw, param):
+    req = urllib.request.Request(
+        f"{server.url}/v1/{'chat/completions' if route == 'chat' else 'completions'}",
+        data=raw,
+        headers={"Authorization": f"Bearer {server.api_key}", "Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 400, e.value.read()[:300]
+    err = json.loads(e.value.read())["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param, err
+    assert len(err["message"]) < 300, err  # the message names the problem, not the whole value
+
+
+def test_oversized_body_is_413_and_the_server_keeps_serving(server, client):
+    """A body declared larger than the bound is refused from its headers, before any of it is
+    read (a raw socket: an HTTP client would still be sending when the answer comes)."""
+    import socket
+    import urllib.parse
+
+    from mup.serve._protocol import MAX_BODY_BYTES
+
+    url = urllib.parse.urlparse(server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        sock.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.hostname}\r\n"
+            f"Authorization: Bearer {server.api_key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {MAX_BODY_BYTES + 1}\r\nConnection: close\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert json.loads(body)["error"]["code"] == "request_too_large"
+    assert _chat(client, CHATS[3], 0.0, 4).choices[0].message.content is not None
+
+
 def test_api_key_required(server):
     code, body = _raw(server, "/v1/chat/completions", GOOD, key=None)
     assert code == 401 and body["error"]["code"] == "invalid_api_key"
