@@ -24,7 +24,7 @@ import optax
 
 from mup import metrics
 from mup.probes._config import ProbeConfig
-from mup.probes._model import auroc_jax, init_params, pooled_logits, sequence_logits
+from mup.probes._heads import auroc_jax, init_params, pooled_logits, sequence_logits
 
 
 def _optimizer(cfg: ProbeConfig, total_steps: int):
@@ -178,8 +178,8 @@ def sequence_forward(cfg):
 
 _CHUNK_BYTES = 8 << 20
 """Bytes of float32 activations per row chunk of a sequence step: small enough to stay in
-cache between the forward and backward products, large enough to amortise the loop (measured
-on CPU: chunks of 2-9 MiB ran a [128, 128, 576] attention step 2.5x faster than 0.3-0.6 MiB)."""
+cache between the forward and backward products, large enough to amortise the loop (a few MiB
+ran the attention step fastest on CPU; `benchmarks/bench_probes.py` times it)."""
 
 
 def _rows_per_chunk(batch: int, padded_len: int, d: int) -> int:
@@ -388,7 +388,7 @@ def train_logreg(x: np.ndarray, y: np.ndarray, c: float, max_steps: int) -> tupl
 def _newton_impl(z, y, c, max_steps):
     """Newton's method with each step solved by conjugate gradients on Hessian-vector
     products (two [N, D] products per CG iteration), never forming the [D+1, D+1] Hessian:
-    at N ~ D the explicit Hessian and its Cholesky cost ~4x the whole CG solve."""
+    at N ~ D the explicit Hessian and its Cholesky cost several times the whole CG solve."""
     n, d = z.shape
     reg = jnp.concatenate([jnp.ones((d,)), jnp.zeros((1,))])  # intercept unpenalised
 
