@@ -307,10 +307,33 @@ def calibrate_1d(proj: np.ndarray, y: np.ndarray, max_steps: int = 50):
     return float(theta[0] / sd), float(theta[1])
 
 
+class ClassMeans:
+    """Per-class sums of pooled vectors in float64, added chunk by chunk: the difference of
+    class means of the dom probe and of a steering vector read from a store larger than memory.
+    """
+
+    def __init__(self, d: int):
+        self.sums = np.zeros((2, d), np.float64)  # [2, D] label 0, label 1
+        self.counts = np.zeros(2, np.int64)  # [2]
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> ClassMeans:
+        """Add the rows of x [K, D] labelled 0 or 1 in y [K] (other labels are left out)."""
+        x = np.asarray(x, np.float64)
+        for c in (0, 1):
+            sel = y == c
+            self.sums[c] += x[sel].sum(axis=0)
+            self.counts[c] += int(np.count_nonzero(sel))
+        return self
+
+    def difference(self) -> np.ndarray:
+        """mu_1 - mu_0 [D] float64."""
+        return self.sums[1] / self.counts[1] - self.sums[0] / self.counts[0]
+
+
 def train_dom(x: np.ndarray, y: np.ndarray) -> dict:
     """Difference of class means w = mu_1 - mu_0 on pooled x [N, D]."""
     x64 = x.astype(np.float64)
-    w = x64[y == 1].mean(0) - x64[y == 0].mean(0)  # [D]
+    w = ClassMeans(x.shape[1]).add(x64, y).difference()  # [D]
     scale, shift = calibrate_1d(x64 @ w, y)
     return _projection_params(w, scale, shift)
 
