@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +85,20 @@ def train_pooled(cfg: ProbeConfig, x, y, xv, yv, seed: int):
 _PROGRAMS: dict = {}
 
 
+class _EpochState(NamedTuple):
+    """The carry of the whole-run `lax.while_loop` (a pytree, so it traces under jit)."""
+
+    params: dict  # current parameters
+    opt_state: Any
+    epoch: jax.Array  # [] int32, epochs run so far
+    best: dict  # parameters of the best validation epoch
+    best_auc: jax.Array  # [] float32
+    since: jax.Array  # [] int32, epochs since the best one (early stopping)
+    best_epoch: jax.Array  # [] int32
+    losses: jax.Array  # [E] float32 train loss per epoch
+    aucs: jax.Array  # [E] float32 validation AUROC per epoch
+
+
 def _pooled_program(cfg, n, d, b, steps, has_val, nv):
     """The compiled whole-run training program, cached by everything that shapes it."""
     # Every pooled gradient kind is the same linear model on its pooled vectors: share programs.
@@ -109,52 +124,47 @@ def _pooled_program(cfg, n, d, b, steps, has_val, nv):
             updates, opt_state = tx.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), loss
 
-        def epoch(state):
-            params, opt_state, e, best, best_auc, since, best_e, losses, aucs = state
-            perm = perms[e]  # [N]
+        def epoch(st: _EpochState) -> _EpochState:
+            perm = perms[st.epoch]  # [N]
             pad = steps * b - n
             idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(steps, b)
             wb = (jnp.arange(steps * b) < n).astype(jnp.float32).reshape(steps, b)
-            (params, opt_state), batch_losses = jax.lax.scan(step, (params, opt_state), (idx, wb))
+            (params, opt_state), batch_losses = jax.lax.scan(
+                step, (st.params, st.opt_state), (idx, wb)
+            )
             # Mean over steps weighted by real rows per step.
             loss = jnp.sum(batch_losses * wb.sum(1)) / n
             auc = auroc_jax(pooled_logits(params, xv), yv) if has_val else jnp.float32(0.0)
-            better = (auc > best_auc) if has_val else jnp.bool_(True)
-            best = jax.tree.map(lambda new, old: jnp.where(better, new, old), params, best)
-            best_auc = jnp.where(better, auc, best_auc)
-            since = jnp.where(better, 0, since + 1)
-            best_e = jnp.where(better, e, best_e)
-            return (
-                params,
-                opt_state,
-                e + 1,
-                best,
-                best_auc,
-                since,
-                best_e,
-                losses.at[e].set(loss),
-                aucs.at[e].set(auc),
+            better = (auc > st.best_auc) if has_val else jnp.bool_(True)
+            return _EpochState(
+                params=params,
+                opt_state=opt_state,
+                epoch=st.epoch + 1,
+                best=jax.tree.map(lambda new, old: jnp.where(better, new, old), params, st.best),
+                best_auc=jnp.where(better, auc, st.best_auc),
+                since=jnp.where(better, 0, st.since + 1),
+                best_epoch=jnp.where(better, st.epoch, st.best_epoch),
+                losses=st.losses.at[st.epoch].set(loss),
+                aucs=st.aucs.at[st.epoch].set(auc),
             )
 
-        def cond(state):
-            e, since = state[2], state[5]
-            return (e < cfg.epochs) & (since < patience)
+        def cond(st: _EpochState):
+            return (st.epoch < cfg.epochs) & (st.since < patience)
 
         zeros = jnp.zeros((cfg.epochs,), jnp.float32)
-        state = (
-            params,
-            opt_state,
-            jnp.int32(0),
-            params,
-            jnp.float32(-1.0),
-            jnp.int32(0),
-            jnp.int32(0),
-            zeros,
-            zeros,
+        state = _EpochState(
+            params=params,
+            opt_state=opt_state,
+            epoch=jnp.int32(0),
+            best=params,
+            best_auc=jnp.float32(-1.0),
+            since=jnp.int32(0),
+            best_epoch=jnp.int32(0),
+            losses=zeros,
+            aucs=zeros,
         )
-        state = jax.lax.while_loop(cond, epoch, state)
-        _, _, e, best, _, _, best_e, losses, aucs = state
-        return best, best_e, e, losses, aucs
+        st = jax.lax.while_loop(cond, epoch, state)
+        return st.best, st.best_epoch, st.epoch, st.losses, st.aucs
 
     fn = jax.jit(run)
     _PROGRAMS[key] = fn
