@@ -17,7 +17,7 @@ from mup.probes._config import PROBE_KINDS, ProbeConfig, default_config  # isort
 from mup.probes._probe import Probe, ProbeFileError, fit, load  # isort: skip
 
 # Difference of class means, accumulated chunk by chunk (also steering's vectors).
-from mup.probes._train import ClassMeans  # isort: skip
+from mup.probes._closed_form import ClassMeans  # isort: skip
 
 # Results files.
 from mup.probes._results import append_result  # isort: skip

@@ -15,17 +15,11 @@ import numpy as np
 
 from mup._version import __version__
 from mup.probes._batches import StreamedBuckets, sequence_source
+from mup.probes._closed_form import train_dom, train_lda, train_logreg
 from mup.probes._config import POOLED_KINDS, SEQUENCE_KINDS, ProbeConfig, default_config
 from mup.probes._data import Pooled, pooled, record_chunks
 from mup.probes._heads import pooled_logits
-from mup.probes._train import (
-    sequence_forward,
-    train_dom,
-    train_lda,
-    train_logreg,
-    train_pooled,
-    train_sequence,
-)
+from mup.probes._train import sequence_forward, train_pooled, train_sequence
 
 _FORMAT = "mup.probe/1"
 
