@@ -45,8 +45,8 @@ def baseline(tiny_model, big_path, tmp_path_factory):
 
 
 def _done_count(url: str) -> tuple[int, int]:
-    from mup.store._location import parse_location
     from mup.store._io import open_array as _open_array
+    from mup.store._location import parse_location
 
     try:
         done = _open_array(parse_location(url).kvstore("done")).read().result()
