@@ -206,7 +206,7 @@ def main():
     from sklearn.preprocessing import StandardScaler
 
     from mup import native, probes
-    from mup.probes._train import train_logreg
+    from mup.probes._closed_form import train_logreg
 
     if args.quick:
         n, d, lo, hi, epochs = 128, 64, 8, 30, 3

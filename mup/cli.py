@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("mup.data._cli", "download the published stakes data sets from the hub"),
     "extract": ("mup.extract", "extract residual-stream activations into a zarr store"),
     "store": ("mup.store.__main__", "verify activation stores (every object and chunk checksum)"),
-    "probes": ("mup.probes.__main__", "train, compare and sweep high-stakes probes"),
+    "probes": ("mup.experiments._cli", "train, compare and sweep high-stakes probes"),
     "steering": ("mup.steering.__main__", "build steering vectors (difference of means, BiPO)"),
     "serve": ("mup.serve", "serve the plain or a steered model behind an OpenAI-compatible API"),
     "evals": ("mup.evals.__main__", "run the inspect-ai capability harness across multipliers"),

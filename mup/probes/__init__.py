@@ -16,12 +16,16 @@ from mup.probes._config import PROBE_KINDS, ProbeConfig, default_config  # isort
 # Training, inference and files.
 from mup.probes._probe import Probe, ProbeFileError, fit, load  # isort: skip
 
+# Difference of class means, accumulated chunk by chunk (also steering's vectors).
+from mup.probes._closed_form import ClassMeans  # isort: skip
+
 # Results files.
 from mup.probes._results import append_result  # isort: skip
 
 __all__ = [
     "PROBE_KINDS",
     "Activations",
+    "ClassMeans",
     "Probe",
     "ProbeConfig",
     "ProbeFileError",

@@ -69,8 +69,8 @@ def default_memory_budget() -> int:
 def batch_dtype(acts_dtype) -> np.dtype:
     """Half-precision stores stay half precision on accelerators (half the memory and the
     bandwidth of every batch gather); the probe upcasts inside its float32 products. XLA on CPU
-    converts half precision several times slower than it reads float32 (a [16k, 576] float16
-    projection took 8x the float32 one), so CPU batches are float32."""
+    converts half precision several times slower than it reads float32 (`benchmarks/bench_probes.py`
+    times the training that this choice serves), so CPU batches are float32."""
     half = np.dtype(acts_dtype) in _HALF and jax.default_backend() != "cpu"
     return np.dtype(acts_dtype) if half else np.dtype(np.float32)
 

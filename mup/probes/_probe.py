@@ -15,16 +15,11 @@ import numpy as np
 
 from mup._version import __version__
 from mup.probes._batches import StreamedBuckets, sequence_source
+from mup.probes._closed_form import train_dom, train_lda, train_logreg
 from mup.probes._config import POOLED_KINDS, SEQUENCE_KINDS, ProbeConfig, default_config
 from mup.probes._data import Pooled, pooled, record_chunks
-from mup.probes._train import (
-    sequence_forward,
-    train_dom,
-    train_lda,
-    train_logreg,
-    train_pooled,
-    train_sequence,
-)
+from mup.probes._heads import pooled_logits
+from mup.probes._train import sequence_forward, train_pooled, train_sequence
 
 _FORMAT = "mup.probe/1"
 
@@ -39,7 +34,7 @@ class Probe:
 
     Attributes:
       config: the hyperparameters it was trained with.
-      params: name -> np.ndarray (see mup.probes._model for the names per kind).
+      params: name -> np.ndarray (see mup.probes._heads for the names per kind).
       d_model: width D of the activations it reads (after combining layers).
       layers: store layers it reads (empty for probes trained on unlabelled-layer arrays).
       combine: how several layers are combined, "concat" or "sum".
@@ -173,14 +168,10 @@ class Probe:
 
 
 def _pooled_logits_np(params: dict, x: np.ndarray) -> np.ndarray:
-    """Logits of the linear read-out on rows of x [R, D] (pooled vectors or single tokens)."""
+    """Logits of the linear read-out on rows of x [R, D] (pooled vectors or single tokens), in
+    numpy: the same read-out as training's `pooled_logits`, without a device round trip."""
     p = {k: np.asarray(v, np.float32) for k, v in params.items()}
-    if "mu" in p:
-        x = (x - p["mu"]) / p["sd"]
-    z = x @ p["w"] + p["b"]
-    if "scale" in p:
-        z = p["scale"] * z + p["shift"]
-    return z.astype(np.float32)
+    return np.asarray(pooled_logits(p, x)).astype(np.float32)
 
 
 class ProbeFileError(ValueError):

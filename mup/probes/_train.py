@@ -1,4 +1,5 @@
-"""Training: AdamW loops (jitted) and the closed-form / Newton probes.
+"""Training of the gradient probes: AdamW loops (jitted); the closed-form and Newton probes are
+in `mup.probes._closed_form`.
 
 Axis letters: N records, B rows of a batch, P padded length, D model width, E epochs,
 S optimiser steps per epoch.
@@ -15,16 +16,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.sparse.linalg
 import numpy as np
 import optax
 
 from mup import metrics
 from mup.probes._config import ProbeConfig
-from mup.probes._model import auroc_jax, init_params, pooled_logits, sequence_logits
+from mup.probes._heads import auroc_jax, init_params, pooled_logits, sequence_logits
 
 
 def _optimizer(cfg: ProbeConfig, total_steps: int):
@@ -84,6 +85,20 @@ def train_pooled(cfg: ProbeConfig, x, y, xv, yv, seed: int):
 _PROGRAMS: dict = {}
 
 
+class _EpochState(NamedTuple):
+    """The carry of the whole-run `lax.while_loop` (a pytree, so it traces under jit)."""
+
+    params: dict  # current parameters
+    opt_state: Any
+    epoch: jax.Array  # [] int32, epochs run so far
+    best: dict  # parameters of the best validation epoch
+    best_auc: jax.Array  # [] float32
+    since: jax.Array  # [] int32, epochs since the best one (early stopping)
+    best_epoch: jax.Array  # [] int32
+    losses: jax.Array  # [E] float32 train loss per epoch
+    aucs: jax.Array  # [E] float32 validation AUROC per epoch
+
+
 def _pooled_program(cfg, n, d, b, steps, has_val, nv):
     """The compiled whole-run training program, cached by everything that shapes it."""
     # Every pooled gradient kind is the same linear model on its pooled vectors: share programs.
@@ -109,52 +124,47 @@ def _pooled_program(cfg, n, d, b, steps, has_val, nv):
             updates, opt_state = tx.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), loss
 
-        def epoch(state):
-            params, opt_state, e, best, best_auc, since, best_e, losses, aucs = state
-            perm = perms[e]  # [N]
+        def epoch(st: _EpochState) -> _EpochState:
+            perm = perms[st.epoch]  # [N]
             pad = steps * b - n
             idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(steps, b)
             wb = (jnp.arange(steps * b) < n).astype(jnp.float32).reshape(steps, b)
-            (params, opt_state), batch_losses = jax.lax.scan(step, (params, opt_state), (idx, wb))
+            (params, opt_state), batch_losses = jax.lax.scan(
+                step, (st.params, st.opt_state), (idx, wb)
+            )
             # Mean over steps weighted by real rows per step.
             loss = jnp.sum(batch_losses * wb.sum(1)) / n
             auc = auroc_jax(pooled_logits(params, xv), yv) if has_val else jnp.float32(0.0)
-            better = (auc > best_auc) if has_val else jnp.bool_(True)
-            best = jax.tree.map(lambda new, old: jnp.where(better, new, old), params, best)
-            best_auc = jnp.where(better, auc, best_auc)
-            since = jnp.where(better, 0, since + 1)
-            best_e = jnp.where(better, e, best_e)
-            return (
-                params,
-                opt_state,
-                e + 1,
-                best,
-                best_auc,
-                since,
-                best_e,
-                losses.at[e].set(loss),
-                aucs.at[e].set(auc),
+            better = (auc > st.best_auc) if has_val else jnp.bool_(True)
+            return _EpochState(
+                params=params,
+                opt_state=opt_state,
+                epoch=st.epoch + 1,
+                best=jax.tree.map(lambda new, old: jnp.where(better, new, old), params, st.best),
+                best_auc=jnp.where(better, auc, st.best_auc),
+                since=jnp.where(better, 0, st.since + 1),
+                best_epoch=jnp.where(better, st.epoch, st.best_epoch),
+                losses=st.losses.at[st.epoch].set(loss),
+                aucs=st.aucs.at[st.epoch].set(auc),
             )
 
-        def cond(state):
-            e, since = state[2], state[5]
-            return (e < cfg.epochs) & (since < patience)
+        def cond(st: _EpochState):
+            return (st.epoch < cfg.epochs) & (st.since < patience)
 
         zeros = jnp.zeros((cfg.epochs,), jnp.float32)
-        state = (
-            params,
-            opt_state,
-            jnp.int32(0),
-            params,
-            jnp.float32(-1.0),
-            jnp.int32(0),
-            jnp.int32(0),
-            zeros,
-            zeros,
+        state = _EpochState(
+            params=params,
+            opt_state=opt_state,
+            epoch=jnp.int32(0),
+            best=params,
+            best_auc=jnp.float32(-1.0),
+            since=jnp.int32(0),
+            best_epoch=jnp.int32(0),
+            losses=zeros,
+            aucs=zeros,
         )
-        state = jax.lax.while_loop(cond, epoch, state)
-        _, _, e, best, _, _, best_e, losses, aucs = state
-        return best, best_e, e, losses, aucs
+        st = jax.lax.while_loop(cond, epoch, state)
+        return st.best, st.best_epoch, st.epoch, st.losses, st.aucs
 
     fn = jax.jit(run)
     _PROGRAMS[key] = fn
@@ -178,8 +188,8 @@ def sequence_forward(cfg):
 
 _CHUNK_BYTES = 8 << 20
 """Bytes of float32 activations per row chunk of a sequence step: small enough to stay in
-cache between the forward and backward products, large enough to amortise the loop (measured
-on CPU: chunks of 2-9 MiB ran a [128, 128, 576] attention step 2.5x faster than 0.3-0.6 MiB)."""
+cache between the forward and backward products, large enough to amortise the loop (a few MiB
+ran the attention step fastest on CPU; `benchmarks/bench_probes.py` times it)."""
 
 
 def _rows_per_chunk(batch: int, padded_len: int, d: int) -> int:
@@ -280,141 +290,3 @@ def train_sequence(cfg: ProbeConfig, train, val, seed: int):
         "epochs_run": len(losses),
     }
     return best, history
-
-
-# ------------------------------------------------------------------- closed-form / Newton
-
-
-def calibrate_1d(proj: np.ndarray, y: np.ndarray, max_steps: int = 50):
-    """Fit p = sigmoid(scale * proj + shift) by Newton's method (unpenalised, float64).
-
-    Used by dom / lda so that `predict` returns probabilities. A tiny ridge (1e-6) keeps the
-    Hessian invertible when the classes separate perfectly.
-    """
-    z = np.stack([proj.astype(np.float64), np.ones_like(proj, np.float64)], axis=1)  # [N, 2]
-    sd = max(float(proj.std()), 1e-12)
-    z[:, 0] /= sd
-    theta = np.zeros(2)
-    yf = y.astype(np.float64)
-    for _ in range(max_steps):
-        p = 1.0 / (1.0 + np.exp(-(z @ theta)))
-        g = z.T @ (p - yf) + 1e-6 * theta
-        h = (z * (p * (1 - p))[:, None]).T @ z + 1e-6 * np.eye(2)
-        delta = np.linalg.solve(h, g)
-        theta -= delta
-        if np.abs(delta).max() < 1e-10:
-            break
-    return float(theta[0] / sd), float(theta[1])
-
-
-def train_dom(x: np.ndarray, y: np.ndarray) -> dict:
-    """Difference of class means w = mu_1 - mu_0 on pooled x [N, D]."""
-    x64 = x.astype(np.float64)
-    w = x64[y == 1].mean(0) - x64[y == 0].mean(0)  # [D]
-    scale, shift = calibrate_1d(x64 @ w, y)
-    return _projection_params(w, scale, shift)
-
-
-def ledoit_wolf(xc: np.ndarray) -> tuple[np.ndarray, float]:
-    """Ledoit-Wolf shrunk covariance of centred samples xc [N, D] and its intensity.
-
-    S = xc^T xc / N, target mu I with mu = tr(S) / D; intensity = min(b2, d2) / d2 with
-    d2 = |S - mu I|_F^2 / D and b2 = (sum_i |x_i|^4 / N - |S|_F^2) / (N D).
-    """
-    n, d = xc.shape
-    s = xc.T @ xc / n  # [D, D]
-    mu = np.trace(s) / d
-    s_fro2 = float(np.sum(s * s))
-    d2 = (s_fro2 - 2 * mu * np.trace(s) + d * mu * mu) / d
-    b2 = (float(np.sum(np.sum(xc * xc, axis=1) ** 2)) / n - s_fro2) / (n * d)
-    shrink = 0.0 if d2 <= 0 else min(b2, d2) / d2
-    return (1 - shrink) * s + shrink * mu * np.eye(d), float(shrink)
-
-
-def train_lda(x: np.ndarray, y: np.ndarray, shrinkage) -> dict:
-    """Shrinkage LDA on pooled x [N, D]: w = inv(Sigma) (mu_1 - mu_0).
-
-    Sigma is the class-prior weighted mean of the per-class covariances, each shrunk towards
-    mu I (mu = mean variance), with Ledoit-Wolf's intensity or a fixed one - the estimator of
-    scikit-learn's `LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto" | float)`.
-    """
-    x64 = x.astype(np.float64)
-    d = x.shape[1]
-    sigma = np.zeros((d, d))
-    means = {}
-    for cls in (0, 1):
-        xc = x64[y == cls]
-        means[cls] = xc.mean(0)
-        centred = xc - means[cls]  # [N_c, D]
-        if shrinkage == "ledoit_wolf":
-            # Per-feature standardise, shrink towards the identity, scale back: the intensity
-            # is then unaffected by features with very different variances.
-            scale = centred.std(0)
-            scale[scale == 0] = 1.0
-            cov, _ = ledoit_wolf(centred / scale)
-            cov = scale[:, None] * cov * scale[None, :]
-        else:
-            emp = centred.T @ centred / centred.shape[0]  # [D, D]
-            mu = np.trace(emp) / d
-            cov = (1 - float(shrinkage)) * emp + float(shrinkage) * mu * np.eye(d)
-        sigma += (xc.shape[0] / x.shape[0]) * cov
-    w = np.linalg.lstsq(sigma, means[1] - means[0], rcond=None)[0]  # [D]
-    scale, shift = calibrate_1d(x64 @ w, y)
-    return _projection_params(w, scale, shift)
-
-
-def _projection_params(w, scale, shift) -> dict:
-    return {
-        "w": jnp.asarray(w, jnp.float32),
-        "b": jnp.float32(0.0),
-        "scale": jnp.float32(scale),
-        "shift": jnp.float32(shift),
-    }
-
-
-def train_logreg(x: np.ndarray, y: np.ndarray, c: float, max_steps: int) -> tuple[dict, dict]:
-    """L2 logistic regression on standardised x [N, D], scikit-learn's objective
-    |w|^2 / 2 + C * sum_i logloss (intercept unpenalised), by Newton-CG in JAX."""
-    x = np.asarray(x, np.float32)
-    mu = x.mean(0)
-    sd = x.std(0)
-    sd[sd == 0] = 1.0
-    z = (x - mu) / sd
-    w, b, n_steps = _newton(jnp.asarray(z), jnp.asarray(y, jnp.float32), jnp.float32(c), max_steps)
-    params = {"w": w, "b": b, "mu": jnp.asarray(mu), "sd": jnp.asarray(sd)}
-    return params, {"newton_steps": int(n_steps)}
-
-
-def _newton_impl(z, y, c, max_steps):
-    """Newton's method with each step solved by conjugate gradients on Hessian-vector
-    products (two [N, D] products per CG iteration), never forming the [D+1, D+1] Hessian:
-    at N ~ D the explicit Hessian and its Cholesky cost ~4x the whole CG solve."""
-    n, d = z.shape
-    reg = jnp.concatenate([jnp.ones((d,)), jnp.zeros((1,))])  # intercept unpenalised
-
-    def xt(u):  # [N] -> [D+1]: the transpose of theta -> z @ w + b
-        return jnp.concatenate([z.T @ u, jnp.sum(u)[None]])
-
-    def body(state):
-        theta, i, _ = state
-        p = jax.nn.sigmoid(z @ theta[:d] + theta[d])  # [N]
-        g = reg * theta + c * xt(p - y)  # [D+1]
-        s = p * (1 - p)  # [N]
-
-        def hvp(v):  # the Hessian is symmetric positive definite: CG applies
-            return reg * v + c * xt(s * (z @ v[:d] + v[d]))
-
-        delta, _ = jax.scipy.sparse.linalg.cg(hvp, g, tol=1e-6, maxiter=d + 1)
-        return theta - delta, i + 1, jnp.max(jnp.abs(delta))
-
-    def cond(state):
-        _, i, step = state
-        return (i < max_steps) & (step > 1e-6)
-
-    theta, i, _ = jax.lax.while_loop(
-        cond, body, (jnp.zeros((d + 1,), jnp.float32), jnp.int32(0), jnp.float32(jnp.inf))
-    )
-    return theta[:d], theta[d], i
-
-
-_newton = jax.jit(_newton_impl, static_argnums=3)

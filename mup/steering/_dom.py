@@ -73,6 +73,7 @@ def dom_from_store(store, layer: int, *, max_bytes: int = 256 << 20) -> DomResul
     """
     from mup import native
     from mup import store as store_mod
+    from mup.probes import ClassMeans
 
     st = store_mod.open(store) if not isinstance(store, store_mod.ActivationStore) else store
     layer = int(layer)
@@ -92,8 +93,7 @@ def dom_from_store(store, layer: int, *, max_bytes: int = 256 << 20) -> DomResul
         raise ValueError(f"store {st.url} has no labels; a difference of means needs them")
     mask = st.mask  # [T]
     d = st.d_model
-    sums = {0: np.zeros(d, np.float64), 1: np.zeros(d, np.float64)}
-    counts = {0: 0, 1: 0}
+    means_by_class = ClassMeans(d)
     n_unlabelled = int(np.count_nonzero(labels == -1))
     n_empty = 0
     for rows, acts, offsets in st.iter_row_chunks(source, max_bytes=max_bytes):
@@ -114,17 +114,15 @@ def dom_from_store(store, layer: int, *, max_bytes: int = 256 << 20) -> DomResul
             sub_mask = np.concatenate([chunk_mask[s] for s in pieces])
             sub_offsets = np.concatenate([[0], np.cumsum([s.stop - s.start for s in pieces])])
         means = native.pool(sub_acts, sub_offsets, method="mean", mask=sub_mask)  # [K, D]
-        for c in (0, 1):
-            sel = lab[keep] == c
-            sums[c] += means[sel].sum(axis=0, dtype=np.float64)
-            counts[c] += int(np.count_nonzero(sel))
+        means_by_class.add(means, lab[keep])
+    counts = {c: int(means_by_class.counts[c]) for c in (0, 1)}
     for c, name in ((1, "positive (label 1)"), (0, "negative (label 0)")):
         if counts[c] == 0:
             raise ValueError(
                 f"store {st.url}: no {name} records with masked tokens; "
                 f"{n_unlabelled} unlabelled, {n_empty} with an empty mask"
             )
-    vec = sums[1] / counts[1] - sums[0] / counts[0]  # [D]
+    vec = means_by_class.difference()  # [D]
     sv = SteeringVector(
         vector=vec.astype(np.float32),
         layer=layer,

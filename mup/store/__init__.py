@@ -33,17 +33,14 @@ from mup.store._reader import (
     open,
 )
 
-# Writing
+# Creating and writing
+from mup.store._create import Occupant, StoreExistsError, create, inspect
+from mup.store._io import StoreNotFoundError
 from mup.store._writer import (
     DEFAULT_RETRIES,
     DEFAULT_S3_UPLOAD,
     MAX_INFLIGHT_SHARDS,
-    Occupant,
-    StoreExistsError,
-    StoreNotFoundError,
     StoreWriter,
-    create,
-    inspect,
     open_writer,
 )
 

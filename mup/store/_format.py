@@ -83,11 +83,10 @@ SHARD_BYTES = 32 << 20
 TOKEN_META_CHUNK = 1 << 20
 # Chunk length of the record-level arrays (offsets, ids, labels).
 RECORD_META_CHUNK = 1 << 16
-# Compressor of the layer arrays: plain zstd level 1. Measured on real SmolLM2-135M residuals
-# (layers 6/11/20/30, 17.7k tokens, float16): zstd-1 1.075x at ~150 MB/s, zstd-3 1.075x at
-# ~110 MB/s, zstd-9 1.077x at ~50 MB/s; blosc+byte-shuffle+zstd 1.074x (no gain: the exponent
-# byte carries most of the redundancy either way), blosc bitshuffle and lz4 ~1.00x.
-# Residuals are near-incompressible; the big saving is storing them ragged (no padding).
+# Compressor of the layer arrays: plain zstd level 1. On real residuals higher levels and blosc
+# shuffles compressed no better and ran slower (the exponent byte carries most of the
+# redundancy either way); `benchmarks/bench_store.py` prints the ratio it reaches. Residuals are
+# near-incompressible; the big saving is storing them ragged (no padding).
 LAYER_ZSTD_LEVEL = 1
 # The token/record arrays (ids, roles, mask, offsets) are very compressible; level 3 is cheap.
 ZSTD_LEVEL = 3

@@ -15,13 +15,8 @@ import tensorstore as ts
 
 from mup.store import _format as F
 from mup.store._integrity import DamagedStoreError, describe_faults, list_objects, missing_objects
+from mup.store._io import TRANSIENT_CODES, StoreNotFoundError, open_array, read_group_attrs
 from mup.store._location import Location, StoreError, parse_location
-from mup.store._writer import (
-    TRANSIENT_CODES,
-    StoreNotFoundError,
-    _open_array,
-    read_group_attrs,
-)
 
 __all__ = ["ActivationStore", "IncompleteStoreError", "StoreListing", "list_stores", "open"]
 
@@ -61,7 +56,7 @@ def open(url, *, require_complete: bool = True) -> ActivationStore:  # noqa: A00
     if attrs.get("complete"):
         faults += missing_objects(objects, F.shard_objects(attrs, range(F.n_shards(attrs))))
     else:
-        done = _open_array(loc.kvstore("done")).read().result()  # [S]
+        done = open_array(loc.kvstore("done")).read().result()  # [S]
         lost = [
             int(s)
             for s in np.flatnonzero(done)
@@ -106,7 +101,7 @@ class ActivationStore:
 
     def _read_small(self, name: str) -> np.ndarray:
         try:
-            return _open_array(self._loc.kvstore(name), fill_missing=False).read().result()
+            return open_array(self._loc.kvstore(name), fill_missing=False).read().result()
         except ValueError as e:  # tensorstore: a lost object or a failed checksum
             raise _read_error(e)(f"{self.url}: reading {name} failed: {_one_line(e)}") from None
 
@@ -133,7 +128,7 @@ class ActivationStore:
 
     def done_rows(self) -> np.ndarray:
         """bool [N]: records whose activations are written (all True for a complete store)."""
-        done = _open_array(self._loc.kvstore("done")).read().result().astype(bool)  # [S]
+        done = open_array(self._loc.kvstore("done")).read().result().astype(bool)  # [S]
         done[self._lost_shards] = False
         return F.rows_done(self.offsets, done, int(self.attrs["shard_tokens"]))
 
@@ -144,7 +139,7 @@ class ActivationStore:
             )
         layer = int(layer)
         if layer not in self._arrays:
-            self._arrays[layer] = _open_array(
+            self._arrays[layer] = open_array(
                 self._loc.kvstore(f"layers/{layer}"), fill_missing=False
             )
         return self._arrays[layer]

@@ -14,8 +14,8 @@ import numpy as np
 
 from mup.store import _format as F
 from mup.store._integrity import describe_faults, list_objects, missing_objects
+from mup.store._io import open_array, read_group_attrs
 from mup.store._location import StoreError, parse_location
-from mup.store._writer import _open_array, read_group_attrs
 
 __all__ = ["Verdict", "verify", "verify_all"]
 
@@ -62,7 +62,7 @@ def verify(url) -> Verdict:
         return Verdict(url=loc.url, faults=tuple(faults), summary="")
     n_shards = F.n_shards(attrs)
     try:
-        done = _open_array(loc.kvstore("done")).read().result().astype(bool)  # [S]
+        done = open_array(loc.kvstore("done")).read().result().astype(bool)  # [S]
     except ValueError as e:
         faults.append(f"done: {_one_line(e)}")
         done = np.ones(n_shards, bool)  # check every shard's objects and checksums instead
@@ -83,7 +83,7 @@ def verify(url) -> Verdict:
         if f"{name}/zarr.json" in absent:
             continue
         try:
-            data = _open_array(loc.kvstore(name), fill_missing=False).read().result()
+            data = open_array(loc.kvstore(name), fill_missing=False).read().result()
         except ValueError as e:
             faults.append(f"{name}: {_one_line(e)}")
             continue
@@ -105,7 +105,7 @@ def verify(url) -> Verdict:
         if f"layers/{layer}/zarr.json" in absent:
             continue
         try:
-            arr = _open_array(loc.kvstore(f"layers/{layer}"), fill_missing=False)
+            arr = open_array(loc.kvstore(f"layers/{layer}"), fill_missing=False)
         except ValueError as e:
             faults.append(f"layers/{layer}: {_one_line(e)}")
             continue

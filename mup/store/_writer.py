@@ -34,16 +34,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
-import datetime
-import errno
+import itertools
 import json
 import logging
 import os
-import re
 import shutil
-import signal
-import itertools
 import tempfile
 import threading
 import time
@@ -55,17 +50,25 @@ import tensorstore as ts
 
 from mup.store import _format as F
 from mup.store._integrity import DamagedStoreError, describe_faults, list_objects, missing_objects
+from mup.store._io import (
+    StoreNotFoundError,
+    has_key,
+    kv,
+    now,
+    open_array,
+    read_group_attrs,
+    short_error,
+    transient,
+    write_group,
+)
 from mup.store._location import Location, StoreError, parse_location
+from mup.store._validate import as_int_array, check_acts
 
 __all__ = [
     "DEFAULT_RETRIES",
     "DEFAULT_S3_UPLOAD",
-    "Occupant",
-    "StoreExistsError",
-    "StoreNotFoundError",
+    "MAX_INFLIGHT_SHARDS",
     "StoreWriter",
-    "create",
-    "inspect",
     "open_writer",
 ]
 
@@ -83,405 +86,14 @@ MAX_INFLIGHT_SHARDS = 2
 DEFAULT_RETRIES = 10
 RETRY_DELAY_S = 1.0
 MAX_RETRY_DELAY_S = 60.0
-# tensorstore status codes (the start of its error messages) worth retrying.
-TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED")
 
 # How completed shards reach S3: "tensorstore" (its s3 kvstore PUTs each encoded shard) or
-# "boto3" (tensorstore encodes the shard into a local staging file, boto3 uploads it). Measured
-# against a moto server process on loopback (benchmarks/bench_store.py, 2 layers x D=576,
-# 2-CPU shared box): 4 MiB shards, 153 MB, two commits in flight: tensorstore 44.8 MB/s vs
-# boto3 36.1 MB/s (1.24x); one commit in flight: 7.6 vs 9.4; 32 MiB shards, 132 MB, 3 rounds:
-# 20.6/21.1/31.8 vs 21.5/28.9/24.4. Equal or better, with one code path for local and S3, no
-# staging disk and byte-identical objects (tested), so tensorstore is the default. Shards stay
-# below the multipart threshold, so R2's equal-part rule never applies to either path.
+# "boto3" (tensorstore encodes the shard into a local staging file, boto3 uploads it). Against
+# a moto server on loopback the two ran at about the same speed (`benchmarks/bench_store.py`
+# measures both in one run); tensorstore keeps one code path for local and S3, needs no staging
+# disk and writes byte-identical objects (tested), so it is the default. Shards stay below the
+# multipart threshold, so R2's equal-part rule never applies to either path.
 DEFAULT_S3_UPLOAD: Literal["tensorstore", "boto3"] = "tensorstore"
-
-
-class StoreNotFoundError(StoreError, FileNotFoundError):
-    """No (fully created) store at the URL: create one with `create`."""
-
-
-class StoreExistsError(StoreError, FileExistsError):
-    """`create` will not write there: a store, or something that is not a store (one line)."""
-
-
-def _transient(error: BaseException) -> bool:
-    """Whether a failed write may succeed if tried again (network, endpoint, throttling)."""
-    if isinstance(error, ValueError):  # tensorstore: "CODE: message"
-        return str(error).startswith(TRANSIENT_CODES)
-    try:
-        import botocore.exceptions as bexc
-    except ImportError:
-        return False
-    if isinstance(error, bexc.ClientError):
-        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        return status >= 500 or status == 429
-    return isinstance(
-        error,
-        bexc.EndpointConnectionError
-        | bexc.ConnectionClosedError
-        | bexc.ConnectTimeoutError
-        | bexc.ReadTimeoutError,
-    )
-
-
-def _short_error(error: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-def _kv(loc: Location, sub: str = "") -> ts.KvStore:
-    return ts.KvStore.open(loc.kvstore(sub)).result()
-
-
-def read_group_attrs(loc: Location) -> dict | None:
-    """The group attributes at `loc`, or None if there is no zarr.json there."""
-    got = _kv(loc).read("zarr.json").result()
-    if got.state != "value":
-        return None
-    try:
-        meta = json.loads(bytes(got.value))
-    except ValueError as e:
-        raise StoreError(f"{loc.url}/zarr.json is not valid JSON: {e}") from None
-    if meta.get("node_type") != "group":
-        raise StoreError(f"{loc.url} is a zarr {meta.get('node_type')}, not a mup store group")
-    attrs = meta.get("attributes", {})
-    if attrs.get("format") != F.FORMAT_NAME:
-        raise StoreError(
-            f"{loc.url} is a zarr group but not a {F.FORMAT_NAME} store "
-            f"(format attribute {attrs.get('format')!r})"
-        )
-    if attrs.get("format_version") not in F.READABLE_VERSIONS:
-        raise StoreError(
-            f"{loc.url}: format version {attrs.get('format_version')!r} is not supported "
-            f"(this mup reads versions {', '.join(map(str, F.READABLE_VERSIONS))})"
-        )
-    return attrs
-
-
-def write_group(loc: Location, sub: str, attrs: dict) -> None:
-    body = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}, indent=1)
-    _kv(loc, sub).write("zarr.json", body.encode()).result()
-
-
-def _has_key(loc: Location, key: str) -> bool:
-    return _kv(loc).read(key).result().state == "value"
-
-
-# The top-level names of a store: anything else in its directory is a stray.
-STORE_NAMES = frozenset(
-    {"zarr.json", "layers", "done", "offsets", "ids", "input_ids", "roles", "mask", "labels"}
-)
-_SHARD_KEY = re.compile(r"layers/\d+/c/.+")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Occupant:
-    """What a location holds, as `create` and the extractor judge it (see `inspect`).
-
-    kind: "empty"; "store" (a fully created mup store: group and `done` array); "unfinished"
-      (parts of a mup store whose creation, or deletion, was interrupted); "foreign" (anything
-      else, which no mup command deletes).
-    attrs: the group attributes of a "store".
-    recreatable: an "unfinished" store that holds no layer shard and no stray, i.e. only what an
-      interrupted `create` leaves: creating it again loses nothing, so no overwrite is needed.
-    detail: one line on what is there, for error messages.
-    """
-
-    kind: Literal["empty", "store", "unfinished", "foreign"]
-    attrs: dict | None = None
-    recreatable: bool = False
-    detail: str = ""
-
-
-def inspect(url) -> Occupant:
-    """Judge what `url` holds (one listing) before anything is written there."""
-    loc = url if isinstance(url, Location) else parse_location(url)
-    if loc.kind == "file" and os.path.exists(loc.path) and not os.path.isdir(loc.path):
-        return Occupant(kind="foreign", detail="is a file, not a directory")
-    objects = list_objects(loc)
-    if not objects:
-        return Occupant(kind="empty")
-    strays = sorted({key.split("/", 1)[0] for key in objects} - STORE_NAMES)
-    named = ", ".join(repr(s) for s in strays[:4]) + (" ..." if len(strays) > 4 else "")
-    mup_group = readable = False
-    if "zarr.json" in objects:
-        try:
-            meta = json.loads(bytes(_kv(loc).read("zarr.json").result().value))
-            readable = True
-        except ValueError:
-            meta = None  # truncated or empty: a crash or a full disk while it was written
-        if isinstance(meta, dict):
-            attrs = meta.get("attributes")
-            mup_group = (
-                meta.get("node_type") == "group"
-                and isinstance(attrs, dict)
-                and attrs.get("format") == F.FORMAT_NAME
-            )
-        if readable and not mup_group:
-            return Occupant(kind="foreign", detail="holds a zarr.json that is not a mup store's")
-    markers = [k for k in objects if k != "zarr.json" and k.split("/", 1)[0] in STORE_NAMES]
-    if not mup_group and not markers and ("zarr.json" not in objects or strays):
-        return Occupant(kind="foreign", detail=f"is not empty and holds no mup store ({named})")
-    if mup_group and "done/zarr.json" in objects:
-        return Occupant(kind="store", attrs=read_group_attrs(loc))
-    shards = any(_SHARD_KEY.fullmatch(k) for k in objects)
-    what = ["this store was never fully created (done/zarr.json is missing)"]
-    if not mup_group:
-        what = ["this store was never fully created (no readable group zarr.json)"]
-    if shards:
-        what.append("yet it holds layer shards")
-    if strays:
-        what.append(f"and stray files ({named})")
-    return Occupant(
-        kind="unfinished", recreatable=not shards and not strays, detail=", ".join(what)
-    )
-
-
-def _delete_all(loc: Location) -> None:
-    # The group metadata goes first: a deletion cut short leaves no store that looks whole
-    # (what remains is "unfinished", and --overwrite deletes it).
-    if loc.kind == "file":
-        try:
-            os.remove(os.path.join(loc.path, "zarr.json"))
-        except FileNotFoundError:
-            pass
-        _after("zarr.json deleted")
-        shutil.rmtree(loc.path, ignore_errors=True)
-    else:
-        _kv(loc).write("zarr.json", None).result()
-        _after("zarr.json deleted")
-        _kv(loc).delete_range(ts.KvStore.KeyRange()).result()
-
-
-# Test hook: MUP_STORE_FAIL_AFTER="<step>:kill" makes `create` SIGKILL its own process right
-# after that step (an object key such as "zarr.json", "offsets/zarr.json", "offsets/c" or
-# "done/zarr.json"; or "deleted", "zarr.json deleted"), as kill -9 would; "<step>:raise" raises
-# ENOSPC there, as a full disk would. The crash tests walk every step.
-FAIL_AFTER_ENV = "MUP_STORE_FAIL_AFTER"
-
-
-def _after(step: str) -> None:
-    spec = os.environ.get(FAIL_AFTER_ENV)
-    if not spec:
-        return
-    target, _, how = spec.rpartition(":")
-    if target != step:
-        return
-    if how == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise OSError(errno.ENOSPC, f"No space left on device (injected after {step})")
-
-
-def _open_array(
-    kvstore: dict, metadata: dict | None = None, *, fill_missing: bool = True
-) -> ts.TensorStore:
-    """Create (with `metadata`) or open a zarr v3 array.
-
-    fill_missing=False makes a read of a missing chunk or shard fail (naming its object) instead
-    of returning the fill value: every array of a complete store is fully materialised, so a
-    missing object is always a lost one. Only `done` (unset flags are absent) needs filling.
-    """
-    spec = {"driver": "zarr3", "kvstore": kvstore}
-    if metadata is not None:
-        spec.update(metadata=metadata, create=True, delete_existing=True)
-        # Always materialise shards (even all-zero ones) so that every shard is one object.
-        spec["store_data_equal_to_fill_value"] = True
-    else:
-        spec["open"] = True
-    if not fill_missing:
-        spec["fill_missing_data_reads"] = False
-    return ts.open(spec).result()
-
-
-def _as_int_array(name: str, value, ndim: int = 1) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.ndim != ndim or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(
-            f"{name} must be a {ndim}-D integer array, got dtype {arr.dtype} shape {arr.shape}"
-        )
-    return arr.astype(np.int64, copy=False)
-
-
-def create(
-    url,
-    *,
-    layers,
-    d_model: int,
-    dtype: str = "float16",
-    offsets,
-    ids,
-    input_ids,
-    roles,
-    mask,
-    labels=None,
-    attrs: dict,
-    overwrite: bool = False,
-    chunk_tokens: int | None = None,
-    shard_tokens: int | None = None,
-    s3_upload: Literal["tensorstore", "boto3"] | None = None,
-    retries: int = DEFAULT_RETRIES,
-) -> StoreWriter:
-    """Create an empty store for N records / T tokens and return its writer.
-
-    Args:
-      url: local directory or `s3://bucket/prefix` (the store itself, not its parent).
-      layers: layer numbers to store (hidden_states index; 0 = embeddings).
-      d_model: width D of every layer array.
-      dtype: storage dtype, one of float16 (default), bfloat16, float32.
-      offsets: int [N+1], offsets[0] == 0, non-decreasing; record i owns tokens
-        offsets[i]:offsets[i+1].
-      ids: N record ids (str). input_ids: int [T]. roles: uint8 [T]. mask: bool [T].
-      labels: optional int [N] with values in {-1, 0, 1}.
-      attrs: job description; must contain the keys in `JOB_ATTRS`.
-      overwrite: replace an existing store at `url` (only a mup store or an empty location).
-      chunk_tokens, shard_tokens: override the chunk/shard lengths derived from CHUNK_BYTES and
-        SHARD_BYTES (shard_tokens must be a multiple of chunk_tokens).
-      s3_upload: how shards reach S3 (default `DEFAULT_S3_UPLOAD`); ignored for local stores.
-      retries: transient failures of one shard commit retried before the writer fails (see
-        `StoreWriter`).
-    """
-    loc = parse_location(url)
-    if loc.kind == "s3" and not loc.prefix:
-        raise ValueError(
-            f"{loc.url}: a store needs its own prefix (s3://bucket/prefix), not a bucket root"
-        )
-    # ---- validate everything before touching storage
-    layers = [int(x) for x in layers]
-    if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
-        raise ValueError(f"layers must be distinct non-negative ints, got {layers}")
-    if int(d_model) <= 0:
-        raise ValueError(f"d_model must be positive, got {d_model}")
-    d_model = int(d_model)
-    if dtype not in F.STORAGE_DTYPES:
-        raise ValueError(f"dtype must be one of {F.STORAGE_DTYPES}, got {dtype!r}")
-    offsets = _as_int_array("offsets", offsets)
-    if offsets.size < 2 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
-        raise ValueError(
-            f"offsets must be int [N+1] with N >= 1, offsets[0] == 0 and non-decreasing; "
-            f"got shape {offsets.shape}"
-        )
-    n, t = offsets.size - 1, int(offsets[-1])
-    if t == 0:
-        raise ValueError("offsets describe 0 tokens; a store needs at least one token")
-    ids = list(ids)
-    if len(ids) != n:
-        raise ValueError(f"ids must have N={n} entries (offsets has N+1={n + 1}), got {len(ids)}")
-    ids_raw = F.encode_ids(ids)  # [N, W]
-    input_ids = _as_int_array("input_ids", input_ids)
-    roles_a = np.asarray(roles)
-    mask_a = np.asarray(mask)
-    for name, arr in (("input_ids", input_ids), ("roles", roles_a), ("mask", mask_a)):
-        if arr.shape != (t,):
-            raise ValueError(f"{name} must have shape [T]=[{t}] (offsets[-1]), got {arr.shape}")
-    if roles_a.size and (
-        not np.issubdtype(roles_a.dtype, np.integer) or roles_a.min() < 0 or roles_a.max() > 255
-    ):
-        raise ValueError(f"roles must be integers in 0..255 (uint8), got dtype {roles_a.dtype}")
-    if mask_a.dtype != np.bool_:
-        raise ValueError(f"mask must be a bool array [T]=[{t}], got dtype {mask_a.dtype}")
-    if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= 2**31):
-        raise ValueError("input_ids must fit int32 and be non-negative")
-    labels_a = None
-    if labels is not None:
-        labels_a = _as_int_array("labels", labels)
-        if labels_a.shape != (n,):
-            raise ValueError(f"labels must have shape [N]=[{n}], got {labels_a.shape}")
-        bad = ~np.isin(labels_a, (-1, 0, 1))
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise ValueError(
-                f"labels[{i}] = {labels_a[i]}: expected 1 (high), 0 (low) or -1 (none)"
-            )
-    if not isinstance(attrs, dict):
-        raise ValueError(f"attrs must be a dict, got {type(attrs).__name__}")
-    missing = [k for k in F.JOB_ATTRS if k not in attrs]
-    if missing:
-        raise ValueError(
-            f"attrs is missing job attributes {missing} (required: {list(F.JOB_ATTRS)})"
-        )
-    reserved = [k for k in attrs if k in F.RESERVED_ATTRS]
-    if reserved:
-        raise ValueError(f"attrs may not set store-owned attributes {reserved}")
-    try:
-        json.dumps(attrs)
-    except TypeError as e:
-        raise ValueError(f"attrs must be JSON-serialisable: {e}") from None
-    ct = chunk_tokens or F.default_chunk_tokens(d_model, dtype)
-    st = shard_tokens or F.default_shard_tokens(d_model, dtype, ct)
-    if ct <= 0 or st <= 0 or st % ct:
-        raise ValueError(f"shard_tokens ({st}) must be a positive multiple of chunk_tokens ({ct})")
-
-    # ---- decide what may be replaced
-    found = inspect(loc)
-    if found.kind == "foreign":
-        raise StoreExistsError(f"{loc.url} {found.detail}; refusing to write there")
-    if found.kind == "store" and not overwrite:
-        state = "complete" if found.attrs.get("complete") else "incomplete"
-        raise StoreExistsError(
-            f"an {state} store already exists at {loc.url}; resume it with open_writer() "
-            "or pass overwrite=True"
-        )
-    if found.kind == "unfinished" and not overwrite and not found.recreatable:
-        raise StoreExistsError(f"{loc.url}: {found.detail}; pass overwrite=True (--overwrite)")
-    if found.kind != "empty":
-        _delete_all(loc)
-    _after("deleted")
-
-    from mup import __version__
-
-    store_attrs = {
-        "format": F.FORMAT_NAME,
-        "format_version": F.FORMAT_VERSION,
-        **attrs,
-        "layers": layers,
-        "d_model": d_model,
-        "dtype": dtype,
-        "n_records": n,
-        "n_tokens": t,
-        "chunk_tokens": ct,
-        "shard_tokens": st,
-        "ids_encoding": "utf-8, zero-padded uint8 [N, W]",
-        "mup_version": __version__,
-        "created": _now(),
-        "complete": False,
-        "has_labels": labels_a is not None,
-    }
-    # Written one object at a time, in this order, the `done` array last: a location whose
-    # `done/zarr.json` is missing was interrupted here, holds no activations, and `create`
-    # redoes it (see `inspect`).
-    write_group(loc, "", store_attrs)
-    _after("zarr.json")
-    write_group(loc, "layers", {})
-    _after("layers/zarr.json")
-    small = [
-        ("offsets", "int64", offsets, [F.RECORD_META_CHUNK]),
-        ("ids", "uint8", ids_raw, [F.RECORD_META_CHUNK, ids_raw.shape[1]]),
-        ("input_ids", "int32", input_ids.astype(np.int32), [F.TOKEN_META_CHUNK]),
-        ("roles", "uint8", roles_a.astype(np.uint8), [F.TOKEN_META_CHUNK]),
-        ("mask", "bool", mask_a, [F.TOKEN_META_CHUNK]),
-    ]
-    if labels_a is not None:
-        small.append(("labels", "int8", labels_a.astype(np.int8), [F.RECORD_META_CHUNK]))
-    for name, dt, data, chunk in small:
-        arr = _open_array(loc.kvstore(name), F.meta_array_metadata(dt, list(data.shape), chunk))
-        _after(f"{name}/zarr.json")
-        arr.write(data).result()
-        _after(f"{name}/c")
-    for layer in layers:
-        md = F.layer_array_metadata(
-            n_tokens=t, d_model=d_model, dtype=dtype, chunk_tokens=ct, shard_tokens=st
-        )
-        _open_array(loc.kvstore(f"layers/{layer}"), md)
-        _after(f"layers/{layer}/zarr.json")
-    n_shards = -(-t // st)
-    _open_array(loc.kvstore("done"), F.done_array_metadata(n_shards))
-    _after("done/zarr.json")
-    return StoreWriter(loc, store_attrs, offsets, s3_upload=s3_upload, retries=retries)
 
 
 def open_writer(
@@ -505,11 +117,11 @@ def open_writer(
     attrs = read_group_attrs(loc)
     if attrs is None:
         raise StoreNotFoundError(f"no mup store at {loc.url}")
-    if not _has_key(loc, "done/zarr.json"):
+    if not has_key(loc, "done/zarr.json"):
         raise StoreNotFoundError(
             f"creation of the store at {loc.url} was interrupted; create it again"
         )
-    offsets = _open_array(loc.kvstore("offsets")).read().result().astype(np.int64)
+    offsets = open_array(loc.kvstore("offsets")).read().result().astype(np.int64)
     return StoreWriter(loc, attrs, offsets, part=part, s3_upload=s3_upload, retries=retries)
 
 
@@ -570,9 +182,9 @@ class StoreWriter:
         self._own_first = np.maximum(first, self._s_lo)  # [N] row's shards inside this part
         self._own_end = np.minimum(end, self._s_hi)
         self._owns_row = self._own_end > self._own_first  # [N]
-        self._shard_done = _open_array(loc.kvstore("done")).read().result().astype(bool)  # [S]
+        self._shard_done = open_array(loc.kvstore("done")).read().result().astype(bool)  # [S]
         # Writes fail fast and `_commit` retries them, reporting each retry (see `retries`).
-        self._done_flags = _open_array(loc.kvstore("done", quick_retries=True))
+        self._done_flags = open_array(loc.kvstore("done", quick_retries=True))
         self._forget_lost_shards()
         self._received = np.zeros(self.n_records, bool)  # [N] rows taken by write() this session
         self._pending: dict[int, _Pending] = {}
@@ -595,7 +207,7 @@ class StoreWriter:
             if self._mode == "boto3":
                 # The staged shards must be encoded exactly as the store's own array says (a
                 # resumed version 1 store keeps its codecs), so copy its metadata.
-                got = _kv(loc, f"layers/{layer}").read("zarr.json").result()
+                got = kv(loc, f"layers/{layer}").read("zarr.json").result()
                 if got.state != "value":
                     raise StoreError(f"{loc.url}: layers/{layer}/zarr.json is missing")
                 meta = {
@@ -603,12 +215,10 @@ class StoreWriter:
                     for k, v in json.loads(bytes(got.value)).items()
                     if k not in ("zarr_format", "node_type")
                 }
-                kv = {"driver": "file", "path": os.path.join(self._staging, str(layer)) + "/"}
-                self._arrays[layer] = _open_array(kv, meta)
+                staged = {"driver": "file", "path": os.path.join(self._staging, str(layer)) + "/"}
+                self._arrays[layer] = open_array(staged, meta)
             else:
-                self._arrays[layer] = _open_array(
-                    loc.kvstore(f"layers/{layer}", quick_retries=True)
-                )
+                self._arrays[layer] = open_array(loc.kvstore(f"layers/{layer}", quick_retries=True))
         self.complete = bool(attrs.get("complete"))
         self._error: BaseException | None = None
         self._error_note = ""
@@ -689,12 +299,7 @@ class StoreWriter:
         self._check_error()
         if self.complete:
             raise ValueError(f"store {self.url} is already complete; nothing left to write")
-        rows = np.asarray(rows)
-        if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
-            raise ValueError(
-                f"rows must be a 1-D integer array, got dtype {rows.dtype} shape {rows.shape}"
-            )
-        rows = rows.astype(np.int64)
+        rows = as_int_array("rows", rows)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_records):
             bad = rows[(rows < 0) | (rows >= self.n_records)][0]
             raise ValueError(f"row {bad} is out of range: the store has N={self.n_records} records")
@@ -716,33 +321,14 @@ class StoreWriter:
             raise ValueError(
                 f"rows {rows[again][:8].tolist()} were already written in this session"
             )
-        total = int(lengths.sum())
-        if not isinstance(acts, dict) or sorted(int(k) for k in acts) != sorted(self.layers):
-            got = sorted(acts) if isinstance(acts, dict) else type(acts).__name__
-            raise ValueError(
-                f"acts must map every stored layer {sorted(self.layers)} to an array; got {got}"
-            )
-        cast = {}
-        for layer in self.layers:
-            a = np.asarray(acts[layer])
-            if a.shape != (total, self.d_model):
-                raise ValueError(
-                    f"acts[{layer}] must have shape [sum of row lengths, D]="
-                    f"[{total}, {self.d_model}], got {a.shape}"
-                )
-            if not (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"):
-                raise ValueError(f"acts[{layer}] must be floating point, got dtype {a.dtype}")
-            with np.errstate(over="ignore", invalid="ignore"):  # reported just below
-                a = a.astype(self._np_dtype, copy=False)  # [R_tokens, D]
-            finite = np.isfinite(a).all(axis=1)
-            if not finite.all():
-                tok = int(np.argmin(finite))
-                row = int(rows[np.searchsorted(np.cumsum(lengths), tok, side="right")])
-                raise ValueError(
-                    f"acts[{layer}] has a non-finite value at row {row} after casting to "
-                    f"{self.dtype} (overflow? store as float32 or bfloat16)"
-                )
-            cast[layer] = a
+        cast = check_acts(
+            acts,
+            layers=self.layers,
+            d_model=self.d_model,
+            dtype=self.dtype,
+            rows=rows,
+            lengths=lengths,
+        )
         # ---- scatter into shard buffers
         pos = 0
         touched = set()
@@ -781,13 +367,13 @@ class StoreWriter:
                 try:
                     return self._commit_once(s, pending)
                 except Exception as e:
-                    if attempt >= self.retries or not _transient(e):
+                    if attempt >= self.retries or not transient(e):
                         if attempt:
                             self._error_note = f" after {attempt} retries"
                         raise
                     delay = min(RETRY_DELAY_S * 2**attempt, MAX_RETRY_DELAY_S)
                     self.on_retry(
-                        f"writing shard {s} of {self.url} failed ({_short_error(e)}); "
+                        f"writing shard {s} of {self.url} failed ({short_error(e)}); "
                         f"retry {attempt + 1} of {self.retries} in {delay:g} s"
                     )
                     time.sleep(delay)
@@ -824,7 +410,7 @@ class StoreWriter:
         if self._error is not None:
             raise StoreError(
                 f"writing a shard of {self.url} failed{self._error_note}: "
-                f"{_short_error(self._error, 400)}"
+                f"{short_error(self._error, 400)}"
             ) from self._error
 
     def _wait(self, future) -> None:
@@ -875,7 +461,7 @@ class StoreWriter:
             "complete",
         )
         self._attrs["complete"] = True
-        self._attrs["completed"] = _now()
+        self._attrs["completed"] = now()
         write_group(self._loc, "", self._attrs)
         self.complete = True
         self.close()

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from mup.probes.__main__ import main
+from mup.experiments._cli import main
 
 # Extraction compiles the tiny model for five stores: about a minute on an idle 2-core machine.
 pytestmark = pytest.mark.slow

@@ -90,8 +90,8 @@ def store_dirs(out) -> list[Path]:
 def read_all(url: str) -> dict[str, np.ndarray]:
     """Every array of a store, read through tensorstore (works for local and s3 URLs)."""
     from mup import store
+    from mup.store._io import open_array as _open_array
     from mup.store._location import parse_location
-    from mup.store._writer import _open_array
 
     opened = store.open(url, require_complete=False)
     loc = parse_location(url)

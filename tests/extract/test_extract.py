@@ -215,7 +215,7 @@ def test_unfinished_stray_and_foreign_store_directories(tiny_model, mini_path, t
     interrupted creation is simply created again, by a plain run or --resume."""
     import shutil
 
-    from mup.store._writer import FAIL_AFTER_ENV
+    from mup.store._create import FAIL_AFTER_ENV
 
     def config(**kw):
         return _config(tiny_model, mini_path, tmp_path, dtype="float32", limit=6, **kw)

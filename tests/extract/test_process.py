@@ -45,8 +45,8 @@ def baseline(tiny_model, big_path, tmp_path_factory):
 
 
 def _done_count(url: str) -> tuple[int, int]:
+    from mup.store._io import open_array as _open_array
     from mup.store._location import parse_location
-    from mup.store._writer import _open_array
 
     try:
         done = _open_array(parse_location(url).kvstore("done")).read().result()
@@ -99,7 +99,7 @@ def test_kill_and_resume_local(tiny_model, big_path, baseline, tmp_path):
 def test_kill9_right_after_the_group_metadata_appears(tiny_model, mini_path, tmp_path):
     """The issue's window: kill -9 just after the group zarr.json is written. --resume then
     creates the store again (it held nothing yet) and equals an uninterrupted run."""
-    from mup.store._writer import FAIL_AFTER_ENV
+    from mup.store._create import FAIL_AFTER_ENV
 
     args = [*_args(tiny_model, mini_path, tmp_path / "out", "--dtype", "float32"), "--limit", "8"]
     clean = run_cli([*_args(tiny_model, mini_path, tmp_path / "clean", "--dtype", "float32"),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mup import metrics, native, probes
-from mup.probes._model import sequence_logits
+from mup.probes._heads import sequence_logits
 
 GRADIENT = ("mean", "max", "last", "softmax", "rolling", "attention", "linear_mean")
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import mup.store as store
-from mup.store._writer import FAIL_AFTER_ENV
+from mup.store._create import FAIL_AFTER_ENV
 
 SEED = 5
 # Few shards: creation writes none, and each recovered store is written out in full.

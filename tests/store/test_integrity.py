@@ -16,7 +16,7 @@ import tensorstore as ts
 import mup.store as store
 from mup.store import _format as F
 from mup.store.__main__ import main as store_main
-from mup.store._writer import read_group_attrs
+from mup.store._io import read_group_attrs
 
 SMALL = dict(chunk_tokens=16, shard_tokens=64)
 

@@ -32,7 +32,8 @@ def init_params(kind: str, d: int, key) -> dict:
 
 
 def pooled_logits(params: dict, x):
-    """Logits [N] of a linear probe on pooled vectors x [N, D]."""
+    """Logits [N] of a linear probe on pooled vectors x [N, D]; jax or numpy arrays alike (the
+    numpy path scores tokens and pooled vectors on the host)."""
     if "mu" in params:
         x = (x - params["mu"]) / params["sd"]
     z = x @ params["w"] + params["b"]  # [N]

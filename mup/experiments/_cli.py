@@ -1,0 +1,187 @@
+"""`mup probes` (also `python -m mup.probes`): probe experiments from the command line.
+
+The command line lives here, with the experiments it runs: `mup.probes` sits below them and
+imports none of them (its `__main__` reaches this module through `mup.cli` by name).
+
+Subcommands: compare, sweep, efficiency, calibration. Each extracts what it needs (stores are
+content-keyed, so a re-run reuses them), writes a results JSONL and a PNG, and prints where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mup import _compile_cache
+from mup._resolve import DEFAULT_MODEL
+
+
+def _kinds(value: str) -> tuple[str, ...]:
+    from mup.probes import PROBE_KINDS
+
+    kinds = tuple(k.strip() for k in value.split(",") if k.strip())
+    bad = [k for k in kinds if k not in PROBE_KINDS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"unknown probe kind(s) {bad or value!r}; known: {','.join(PROBE_KINDS)}"
+        )
+    return kinds
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {value!r}"
+        ) from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return out
+
+
+def _max_tokens(value: str) -> int | None:
+    n = int(value)
+    return None if n == 0 else n
+
+
+def _common(p: argparse.ArgumentParser, out: str) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default %(default)s)")
+    p.add_argument("--out", default=out, help="output directory (default %(default)s)")
+    p.add_argument("--data", default=None, help="data root laid out like shared/data")
+    p.add_argument("--max-tokens", type=_max_tokens, default=512, help="0 = no truncation")
+    p.add_argument("--limit", type=int, default=None, help="records per data set (quick runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mup probes", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compare", help="every probe kind on the four dev sets")
+    _common(p, "runs/compare")
+    p.add_argument("--layer", type=int, default=None, help="default: configs/models/<model>")
+    p.add_argument("--kinds", type=_kinds, default=None, help="comma-separated probe kinds")
+    p.add_argument(
+        "--train-limit", type=int, default=None, help="training-split records (default: --limit)"
+    )
+
+    p = sub.add_parser("sweep", help="grouped k-fold AUROC of one probe kind over layers")
+    _common(p, "runs/sweep")
+    p.add_argument("--layers", type=_ints, default=(5, 10, 15, 20, 25), help="e.g. 5,10,15,20")
+    p.add_argument("--kind", type=_kind, default="logreg", help="probe kind (default %(default)s)")
+    p.add_argument("--folds", type=int, default=5, help="k, folds grouped by pair_id")
+
+    p = sub.add_parser("efficiency", help="dev-set AUROC against training-set size")
+    _common(p, "runs/efficiency")
+    p.add_argument("--layer", type=int, default=None, help="default: configs/models/<model>")
+    p.add_argument("--kinds", type=_kinds, default=("logreg",), help="comma-separated kinds")
+    p.add_argument("--sizes", type=_ints, default=(16, 32, 64, 128, 256, 512))
+    p.add_argument("--seeds", type=_ints, default=(0, 1, 2))
+
+    p = sub.add_parser("calibration", help="predicted probability against scale_labels")
+    _common(p, "runs/calibration")
+    p.add_argument("--layer", type=int, default=None, help="default: configs/models/<model>")
+    p.add_argument("--kind", type=_kind, default="attention")
+    p.add_argument("--bins", type=int, default=10, help="reliability bins")
+    return parser
+
+
+def _kind(value: str) -> str:
+    (kind,) = _kinds(value) if "," not in value else (None,)
+    if kind is None:
+        raise argparse.ArgumentTypeError(f"one probe kind expected, got {value!r}")
+    return kind
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _compile_cache.enable()
+    from mup import experiments
+
+    try:
+        if args.command == "compare":
+            _, summary = experiments.run_compare(
+                experiments.CompareConfig(
+                    model=args.model,
+                    layer=args.layer,
+                    out=args.out,
+                    data=args.data,
+                    kinds=args.kinds,
+                    max_tokens=args.max_tokens,
+                    limit=args.limit,
+                    train_limit=args.train_limit,
+                    seed=args.seed,
+                    progress=not args.no_progress,
+                )
+            )
+            print(summary["markdown"])
+            print(f"wrote {summary['table']}, {summary['plot']}, {summary['results']}")
+        elif args.command == "sweep":
+            rows, summary = experiments.run_sweep(
+                experiments.SweepConfig(
+                    model=args.model,
+                    layers=args.layers,
+                    kind=args.kind,
+                    k=args.folds,
+                    out=args.out,
+                    data=args.data,
+                    max_tokens=args.max_tokens,
+                    limit=args.limit,
+                    seed=args.seed,
+                    progress=not args.no_progress,
+                )
+            )
+            for r in rows:
+                print(f"layer {r.layer:>3}: AUROC {r.auroc_mean:.3f} +- {r.auroc_std:.3f}")
+            print(f"wrote {summary['plot']}, {summary['results']}")
+        elif args.command == "efficiency":
+            rows, summary = experiments.run_efficiency(
+                experiments.EfficiencyConfig(
+                    model=args.model,
+                    layer=args.layer,
+                    kinds=args.kinds,
+                    sizes=args.sizes,
+                    seeds=args.seeds,
+                    out=args.out,
+                    data=args.data,
+                    max_tokens=args.max_tokens,
+                    limit=args.limit,
+                    progress=not args.no_progress,
+                )
+            )
+            for r in rows:
+                print(f"{r.kind:<12} n={r.size:<5} seed={r.seed}: mean AUROC {r.mean_auroc:.3f}")
+            print(f"wrote {summary['plot']}, {summary['results']}")
+        elif args.command == "calibration":
+            summary = experiments.run_calibration(
+                experiments.CalibrationConfig(
+                    model=args.model,
+                    layer=args.layer,
+                    kind=args.kind,
+                    n_bins=args.bins,
+                    out=args.out,
+                    data=args.data,
+                    max_tokens=args.max_tokens,
+                    limit=args.limit,
+                    seed=args.seed,
+                    progress=not args.no_progress,
+                )
+            )
+            for name, res in summary["sets"].items():
+                print(
+                    f"{name:<10} ECE {res['ece']:.3f}  Brier {res['brier']:.3f}  "
+                    f"Spearman(prob, scale) {res['spearman_scale']:.3f}"
+                )
+            print(f"wrote {summary['plot']}, {summary['results']}")
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        print(f"mup probes {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
