@@ -7,6 +7,8 @@ is documented in `mup/store/_format.py`.
 """
 
 # Format
+# Creating and writing
+from mup.store._create import Occupant, StoreExistsError, create, inspect
 from mup.store._format import (
     CHUNK_BYTES,
     FORMAT_NAME,
@@ -17,12 +19,12 @@ from mup.store._format import (
     store_key,
 )
 
-# Locations, access checks and errors
-from mup.store._location import Location, StoreAccessError, StoreError, parse_location, preflight
-
 # Integrity: what a store must hold, and checking all of it
 from mup.store._integrity import DamagedStoreError
-from mup.store._verify import Verdict, verify, verify_all
+from mup.store._io import StoreNotFoundError
+
+# Locations, access checks and errors
+from mup.store._location import Location, StoreAccessError, StoreError, parse_location, preflight
 
 # Reading and listing
 from mup.store._reader import (
@@ -32,10 +34,7 @@ from mup.store._reader import (
     list_stores,
     open,
 )
-
-# Creating and writing
-from mup.store._create import Occupant, StoreExistsError, create, inspect
-from mup.store._io import StoreNotFoundError
+from mup.store._verify import Verdict, verify, verify_all
 from mup.store._writer import (
     DEFAULT_RETRIES,
     DEFAULT_S3_UPLOAD,
