@@ -60,6 +60,7 @@ log = logging.getLogger("mup.engine")
 _ATTEND_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 # Phases of steering per steer_positions: (prefill factor, decode factor).
+_MAX_TRACKED_GROUPS = 4096
 _STEER_PHASES = {"all": (1.0, 1.0), "prompt": (1.0, 0.0), "generated": (0.0, 1.0)}
 
 
@@ -357,6 +358,8 @@ class Engine:
         self._cv = threading.Condition()
         self._incoming: list[_Row] = []
         self._waiting: collections.deque[_Row] = collections.deque()
+        self._admitted_at: dict[object, int] = {}  # request group -> when it last got a slot
+        self._admit_count = 0
         self._prefills: list[_Prefill] = []
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="mup-engine", daemon=True)
@@ -592,17 +595,35 @@ class Engine:
                 self._waiting.remove(r)
                 r.slot = free.pop(0)
                 self._slots[r.slot] = r
+            self._note_admitted(group)
             self._prefills.append(self._new_prefill(group, P, echo))
 
     def _fairest(self) -> _Row:
-        """The waiting row to admit next: the earliest of the groups with the fewest rows in
-        slots (plain FIFO when no request groups its rows)."""
+        """The waiting row to admit next: of the groups with the fewest rows in slots, the one
+        admitted least recently (never first), then the earliest row. Rows without a group
+        count as never admitted, so ungrouped traffic stays first-in first-out."""
         in_slots = collections.Counter(
             r.req.group for r in self._slots if r is not None and r.req.group is not None
         )
-        if not in_slots:
-            return self._waiting[0]
-        return min(self._waiting, key=lambda r: 0 if r.req.group is None else in_slots[r.req.group])
+
+        def key(r: _Row):
+            g = r.req.group
+            if g is None:
+                return (0, -1)
+            return (in_slots[g], self._admitted_at.get(g, -1))
+
+        return min(self._waiting, key=key)  # min keeps the earliest row among equal keys
+
+    def _note_admitted(self, rows: list[_Row]) -> None:
+        self._admit_count += 1
+        for r in rows:
+            if r.req.group is not None:
+                self._admitted_at[r.req.group] = self._admit_count
+        if len(self._admitted_at) > _MAX_TRACKED_GROUPS:  # forget groups no longer queued
+            live = {r.req.group for r in self._waiting} | {
+                r.req.group for r in self._slots if r is not None
+            }
+            self._admitted_at = {g: t for g, t in self._admitted_at.items() if g in live}
 
     def _n_entries(self, rows: int) -> int:
         return len(self._loaded) + (rows if self.custom_layer is not None else 0)
