@@ -76,7 +76,8 @@ class Request:
     probe_token_scores: the probe's score on every generated token.
     group: rows sharing a group (one API request's prompts x n) are admitted fairly against
       other groups: a free slot goes to the group with the fewest rows in slots, then the one
-      admitted least recently, so one request's thousand rows cannot hold back another's one. None = its own.
+      admitted least recently, so one request's thousand rows cannot hold back another's
+      one. None = its own.
     """
 
     prompt_ids: tuple[int, ...]
