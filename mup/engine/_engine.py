@@ -60,8 +60,9 @@ log = logging.getLogger("mup.engine")
 _ATTEND_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 # Phases of steering per steer_positions: (prefill factor, decode factor).
-_MAX_TRACKED_GROUPS = 4096
 _STEER_PHASES = {"all": (1.0, 1.0), "prompt": (1.0, 0.0), "generated": (0.0, 1.0)}
+# Request groups whose last admission is remembered before the gone ones are forgotten.
+_MAX_TRACKED_GROUPS = 4096
 
 
 class EngineClosed(RuntimeError):

@@ -173,11 +173,11 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
                 "n",
                 "too_many_rows",
             )
-        if engine.waiting() + len(rows) > config.max_waiting_rows:
+        waiting = engine.waiting()
+        if waiting + len(rows) > config.max_waiting_rows:
             raise APIError(
                 429,
-                f"the server's queue is full ({engine.waiting()} rows wait for a slot); retry "
-                "shortly",
+                f"the server's queue is full ({waiting} rows wait for a slot); retry shortly",
                 code="queue_full",
                 type="rate_limit_error",
                 headers={"Retry-After": "1"},
