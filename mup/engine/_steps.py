@@ -17,9 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mup.models._config import ModelConfig
-from mup.models._generate import _last_logits
-from mup.models._transformer import KVCache, SteeringSpec, _site, forward
+from mup.models import KVCache, ModelConfig, SteeringSpec, forward, lm_head, site_activation
 
 
 def sample_rows(logits, temperature, top_p, keys, top_k: int = 1):
@@ -81,7 +79,7 @@ def _captures(config: ModelConfig, params, out, captures):
     """Activations at each (layer, site) of `captures` from a forward that captured the layers
     at the residual site (the normed site is the block's input norm applied to that residual),
     so probes of both sites share one forward."""
-    return tuple(_site(config, params, out.hidden[c], c, site) for c, site in captures)
+    return tuple(site_activation(config, params, out.hidden[c], c, site) for c, site in captures)
 
 
 @functools.partial(
@@ -126,7 +124,7 @@ def prefill_chunk(
     )
     final = out.hidden[L]  # [R, C, D] normed
     last = jnp.take_along_axis(final, last_col[:, None, None], axis=1)[:, 0]  # [R, D]
-    logits = _last_logits(config, params, last)  # [R, V]
+    logits = lm_head(config, params, last)  # [R, V]
     # The first new token is step 0 of the row's key, as in `mup.models.generate`.
     step0 = jax.vmap(jax.random.fold_in)(keys, jnp.zeros(R, jnp.int32))
     first, first_lp, top_ids, top_lp = sample_rows(logits, temperature, top_p, step0, top_k)
@@ -140,9 +138,7 @@ def prefill_chunk(
     }
     if all_logprobs:
         # Every position's next-token distribution: the prompt tokens' logprobs (echo).
-        all_logits = jax.vmap(lambda f: _last_logits(config, params, f), in_axes=1, out_axes=1)(
-            final
-        )  # [R, C, V]
+        all_logits = lm_head(config, params, final)  # [R, C, V]
         lp = jax.nn.log_softmax(all_logits, axis=-1)
         result["prompt_lp"] = jnp.take_along_axis(lp, next_tokens[:, :, None], axis=-1)[..., 0]
         if top_k > 1:
@@ -214,7 +210,7 @@ def decode_steps(
             logits=False,
             attend_len=attend_len,
         )
-        logits = _last_logits(config, params, out.hidden[L][:, 0])  # [B, V]
+        logits = lm_head(config, params, out.hidden[L][:, 0])  # [B, V]
         step_keys = jax.vmap(jax.random.fold_in)(keys, step)
         nxt, lp, top_ids, top_lp = sample_rows(logits, temperature, top_p, step_keys, top_k)
         probe = tuple(h[:, 0] for h in _captures(config, params, out, captures))

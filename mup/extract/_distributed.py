@@ -15,6 +15,10 @@ import os
 
 from mup import store
 
+# Hidden test/ops override: shard length (tokens) of new stores, instead of the store's
+# 32 MiB default (the crash tests need many small shards).
+SHARD_TOKENS_ENV = "MUP_EXTRACT_SHARD_TOKENS"
+
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
@@ -57,7 +61,7 @@ class Topology:
     def mesh(self, model_parallel: int):
         import jax
 
-        from mup.models._sharding import make_mesh
+        from mup.models import make_mesh
 
         devices = jax.local_devices()
         if len(devices) == 1 and model_parallel == 1:
@@ -106,15 +110,15 @@ def _create_or_resume(job, config, d_model: int):
             return store.open_writer(job.url, retries=config.s3_retries)
         except store.StoreNotFoundError:
             pass  # creation itself was interrupted: start again below
-    # Hidden override (tests, ops): small shards, one chunk each.
-    shard_tokens = os.environ.get("MUP_EXTRACT_SHARD_TOKENS")
+    # Small shards, one chunk each (see SHARD_TOKENS_ENV).
+    shard_tokens = os.environ.get(SHARD_TOKENS_ENV)
     sizes = {}
     if shard_tokens:
         try:
             sizes = {"shard_tokens": int(shard_tokens), "chunk_tokens": int(shard_tokens)}
         except ValueError:
             raise ValueError(
-                f"MUP_EXTRACT_SHARD_TOKENS={shard_tokens!r}: expected a number of tokens"
+                f"{SHARD_TOKENS_ENV}={shard_tokens!r}: expected a number of tokens"
             ) from None
     return store.create(
         job.url,

@@ -42,9 +42,6 @@ MIN_BUCKET = 32
 # mix by ~33% on average, 1.5 by ~20%, for a few more programs (each ~2 s of CPU compile for
 # SmolLM2-135M, while a batch of 8192 tokens computes for ~25 s of CPU).
 BUCKET_GROWTH = 1.5
-# Hidden test/ops override: shard length (tokens) of new stores, instead of the store's
-# 32 MiB default (the crash tests need many small shards).
-SHARD_TOKENS_ENV = "MUP_EXTRACT_SHARD_TOKENS"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -122,7 +119,7 @@ def read_model_config(resolved: ResolvedSpec, revision: str) -> dict:
     CPU for SmolLM2-135M, and a no-op re-run should not pay it. The cache key is the file's
     `model_identity` revision; the dict is tiny JSON.
     """
-    from mup.models._checkpoint import read_hf_config
+    from mup.models import read_hf_config
 
     if resolved.kind != "gguf":
         return read_hf_config(resolved)
@@ -317,17 +314,6 @@ class _Batcher:
         return native.plan_batches(lengths, token_budget=self.batch_tokens, buckets=self.buckets)
 
 
-def _load_params(resolved: ResolvedSpec, model_config, model_dtype: str, mesh):
-    """The weights on device, streamed tensor by tensor (what `mup.models.load_model` does,
-    minus its second parse of the config and its tokenizer, which we already hold)."""
-    from mup.models._checkpoint import iter_hf_tensors
-    from mup.models._loading import DTYPES
-    from mup.models._params import params_from_hf
-
-    tensors = iter_hf_tensors(resolved)
-    return params_from_hf(model_config, tensors, dtype=DTYPES[model_dtype], mesh=mesh)
-
-
 class _Capture:
     """The jitted capture program: tokens [B, P] -> {layer: [B, P, D]} in the storage dtype."""
 
@@ -337,8 +323,7 @@ class _Capture:
         import jax
         import jax.numpy as jnp
 
-        from mup.models import forward
-        from mup.models._sharding import batch_sharding
+        from mup.models import batch_sharding, forward
 
         dtype = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}[
             storage_dtype
@@ -472,7 +457,7 @@ def run(config: ExtractConfig, *, out=None) -> Summary:
     store.preflight(config.out)  # one clear line about S3 access before any model work
     resolved = resolve_spec(config.model)
 
-    from mup.models import ModelConfig
+    from mup.models import ModelConfig, load_params
 
     identity = model_identity(resolved)
     model_config = ModelConfig.from_hf_config(read_model_config(resolved, identity[1]))
@@ -499,7 +484,7 @@ def run(config: ExtractConfig, *, out=None) -> Summary:
     from tqdm import tqdm
 
     mesh = topology.mesh(config.model_parallel)
-    params = _load_params(resolved, model_config, config.model_dtype, mesh)
+    params = load_params(resolved, model_config, dtype=config.model_dtype, mesh=mesh)
     capture = _Capture(
         model_config, params, tuple(sorted(config.layers)), config.site, config.dtype, mesh
     )

@@ -11,17 +11,25 @@ from mup.models._config import NAMED_CONFIGS, ModelConfig, UnsupportedConfigErro
 
 # isort: split
 # The forward pass, KV cache and steering hook
-from mup.models._transformer import ForwardOutput, KVCache, SteeringSpec, forward, jit_forward
+from mup.models._transformer import (
+    ForwardOutput,
+    KVCache,
+    SteeringSpec,
+    forward,
+    jit_forward,
+    lm_head,
+    site_activation,
+)
 
 # isort: split
 # Parameters and device layout
 from mup.models._params import init_params, param_shapes, params_from_hf
-from mup.models._sharding import make_mesh, param_partition_specs, shard_params
+from mup.models._sharding import batch_sharding, make_mesh, param_partition_specs, shard_params
 
 # isort: split
 # Checkpoints and loading
 from mup.models._checkpoint import CheckpointError, iter_hf_tensors, read_hf_config
-from mup.models._loading import Model, load_model
+from mup.models._loading import DTYPES, Model, load_model, load_params
 
 # isort: split
 # Generation: samplers, steering, the jitted loop and its reference
@@ -35,6 +43,7 @@ from mup.models._generate import (
 from mup.models._sampling import Greedy, Sampler, Temperature, TopP
 
 __all__ = [
+    "DTYPES",
     "NAMED_CONFIGS",
     "CheckpointError",
     "ForwardOutput",
@@ -49,6 +58,7 @@ __all__ = [
     "Temperature",
     "TopP",
     "UnsupportedConfigError",
+    "batch_sharding",
     "default_stop_tokens",
     "forward",
     "generate",
@@ -56,11 +66,14 @@ __all__ = [
     "init_params",
     "iter_hf_tensors",
     "jit_forward",
+    "lm_head",
     "load_model",
+    "load_params",
     "make_mesh",
     "param_partition_specs",
     "param_shapes",
     "params_from_hf",
     "read_hf_config",
     "shard_params",
+    "site_activation",
 ]

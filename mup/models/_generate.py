@@ -27,9 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mup.models._config import ModelConfig
-from mup.models._layers import softcap
 from mup.models._sampling import Greedy, Sampler
-from mup.models._transformer import KVCache, SteeringSpec, forward, jit_forward
+from mup.models._transformer import KVCache, SteeringSpec, forward, jit_forward, lm_head
 
 GREEDY = Greedy()  # the default sampler (frozen, so one shared instance is safe)
 SteerPositions = Literal["all", "prompt", "generated"]
@@ -431,23 +430,6 @@ def _step_keys(keys: jax.Array, step) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
 
 
-def _last_logits(config: ModelConfig, params, normed_last: jax.Array) -> jax.Array:
-    """LM head on the last position only: normed [B, D] -> logits [B, V] float32.
-
-    The forward pass's own head would compute [B, P, V] logits over the whole prompt; only the
-    last column is needed, so the final normed state is captured instead and projected here.
-    """
-    if config.tie_embeddings:
-        out = jnp.einsum(
-            "bd,vd->bv", normed_last, params["embed"], preferred_element_type=jnp.float32
-        )
-    else:
-        out = jnp.einsum(
-            "bd,dv->bv", normed_last, params["lm_head"], preferred_element_type=jnp.float32
-        )
-    return softcap(out, config.final_logit_softcap)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("config", "sampler", "steer_layers", "buffer_len"),
@@ -482,7 +464,7 @@ def _generate_loop(
         return SteeringSpec(layers=steer_layers, vectors=vectors, multipliers=scaled)
 
     def next_token(out, step):
-        logits = _last_logits(config, params, out.hidden[L][:, -1])  # [B, V]
+        logits = lm_head(config, params, out.hidden[L][:, -1])  # [B, V]
         return sampler(logits, _step_keys(keys, step))  # [B]
 
     cache = KVCache.create(config, B, P + buffer_len, dtype=params["embed"].dtype)

@@ -62,9 +62,21 @@ def load_model(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     resolved = resolve_spec(spec)
     config = ModelConfig.from_hf_config(read_hf_config(resolved))
-    params = params_from_hf(config, iter_hf_tensors(resolved), dtype=DTYPES[dtype], mesh=mesh)
+    params = load_params(resolved, config, dtype=dtype, mesh=mesh)
     tokenizer = _load_tokenizer(resolved)
     return Model(config=config, params=params, tokenizer=tokenizer, spec=resolved, dtype=dtype)
+
+
+def load_params(
+    resolved: ResolvedSpec,
+    config: ModelConfig,
+    *,
+    dtype: DType = "float32",
+    mesh: jax.sharding.Mesh | None = None,
+):
+    """The weights of `resolved` on device, streamed tensor by tensor: `load_model` without
+    the config parse and the tokenizer, for callers that already hold both."""
+    return params_from_hf(config, iter_hf_tensors(resolved), dtype=DTYPES[dtype], mesh=mesh)
 
 
 def _load_tokenizer(resolved: ResolvedSpec):

@@ -25,47 +25,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mup.models._config import ModelConfig
+from mup.models._shapes import is_shape, param_shapes
+from mup.models._sharding import param_partition_specs
 
 # (parameter name under params["layers"], HF suffix after "model.layers.{i}.")
 Transform = Callable[[np.ndarray], np.ndarray]
-
-
-def param_shapes(config: ModelConfig) -> dict[str, Any]:
-    """Pytree of shape tuples matching the parameter pytree."""
-    L, D, N, K = config.n_layers, config.d_model, config.n_heads, config.n_kv_heads
-    H, F, V = config.head_dim, config.d_ff, config.vocab_size
-    layers: dict[str, tuple[int, ...]] = {
-        "attn_norm": (L, D),
-        "q": (L, D, N, H),
-        "k": (L, D, K, H),
-        "v": (L, D, K, H),
-        "o": (L, N, H, D),
-        "mlp_norm": (L, D),
-        "gate": (L, D, F),
-        "up": (L, D, F),
-        "down": (L, F, D),
-    }
-    if config.attention_bias:
-        layers.update(q_bias=(L, N, H), k_bias=(L, K, H), v_bias=(L, K, H))
-    if config.qk_norm:
-        layers.update(q_norm=(L, H), k_norm=(L, H))
-    if config.post_norms:
-        layers.update(post_attn_norm=(L, D), post_mlp_norm=(L, D))
-    shapes: dict[str, Any] = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
-    if not config.tie_embeddings:
-        shapes["lm_head"] = (D, V)
-    return shapes
-
-
-def _is_shape(x) -> bool:
-    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32):
@@ -74,10 +44,10 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32):
     Use under `jax.eval_shape` to get abstract shapes of big models without allocating.
     """
     shapes = param_shapes(config)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
     paths = [
         jax.tree_util.keystr(p)
-        for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)[0]
+        for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)[0]
     ]
     keys = jax.random.split(key, len(leaves))
     out = []
@@ -180,8 +150,6 @@ def params_from_hf(
     the end, one parameter name at a time. Raises ValueError naming any missing, duplicated,
     unexpected or mis-shaped tensor.
     """
-    from mup.models._sharding import param_partition_specs
-
     shapes = param_shapes(config)
     specs = param_partition_specs(config, mesh=mesh) if mesh is not None else None
     table = _layer_table(config)

@@ -41,7 +41,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mup.models._config import ModelConfig
-from mup.models._params import param_shapes
+from mup.models._shapes import is_shape, param_shapes
+from mup.models._transformer import KVCache
 
 P = PartitionSpec
 
@@ -128,7 +129,6 @@ def bytes_per_device(config: ModelConfig, mesh: Mesh, itemsize: int = 2) -> int:
     """Parameter bytes each device holds under `param_partition_specs` (for planning)."""
     shapes = param_shapes(config)
     specs = param_partition_specs(config, mesh=mesh)
-    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x)  # noqa: E731
     total = 0
     for shape, spec in zip(
         jax.tree.leaves(shapes, is_leaf=is_shape), jax.tree.leaves(specs), strict=True
@@ -143,8 +143,6 @@ def bytes_per_device(config: ModelConfig, mesh: Mesh, itemsize: int = 2) -> int:
 
 def cache_sharding(config: ModelConfig, mesh: Mesh, mesh_axes=("data", "model")):
     """Shardings for a `KVCache` on `mesh`: batch over "data", kv heads over "model"."""
-    from mup.models._transformer import KVCache
-
     data, model = mesh_axes
     heads = model if config.n_kv_heads % mesh.shape[model] == 0 else None
     kv = NamedSharding(mesh, P(None, data, heads, None, None))  # [L, B, K, S, H]

@@ -201,7 +201,7 @@ def forward(
     new_kv: list[tuple[int, jax.Array, jax.Array]] = []  # (first layer, k, v) per segment
     hidden: dict[int, jax.Array] = {}
     if 0 in capture:
-        hidden[0] = _site(config, params, x, 0, site)
+        hidden[0] = site_activation(config, params, x, 0, site)
     interior = [c for c in capture if 0 < c < n_run]
     if len(interior) > _MAX_SEGMENTS:
         # Many captures (layer sweeps): one scan that emits every block's output, instead of
@@ -212,7 +212,7 @@ def forward(
         if written is not None:
             new_kv.append((0, *written))
         for c in interior:
-            hidden[c] = _site(config, params, ys[c - 1], c, site)
+            hidden[c] = site_activation(config, params, ys[c - 1], c, site)
     else:
         start = 0
         for stop in boundaries:
@@ -223,10 +223,10 @@ def forward(
                 if written is not None:
                     new_kv.append((start, *written))
             if stop in capture and 0 < stop < n_run:
-                hidden[stop] = _site(config, params, x, stop, site)
+                hidden[stop] = site_activation(config, params, x, stop, site)
             start = stop
     if n_run in capture and n_run > 0:
-        hidden[n_run] = _site(config, params, x, n_run, site)
+        hidden[n_run] = site_activation(config, params, x, n_run, site)
 
     if new_cache is not None:
         k_all, v_all = cache.k, cache.v
@@ -241,14 +241,7 @@ def forward(
         new_cache = new_cache.replace(k=k_all, v=v_all)
     out_logits = None
     if logits:
-        normed = _final_norm(config, params, x)
-        if config.tie_embeddings:
-            out = jnp.einsum("btd,vd->btv", normed, embed, preferred_element_type=jnp.float32)
-        else:
-            out = jnp.einsum(
-                "btd,dv->btv", normed, params["lm_head"], preferred_element_type=jnp.float32
-            )
-        out_logits = _layers.softcap(out, config.final_logit_softcap)  # [B, T, V]
+        out_logits = lm_head(config, params, _final_norm(config, params, x))  # [B, T, V]
     return ForwardOutput(logits=out_logits, hidden=hidden, cache=new_cache)
 
 
@@ -424,7 +417,19 @@ def _final_norm(config: ModelConfig, params, x: jax.Array) -> jax.Array:
     )
 
 
-def _site(config: ModelConfig, params, x: jax.Array, layer: int, site: Site) -> jax.Array:
+def lm_head(config: ModelConfig, params, normed: jax.Array) -> jax.Array:
+    """The LM head: final-normed states [..., D] -> logits [..., V] float32 (soft-capped).
+
+    Callers that need only some positions (the last prompt token) project those alone.
+    """
+    w = params["embed"] if config.tie_embeddings else params["lm_head"]
+    spec = "...d,vd->...v" if config.tie_embeddings else "...d,dv->...v"
+    out = jnp.einsum(spec, normed, w, preferred_element_type=jnp.float32)
+    return _layers.softcap(out, config.final_logit_softcap)
+
+
+def site_activation(config: ModelConfig, params, x: jax.Array, layer: int, site: Site) -> jax.Array:
+    """The activation at (layer, site) from the residual x [B, T, D] entering block `layer`."""
     if site == "normed":
         w = params["layers"]["attn_norm"][layer]
         return _layers.rms_norm(x, w, eps=config.rms_norm_eps, plus_one=config.norm_plus_one)
