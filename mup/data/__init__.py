@@ -27,6 +27,7 @@ from mup.data._locate import (
     bundled_path,
     dataset_names,
     download,
+    evaluation_sets,
     find_dataset,
     is_bundled,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "bundled_path",
     "dataset_names",
     "download",
+    "evaluation_sets",
     "find_dataset",
     "is_bundled",
     "load_records",

@@ -111,6 +111,27 @@ def dataset_names() -> tuple[str, ...]:
     return (*SOURCES, "mini")
 
 
+def evaluation_sets(spec: str) -> tuple[str, ...]:
+    """The data sets an ``--eval`` argument names: ``dev`` (the four balanced dev sets),
+    ``test`` (the six balanced test sets), or comma-separated names and file paths, mixed."""
+    out: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if part in ("dev", "test"):
+            out += [n for n in SOURCES if n.startswith(f"{part}/") and not n.endswith("_raw")]
+        elif part in SOURCES or part == "mini" or Path(part).expanduser().is_file():
+            out.append(part)
+        else:
+            raise ValueError(
+                f"unknown evaluation set {part!r}: expected dev, test, a data set name "
+                f"({', '.join(dataset_names())}) or a .jsonl/.csv file"
+            )
+    if not out:
+        raise ValueError(f"no evaluation set named in {spec!r}")
+    return tuple(dict.fromkeys(out))
+
+
 def bundled_path() -> Path:
     """The small stakes set shipped inside the package (80 records, balanced)."""
     resource = resources.files("mup.data") / "bundled" / BUNDLED
