@@ -28,7 +28,7 @@ import numpy as np
 from mup import native
 from mup.models import ModelConfig, forward, lm_head
 
-__all__ = ["PairLogprobs", "pair_logprobs", "pair_rows"]
+__all__ = ["PaddedBatch", "PairLogprobs", "padded_batches", "pair_logprobs", "pair_rows"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +101,70 @@ def _score_batch(params, tokens, valid, positions, targets, target_mask, *, conf
     return jnp.sum(jnp.where(target_mask, picked, 0.0), axis=-1)
 
 
+@dataclasses.dataclass(frozen=True)
+class PaddedBatch:
+    """One padded batch of rows, as `_score_batch` takes it (B rows, fixed per bucket)."""
+
+    rows: tuple[_Row, ...]  # the real rows; B - len(rows) padding rows follow
+    tokens: np.ndarray  # int32 [B, P]
+    valid: np.ndarray  # bool [B, P]
+    positions: np.ndarray  # int32 [B, C]: positions whose logits are scored
+    targets: np.ndarray  # int32 [B, 2, C]: (high, low) target tokens there
+    mask: np.ndarray  # bool [B, 2, C]
+
+
+def padded_batches(
+    prompts: Sequence[Sequence[int]],
+    highs: Sequence[Sequence[int]],
+    lows: Sequence[Sequence[int]],
+    *,
+    token_budget: int = 8192,
+    max_rows: int = 64,
+    min_bucket: int = 64,
+) -> list[PaddedBatch]:
+    """The rows of every record, planned into padded length-bucket batches."""
+    n = len(prompts)
+    if not (len(highs) == len(lows) == n):
+        raise ValueError(
+            f"prompts, highs and lows must have one entry per record; got {n}, {len(highs)}, "
+            f"{len(lows)}"
+        )
+    rows: list[_Row] = []
+    for i in range(n):
+        rows += [dataclasses.replace(r, record=i) for r in pair_rows(prompts[i], highs[i], lows[i])]
+    if not rows:
+        return []
+    lengths = np.array([len(r.tokens) for r in rows], np.int64)
+    tail = max(max(len(t) for t in r.targets) for r in rows)
+    C = 1 << max(0, (tail - 1).bit_length())  # scored positions per row, a power of two
+    buckets = native.length_buckets(int(lengths.max()), min_len=min_bucket)
+    plan = native.plan_batches(
+        lengths, token_budget=token_budget, buckets=buckets, max_rows=max_rows
+    )
+    out = []
+    for batch in plan:
+        P = batch.padded_len
+        B = max(1, min(max_rows, token_budget // P), len(batch))  # the bucket's fixed row count
+        tokens = np.zeros((B, P), np.int32)
+        valid = np.zeros((B, P), bool)
+        positions = np.zeros((B, C), np.int32)
+        targets = np.zeros((B, 2, C), np.int32)
+        mask = np.zeros((B, 2, C), bool)
+        for b, j in enumerate(batch.rows):
+            r = rows[j]
+            tokens[b, : len(r.tokens)] = r.tokens
+            valid[b, : len(r.tokens)] = True
+            width = max(len(x) for x in r.targets)
+            positions[b, :width] = np.arange(r.first, r.first + width)
+            for k, x in enumerate(r.targets):
+                targets[b, k, : len(x)] = x
+                mask[b, k, : len(x)] = True
+        out.append(
+            PaddedBatch(tuple(rows[j] for j in batch.rows), tokens, valid, positions, targets, mask)
+        )
+    return out
+
+
 def pair_logprobs(
     params,
     config: ModelConfig,
@@ -118,53 +182,29 @@ def pair_logprobs(
     Batches hold at most `token_budget` padded tokens and `max_rows` rows; `progress(n)` is
     called with the number of records finished after each batch.
     """
-    n = len(prompts)
-    if not (len(highs) == len(lows) == n):
-        raise ValueError(
-            f"prompts, highs and lows must have one entry per record; got {n}, {len(highs)}, "
-            f"{len(lows)}"
-        )
-    rows: list[_Row] = []
-    for i in range(n):
-        rows += [dataclasses.replace(r, record=i) for r in pair_rows(prompts[i], highs[i], lows[i])]
-    lengths = np.array([len(r.tokens) for r in rows], np.int64)
-    tail = max(max(len(t) for t in r.targets) for r in rows) if rows else 1
-    C = 1 << max(0, (tail - 1).bit_length())  # scored positions per row, a power of two
-    buckets = native.length_buckets(int(lengths.max()) if rows else 1, min_len=min_bucket)
-    batches = native.plan_batches(
-        lengths, token_budget=token_budget, buckets=buckets, max_rows=max_rows
+    batches = padded_batches(
+        prompts, highs, lows, token_budget=token_budget, max_rows=max_rows, min_bucket=min_bucket
     )
-
+    n = len(prompts)
     high = np.zeros(n, np.float64)
     low = np.zeros(n, np.float64)
     n_tokens = np.zeros(n, np.int64)
     n_scored = np.zeros(n, np.int64)
-    remaining = np.bincount([r.record for r in rows], minlength=n)
+    remaining = np.bincount([r.record for b in batches for r in b.rows], minlength=n)
     for batch in batches:
-        P = batch.padded_len
-        B = max(1, min(max_rows, token_budget // P))  # the bucket's fixed row count
-        B = max(B, len(batch))
-        tokens = np.zeros((B, P), np.int32)
-        valid = np.zeros((B, P), bool)
-        positions = np.zeros((B, C), np.int32)
-        targets = np.zeros((B, 2, C), np.int32)
-        mask = np.zeros((B, 2, C), bool)
-        for b, j in enumerate(batch.rows):
-            r = rows[j]
-            t = len(r.tokens)
-            tokens[b, :t] = r.tokens
-            valid[b, :t] = True
-            width = max(len(x) for x in r.targets)
-            positions[b, :width] = np.arange(r.first, r.first + width)
-            for k, x in enumerate(r.targets):
-                targets[b, k, : len(x)] = x
-                mask[b, k, : len(x)] = True
         sums = np.asarray(
-            _score_batch(params, tokens, valid, positions, targets, mask, config=config)
+            _score_batch(
+                params,
+                batch.tokens,
+                batch.valid,
+                batch.positions,
+                batch.targets,
+                batch.mask,
+                config=config,
+            )
         )
         done = 0
-        for b, j in enumerate(batch.rows):
-            r = rows[j]
+        for b, r in enumerate(batch.rows):
             high[r.record] += float(sums[b, 0])
             low[r.record] += float(sums[b, 1])
             n_tokens[r.record] += len(r.tokens)
