@@ -69,8 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated fractions escalated, in [0, 1] (default "
         f"{','.join(f'{f:g}' for f in DEFAULT_FRACTIONS)})",
     )
-    parser.add_argument("--selection", choices=SELECTIONS, default="mid", help="%(default)s")
-    parser.add_argument("--merge", choices=MERGES, default="mean", help="%(default)s")
+    parser.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        default="mid",
+        help="records escalated: highest, lowest or middle first-scores (default %(default)s)",
+    )
+    parser.add_argument(
+        "--merge",
+        choices=MERGES,
+        default="mean",
+        help="an escalated record's score: the second's, the mean or the max (%(default)s)",
+    )
     parser.add_argument(
         "--remaining",
         type=_remaining,
