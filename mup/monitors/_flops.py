@@ -18,7 +18,10 @@ The hand count in tests/monitors/test_flops.py checks these on a tiny config.
 
 from __future__ import annotations
 
-from mup.models import ModelConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: importing mup.models loads jax, which costs seconds
+    from mup.models import ModelConfig
 
 __all__ = ["block_matmul_params", "llm_flops", "probe_flops"]
 
@@ -56,9 +59,16 @@ def probe_flops(
 ) -> float:
     """FLOPs of a probe with `n_params` parameters reading `n_tokens` tokens; with
     `forward_to_layer` (and the model's `config`), plus the forward through that many blocks."""
+    if n_params < 0 or n_tokens < 0:
+        raise ValueError(f"n_params and n_tokens must be >= 0, got {n_params} and {n_tokens}")
     own = 2.0 * n_params * n_tokens
     if forward_to_layer is None:
         return own
     if config is None:
         raise ValueError("forward_to_layer needs the model's config")
+    if not 0 <= forward_to_layer <= config.n_layers:
+        # Layer L is the residual stream entering block L (mup.models): L blocks run.
+        raise ValueError(
+            f"forward_to_layer must be a layer in [0, {config.n_layers}], got {forward_to_layer}"
+        )
     return own + llm_flops(config, n_tokens, n_blocks=forward_to_layer, logit_positions=0)
