@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "store": ("mup.store.__main__", "verify activation stores (every object and chunk checksum)"),
     "probes": ("mup.experiments._cli", "train, compare and sweep high-stakes probes"),
     "baselines": ("mup.monitors._cli", "prompted and finetuned LLM monitors, as score files"),
+    "cascade": ("mup.monitors._cascade_cli", "the probe -> LLM monitoring cascade of score files"),
     "steering": ("mup.steering.__main__", "build steering vectors (difference of means, BiPO)"),
     "serve": ("mup.serve", "serve the plain or a steered model behind an OpenAI-compatible API"),
     "evals": ("mup.evals.__main__", "run the inspect-ai capability harness across multipliers"),

@@ -3,8 +3,9 @@
 The command line lives here, with the experiments it runs: `mup.probes` sits below them and
 imports none of them (its `__main__` reaches this module through `mup.cli` by name).
 
-Subcommands: compare, sweep, efficiency, calibration. Each extracts what it needs (stores are
-content-keyed, so a re-run reuses them), writes a results JSONL and a PNG, and prints where.
+Subcommands: compare, sweep, efficiency, calibration, figure. Each extracts what it needs
+(stores are content-keyed, so a re-run reuses them), writes a results JSONL and a PNG, and
+prints where. `figure` plots score files (mup.monitors) and has its own parser.
 """
 
 from __future__ import annotations
@@ -81,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=_ints, default=(16, 32, 64, 128, 256, 512))
     p.add_argument("--seeds", type=_ints, default=(0, 1, 2))
 
+    # Listed for --help; its own parser (mup.monitors._figures) reads the arguments.
+    sub.add_parser(
+        "figure",
+        add_help=False,
+        help="Figure 1 (mean AUROC vs FLOPs), per-set AUROC bars and ROC curves of score files",
+    )
+
     p = sub.add_parser("calibration", help="predicted probability against scale_labels")
     _common(p, "runs/calibration")
     p.add_argument("--layer", type=int, default=None, help="default: configs/models/<model>")
@@ -97,6 +105,11 @@ def _kind(value: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["figure"]:
+        from mup.monitors._figures import figure_main
+
+        return figure_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _compile_cache.enable()
