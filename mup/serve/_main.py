@@ -57,17 +57,13 @@ def _one_line(e: BaseException) -> str:
 
 
 def _read_vector(path: str, layer: int | None):
-    import numpy as np
-
     from mup.steering import load_vector
 
+    # load_vector says "vector file ... does not exist"; the flag already names the file.
     if not Path(path).is_file():
         raise ValueError("file not found")
-    sv = load_vector(path, layer=layer)
-    vec = np.asarray(sv.vector, np.float32)
-    if vec.ndim != 1 or not np.all(np.isfinite(vec)):
-        raise ValueError(f"expected a finite vector [D], got shape {vec.shape}")
-    return vec, int(sv.layer)
+    sv = load_vector(path, layer=layer)  # a finite float32 [D] vector, or VectorFileError
+    return sv.vector, sv.layer
 
 
 def bind_port(host: str, port: int) -> socket.socket:
