@@ -39,8 +39,8 @@ from mup.serve._protocol import (
     MAX_BODY_BYTES,
     APIError,
     Sampling,
-    bad,
     fingerprint,
+    invalid_request,
     parse_body,
     parse_completion_prompts,
     parse_messages,
@@ -111,7 +111,7 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
 
     def check_length(n_prompt: int, sampling: Sampling, param: str) -> None:
         if n_prompt + sampling.max_tokens > max_context:
-            raise bad(
+            raise invalid_request(
                 f"this model's maximum context length is {max_context} tokens; the prompt has "
                 f"{n_prompt} and max_tokens is {sampling.max_tokens}",
                 param,
@@ -131,9 +131,9 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
                         ids, enc.input_ids, token_mask(enc.roles, enc.offsets, config.probe_mask)
                     )
             except (ValueError, TypeError) as e:
-                raise bad(f"messages: {e}", "messages") from None
+                raise invalid_request(f"messages: {e}", "messages") from None
         if mask is not None and not mask.any():
-            raise bad(
+            raise invalid_request(
                 f"the probe reads '{config.probe_mask}' tokens and this conversation has none",
                 "messages",
             )
@@ -148,12 +148,12 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
                 with engine.tokenizer_lock:
                     ids = tok(prompt, add_special_tokens=True)["input_ids"]
                 if not ids:
-                    raise bad(f"prompt {i} encodes to no tokens", "prompt")
+                    raise invalid_request(f"prompt {i} encodes to no tokens", "prompt")
                 texts.append(prompt)
             else:
                 ids = prompt
                 if any(not 0 <= t < vocab for t in ids):
-                    raise bad(
+                    raise invalid_request(
                         f"prompt {i}: token ids outside the vocabulary 0..{vocab - 1}", "prompt"
                     )
                 texts.append(None)
@@ -167,7 +167,7 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
 
     def submit(rows: list[Row]) -> list[Handle]:
         if len(rows) > config.max_rows_per_request:
-            raise bad(
+            raise invalid_request(
                 f"this request makes {len(rows)} rows (prompts x n); this server takes at most "
                 f"{config.max_rows_per_request} per request (--max-rows-per-request)",
                 "n",
@@ -194,7 +194,7 @@ def create_app(engine: Engine, config: ServeConfig, served_name: str) -> FastAPI
         except ValueError as e:
             for h in handles:
                 h.cancel()
-            raise bad(str(e), None) from None
+            raise invalid_request(str(e), None) from None
         return handles
 
     async def wait_all(request: Request, handles: list[Handle]) -> list[Result]:
