@@ -44,7 +44,7 @@ class ServeConfig:
       "generated".
     warmup: compile the prefill and decode programs before reporting healthy.
     static_batches: admit requests only when no row is running (the static-batch design the
-      engine replaced; a benchmark baseline, never faster).
+      engine replaced), the baseline that benchmarks/bench_serve.py measures the engine against.
     """
 
     model: str
