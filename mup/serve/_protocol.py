@@ -1,4 +1,4 @@
-"""OpenAI request validation and response bodies.
+"""OpenAI request validation: the parsed request (`Sampling`, `Steer`), or an `APIError`.
 
 Requests are parsed by hand rather than by a schema library so that every refusal is an
 OpenAI-style error naming the offending field (`param`) with a message that says what was
