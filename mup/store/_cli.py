@@ -1,8 +1,8 @@
 """`python -m mup.store` / `mup store`: check activation stores.
 
-  verify URL...   every object present and non-empty, every chunk checksum; one line per store
-                  ("ok" or "FAULT" with what is wrong), exit status 1 if any store has a fault.
-                  A URL holding no store stands for every store below it (an --out location).
+verify URL...   every object present and non-empty, every chunk checksum; one line per store
+                ("ok" or "FAULT" with what is wrong), exit status 1 if any store has a fault.
+                A URL holding no store stands for every store below it (an --out location).
 """
 
 from __future__ import annotations
