@@ -1,10 +1,11 @@
 """The FastAPI application: thin routes over the serving layer, plus authentication, errors and
 the engine's lifetime.
 
-Each /v1 route checks the key, reads the JSON body and its `model`, and hands the rest to
-`ChatServing` / `CompletionServing` (`_chat`, `_completions`), which return a body or a stream
-of chunks. Streaming is real: each SSE chunk leaves when the engine decodes its token; a client
-that disconnects cancels its rows, which free their slots at the engine's next step.
+Each /v1 route checks the key, reads the JSON body (a 413 past `MAX_BODY_BYTES`, a 400 unless it
+is a valid JSON object: `parse_body`) and its `model`, and hands the rest to `ChatServing` /
+`CompletionServing` (`_chat`, `_completions`), which return a body or a stream of chunks.
+Streaming is real: each SSE chunk leaves when the engine decodes its token; a client that
+disconnects cancels its rows, which free their slots at the engine's next step.
 """
 
 from __future__ import annotations
