@@ -14,14 +14,14 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mup.demo", "run the end-to-end demo on the embedded default model"),
     "data": ("mup.data._cli", "download the published stakes data sets from the hub"),
-    "extract": ("mup.extract", "extract residual-stream activations into a zarr store"),
-    "store": ("mup.store.__main__", "verify activation stores (every object and chunk checksum)"),
+    "extract": ("mup.extract._cli", "extract residual-stream activations into a zarr store"),
+    "store": ("mup.store._cli", "verify activation stores (every object and chunk checksum)"),
     "probes": ("mup.experiments._cli", "train, compare and sweep high-stakes probes"),
     "baselines": ("mup.monitors._cli", "prompted and finetuned LLM monitors, as score files"),
     "cascade": ("mup.monitors._cascade_cli", "the probe -> LLM monitoring cascade of score files"),
-    "steering": ("mup.steering.__main__", "build steering vectors (difference of means, BiPO)"),
-    "serve": ("mup.serve", "serve the plain or a steered model behind an OpenAI-compatible API"),
-    "evals": ("mup.evals.__main__", "run the inspect-ai capability harness across multipliers"),
+    "steering": ("mup.steering._cli", "build steering vectors (difference of means, BiPO)"),
+    "serve": ("mup.serve._cli", "serve a plain or steered model behind an OpenAI-compatible API"),
+    "evals": ("mup.evals._cli", "run the inspect-ai capability harness across multipliers"),
 }
 
 

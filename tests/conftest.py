@@ -1,4 +1,5 @@
-"""Fixtures shared by every test area: a real moto S3 server process on loopback.
+"""Fixtures shared by every test area: a real moto S3 server process on loopback. (Helpers that
+test modules import live in tests/_support.)
 
 `moto_endpoint` is one server for the whole session with the bucket `S3_BUCKET` created;
 `s3_env` points the standard AWS variables at it for one test; `moto_process` starts a server
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +17,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+from _support.servers import free_port
 
 S3_BUCKET = "mup-store-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -65,9 +65,7 @@ def test_plain_install_and_demo_without_torch_shared_or_hub(tmp_path):
         timeout=RESOLVE_LIMIT_S,
     )
     assert resolve.returncode == 0, resolve.stdout[-3000:] + resolve.stderr[-3000:]
-    print(
-        f"\nopen resolve (no constraints): {time.monotonic() - started:.0f} s"
-    )
+    print(f"\nopen resolve (no constraints): {time.monotonic() - started:.0f} s")
     started = time.monotonic()
     install = subprocess.run(
         [python, "-m", "pip", "install", "--progress-bar", "off", wheel],

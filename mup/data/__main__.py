@@ -1,5 +1,6 @@
-import sys
+"""`python -m mup.data` == `mup data`."""
 
 from mup.data._cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

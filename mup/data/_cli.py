@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for name, path in zip(args.sets, paths, strict=True):
         print(f"{name:<24} {path}")
-    print(
-        f"\n{len(paths)} sets in {args.dest}; use them with MUP_DATA={args.dest} (or --data)"
-    )
+    print(f"\n{len(paths)} sets in {args.dest}; use them with MUP_DATA={args.dest} (or --data)")
     return 0
 
 

@@ -375,9 +375,7 @@ def _parse_scale(source: str, value: Any, from_csv: bool) -> float | None:
     except (ValueError, OverflowError):  # OverflowError: an int too large for a float
         number = None
     if number is None or not math.isfinite(number):
-        raise DataError(
-            source, "scale_labels", f"expected a finite number, got {_short(value)}"
-        )
+        raise DataError(source, "scale_labels", f"expected a finite number, got {_short(value)}")
     return number
 
 

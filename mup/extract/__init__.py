@@ -9,8 +9,8 @@ Library use::
 """
 
 # The job description and its command line
-from mup import _compile_cache
-from mup.extract._config import ExtractConfig, build_parser, config_from_args
+from mup.extract._cli import build_parser, config_from_args, main
+from mup.extract._config import ExtractConfig
 
 # Running it
 from mup.extract._pipeline import Summary, default_layers, model_identity, run  # isort: skip
@@ -25,23 +25,3 @@ __all__ = [
     "model_identity",
     "run",
 ]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m mup.extract` and `mup extract`."""
-    import logging
-    import sys
-
-    from mup.store import StoreError
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = config_from_args(argv)
-        _compile_cache.enable()
-        run(config)
-    except (StoreError, OSError, ValueError) as error:
-        # One clear line, not a traceback, for problems with the user's input or storage
-        # (OSError: a missing file, a full disk).
-        print(f"mup.extract: error: {error}", file=sys.stderr)
-        return 1
-    return 0

@@ -1,5 +1,6 @@
-import sys
+"""`python -m mup.extract` == `mup extract`."""
 
-from mup.extract import main
+from mup.extract._cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

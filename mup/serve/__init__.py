@@ -13,13 +13,17 @@ applied `steer_multiplier` and, with a probe, the prompt's `probe_score` from th
 """
 
 # Configuration and the command line
-from mup.serve._config import ServeConfig, build_parser, parse_args
+from mup.serve._cli import build_parser, main, parse_args
+from mup.serve._config import ServeConfig
 
 # isort: split
-# The HTTP application and the entry point
-from mup.serve._app import create_app
-from mup.serve._main import build_engine, check_files, main
+# Loading: the command line's files, the model and the engine
+from mup.serve._load import build_engine, check_files
+
+# isort: split
+# The HTTP application
 from mup.serve._protocol import APIError
+from mup.serve._routes import create_app
 
 __all__ = [
     "APIError",

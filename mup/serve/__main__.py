@@ -1,7 +1,6 @@
-"""`python -m mup.serve`."""
+"""`python -m mup.serve` == `mup serve`."""
 
-import sys
+from mup.serve._cli import main
 
-from mup.serve import main
-
-sys.exit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""OpenAI request validation and response bodies.
+"""OpenAI request validation: the parsed request (`Sampling`, `Steer`), or an `APIError`.
 
 Requests are parsed by hand rather than by a schema library so that every refusal is an
 OpenAI-style error naming the offending field (`param`) with a message that says what was
@@ -58,7 +58,8 @@ class APIError(Exception):
         }
 
 
-def bad(message: str, param: str | None, code: str = "invalid_value") -> APIError:
+def invalid_request(message: str, param: str | None, code: str = "invalid_value") -> APIError:
+    """The 400 `invalid_request_error` refusing the request field `param`."""
     return APIError(400, message, param=param, code=code)
 
 
@@ -102,23 +103,29 @@ def parse_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
     except RecursionError:
-        raise bad("the request body is nested too deeply", None, "invalid_json") from None
+        raise invalid_request(
+            "the request body is nested too deeply", None, "invalid_json"
+        ) from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise bad(f"the request body is not valid JSON: {message}", None, "invalid_json") from None
+        raise invalid_request(
+            f"the request body is not valid JSON: {message}", None, "invalid_json"
+        ) from None
     if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object", None, "invalid_json")
+        raise invalid_request("the request body must be a JSON object", None, "invalid_json")
     try:
         json.dumps(body, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        raise bad(
+        raise invalid_request(
             "the request body holds a lone UTF-16 surrogate (e.g. \\ud800) in a string: "
             "send valid Unicode text",
             None,
             "invalid_json",
         ) from None
     except (RecursionError, ValueError):
-        raise bad("the request body is nested too deeply", None, "invalid_json") from None
+        raise invalid_request(
+            "the request body is nested too deeply", None, "invalid_json"
+        ) from None
     return body
 
 
@@ -148,9 +155,9 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float) -> floa
     if v is None:
         return default
     if not _is_number(v) or not _finite(v):
-        raise bad(f"'{name}' must be a finite number, got {show(v)}", name)
+        raise invalid_request(f"'{name}' must be a finite number, got {show(v)}", name)
     if not lo <= v <= hi:
-        raise bad(f"'{name}' must be in [{lo}, {hi}], got {show(v)}", name)
+        raise invalid_request(f"'{name}' must be in [{lo}, {hi}], got {show(v)}", name)
     return float(v)
 
 
@@ -162,7 +169,9 @@ def _fields(body: dict, name: str) -> list[tuple[str, Any]]:
     custom = body.get("custom")
     if custom is not None:
         if not isinstance(custom, dict):
-            raise bad(f"'custom' must be an object, got {type(custom).__name__}", "custom")
+            raise invalid_request(
+                f"'custom' must be an object, got {type(custom).__name__}", "custom"
+            )
         if custom.get(name) is not None:
             found.append((f"custom.{name}", custom[name]))
     return found
@@ -173,17 +182,17 @@ def parse_multiplier(body: dict, config: ServeConfig, default: float | None = No
     found = _fields(body, "steer_multiplier")
     for param, v in found:
         if not _is_number(v):
-            raise bad(f"'{param}' must be a number, got {show(v)}", param)
+            raise invalid_request(f"'{param}' must be a number, got {show(v)}", param)
         if not _finite(v):
-            raise bad(f"'{param}' must be finite, got {show(v)}", param)
+            raise invalid_request(f"'{param}' must be finite, got {show(v)}", param)
         if abs(v) > config.max_multiplier:
-            raise bad(
+            raise invalid_request(
                 f"'{param}' {show(v)} is out of range: |multiplier| must be <= "
                 f"{config.max_multiplier} (--max-multiplier)",
                 param,
             )
     if len(found) == 2 and float(found[0][1]) != float(found[1][1]):
-        raise bad(
+        raise invalid_request(
             f"steer_multiplier {found[0][1]} and custom.steer_multiplier {found[1][1]} disagree",
             "steer_multiplier",
         )
@@ -198,13 +207,13 @@ def parse_steer(body: dict, config: ServeConfig, engine) -> Steer:
     on a plain server)."""
     found = _fields(body, "steer_vector")
     if len(found) == 2 and found[0][1] != found[1][1]:
-        raise bad("steer_vector and custom.steer_vector disagree", "steer_vector")
+        raise invalid_request("steer_vector and custom.steer_vector disagree", "steer_vector")
     names = engine.vector_names
     if not found:
         if not names:
             multiplier = parse_multiplier(body, config, default=0.0)
             if multiplier != 0.0:
-                raise bad(
+                raise invalid_request(
                     "this server has no steering vector (started without --vector): send "
                     "steer_vector as a list of floats, or no steer_multiplier",
                     "steer_multiplier",
@@ -220,7 +229,7 @@ def parse_steer(body: dict, config: ServeConfig, engine) -> Steer:
     param, value = found[0]
     if isinstance(value, str):
         if value not in engine.vector_layers:
-            raise bad(
+            raise invalid_request(
                 f"'{param}': unknown steering vector {show(value)}; this server has "
                 f"{names or 'none'}",
                 param,
@@ -233,22 +242,24 @@ def parse_steer(body: dict, config: ServeConfig, engine) -> Steer:
             multiplier=parse_multiplier(body, config),
         )
     if not isinstance(value, list) or not all(_is_number(x) for x in value):
-        raise bad(f"'{param}' must be a vector name or a list of numbers", param)
+        raise invalid_request(f"'{param}' must be a vector name or a list of numbers", param)
     if engine.custom_layer is None:
-        raise bad(
+        raise invalid_request(
             "this server has no layer for request-supplied vectors (start it with --layer)", param
         )
     d = engine.d_model
     if len(value) != d:
-        raise bad(f"'{param}' has {len(value)} numbers; the model's d_model is {d}", param)
+        raise invalid_request(
+            f"'{param}' has {len(value)} numbers; the model's d_model is {d}", param
+        )
     if not all(_finite(x) for x in value):
-        raise bad(f"'{param}' must be finite", param)
+        raise invalid_request(f"'{param}' must be finite", param)
     vec = np.asarray(value, np.float64)
     if not np.all(np.isfinite(vec)):
-        raise bad(f"'{param}' must be finite", param)
+        raise invalid_request(f"'{param}' must be finite", param)
     norm = float(np.linalg.norm(vec))
     if norm > config.max_vector_norm:
-        raise bad(
+        raise invalid_request(
             f"'{param}' has norm {norm:.4g} > {config.max_vector_norm:g} (--max-vector-norm)",
             param,
         )
@@ -265,48 +276,60 @@ def _logprob_fields(body: dict, route: str) -> tuple[bool, int, bool]:
     echo = body.get("echo")
     if route == "chat":
         if echo not in (None, False):
-            raise bad("'echo' is a /v1/completions field", "echo", "unsupported_parameter")
+            raise invalid_request(
+                "'echo' is a /v1/completions field", "echo", "unsupported_parameter"
+            )
         lp = body.get("logprobs")
         if lp is not None and not isinstance(lp, bool):
-            raise bad(f"'logprobs' must be true or false, got {show(lp)}", "logprobs")
+            raise invalid_request(f"'logprobs' must be true or false, got {show(lp)}", "logprobs")
         top = body.get("top_logprobs")
         if top is not None:
             if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
-                raise bad(
+                raise invalid_request(
                     f"'top_logprobs' must be an integer in 0..20, got {show(top)}", "top_logprobs"
                 )
             if top and not lp:
-                raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+                raise invalid_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         return bool(lp), int(top or 0), False
     if echo is not None and not isinstance(echo, bool):
-        raise bad(f"'echo' must be true or false, got {show(echo)}", "echo")
+        raise invalid_request(f"'echo' must be true or false, got {show(echo)}", "echo")
     lp = body.get("logprobs")
     if lp is None:
         return False, 0, bool(echo)
     if isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= 20:
-        raise bad(f"'logprobs' must be an integer in 0..20 (or null), got {show(lp)}", "logprobs")
+        raise invalid_request(
+            f"'logprobs' must be an integer in 0..20 (or null), got {show(lp)}", "logprobs"
+        )
     return True, int(lp), bool(echo)
 
 
 def parse_sampling(body: dict, config: ServeConfig, engine, route: str = "chat") -> Sampling:
     """Validate the generation fields common to both routes."""
     if body.get("tools") not in (None, []):
-        raise bad("'tools' is not supported by this server", "tools", "unsupported_parameter")
+        raise invalid_request(
+            "'tools' is not supported by this server", "tools", "unsupported_parameter"
+        )
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
-            raise bad(f"'{name}' is not supported (only 0)", name, "unsupported_parameter")
+            raise invalid_request(
+                f"'{name}' is not supported (only 0)", name, "unsupported_parameter"
+            )
     if body.get("best_of") not in (None, 1):
-        raise bad("'best_of' is not supported (only 1)", "best_of", "unsupported_parameter")
+        raise invalid_request(
+            "'best_of' is not supported (only 1)", "best_of", "unsupported_parameter"
+        )
     if body.get("suffix") is not None:
-        raise bad("'suffix' is not supported", "suffix", "unsupported_parameter")
+        raise invalid_request("'suffix' is not supported", "suffix", "unsupported_parameter")
     logprobs, top_logprobs, echo = _logprob_fields(body, route)
     pts = body.get("probe_token_scores", False)
     if not isinstance(pts, bool):
-        raise bad(
+        raise invalid_request(
             f"'probe_token_scores' must be true or false, got {show(pts)}", "probe_token_scores"
         )
     if pts and engine.probe is None:
-        raise bad("'probe_token_scores' needs a server started with --probe", "probe_token_scores")
+        raise invalid_request(
+            "'probe_token_scores' needs a server started with --probe", "probe_token_scores"
+        )
 
     steer = parse_steer(body, config, engine)
     max_param = "max_completion_tokens" if body.get("max_tokens") is None else "max_tokens"
@@ -316,12 +339,12 @@ def parse_sampling(body: dict, config: ServeConfig, engine, route: str = "chat")
         max_tokens = config.default_max_tokens
     elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < least:
         what = "a non-negative integer (0 only with echo)" if route != "chat" else ""
-        raise bad(
+        raise invalid_request(
             f"'{max_param}' must be {what or 'a positive integer'}, got {show(max_tokens)}",
             max_param,
         )
     elif max_tokens > config.max_tokens_per_request:
-        raise bad(
+        raise invalid_request(
             f"'{max_param}' {show(max_tokens)} exceeds this server's limit of "
             f"{config.max_tokens_per_request} tokens per request",
             max_param,
@@ -336,12 +359,12 @@ def parse_sampling(body: dict, config: ServeConfig, engine, route: str = "chat")
     if n is None:
         n = 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
-        raise bad(f"'n' must be an integer in 1..{MAX_CHOICES}, got {show(n)}", "n")
+        raise invalid_request(f"'n' must be an integer in 1..{MAX_CHOICES}, got {show(n)}", "n")
     seed = body.get("seed")
     if seed is None:
         base = secrets.randbits(31)
     elif isinstance(seed, bool) or not isinstance(seed, int):
-        raise bad(f"'seed' must be an integer, got {show(seed)}", "seed")
+        raise invalid_request(f"'seed' must be an integer, got {show(seed)}", "seed")
     else:
         base = seed
     # Choice j of a seeded request uses seed + j: the same seed gives the same choices,
@@ -356,18 +379,20 @@ def parse_sampling(body: dict, config: ServeConfig, engine, route: str = "chat")
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         stops = tuple(stop)
     else:
-        raise bad(f"'stop' must be a string or a list of strings, got {show(stop)}", "stop")
+        raise invalid_request(
+            f"'stop' must be a string or a list of strings, got {show(stop)}", "stop"
+        )
     if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
-        raise bad(
+        raise invalid_request(
             f"'stop' takes 1..{MAX_STOP_STRINGS} non-empty strings, got {show(stops)}", "stop"
         )
 
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise bad(f"'stream' must be true or false, got {show(stream)}", "stream")
+        raise invalid_request(f"'stream' must be true or false, got {show(stream)}", "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
-        raise bad("'stream_options' must be an object", "stream_options")
+        raise invalid_request("'stream_options' must be an object", "stream_options")
     return Sampling(
         steer=steer,
         max_tokens=max_tokens,
@@ -388,31 +413,37 @@ def parse_messages(body: dict) -> list[dict[str, str]]:
     """The chat messages as {role, content} strings; `developer` is treated as `system`."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
+        raise invalid_request(
+            "'messages' must be a non-empty list of {role, content} objects", "messages"
+        )
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise bad(f"{where} must be an object, got {type(m).__name__}", where)
+            raise invalid_request(f"{where} must be an object, got {type(m).__name__}", where)
         role = m.get("role")
         if role not in CHAT_ROLES:
-            raise bad(f"{where}.role must be one of {list(CHAT_ROLES)}, got {show(role)}", where)
+            raise invalid_request(
+                f"{where}.role must be one of {list(CHAT_ROLES)}, got {show(role)}", where
+            )
         content = m.get("content")
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") != "text":
-                    raise bad(
+                    raise invalid_request(
                         f"{where}.content[{j}]: only text parts are supported, got "
                         f"{show(part.get('type') if isinstance(part, dict) else part)}",
                         where,
                     )
                 if not isinstance(part.get("text"), str):
-                    raise bad(f"{where}.content[{j}].text must be a string", where)
+                    raise invalid_request(f"{where}.content[{j}].text must be a string", where)
                 texts.append(part["text"])
             content = "".join(texts)
         if not isinstance(content, str):
-            raise bad(f"{where}.content must be a string or a list of text parts", where)
+            raise invalid_request(
+                f"{where}.content must be a string or a list of text parts", where
+            )
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
 
@@ -429,7 +460,7 @@ def parse_completion_prompts(body: dict) -> list[str | list[int]]:
             return list(prompt)
         if all(isinstance(x, list) and x and all(isinstance(t, int) for t in x) for x in prompt):
             return [list(x) for x in prompt]
-    raise bad(
+    raise invalid_request(
         "'prompt' must be a string, a list of strings, a list of token ids or a list of such "
         "lists (none empty)",
         "prompt",

@@ -151,4 +151,3 @@ def verify_all(url) -> list[Verdict]:
     if not found:
         return [Verdict(url=loc.url, faults=("no mup store here or below",), summary="")]
     return [verify(u) for u in sorted(dict.fromkeys(found))]
-

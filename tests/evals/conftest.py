@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _support.checkpoints import save_tiny_llama
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 D_MODEL = 32
@@ -41,36 +42,17 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    """A random 2-block llama (vocab of SmolLM2) saved with the SmolLM2 tokenizer."""
-    torch = pytest.importorskip("torch", reason="torch builds the tiny reference checkpoint")
-    import transformers
-
-    from mup.text import load_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tokenizer = load_tokenizer("smollm2-135m")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=D_MODEL,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
+    """A random 2-block llama (vocab of SmolLM2) saved with the SmolLM2 tokenizer; weights larger
+    than the 0.02 init, so that steering visibly changes greedy tokens."""
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny_llama"),
+        d_model=D_MODEL,
+        d_ff=64,
+        n_heads=2,
+        n_kv_heads=1,
+        max_positions=2048,
+        std=0.3,
     )
-    model = transformers.LlamaForCausalLM(config).eval()
-    # Larger weights than the 0.02 init, so that steering visibly changes greedy tokens.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" not in name:
-                param.normal_(0.0, 0.3)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")

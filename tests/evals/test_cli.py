@@ -15,7 +15,7 @@ import pytest
 from inspect_ai.log import read_eval_log, write_eval_log
 
 from mup.evals import COLUMNS, find_successful_log
-from mup.evals.__main__ import main
+from mup.evals._cli import main
 
 LIMIT = 3
 MULTIPLIERS = "-1,1"

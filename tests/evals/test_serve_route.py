@@ -7,15 +7,10 @@ sends `steer_multiplier` in each request body. The completions must equal the in
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
+from _support.servers import Server
 from inspect_ai.log import read_eval_log
 
 from mup.evals import RunConfig, run_suite
@@ -25,61 +20,25 @@ MULTIPLIERS = (-1.0, 1.0)
 LIMIT = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_url(tiny_dir, vector_file, tmp_path_factory):
     pytest.importorskip("mup.serve", reason="mup.serve is not installed")
-    cwd = tmp_path_factory.mktemp("serve")
-    port = _free_port()
-    log = open(cwd / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
+    srv = Server(
         [
-            sys.executable,
-            "-m",
-            "mup.serve",
-            "--model",
-            str(tiny_dir),
-            "--vector",
-            str(vector_file),
-            "--layer",
-            "1",
-            "--port",
-            str(port),
-            "--api-key",
-            API_KEY,
-            "--served-name",
-            "tiny",
+            "--model", str(tiny_dir),
+            "--vector", str(vector_file),
+            "--layer", "1",
+            "--api-key", API_KEY,
+            "--served-name", "tiny",
             "--no-warmup",
-        ],  # fmt: skip
-        cwd=cwd,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+        ],
+        tmp_path_factory.mktemp("serve"),
+    )  # fmt: skip
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError((cwd / "server.log").read_text())
-            with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health", timeout=2):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError((cwd / "server.log").read_text())
-            time.sleep(0.3)
-        yield url + "/v1"
+        srv.wait_healthy(timeout=300)
+        yield srv.url + "/v1"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        srv.stop()
 
 
 def _completions(report) -> dict[tuple[float, str], str]:

@@ -1,133 +1,31 @@
-"""Tiny synthetic stores for the experiment tests: a planted high-stakes direction along e_0 at
-layer 2 (pure noise at layer 1), records in pairs that share a `pair_id`, and a 1-10
-`scale_labels` that the planted signal follows. Shapes are fixed (D = 8, lengths 3..16, one
-16-token bucket) so every test reuses the same compiled programs.
-"""
+"""Experiment fixtures: the synthetic stores of `_support.stores` (planted signal at layer 2),
+a tiny random checkpoint, and a data root laid out like shared/data."""
 
 from __future__ import annotations
 
-import json
-import types
 from pathlib import Path
 
-import numpy as np
 import pytest
-
-from mup import probes, store
-
-D = 8
-LAYERS = (1, 2)
-# Few epochs keep compile + run time small; the planted signal is learned within them.
-FAST = dict(epochs=20, patience=8)
-
-
-def write_dataset(path: Path, n: int, seed: int) -> list[dict]:
-    """A stakes JSONL of N records in N/2 pairs (one high-, one low-stakes record each)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        high = i % 2 == 0
-        scale = int(rng.integers(7, 11) if high else rng.integers(1, 5))
-        rows.append(
-            {
-                "inputs": f"record {i}",
-                "ids": f"s{seed}-r{i}",
-                "labels": "high-stakes" if high else "low-stakes",
-                "scale_labels": scale,
-                "pair_id": f"s{seed}-p{i // 2}",
-                "split": "train" if i % 4 < 2 else "test",
-            }
-        )
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
-
-
-def make_store(root: Path, name: str, n: int, seed: int, signal: float = 3.0):
-    """A complete store of N records at LAYERS, with its data set file beside it."""
-    data_path = root / f"{name}.jsonl"
-    rows = write_dataset(data_path, n, seed)
-    rng = np.random.default_rng(seed + 100)
-    lengths = rng.integers(3, 17, n)
-    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-    t = int(offsets[-1])
-    labels = np.array([1 if r["labels"] == "high-stakes" else 0 for r in rows], np.int8)
-    scale = np.array([r["scale_labels"] for r in rows], np.float32)
-    mask = rng.random(t) < 0.8
-    mask[offsets[:-1]] = True
-    acts = {x: rng.normal(size=(t, D)).astype(np.float32) for x in LAYERS}
-    # The signal grows with the stakes score, so a good probe's probability follows it.
-    acts[2][:, 0] += signal * np.repeat((scale - 5.5) / 4.5, lengths) * mask
-    url = root / f"{name}-store"
-    w = store.create(
-        url,
-        layers=list(LAYERS),
-        d_model=D,
-        dtype="float32",
-        offsets=offsets,
-        ids=[r["ids"] for r in rows],
-        input_ids=np.zeros(t, np.int64),
-        roles=np.zeros(t, np.uint8),
-        mask=mask,
-        labels=labels,
-        attrs={
-            "model": "synthetic",
-            "model_revision": "0",
-            "dataset": str(data_path),
-            "dataset_sha256": "0" * 64,
-            "site": "residual",
-            "mask_mode": "all",
-            "tokenizer": "none",
-            "max_tokens": 16,
-        },
-    )
-    w.write(np.arange(n), acts)
-    w.finalize()
-    w.close()
-    return store.open(url)
+from _support.checkpoints import save_tiny_llama
+from _support.stores import Stores, make_stores
 
 
 @pytest.fixture(scope="session")
-def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("exp_stores")
-    return types.SimpleNamespace(
-        train=make_store(root, "train", 96, 0),
-        val=make_store(root, "val", 48, 1),
-        evals={"a": make_store(root, "a", 48, 2), "b": make_store(root, "b", 48, 3, signal=1.5)},
-    )
-
-
-@pytest.fixture(scope="session")
-def helpers():
-    """Constants for test modules (importlib import mode cannot import conftest)."""
-    return types.SimpleNamespace(D=D, LAYERS=LAYERS, FAST=FAST, probes=probes)
+def stores(tmp_path_factory) -> Stores:
+    return make_stores(tmp_path_factory.mktemp("exp_stores"))
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A random 2-block llama (vocab of SmolLM2) saved with the SmolLM2 tokenizer."""
-    torch = pytest.importorskip("torch", reason="torch builds the tiny random checkpoint")
-    import transformers
-
-    from mup.text import load_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tokenizer = load_tokenizer("smollm2-135m")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny_llama"),
+        d_model=16,
+        d_ff=32,
+        n_heads=2,
+        n_kv_heads=1,
+        max_positions=512,
     )
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")

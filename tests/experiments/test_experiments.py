@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from _support.stores import FAST
 
 from mup import experiments, metrics, probes
 from mup.probes import Activations
@@ -16,7 +17,7 @@ def _lines(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_compare_table_results_and_plot(stores, helpers, tmp_path):
+def test_compare_table_results_and_plot(stores, tmp_path):
     kinds = ("logreg", "dom", "attention")
     results = tmp_path / "r.jsonl"
     rows = experiments.compare(
@@ -28,7 +29,7 @@ def test_compare_table_results_and_plot(stores, helpers, tmp_path):
         model="synthetic",
         results=results,
         progress=False,
-        overrides={"attention": helpers.FAST},
+        overrides={"attention": FAST},
     )
     assert [(r.kind, r.dataset) for r in rows] == [(k, s) for k in kinds for s in ("a", "b")]
     for r in rows:

@@ -233,8 +233,9 @@ def test_unfinished_stray_and_foreign_store_directories(tiny_model, mini_path, t
     (url / "done" / "zarr.json").unlink()
     (url / "LOCK").write_text("")
     for kw in ({}, {"resume": True}):
-        refused(r"never fully created .*layer shards.*stray files \('LOCK'\); use --overwrite",
-                **kw)
+        refused(
+            r"never fully created .*layer shards.*stray files \('LOCK'\); use --overwrite", **kw
+        )
     text, _ = _run(config(overwrite=True))
     assert "[overwrite]" in text and _objects(url) == want and store.verify(url).ok
     # A complete store that lost a shard: refused in one line (the --overwrite below redoes it).

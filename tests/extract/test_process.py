@@ -4,25 +4,15 @@ S3 errors before any model loading, 8 forced CPU devices, 2 jax.distributed proc
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
-
-# The helpers live in this area's conftest.py (not importable by name under importlib mode).
-_spec = importlib.util.spec_from_file_location(
-    "_extract_helpers", Path(__file__).with_name("conftest.py")
-)
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-LAYERS, assert_same_store, cli_env = _helpers.LAYERS, _helpers.assert_same_store, _helpers.cli_env
-run_cli, store_dirs = _helpers.run_cli, _helpers.store_dirs
+from _support.extract import LAYERS, assert_same_store, cli_env, run_cli, store_dirs
 
 SHARD = "256"  # tokens per shard: ~80 shards over the big set, so a kill lands mid-run
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _support.checkpoints import SPECIALS, word_tokenizer
 
 from mup.models import (
     Greedy,
@@ -25,33 +26,13 @@ torch = pytest.importorskip("torch", reason="torch is the parity reference")
 transformers = pytest.importorskip("transformers", reason="transformers builds the tiny model")
 
 VOCAB = 128
-SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"]
 WORDS = [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
-TEMPLATE = (
-    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
-)
 PROMPTS = [
     [{"role": "user", "content": "w1 w2 w3"}],
     [{"role": "system", "content": "w9"}, {"role": "user", "content": "w4 w5 w6 w7 w8 w10 w11"}],
     "w20 w21",  # a bare string is one user message
 ]
 MAX_NEW = 8
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        unk_token="<unk>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        chat_template=TEMPLATE,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +61,7 @@ def tiny(tmp_path_factory):
             if "norm" not in name:
                 param.normal_(0.0, 0.25 if "embed" not in name else 1.0)
     hf.save_pretrained(path)
-    _tiny_tokenizer().save_pretrained(path)
+    word_tokenizer(WORDS).save_pretrained(path)
     return load_model(path), hf
 
 

@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from _support.activations import FAST, D, scramble_unread, synth
 
 from mup import metrics, native, probes
 from mup.probes._heads import sequence_logits
@@ -34,21 +35,21 @@ def test_default_configs_follow_the_paper():
 
 
 @pytest.mark.parametrize("kind", probes.PROBE_KINDS)
-def test_kind_learns_planted_signal_and_is_mask_correct(kind, fitted, val_data, helpers):
+def test_kind_learns_planted_signal_and_is_mask_correct(kind, fitted, val_data):
     probe = fitted(kind)
     p = probe.predict(val_data)
     assert p.dtype == np.float32 and p.shape == (val_data.n_records,)
     assert np.all((p >= 0) & (p <= 1))
     assert metrics.auroc(p, val_data.labels) > 0.9
     # Unmasked tokens carry a perfectly predictive decoy: replacing them changes nothing.
-    p2 = probe.predict(helpers.scramble_unread(val_data, seed=5))
+    p2 = probe.predict(scramble_unread(val_data, seed=5))
     np.testing.assert_allclose(p2, p, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["max", "softmax", "rolling", "attention"])
-def test_sequence_logits_ignore_padding_and_match_reference(kind, helpers):
+def test_sequence_logits_ignore_padding_and_match_reference(kind):
     rng = np.random.default_rng(3)
-    b, p, d = 5, 16, helpers.D
+    b, p, d = 5, 16, D
     lengths = np.array([1, 4, 16, 7, 12])
     m = np.arange(p)[None, :] < lengths[:, None]  # [B, P]
     x = rng.normal(size=(b, p, d)).astype(np.float32)
@@ -96,10 +97,10 @@ def test_padding_amount_does_not_change_scores(fitted, val_data):
 
 
 @pytest.mark.parametrize("kind", ["mean", "attention"])
-def test_same_seed_same_params(kind, train_data, val_data, fitted, helpers):
+def test_same_seed_same_params(kind, train_data, val_data, fitted):
     a = fitted(kind)
-    b = probes.fit(kind, train_data, val=val_data, seed=0, **helpers.FAST)
-    c = probes.fit(kind, train_data, val=val_data, seed=1, **helpers.FAST)
+    b = probes.fit(kind, train_data, val=val_data, seed=0, **FAST)
+    c = probes.fit(kind, train_data, val=val_data, seed=1, **FAST)
     for name in a.params:
         np.testing.assert_array_equal(a.params[name], b.params[name])
     assert any(not np.array_equal(a.params[k], c.params[k]) for k in a.params)
@@ -177,11 +178,11 @@ def test_load_names_the_file_and_the_fault(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["linear_mean", "max"])
-def test_early_stopping_restores_best(kind, helpers):
+def test_early_stopping_restores_best(kind):
     # Few noisy training records and a high learning rate: validation AUROC peaks early and
     # then degrades as the probe overfits, so the best epoch is not the last one.
-    train = helpers.synth(24, 7, signal=0.4)
-    val = helpers.synth(64, 8, signal=0.4)
+    train = synth(24, 7, signal=0.4)
+    val = synth(64, 8, signal=0.4)
     probe = probes.fit(
         kind, train, val=val, seed=0, lr=0.2, final_lr=0.2, epochs=40, patience=12, weight_decay=0.0
     )
@@ -258,12 +259,12 @@ def test_token_scores_and_attention_weights(fitted, val_data):
     assert ev["n"] == val_data.n_records and ev["n_excluded"] == 0
 
 
-def test_clear_errors(train_data, fitted, helpers):
+def test_clear_errors(train_data, fitted):
     one_class = dataclasses.replace(train_data, labels=np.ones(train_data.n_records, np.int8))
     with pytest.raises(ValueError, match="single-class"):
         probes.fit("dom", one_class)
     with pytest.raises(ValueError, match="d_model mismatch.*16.*32"):
-        fitted("mean").predict(helpers.synth(8, 2, d=32))
+        fitted("mean").predict(synth(8, 2, d=32))
     with pytest.raises(ValueError, match="no masked token"):
         probes.Activations(
             acts=np.zeros((4, 2), np.float32), offsets=[0, 2, 4], mask=[True, True, False, False]

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _support.activations import FAST
+from _support.stores import JOB, batch_acts
 
 from mup import probes
 
 store = pytest.importorskip("mup.store", reason="mup.store is the activation store")
-
-JOB = {
-    "model": "tiny-test",
-    "model_revision": "0" * 40,
-    "dataset": "synthetic.jsonl",
-    "dataset_sha256": "ab" * 32,
-    "site": "residual",
-    "mask_mode": "all",
-    "tokenizer": "tiny-test",
-    "max_tokens": 64,
-}
 
 
 def _write_store(url, data: probes.Activations, layers=(3, 7), *, finish=True):
@@ -41,13 +32,7 @@ def _write_store(url, data: probes.Activations, layers=(3, 7), *, finish=True):
     )
     n = data.n_records
     rows = np.arange(n) if finish else np.arange(n // 2)
-    w.write(
-        rows,
-        {
-            x: np.concatenate([acts[x][data.offsets[r] : data.offsets[r + 1]] for r in rows])
-            for x in layers
-        },
-    )
+    w.write(rows, batch_acts({x: acts[x] for x in layers}, data.offsets, rows))
     if finish:
         w.finalize()
     w.close()
@@ -63,13 +48,13 @@ def stores(tmp_path_factory, train_data, val_data):
     return root, train_acts
 
 
-def test_store_and_memory_give_the_same_probe(stores, train_data, val_data, helpers, monkeypatch):
+def test_store_and_memory_give_the_same_probe(stores, train_data, val_data, monkeypatch):
     # Pooled probes stream stores chunk by chunk: force many small chunks.
     monkeypatch.setattr("mup.probes._data.CHUNK_BYTES", 4096)
     root, _ = stores
     s_train, s_val = store.open(root / "train"), store.open(root / "val")
-    a = probes.fit("mean", s_train, layer=3, val=s_val, seed=0, **helpers.FAST)
-    b = probes.fit("mean", train_data, val=val_data, seed=0, **helpers.FAST)
+    a = probes.fit("mean", s_train, layer=3, val=s_val, seed=0, **FAST)
+    b = probes.fit("mean", train_data, val=val_data, seed=0, **FAST)
     # Chunked pooling may round differently in the last bit; training keeps that tiny.
     for name in a.params:
         np.testing.assert_allclose(a.params[name], b.params[name], rtol=1e-4, atol=1e-5)
@@ -186,7 +171,7 @@ def test_append_result_writes_self_describing_lines(stores, val_data, tmp_path):
 
 
 def test_sequence_probe_streams_a_store_over_its_memory_budget(
-    stores, train_data, val_data, helpers, monkeypatch, tmp_path
+    stores, train_data, val_data, monkeypatch, tmp_path
 ):
     root, _ = stores
     s_train, s_val = store.open(root / "train"), store.open(root / "val")
@@ -195,7 +180,7 @@ def test_sequence_probe_streams_a_store_over_its_memory_budget(
     # budget, every epoch.
     budget = 40_000
     fit = lambda **kw: probes.fit(  # noqa: E731
-        "attention", s_train, layer=3, val=s_val, seed=0, **helpers.FAST, **kw
+        "attention", s_train, layer=3, val=s_val, seed=0, **FAST, **kw
     )
     streamed = fit(memory_budget=budget)
     info = streamed.history["streamed"]
@@ -229,11 +214,9 @@ def test_sequence_probe_streams_a_store_over_its_memory_budget(
     )
     _write_store(tmp_path / "some-unlabelled", partial)
     s_partial = store.open(tmp_path / "some-unlabelled")
-    both = probes.fit(
-        "max", [s_train, s_partial], layer=3, seed=0, memory_budget=budget, **helpers.FAST
-    )
+    both = probes.fit("max", [s_train, s_partial], layer=3, seed=0, memory_budget=budget, **FAST)
     assert both.history["n_train"] == train_data.n_records + int((partial.labels != -1).sum())
     assert both.history["streamed"]["chunks"] > 4
-    assert probes.fit("max", s_partial, layer=3, seed=0, **helpers.FAST).history["n_train"] == int(
+    assert probes.fit("max", s_partial, layer=3, seed=0, **FAST).history["n_train"] == int(
         (partial.labels != -1).sum()
     )

@@ -65,11 +65,8 @@ def steered(module_server, tiny_dir, vector_file, tmp_path_factory):
         ],
         tmp_path_factory.mktemp("serve_clients"),
     )  # fmt: skip
-    try:
-        srv.wait_healthy()
+    with srv.healthy():
         yield srv
-    finally:
-        srv.stop()
 
 
 def _in_process_scores(tiny_dir, vector_file) -> list[list[float]]:

@@ -245,8 +245,7 @@ def test_one_request_of_many_rows_does_not_starve_another(engine, prompts):
     """16 rows of one group on 4 slots, then a 1-row group: the small one takes the first slot
     that frees (not the 13th), so it is done while most of the big group still waits."""
     big = [
-        engine.submit(_req(prompts[3], max_tokens=12, stop_ids=(), group="big"))
-        for _ in range(16)
+        engine.submit(_req(prompts[3], max_tokens=12, stop_ids=(), group="big")) for _ in range(16)
     ]
     time.sleep(0.05)
     small = engine.submit(_req(prompts[3], max_tokens=2, stop_ids=(), group="small"))

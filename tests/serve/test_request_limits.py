@@ -66,9 +66,9 @@ bodies = st.fixed_dictionaries(
 def app_client(tiny_dir):
     from starlette.testclient import TestClient
 
-    from mup.serve._app import create_app
-    from mup.serve._config import parse_args
-    from mup.serve._main import build_engine
+    from mup.serve._cli import parse_args
+    from mup.serve._load import build_engine
+    from mup.serve._routes import create_app
 
     config = parse_args(
         ["--model", str(tiny_dir), "--served-name", NAME, "--layer", "0", "--no-warmup",

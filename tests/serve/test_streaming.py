@@ -71,11 +71,8 @@ def multi(
         ],
         tmp_path_factory.mktemp("serve_multi"),
     )  # fmt: skip
-    try:
-        srv.wait_healthy()
+    with srv.healthy():
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,29 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _support.checkpoints import word_tokenizer
 
-SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"]
 WORDS = [f"q{i}" for i in range(30)] + [f"a{i}" for i in range(14)] + [f"b{i}" for i in range(14)]
-TEMPLATE = (
-    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
-)
-
-
-def tiny_tokenizer():
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        unk_token="<unk>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        chat_template=TEMPLATE,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +50,7 @@ def tiny_model():
     params = jax.tree_util.tree_map_with_path(draw, shapes)
     spec = ResolvedSpec(spec="tiny", kind="dir", path=Path("tiny"), name="tiny-random-llama")
     return Model(
-        config=config, params=params, tokenizer=tiny_tokenizer(), spec=spec, dtype="float32"
+        config=config, params=params, tokenizer=word_tokenizer(WORDS), spec=spec, dtype="float32"
     )
 
 

@@ -3,16 +3,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import uuid
-from pathlib import Path
 
 import pytest
-
-_spec = importlib.util.spec_from_file_location("_store_synth", Path(__file__).with_name("synth.py"))
-synth_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(synth_module)
-BUCKET = synth_module.BUCKET
+from _support import stores as synth_module
+from _support.stores import BUCKET
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
@@ -26,5 +21,5 @@ def base_url(request, tmp_path):
 
 @pytest.fixture(scope="session")
 def synth():
-    """The synthetic-job helpers (make_job, batch_acts, JOB, BUCKET)."""
+    """`_support.stores` (make_job, batch_acts, JOB, BUCKET, CRASH_JOB, CRASH_STORE)."""
     return synth_module

@@ -7,11 +7,14 @@ Prints "wrote K" after each batch and "finalized" at the end (flushed, for the p
 
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
-import synth  # tests/store/synth.py: this script's directory is sys.path[0]
 
-import mup.store as store
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for _support
+from _support import stores as synth  # noqa: E402
+
+import mup.store as store  # noqa: E402
 
 
 def main() -> None:

@@ -38,9 +38,7 @@ OVERWRITE_STEPS = ["zarr.json deleted", *STEPS]
 
 
 def _objects(root: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()
-    }
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def _fill(writer, acts, offsets) -> None:
@@ -133,7 +131,7 @@ def test_full_disk_at_every_creation_step(
 CREATE = """
 import sys
 sys.path.insert(0, {here!r})
-import synth
+from _support import stores as synth
 import mup.store as store
 meta, _ = synth.make_job(**synth.CRASH_JOB, seed={seed})
 store.create({url!r}, **meta, **{sizes!r}, overwrite={overwrite})
@@ -147,7 +145,7 @@ def test_kill9_at_every_creation_step(job, clean, old_store, synth, tmp_path):
     for i, step in enumerate(OVERWRITE_STEPS):
         url = tmp_path / f"s{i}"
         shutil.copytree(old_store, url)
-        code = CREATE.format(here=str(Path(__file__).parent), seed=SEED, url=str(url),
+        code = CREATE.format(here=str(Path(__file__).parents[1]), seed=SEED, url=str(url),
                              sizes=SIZES, overwrite=True)  # fmt: skip
         env = {**os.environ, FAIL_AFTER_ENV: f"{step}:kill"}
         got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -15,7 +15,7 @@ import tensorstore as ts
 
 import mup.store as store
 from mup.store import _format as F
-from mup.store.__main__ import main as store_main
+from mup.store._cli import main as store_main
 from mup.store._io import read_group_attrs
 
 SMALL = dict(chunk_tokens=16, shard_tokens=64)

@@ -1,17 +1,15 @@
-"""`mup serve` (== `python -m mup.serve`): check files, load, warm up, serve until SIGTERM."""
+"""Before serving: read the command line's vector and probe files, bind the listening port,
+load the model, build and warm up the engine (`mup serve` runs these in order; each is usable
+on its own)."""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import socket
-import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-from mup import _compile_cache
-from mup.serve._config import DEFAULT_MAX_CONTEXT, ServeConfig, parse_args
+from mup.serve._config import DEFAULT_MAX_CONTEXT, ServeConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,17 +55,13 @@ def _one_line(e: BaseException) -> str:
 
 
 def _read_vector(path: str, layer: int | None):
-    import numpy as np
-
     from mup.steering import load_vector
 
+    # load_vector says "vector file ... does not exist"; the flag already names the file.
     if not Path(path).is_file():
         raise ValueError("file not found")
-    sv = load_vector(path, layer=layer)
-    vec = np.asarray(sv.vector, np.float32)
-    if vec.ndim != 1 or not np.all(np.isfinite(vec)):
-        raise ValueError(f"expected a finite vector [D], got shape {vec.shape}")
-    return vec, int(sv.layer)
+    sv = load_vector(path, layer=layer)  # a finite float32 [D] vector, or VectorFileError
+    return sv.vector, sv.layer
 
 
 def bind_port(host: str, port: int) -> socket.socket:
@@ -147,56 +141,3 @@ def warm_up(engine) -> float:
     t0 = time.perf_counter()
     engine.warm_up()
     return time.perf_counter() - t0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import uvicorn
-
-    from mup.serve._app import create_app
-
-    config = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    log = logging.getLogger("mup.serve")
-    try:
-        files = check_files(config)
-        sock = bind_port(config.host, config.port)
-    except ValueError as e:
-        print(f"mup serve: error: {e}", file=sys.stderr)
-        return 2
-    port = sock.getsockname()[1]
-    _compile_cache.enable()
-    t0 = time.perf_counter()
-    try:
-        engine = build_engine(config, files)
-    except (OSError, ValueError) as e:
-        print(f"mup serve: error: {e}", file=sys.stderr)
-        return 2
-    name = config.served_name or engine.model.spec.name
-    log.info("loaded %s (%s) in %.1fs", name, engine.model.spec.path, time.perf_counter() - t0)
-    if config.warmup:
-        log.info("warm-up compile took %.1fs", warm_up(engine))
-    engine.start()
-    app = create_app(engine, config, name)
-    steer = (
-        ", ".join(f"{n} (layer {engine.vector_layers[n]})" for n in engine.vector_names)
-        or "none (plain model)"
-    )
-    print(
-        f"mup serve: model {name!r}; vectors: {steer}; default multiplier "
-        f"{config.default_multiplier:+g}"
-        f"{'; probes ' + ', '.join(config.probes) if config.probes else ''}; "
-        f"{config.max_batch} slots of {engine.config.max_len} tokens; "
-        f"on http://{config.host}:{port}/v1",
-        flush=True,
-    )
-    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown: stop accepting, let open requests
-    # finish, then run the app's lifespan exit (which drains the engine).
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=config.host, port=port, log_level="warning", access_log=False)
-    )
-    server.run(sockets=[sock])
-    return 0

@@ -1,0 +1,12 @@
+"""Helpers shared by the test areas, importable as `_support` from any test module or conftest.
+
+pyproject's `pythonpath = ["tests"]` puts this folder's parent on sys.path (only that: the
+checkout's `mup/` stays off it, so the suite can test an installed wheel). Under
+`--import-mode=importlib` test modules cannot import a conftest.py; what they need lives here.
+
+checkpoints   tiny random llama checkpoints (transformers, safetensors) and a word tokenizer
+servers       free loopback ports and `python -m mup.serve` subprocesses
+stores        synthetic stakes data sets and activation stores with a planted signal
+activations   synthetic in-memory ragged activations for probe tests
+extract       running `python -m mup.extract` and comparing the stores it writes
+"""

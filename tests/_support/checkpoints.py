@@ -1,0 +1,84 @@
+"""Tiny random checkpoints saved as real directories (weights + tokenizer), and a word-level
+chat tokenizer for models whose vocabulary is a handful of words."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"]
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def save_tiny_llama(
+    path: Path,
+    *,
+    d_model: int,
+    d_ff: int,
+    n_heads: int,
+    n_kv_heads: int,
+    max_positions: int,
+    std: float | None = None,
+    embed_std: float | None = None,
+    special_tokens: bool = True,
+) -> Path:
+    """A random 2-block llama with SmolLM2's vocabulary and tokenizer, saved in `path`.
+
+    std: re-draw every non-norm weight from N(0, std) (embeddings from N(0, embed_std), default
+      std), so that greedy choices are far from ties and steering visibly changes them; None
+      keeps transformers' 0.02 init.
+    special_tokens: write the tokenizer's bos / eos ids into the config (else LlamaConfig's).
+    """
+    torch = pytest.importorskip("torch", reason="torch builds the tiny reference checkpoint")
+    import transformers
+
+    from mup.text import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    ids = (
+        dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        if special_tokens
+        else {}
+    )
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=d_ff,
+        num_hidden_layers=2,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        **ids,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    if std is not None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" not in name:
+                    param.normal_(0.0, std if "embed" not in name else (embed_std or std))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def word_tokenizer(words: list[str]):
+    """A whitespace word-level tokenizer over SPECIALS + `words` with a ChatML-like template."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        chat_template=TEMPLATE,
+    )
