@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _support.checkpoints import save_tiny_llama
 
 from mup import monitors
 from mup.data import bundled_path, load_records
@@ -22,34 +23,16 @@ torch = pytest.importorskip("torch", reason="transformers/torch are the numerica
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    """A random 2-block llama with the SmolLM2 tokenizer (weights drawn large: far from ties)."""
-    import transformers
-
-    from mup.text import load_tokenizer
-
-    tok = load_tokenizer("smollm2-135m")
-    path = tmp_path_factory.mktemp("tiny_llama")
-    config = transformers.LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+    """Weights drawn large (std 0.2): the two completions' log-likelihoods are far apart."""
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny_llama"),
+        d_model=32,
+        d_ff=64,
+        n_heads=4,
+        n_kv_heads=2,
+        max_positions=4096,
+        std=0.2,
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" not in name:
-                param.normal_(0.0, 0.2)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
