@@ -114,3 +114,7 @@ def s3_env(moto_endpoint, monkeypatch):
     for name, value in s3_variables(moto_endpoint).items():
         monkeypatch.setenv(name, value)
     return moto_endpoint
+
+
+# The suite-wide audit of every complete store the tests write (see _support/store_audit.py).
+pytest_plugins = ["_support.store_audit"]

@@ -77,6 +77,7 @@ def test_a_flipped_bit_anywhere_in_any_chunk_fails_verify(tmp_path, synth):
     assert store.verify(url).ok
 
 
+@pytest.mark.damages_stores
 def test_flipped_bit_in_a_shard_fails_every_reader(tmp_path, synth):
     zarr = pytest.importorskip("zarr")
     url = tmp_path / "s"
@@ -101,6 +102,7 @@ def test_flipped_bit_in_a_shard_fails_every_reader(tmp_path, synth):
         raw.result().read().result()
 
 
+@pytest.mark.damages_stores
 def test_lost_and_empty_shards_fail_open_and_reads(tmp_path, synth):
     url = tmp_path / "s"
     _complete_store(url, synth)
@@ -125,6 +127,7 @@ def test_lost_and_empty_shards_fail_open_and_reads(tmp_path, synth):
     assert "layers/2/c/3/0 missing" in verdict.faults and len(verdict.faults) == 2
 
 
+@pytest.mark.damages_stores
 def test_lost_metadata_objects_fail_open(tmp_path, synth):
     url = tmp_path / "s"
     _complete_store(url, synth)
@@ -259,6 +262,7 @@ def _write_format_1_store(url: Path, meta: dict, acts: dict, done_shards) -> Non
         done[s].write(np.uint8(1)).result()
 
 
+@pytest.mark.damages_stores
 def test_format_1_stores_stay_readable_and_resumable(tmp_path, synth):
     zarr = pytest.importorskip("zarr")
     meta, acts = synth.make_job(seed=13)
@@ -290,6 +294,7 @@ def test_format_1_stores_stay_readable_and_resumable(tmp_path, synth):
         store.open(url)
 
 
+@pytest.mark.damages_stores
 def test_verify_command(tmp_path, synth, capsys):
     out = tmp_path / "out"
     _complete_store(out / "model" / "good", synth, seed=1)
