@@ -332,8 +332,9 @@ def fit(
     metadata = dict(metadata or {})
     attrs = getattr(data, "attrs", None)
     if isinstance(attrs, dict):
-        # Where the activations came from: a server or another store must read the same site.
-        for name in ("model", "site", "mask_mode"):
+        # Where the activations came from: a server or another store must read the same site,
+        # and `mup probes score` re-extracts with the same truncation.
+        for name in ("model", "model_revision", "site", "mask_mode", "max_tokens"):
             if name in attrs:
                 metadata.setdefault(name, str(attrs[name]))
     probe = Probe(
