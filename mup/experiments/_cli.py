@@ -3,9 +3,10 @@
 The command line lives here, with the experiments it runs: `mup.probes` sits below them and
 imports none of them (its `__main__` reaches this module through `mup.cli` by name).
 
-Subcommands: compare, sweep, efficiency, calibration, figure. Each extracts what it needs
-(stores are content-keyed, so a re-run reuses them), writes a results JSONL and a PNG, and
-prints where. `figure` plots score files (mup.monitors) and has its own parser.
+Subcommands: compare, sweep, efficiency, calibration. Each extracts what it needs (stores are
+content-keyed, so a re-run reuses them), writes a results JSONL and a PNG, and prints where.
+Two more apply a saved probe: score (a `mup.monitors` score file per data set) and view (one
+HTML page of its per-token scores); figure plots score files and has its own parser.
 """
 
 from __future__ import annotations
@@ -94,7 +95,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None, help="default: configs/models/<model>")
     p.add_argument("--kind", type=_kind, default="attention")
     p.add_argument("--bins", type=int, default=10, help="reliability bins")
+
+    p = sub.add_parser("score", help="a saved probe's score file per data set (mup.monitors)")
+    _probe_input(p)
+    p.add_argument(
+        "--dataset",
+        action="append",
+        required=True,
+        help="data set name (dev/anthropic, ..., mini) or .jsonl/.csv file; repeatable",
+    )
+    p.add_argument("--out", required=True, help="folder of the score files")
+    p.add_argument("--limit", type=int, default=None, help="records per data set (quick runs)")
+    p.add_argument("--name", default=None, help="monitor name (default probe:<kind>@<layer>)")
+
+    p = sub.add_parser("view", help="an HTML page of a saved probe's per-token scores")
+    _probe_input(p)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--store", help="an activation store holding the probe's layers")
+    what.add_argument("--dataset", help="or a data set name / file, extracted as the probe reads")
+    p.add_argument("--out", default="view.html", help="HTML file (default %(default)s)")
+    p.add_argument(
+        "--records", type=int, default=100, help="first N records (default %(default)s; 0 = all)"
+    )
+    p.add_argument("--ids", type=_strings, default=None, help="or these comma-separated ids")
+    p.add_argument("--limit", type=int, default=None, help="records extracted from --dataset")
     return parser
+
+
+def _strings(value: str) -> tuple[str, ...]:
+    out = tuple(x.strip() for x in value.split(",") if x.strip())
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ids, got {value!r}")
+    return out
+
+
+def _probe_input(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that apply a saved probe file."""
+    from mup.experiments._score import DEFAULT_STORE_DIR
+
+    p.add_argument("--probe", required=True, help="probe file (.safetensors from Probe.save)")
+    p.add_argument(
+        "--store-dir",
+        default=DEFAULT_STORE_DIR,
+        help="content-keyed stores, reused when present (default %(default)s)",
+    )
+    p.add_argument("--data", default=None, help="data root laid out like shared/data")
+    p.add_argument("--model", default=None, help="override the model the probe file records")
+    # SUPPRESS: absent means "as the probe file records", which no --max-tokens value spells.
+    p.add_argument(
+        "--max-tokens",
+        type=_max_tokens,
+        default=argparse.SUPPRESS,
+        help="truncation, 0 = none (default: the probe's training truncation)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _kind(value: str) -> str:
@@ -114,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _compile_cache.enable()
     from mup import experiments
+    from mup.store import StoreError
 
     try:
         if args.command == "compare":
@@ -190,7 +245,49 @@ def main(argv: list[str] | None = None) -> int:
                     f"Spearman(prob, scale) {res['spearman_scale']:.3f}"
                 )
             print(f"wrote {summary['plot']}, {summary['results']}")
-    except (ValueError, FileNotFoundError, KeyError) as error:
+        elif args.command == "score":
+            from mup.experiments._score import FROM_PROBE, ScoreConfig, run_score
+
+            for part in run_score(
+                ScoreConfig(
+                    probe=args.probe,
+                    datasets=tuple(args.dataset),
+                    out=args.out,
+                    store_dir=args.store_dir,
+                    data=args.data,
+                    model=args.model,
+                    max_tokens=getattr(args, "max_tokens", FROM_PROBE),
+                    limit=args.limit,
+                    name=args.name,
+                    progress=not args.no_progress,
+                )
+            ):
+                print(
+                    f"{part['dataset']:<16} {part['n']:>6} records, mean {part['mean_flops']:.3g} "
+                    f"FLOPs -> {part['path']}"
+                )
+        elif args.command == "view":
+            from mup.experiments._score import FROM_PROBE
+            from mup.experiments._view import ViewConfig, run_view
+
+            summary = run_view(
+                ViewConfig(
+                    probe=args.probe,
+                    out=args.out,
+                    store=args.store,
+                    dataset=args.dataset,
+                    data=args.data,
+                    store_dir=args.store_dir,
+                    records=args.records or None,
+                    ids=args.ids,
+                    limit=args.limit,
+                    model=args.model,
+                    max_tokens=getattr(args, "max_tokens", FROM_PROBE),
+                    progress=not args.no_progress,
+                )
+            )
+            print(f"wrote {summary['path']} ({summary['n_records']} records)")
+    except (ValueError, FileNotFoundError, KeyError, StoreError) as error:
         print(f"mup probes {args.command}: error: {error}", file=sys.stderr)
         return 1
     return 0

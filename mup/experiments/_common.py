@@ -39,6 +39,8 @@ class ExtractOptions:
     max_tokens: int | None = 512  # longer chats keep their last max_tokens tokens
     limit: int | None = None  # first `limit` records of each data set (quick runs)
     progress: bool = True
+    site: str = "residual"  # capture site (a saved probe names the one it was trained on)
+    mask_mode: str = "all"  # tokens probes read (likewise)
 
 
 def extract(paths, *, layers, split: str | None, options: ExtractOptions) -> list:
@@ -55,6 +57,8 @@ def extract(paths, *, layers, split: str | None, options: ExtractOptions) -> lis
         datasets=tuple(str(p) for p in paths),
         out=str(Path(options.out).resolve()),
         split=split,
+        site=options.site,
+        mask_mode=options.mask_mode,
         limit=options.limit,
         max_tokens=options.max_tokens,
         resume=True,

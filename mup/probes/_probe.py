@@ -160,9 +160,8 @@ class Probe:
             "history": self.history,
             "metadata": self.metadata,
         }
-        tensors = {
-            k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in self.params.items()
-        }
+        # copy(order="C"), not np.ascontiguousarray: the latter makes 0-d scalars (b, qb) [1].
+        tensors = {k: np.asarray(v, np.float32).copy(order="C") for k, v in self.params.items()}
         save_file(tensors, str(path), metadata={"mup_probe": json.dumps(header)})
         return path
 
@@ -172,6 +171,10 @@ def _pooled_logits_np(params: dict, x: np.ndarray) -> np.ndarray:
     numpy: the same read-out as training's `pooled_logits`, without a device round trip."""
     p = {k: np.asarray(v, np.float32) for k, v in params.items()}
     return np.asarray(pooled_logits(p, x)).astype(np.float32)
+
+
+# Parameters that are scalars (see mup.probes._heads).
+_SCALAR_PARAMS = ("b", "qb", "scale", "shift")
 
 
 class ProbeFileError(ValueError):
@@ -219,6 +222,10 @@ def load(path) -> Probe:
     except (KeyError, TypeError, ValueError) as e:
         problem = f"missing {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
         raise ProbeFileError(f"{path}: malformed probe header: {problem}") from None
+    # Files saved before the scalar fix hold b, qb, scale and shift as [1]: read back as [].
+    for name in _SCALAR_PARAMS:
+        if name in params and params[name].shape == (1,):
+            params[name] = params[name].reshape(())
     w = params.get("w")
     if w is None or "b" not in params or w.shape != (probe.d_model,):
         shape = None if w is None else w.shape
@@ -325,8 +332,9 @@ def fit(
     metadata = dict(metadata or {})
     attrs = getattr(data, "attrs", None)
     if isinstance(attrs, dict):
-        # Where the activations came from: a server or another store must read the same site.
-        for name in ("model", "site", "mask_mode"):
+        # Where the activations came from: a server or another store must read the same site,
+        # and `mup probes score` re-extracts with the same truncation.
+        for name in ("model", "model_revision", "site", "mask_mode", "max_tokens"):
             if name in attrs:
                 metadata.setdefault(name, str(attrs[name]))
     probe = Probe(

@@ -114,8 +114,36 @@ def test_save_load_round_trip(kind, fitted, val_data, tmp_path):
     assert back.config == probe.config and back.d_model == probe.d_model
     assert back.history == probe.history
     for name in probe.params:
+        assert back.params[name].shape == np.shape(probe.params[name]), name  # scalars stay 0-d
         np.testing.assert_array_equal(back.params[name], probe.params[name])
     np.testing.assert_array_equal(back.predict(val_data), probe.predict(val_data))
+    np.testing.assert_array_equal(back.token_scores(val_data)[0], probe.token_scores(val_data)[0])
+    if kind == "attention":
+        np.testing.assert_array_equal(
+            back.attention_weights(val_data)[0], probe.attention_weights(val_data)[0]
+        )
+
+
+def test_scalars_saved_as_one_element_arrays_load_as_scalars(fitted, val_data, tmp_path):
+    """Probe files written before the save fix hold b / qb as [1] (np.ascontiguousarray made
+    0-d arrays 1-d); they load as scalars, and attention_weights works on them."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    probe = fitted("attention")
+    path = probe.save(tmp_path / "new.safetensors")
+    with safe_open(str(path), "numpy") as f:
+        meta = f.metadata()
+    old = {k: np.asarray(v, np.float32).reshape(-1) for k, v in probe.params.items()}
+    assert old["qb"].shape == (1,) and json.loads(meta["mup_probe"])["config"]["kind"]
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
+    back = probes.load(tmp_path / "old.safetensors")
+    assert back.params["b"].shape == () and back.params["qb"].shape == ()
+    np.testing.assert_array_equal(
+        back.attention_weights(val_data)[0], probe.attention_weights(val_data)[0]
+    )
 
 
 def test_load_names_the_file_and_the_fault(tmp_path):
