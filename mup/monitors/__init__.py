@@ -4,6 +4,9 @@ probe -> LLM monitoring cascade.
 from mup import monitors
 scores = monitors.read_scores("runs/probe_scores.jsonl")
 scores.evaluate()                     # monitor -> dataset -> AUROC, TPR@1%FPR, mean FLOPs, ...
+
+result = monitors.finetune(model, train, val, "runs/ft", monitors.FinetuneConfig())
+monitors.score_records(result.checkpoint.parent, records, dataset="dev/mt", out="mt.jsonl")
 """
 
 # Score files: one per-record format for every monitor.
@@ -19,14 +22,51 @@ from mup.monitors._scores import (
 # What a monitor costs per record (2 x matmul weights x tokens).
 from mup.monitors._flops import block_matmul_params, llm_flops, probe_flops  # isort: skip
 
+# isort: split
+# The finetuned baseline: the LLM trained as a classifier (LoRA or full), and its scores.
+from mup.monitors._finetune import (
+    FinetuneCheckpointError,
+    FinetuneConfig,
+    Finetuned,
+    FinetuneResult,
+    check_training_data,
+    classifier_logits,
+    finetune,
+    head_flops,
+    init_head,
+    last_token_index,
+    load_finetuned,
+    monitor_name,
+    score_records,
+)
+from mup.monitors._lora import LORA_TARGETS, LoraConfig, init_lora, lora_shapes, merge_lora
+
 __all__ = [
+    "LORA_TARGETS",
+    "FinetuneCheckpointError",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "Finetuned",
+    "LoraConfig",
     "ScoreFileError",
     "Scores",
     "block_matmul_params",
+    "check_training_data",
+    "classifier_logits",
+    "finetune",
+    "head_flops",
+    "init_head",
+    "init_lora",
     "label_of",
+    "last_token_index",
     "llm_flops",
+    "load_finetuned",
+    "lora_shapes",
+    "merge_lora",
+    "monitor_name",
     "probe_flops",
     "read_scores",
+    "score_records",
     "score_row",
     "write_scores",
 ]
