@@ -524,6 +524,11 @@ def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
     save_file(
         {k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata={"format": FORMAT}
     )
+    # safetensors creates the file private (0600); a checkpoint gets the usual umask mode,
+    # like the json beside it, so that others who can read the directory can score with it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     _fsync_replace(tmp, path)
 
 
@@ -938,9 +943,7 @@ def _load_resume(out: Path, trainable, opt_state, cfg: FinetuneConfig, fingerpri
     flat_trainable = _flat(trainable)
     opt_leaves, opt_def = jax.tree.flatten(opt_state)
     expected = {k: tuple(v.shape) for k, v in flat_trainable.items()}
-    expected.update(
-        {f"opt.{i:05d}": tuple(np.shape(v)) or (1,) for i, v in enumerate(opt_leaves)}
-    )
+    expected.update({f"opt.{i:05d}": tuple(np.shape(v)) or (1,) for i, v in enumerate(opt_leaves)})
     _check_tensors(out / state["tensors"], tensors, expected)
     new_trainable = _unflat({k: jnp.asarray(tensors[k], jnp.float32) for k in flat_trainable})
     new_opt = jax.tree.unflatten(

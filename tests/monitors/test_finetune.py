@@ -240,6 +240,8 @@ def test_finetune_learns_a_separable_task(trained):
     meta = json.loads((out / "finetune.json").read_text())
     assert meta["step"] == result.best_step and meta["val_auroc"] == result.best_val_auroc
     assert [p.name for p in out.glob("weights-*.safetensors")] == [meta["weights"]]
+    mode = (out / meta["weights"]).stat().st_mode & 0o777
+    assert mode == (out / "finetune.json").stat().st_mode & 0o777  # not left private
 
 
 def test_checkpoint_round_trip_and_score_files(trained, tiny_model, tiny_dir, tmp_path, toy):
