@@ -2,9 +2,12 @@
 
   mup baselines prompted --model SPEC [--base-url URL] [--prompt default,single_word,...]
                          [--generative] [--eval dev] --out DIR
+  mup baselines finetune --model SPEC --train NAME --val NAME [--lora-rank R] --out DIR
+  mup baselines score --checkpoint DIR --dataset NAME [--dataset ...] --out DIR
 
 writes one score file per (monitor, data set) into DIR (`mup.monitors.read_scores` reads a
-folder of them) and prints AUROC and TPR at 1% FPR per data set.
+folder of them) and prints AUROC and TPR at 1% FPR per data set; finetune trains the LLM as a
+classifier (mup.monitors._finetune) and score writes its score files.
 """
 
 from __future__ import annotations
@@ -103,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", default="runs/baselines", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    from mup.monitors._finetune_cli import add_parsers  # finetune, score
+
+    add_parsers(sub)
     return parser
 
 
@@ -238,6 +245,10 @@ def _print_table(scores) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("finetune", "score"):
+        from mup.monitors._finetune_cli import run
+
+        return run(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _compile_cache.enable()
     try:
