@@ -1,13 +1,18 @@
 """Experiment fixtures: the synthetic stores of `_support.stores` (planted signal at layer 2),
-a tiny random checkpoint, and a data root laid out like shared/data."""
+a tiny random checkpoint, a data root laid out like shared/data, and a store of real SmolLM2
+tokens with synthetic activations for the score and view commands."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from _support.checkpoints import save_tiny_llama
-from _support.stores import Stores, make_stores
+from _support.stores import FAST, D, Stores, make_stores
+
+from mup import probes, store
 
 
 @pytest.fixture(scope="session")
