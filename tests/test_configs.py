@@ -53,3 +53,13 @@ def test_model_default_layer_is_inside_the_model(name):
         pytest.skip(f"{name} has no named_config to check its layer against")
     config = NAMED_CONFIGS[data["named_config"]]
     assert 0 <= data["layer"] <= config.n_layers
+
+
+@pytest.mark.parametrize("name", GROUPS.get("models", []))
+def test_model_baseline_prompt_is_a_known_template(name):
+    from mup.monitors._prompts import LIKELIHOOD_TEMPLATES
+
+    chosen = _configs.load_config("models", f"{name}.yaml").get("baseline_prompt")
+    if chosen is None:
+        pytest.skip(f"{name} names no baseline_prompt (the CLI falls back to single_word)")
+    assert set(str(chosen).split(",")) <= set(LIKELIHOOD_TEMPLATES)
