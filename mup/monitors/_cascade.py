@@ -29,7 +29,6 @@ evaluation sets) are rows of a ``cascade.jsonl`` (`write_cascade`, `read_cascade
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,7 +39,13 @@ import numpy as np
 import pydantic
 
 from mup import metrics
-from mup.monitors._scores import ScoreFileError, Scores, score_row, write_scores
+from mup.monitors._scores import (
+    ScoreFileError,
+    Scores,
+    score_row,
+    validated_lines,
+    write_scores,
+)
 
 __all__ = [
     "DEFAULT_FRACTIONS",
@@ -359,26 +364,7 @@ def read_cascade(*paths: str | os.PathLike) -> list[dict[str, Any]]:
         before = len(rows)
         if not path.is_file():
             raise CascadeFileError(f"{path}: no such cascade file")
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{n}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise CascadeFileError(f"{where}: not JSON ({err.msg})") from None
-                if not isinstance(obj, dict):
-                    raise CascadeFileError(f"{where}: expected a JSON object")
-                try:
-                    _CascadeRow.model_validate(obj)
-                except pydantic.ValidationError as err:
-                    problems = "; ".join(
-                        f"field {'.'.join(map(str, e['loc'])) or '(row)'!r}: {e['msg']}"
-                        for e in err.errors()
-                    )
-                    raise CascadeFileError(f"{where}: {problems}") from None
-                rows.append(obj)
+        rows += [obj for _, obj in validated_lines(path, _CascadeRow, CascadeFileError)]
         if len(rows) == before:
             raise CascadeFileError(f"{path}: no cascade rows")
     return rows

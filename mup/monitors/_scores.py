@@ -218,34 +218,39 @@ def read_scores(*paths: str | os.PathLike) -> Scores:
     rows: list[Mapping[str, Any]] = []
     seen: dict[tuple[str, str, str], str] = {}
     for path in files:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{n}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ScoreFileError(f"{where}: not JSON ({err.msg})") from None
-                if not isinstance(obj, dict):
-                    raise ScoreFileError(
-                        f"{where}: expected a JSON object, got {type(obj).__name__}"
-                    )
-                try:
-                    _Row.model_validate(obj)
-                except pydantic.ValidationError as err:
-                    raise ScoreFileError(f"{where}: {_describe(err)}") from None
-                key = (obj["monitor"], obj["dataset"], obj["id"])
-                if key in seen:
-                    raise ScoreFileError(
-                        f"{where}: duplicate record {obj['id']!r} of {obj['dataset']!r} for "
-                        f"monitor {obj['monitor']!r}, first at {seen[key]}"
-                    )
-                seen[key] = where
-                rows.append(obj)
+        for where, obj in validated_lines(path, _Row, ScoreFileError):
+            key = (obj["monitor"], obj["dataset"], obj["id"])
+            if key in seen:
+                raise ScoreFileError(
+                    f"{where}: duplicate record {obj['id']!r} of {obj['dataset']!r} for "
+                    f"monitor {obj['monitor']!r}, first at {seen[key]}"
+                )
+            seen[key] = where
+            rows.append(obj)
     if not rows:
         raise ScoreFileError(f"{', '.join(map(str, files))}: no score rows")
     return Scores(tuple(rows), ", ".join(map(str, files)))
+
+
+def validated_lines(path: Path, schema: type[pydantic.BaseModel], error: type[Exception]):
+    """(``file:line``, object) for every non-blank line of a jsonl file, each checked against
+    `schema`; `error` names the file, the line and the field of the first bad one."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise error(f"{where}: not JSON ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            try:
+                schema.model_validate(obj)
+            except pydantic.ValidationError as err:
+                raise error(f"{where}: {_describe(err)}") from None
+            yield where, obj
 
 
 def write_scores(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
