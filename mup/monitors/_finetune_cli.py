@@ -102,6 +102,13 @@ def add_parsers(subparsers) -> None:
     sc.add_argument("--data", default=None, help="data root for named sets")
     sc.add_argument("--split", default=None, help="score only this split of each data set")
     sc.add_argument("--max-records", type=int, default=None, help="cap per data set (seeded)")
+    sc.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="the first N records of each set, as every other command's --limit (so that "
+        "score files of different monitors cover the same records)",
+    )
     sc.add_argument("--batch-size", type=int, default=None)
     sc.add_argument("--model", default=None, help="base model spec, if it moved since training")
     sc.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
@@ -251,6 +258,7 @@ def _finetune(args) -> int:
 
 def _score(args) -> int:
     from mup import metrics
+    from mup.data import Dataset
     from mup.models import load_model
     from mup.monitors._finetune import load_finetuned, score_records
 
@@ -258,7 +266,12 @@ def _score(args) -> int:
     sets = []
     for name in args.dataset:
         dataset, display = _load(name, args.data)
-        sets.append((display, _cap(_split(dataset, args.split, None), args.max_records, args.seed)))
+        chosen = _cap(_split(dataset, args.split, None), args.max_records, args.seed)
+        if args.limit is not None:
+            if args.limit < 1:
+                raise ValueError(f"--limit must be >= 1, got {args.limit}")
+            chosen = Dataset(list(chosen)[: args.limit], path=chosen.path, sha256=chosen.sha256)
+        sets.append((display, chosen))
     model = None if args.model is None else load_model(args.model)
     ft = load_finetuned(args.checkpoint, model=model, dtype=args.dtype)
     out = Path(args.out)

@@ -403,13 +403,19 @@ def test_command_line_finetune_then_score(tiny_dir, tmp_path, capsys, monkeypatc
     assert main(args) == 2
     assert "already holds a finetune checkpoint" in capsys.readouterr().err
 
-    dev = _jsonl(tmp_path / "dev.jsonl", toy(10, seed=31, prefix="d"))
+    dev_records = toy(10, seed=31, prefix="d")
+    dev = _jsonl(tmp_path / "dev.jsonl", dev_records)
     scores = tmp_path / "scores"
     assert main(["score", "--checkpoint", str(out), "--dataset", str(dev), "--dataset", str(data),
                  "--out", str(scores), "--no-progress", "--max-records", "7"]) == 0  # fmt: skip
     read = read_scores(scores)
     assert sorted(read.datasets) == ["dev", "toy"] and len(read) == 14
     assert read.monitor == f"finetuned:{tiny_dir.name}/lora-r4"
+    # --limit: the first N records, the same ones every other monitor's --limit scores
+    first = tmp_path / "first"
+    assert main(["score", "--checkpoint", str(out), "--dataset", str(dev), "--out", str(first),
+                 "--no-progress", "--limit", "4"]) == 0  # fmt: skip
+    assert read_scores(first).ids == tuple(r.id for r in dev_records[:4])
     assert main(["score", "--checkpoint", str(out), "--dataset", "no/such-set", "--out",
                  str(scores)]) == 2  # fmt: skip
     assert "neither a file nor a data set name" in capsys.readouterr().err
