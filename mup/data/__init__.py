@@ -3,6 +3,7 @@
 ds = load_records(find_dataset("training"), binary=True)
 ds.labels          # int8 [N]: 1 high-stakes, 0 low-stakes, -1 none/ambiguous
 ds.split("train")  # records whose `split` field is "train"
+balance(ds, seed=0).records  # as many high- as low-stakes records, pairs kept whole
 """
 
 # Records and data sets
@@ -17,6 +18,7 @@ from mup.data._records import (
     Message,
     Record,
     load_records,
+    write_records,
 )
 
 # isort: split
@@ -32,6 +34,12 @@ from mup.data._locate import (
     is_bundled,
 )
 
+# isort: split
+# Data set tools (`mup data stats|balance|split|overlap`)
+from mup.data._overlap import overlap
+from mup.data._stats import dataset_stats
+from mup.data._transform import SampleError, balance, split_by_pair
+
 __all__ = [
     "AMBIGUOUS",
     "HIGH_STAKES",
@@ -44,11 +52,17 @@ __all__ = [
     "Dataset",
     "Message",
     "Record",
+    "SampleError",
+    "balance",
     "bundled_path",
     "dataset_names",
+    "dataset_stats",
     "download",
     "evaluation_sets",
     "find_dataset",
     "is_bundled",
     "load_records",
+    "overlap",
+    "split_by_pair",
+    "write_records",
 ]

@@ -12,6 +12,9 @@ are:
   * every other column is kept, unchanged, in `Record.fields` (csv values stay strings).
 
 Arrays on a `Dataset` are indexed by record: N is the number of records.
+
+`write_records` writes records back in the same schema (`record_row` is one row), so every file
+the data set tools derive is again a file `load_records` reads.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import io
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, overload
@@ -39,6 +43,7 @@ HIGH_STAKES, LOW_STAKES, AMBIGUOUS = 1, 0, 2
 LABEL_NAMES: Mapping[str, int] = MappingProxyType(
     {"high-stakes": HIGH_STAKES, "low-stakes": LOW_STAKES, "ambiguous": AMBIGUOUS}
 )
+_LABEL_OF_CODE = {code: name for name, code in LABEL_NAMES.items()}
 # Columns with a meaning of their own; everything else goes to Record.fields.
 _KNOWN_COLUMNS = frozenset({"inputs", "ids", "labels", "scale_labels"})
 # The largest record (one jsonl line, one csv field) a data file may hold: far above any
@@ -383,3 +388,50 @@ def _short(value: Any, limit: int = 80) -> str:
     """repr(value) for an error message, cut short: a value may be megabytes long."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
+
+
+def record_row(record: Record) -> dict[str, Any]:
+    """`record` as one row of the stakes schema: inputs, ids, labels, scale_labels, then every
+    other field unchanged.
+
+    Labels are written by name and a single user message as plain text (the upstream form);
+    anything else is a JSON-encoded list of messages, as the dialogue sets store it. A plain
+    text that starts with "[" is written as a list too, so that reading it back cannot mistake
+    it for an encoded conversation. `load_records` of the row gives `record` back.
+    """
+    messages = record.messages
+    plain = len(messages) == 1 and messages[0].role == "user"
+    if plain and not messages[0].content.lstrip().startswith("["):
+        inputs = messages[0].content
+    else:
+        inputs = json.dumps([m.as_dict() for m in messages])
+    row: dict[str, Any] = {"inputs": inputs, "ids": record.id}
+    if record.label is not None:
+        row["labels"] = _LABEL_OF_CODE[record.label]
+    if record.scale_label is not None:
+        scale = record.scale_label
+        row["scale_labels"] = int(scale) if scale.is_integer() else scale
+    row.update(record.fields)
+    return row
+
+
+def write_records(path: str | os.PathLike, records: Iterable[Record]) -> Path:
+    """Write records as a .jsonl stakes data set, atomically: a crash or a bad record leaves the
+    old file or none, never half a file. Returns the path."""
+    path = Path(path)
+    if path.suffix.lower() != ".jsonl":
+        raise ValueError(f"{path}: records are written as .jsonl, got {path.suffix or 'no suffix'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            for record in records:
+                # ASCII escapes, as the upstream files have them: a raw U+2028 inside a string
+                # would split the line for readers that use str.splitlines.
+                out.write(json.dumps(record_row(record)) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after os.replace the name is gone: a no-op
+    return path
