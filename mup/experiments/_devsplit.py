@@ -195,7 +195,7 @@ class DevsplitRow:
     auroc: float
     tpr_at_fpr: float
     n_train: int  # records fitted on, synthetic ones included
-    n_val: int  # records early stopping read
+    n_val: int  # records early stopping read (dev ones; synthetic ones for the reference)
     n_eval: int
     best_epoch: int | None  # None for closed-form kinds
 
@@ -225,7 +225,8 @@ def devsplit(
       train, val: the synthetic training split and the split its reference probe stops early
         on (stores or Activations); val may be None.
       devs: dev set name -> store / Activations (labelled).
-      ks: training-set sizes; those a set cannot provide are skipped there (`plan_ks`).
+      ks: training-set sizes; those a set cannot provide are skipped there (`plan_ks` says
+        which and why; logged at INFO).
       repeats: repeat r uses seed + r for its split, its draws and the probes' initialisation.
       warm_epochs: epochs of warm-start fine-tuning.
       results: JSONL path; one `mup.probes.append_result` line per row.
@@ -244,7 +245,7 @@ def devsplit(
     labels = {name: labels_of(d) for name, d in devs.items()}
     plan, notes = plan_ks(labels, ks, **fractions)
     for note in notes:
-        log.warning("devsplit: %s", note)
+        log.info("devsplit: %s", note)
 
     base = probes.fit(kind, train, layer=layer, val=val, seed=seed, **overrides)
     # Combined mode concatenates the synthetic records with each draw: read them once.
@@ -252,6 +253,7 @@ def devsplit(
     if "combined" in modes:
         synthetic = read_rows(train, layer, np.nonzero(labels_of(train) != -1)[0])
     n_base = int(base.history.get("n_train", 0))
+    n_base_val = 0 if val is None else int((labels_of(val) != -1).sum())  # synthetic records
     rows: list[DevsplitRow] = []
     total = repeats * sum(len(plan[name]) * len(modes) + 1 for name in devs)
 
@@ -297,7 +299,7 @@ def devsplit(
                 reference = _describe(train, "training (train split)") | {
                     "val": None if val is None else _describe(val, "training (test split)")
                 }
-                record(base, REFERENCE, name, 0, s, held_out, n_base, 0, reference)
+                record(base, REFERENCE, name, 0, s, held_out, n_base, n_base_val, reference)
                 bar.update(1)
                 for k in plan[name]:
                     drawn = parts.draw(k)

@@ -133,6 +133,8 @@ def heatmap(
       val_fraction: share of a value's training records held out for early stopping
         (gradient kinds; 0 = none, train for the configured epochs).
       results: JSONL path; one `mup.probes.append_result` line per computed cell.
+      Skipped values are in the result (`notes`, `skipped_train`, `skipped_eval`; logged at
+      INFO).
       overrides: probe hyperparameters (e.g. fewer epochs in tests).
     """
     from mup import metrics, probes
@@ -245,7 +247,7 @@ def heatmap(
         skipped_eval=skipped_eval,
     )
     for note in result.notes:
-        log.warning("heatmap: %s", note)
+        log.info("heatmap: %s", note)
     return result
 
 

@@ -130,7 +130,8 @@ def test_rows_cover_every_mode_k_and_repeat(stores, devsplit_run):
     }
     assert got == want and len(rows) == len(want)
     for r in rows:
-        assert r.n_eval == 20 and (r.n_val == 10 or r.mode == "synthetic-only")
+        assert r.n_eval == 20
+        assert r.n_val == (stores.val.n_records if r.mode == "synthetic-only" else 10)
         if r.mode == "combined":
             assert r.n_train == stores.train.n_records + r.k
         elif r.mode != "synthetic-only":
