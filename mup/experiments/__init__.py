@@ -1,4 +1,5 @@
-"""Probe experiments: comparison across probe kinds, layer sweep, data efficiency, calibration.
+"""Probe experiments: comparison across probe kinds, layer sweep, data efficiency, calibration,
+dev-split training and the generalisation heatmap.
 
 from mup import experiments
 rows = experiments.compare(train_store, {"anthropic": dev_store}, layer=20, val=val_store)
@@ -48,33 +49,73 @@ from mup.experiments._calibration import (  # isort: skip
     spearman,
 )
 
+# Dev-split training: k records of the target dev set (alone, added, or to fine-tune).
+from mup.experiments._devsplit import (  # isort: skip
+    MODES,
+    DevParts,
+    DevsplitConfig,
+    DevsplitRow,
+    dev_parts,
+    devsplit,
+    plan_ks,
+    plot_devsplit,
+    run_devsplit,
+)
+
+# Generalisation heatmap across one variation field of the synthetic set.
+from mup.experiments._heatmap import (  # isort: skip
+    FIELDS,
+    Heatmap,
+    HeatmapConfig,
+    HeatmapRow,
+    heatmap,
+    plot_heatmap,
+    run_heatmap,
+)
+
 # Shared pieces.
 from mup.experiments._common import DEV_SETS, ExtractOptions, record_field  # isort: skip
 
 __all__ = [
     "DEV_SETS",
+    "FIELDS",
+    "MODES",
     "CalibrationConfig",
     "CompareConfig",
     "CompareRow",
+    "DevParts",
+    "DevsplitConfig",
+    "DevsplitRow",
     "EfficiencyConfig",
     "EfficiencyRow",
     "ExtractOptions",
+    "Heatmap",
+    "HeatmapConfig",
+    "HeatmapRow",
     "SweepConfig",
     "SweepRow",
     "calibration",
     "compare",
+    "dev_parts",
+    "devsplit",
     "efficiency",
     "grouped_folds",
+    "heatmap",
     "markdown_table",
+    "plan_ks",
     "plot_calibration",
     "plot_compare",
+    "plot_devsplit",
     "plot_efficiency",
+    "plot_heatmap",
     "plot_sweep",
     "record_field",
     "reliability_bins",
     "run_calibration",
     "run_compare",
+    "run_devsplit",
     "run_efficiency",
+    "run_heatmap",
     "run_sweep",
     "scale_bins",
     "spearman",

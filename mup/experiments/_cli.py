@@ -3,10 +3,10 @@
 The command line lives here, with the experiments it runs: `mup.probes` sits below them and
 imports none of them (its `__main__` reaches this module through `mup.cli` by name).
 
-Subcommands: compare, sweep, efficiency, calibration. Each extracts what it needs (stores are
-content-keyed, so a re-run reuses them), writes a results JSONL and a PNG, and prints where.
-Two more apply a saved probe: score (a `mup.monitors` score file per data set) and view (one
-HTML page of its per-token scores); figure plots score files and has its own parser.
+Subcommands: compare, sweep, efficiency, calibration, devsplit, heatmap. Each extracts what it
+needs (stores are content-keyed, so a re-run reuses them), writes a results JSONL and a PNG, and
+prints where. Two more apply a saved probe: score (a `mup.monitors` score file per data set) and
+view (one HTML page of its per-token scores); figure plots score files and has its own parser.
 """
 
 from __future__ import annotations
@@ -41,6 +41,28 @@ def _ints(value: str) -> tuple[int, ...]:
     if not out:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return out
+
+
+def _names(known: tuple[str, ...], what: str):
+    """A parser of a comma-separated list of names out of `known`."""
+
+    def parse(value: str) -> tuple[str, ...]:
+        names = tuple(dict.fromkeys(x.strip() for x in value.split(",") if x.strip()))
+        bad = [x for x in names if x not in known]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what}(s) {bad or value!r}; known: {','.join(known)}"
+            )
+        return names
+
+    return parse
+
+
+def _fraction(value: str) -> float:
+    x = float(value)
+    if not 0.0 <= x < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value!r}")
+    return x
 
 
 def _max_tokens(value: str) -> int | None:
@@ -119,6 +141,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ids", type=_strings, default=None, help="or these comma-separated ids")
     p.add_argument("--limit", type=int, default=None, help="records extracted from --dataset")
+    from mup.experiments._common import DEV_SETS
+    from mup.experiments._devsplit import DEFAULT_KS, MODES
+    from mup.experiments._heatmap import FIELDS
+
+    p = sub.add_parser(
+        "devsplit", help="probes trained on k dev records: dev-only, combined, warm-start"
+    )
+    _common(p, "runs/devsplit")
+    p.add_argument("--layer", type=int, default=None, help="default: configs/models/<model>")
+    p.add_argument(
+        "--kind", type=_kind, default="attention", help="probe kind (default %(default)s)"
+    )
+    p.add_argument(
+        "--modes", type=_names(MODES, "mode"), default=MODES, help="default: " + ",".join(MODES)
+    )
+    p.add_argument(
+        "--ks",
+        type=_ints,
+        default=DEFAULT_KS,
+        help="dev records per probe; those a set cannot provide are skipped with a note",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="repeats, seeds --seed + r")
+    p.add_argument(
+        "--sets", type=_names(DEV_SETS, "dev set"), default=DEV_SETS, help="comma-separated"
+    )
+    p.add_argument(
+        "--val-fraction", type=_fraction, default=0.2, help="dev records for early stopping"
+    )
+    p.add_argument(
+        "--eval-fraction", type=_fraction, default=0.4, help="dev records held out for scoring"
+    )
+    p.add_argument("--warm-epochs", type=int, default=10, help="warm-start fine-tuning epochs")
+
+    p = sub.add_parser(
+        "heatmap", help="AUROC trained on one value of a variation field x scored on each"
+    )
+    _common(p, "runs/heatmap")
+    p.add_argument("--layer", type=int, default=None, help="default: configs/models/<model>")
+    p.add_argument("--field", choices=FIELDS, default="prompt_style")
+    p.add_argument(
+        "--kind", type=_kind, default="attention", help="probe kind (default %(default)s)"
+    )
+    p.add_argument(
+        "--min-per-class",
+        type=int,
+        default=5,
+        help="records of each class a value needs in a split (else it is skipped)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=0.2,
+        help="training records per value held out for early stopping (gradient kinds)",
+    )
     return parser
 
 
@@ -287,6 +363,62 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             print(f"wrote {summary['path']} ({summary['n_records']} records)")
+        elif args.command == "devsplit":
+            _, summary = experiments.run_devsplit(
+                experiments.DevsplitConfig(
+                    model=args.model,
+                    layer=args.layer,
+                    kind=args.kind,
+                    modes=args.modes,
+                    ks=args.ks,
+                    repeats=args.repeats,
+                    sets=args.sets,
+                    val_fraction=args.val_fraction,
+                    eval_fraction=args.eval_fraction,
+                    warm_epochs=args.warm_epochs,
+                    out=args.out,
+                    data=args.data,
+                    max_tokens=args.max_tokens,
+                    limit=args.limit,
+                    seed=args.seed,
+                    progress=not args.no_progress,
+                )
+            )
+            for note in summary["notes"]:
+                print(f"note: {note}")
+            for t in summary["table"]:
+                print(
+                    f"{t['dataset']:<10} {t['mode']:<15} k={t['k']:<4} AUROC "
+                    f"{t['auroc_mean']:.3f} +- {t['auroc_std']:.3f}  TPR@1%FPR "
+                    f"{t['tpr_at_fpr_mean']:.3f}  ({t['repeats']} repeats)"
+                )
+            print(f"wrote {summary['plot']}, {summary['results']}")
+        elif args.command == "heatmap":
+            _, summary = experiments.run_heatmap(
+                experiments.HeatmapConfig(
+                    model=args.model,
+                    layer=args.layer,
+                    field=args.field,
+                    kind=args.kind,
+                    min_per_class=args.min_per_class,
+                    val_fraction=args.val_fraction,
+                    out=args.out,
+                    data=args.data,
+                    max_tokens=args.max_tokens,
+                    limit=args.limit,
+                    seed=args.seed,
+                    progress=not args.no_progress,
+                )
+            )
+            for note in summary["notes"]:
+                print(f"note: {note}")
+            values = summary["values"]
+            width = max(len(v) for v in values) + 2
+            print("train \\ eval".ljust(width) + "".join(v[:12].rjust(14) for v in values))
+            for v, row in zip(values, summary["auroc"], strict=True):
+                cells = "".join(("-" if x is None else f"{x:.3f}").rjust(14) for x in row)
+                print(v.ljust(width) + cells)
+            print(f"wrote {summary['plot']}, {summary['results']}")
     except (ValueError, FileNotFoundError, KeyError, StoreError) as error:
         print(f"mup probes {args.command}: error: {error}", file=sys.stderr)
         return 1

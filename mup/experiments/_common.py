@@ -96,6 +96,19 @@ def find_distinct(names: Sequence[str], data) -> list[Path]:
     return paths
 
 
+def selected_records(path, *, split: str | None, limit: int | None):
+    """The records `extract` would store for (path, split, limit), in store order, read from
+    the file alone: experiments check labels and fields with it before any model loads."""
+    from mup.data import Dataset, load_records
+
+    dataset = load_records(path)
+    if split is not None:
+        dataset = dataset.split(split)
+    if limit is not None:
+        dataset = Dataset(dataset[:limit], path=dataset.path, sha256=dataset.sha256)
+    return dataset
+
+
 def record_field(store, field: str) -> np.ndarray:
     """The per-record `field` (e.g. pair_id, scale_labels) of a store's records, in store order.
 
@@ -121,6 +134,28 @@ def record_field(store, field: str) -> np.ndarray:
             raise ValueError(f"{record.source}: record {rid!r} has no {field!r} field")
         values.append(value)
     return np.asarray(values)
+
+
+def labels_of(data) -> np.ndarray:
+    """[N] int8 labels of a store or Activations (1, 0, -1 unlabelled); an error if it has none."""
+    labels = getattr(data, "labels", None)
+    if labels is None:
+        raise ValueError(f"{getattr(data, 'url', 'the data')}: no labels; probes need them")
+    return np.asarray(labels, np.int8)
+
+
+def read_rows(data, layer, rows):
+    """The records `rows` ([R] sorted indices) of a store or Activations, as Activations.
+
+    Stores are read row by row rather than whole: an experiment that draws many small subsets
+    of a large dev set then never holds the whole set in memory.
+    """
+    from mup.probes import Activations
+
+    rows = np.asarray(rows, np.int64)
+    if isinstance(data, Activations):
+        return data.select(rows)
+    return Activations.from_store(data, layer, rows=rows)
 
 
 def dataset_info(store, name: str) -> dict:

@@ -16,7 +16,13 @@ import numpy as np
 from mup._version import __version__
 from mup.probes._batches import StreamedBuckets, sequence_source
 from mup.probes._closed_form import train_dom, train_lda, train_logreg
-from mup.probes._config import POOLED_KINDS, SEQUENCE_KINDS, ProbeConfig, default_config
+from mup.probes._config import (
+    GRADIENT_KINDS,
+    POOLED_KINDS,
+    SEQUENCE_KINDS,
+    ProbeConfig,
+    default_config,
+)
 from mup.probes._data import Pooled, pooled, record_chunks
 from mup.probes._heads import pooled_logits
 from mup.probes._train import sequence_forward, train_pooled, train_sequence
@@ -251,6 +257,7 @@ def fit(
     config: ProbeConfig | None = None,
     metadata: dict | None = None,
     memory_budget: int | None = None,
+    init=None,
     **overrides,
 ) -> Probe:
     """Train a probe of `kind` on `data` (an activation store or `Activations`).
@@ -267,12 +274,20 @@ def fit(
         need more is streamed chunk by chunk every epoch instead of loaded (slower: each epoch
         reads the store again). Default: a quarter of host RAM, and half of the accelerator's
         memory. Pooled kinds always stream stores and keep only [N, D] pooled vectors.
+      init: a `Probe` of the same kind (or its params dict) to start training from instead of
+        a random initialisation: fine-tuning / warm start, e.g. a probe trained on one data set
+        continued for a few epochs on another. Gradient kinds only (the closed-form and Newton
+        kinds have no starting point); the optimiser state and learning-rate schedule start
+        afresh. Its width must equal the data's.
       **overrides: hyperparameters replacing the defaults, e.g. `epochs=50, lr=1e-3`.
     """
     if config is None:
         config = default_config(kind, **overrides)
     elif overrides or config.kind != kind:
         raise ValueError("pass either config= (with the same kind) or keyword overrides")
+    if init is not None:
+        # Checked before any activation is read: pooling a large store takes minutes.
+        _check_init_kind(init, kind)
     info: dict = {}
     if kind in POOLED_KINDS:
         # Pool once (streaming stores chunk by chunk), then train on [N, D] vectors.
@@ -295,7 +310,8 @@ def fit(
         else:
             xv = None if val_p is None else val_p.x
             yv = None if val_p is None else val_p.labels.astype(np.int32)
-            params, hist = train_pooled(config, x, y, xv, yv, seed)
+            start = None if init is None else _init_params(init, kind, d_model)
+            params, hist = train_pooled(config, x, y, xv, yv, seed, init=start)
             info |= hist
         val_eval = val_p
     else:
@@ -320,8 +336,11 @@ def fit(
                 "chunks": len(train.chunks),
                 "max_chunk_bytes": train.max_chunk_bytes,
             }
-        params, hist = train_sequence(config, train, val_eval, seed)
+        start = None if init is None else _init_params(init, kind, d_model)
+        params, hist = train_sequence(config, train, val_eval, seed, init=start)
         info |= hist
+    if init is not None:
+        info["warm_start"] = True
     params = {k: np.asarray(v, np.float32) for k, v in params.items()}
     bad = sorted(k for k, v in params.items() if not np.isfinite(v).all())
     if bad:
@@ -356,6 +375,40 @@ def fit(
         )
         probe.history["val_auroc_final"] = metrics.auroc(z, val_eval.labels)
     return probe
+
+
+def _check_init_kind(init, kind: str) -> None:
+    if kind not in GRADIENT_KINDS:
+        raise ValueError(
+            f"init= needs a gradient-trained kind ({', '.join(GRADIENT_KINDS)}); {kind!r} is "
+            "fitted in closed form and has no starting point"
+        )
+    if isinstance(init, Probe):
+        if init.kind != kind:
+            raise ValueError(f"init= is a {init.kind!r} probe; it cannot start a {kind!r} probe")
+    elif not isinstance(init, dict):
+        raise TypeError(f"init= must be a Probe or a params dict, got {type(init).__name__}")
+
+
+def _init_params(init, kind: str, d_model: int) -> dict:
+    """The starting parameters from `init` (checked against the kind's names and shapes), as
+    float32 jax arrays: the training loops carry them as a pytree of that structure."""
+    params = init.params if isinstance(init, Probe) else init
+    want = {"w": (d_model,), "b": ()}
+    if kind == "attention":
+        want |= {"q": (d_model,), "qb": ()}
+    if set(params) != set(want):
+        raise ValueError(
+            f"init= has parameters {sorted(params)}; a {kind} probe has {sorted(want)}"
+        )
+    shapes = {k: tuple(np.shape(v)) for k, v in params.items()}
+    bad = {k: shapes[k] for k in want if shapes[k] != want[k]}
+    if bad:
+        raise ValueError(
+            f"init= parameter shapes {bad} do not fit data of width {d_model} "
+            f"(expected {dict((k, want[k]) for k in bad)})"
+        )
+    return {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in params.items()}
 
 
 def _check_val_width(d_train: int, d_val: int) -> None:

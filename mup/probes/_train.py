@@ -47,8 +47,10 @@ def _bce(logits, y, w):
 # ----------------------------------------------------------------------------- pooled kinds
 
 
-def train_pooled(cfg: ProbeConfig, x, y, xv, yv, seed: int):
+def train_pooled(cfg: ProbeConfig, x, y, xv, yv, seed: int, init: dict | None = None):
     """AdamW on pooled vectors x [N, D], labels y [N]; validation (xv, yv) may be None.
+
+    `init` ({w, b} float32) replaces the seeded random initialisation (a warm start).
 
     Returns (params, history) where params are the best-validation parameters (the last ones
     without validation) and history has per-epoch `train_loss`, `val_auroc`, `best_epoch`.
@@ -65,7 +67,7 @@ def train_pooled(cfg: ProbeConfig, x, y, xv, yv, seed: int):
     rng = np.random.default_rng(seed)
     perms = np.stack([rng.permutation(n) for _ in range(cfg.epochs)]).astype(np.int32)  # [E, N]
     params, best_epoch, n_epochs, losses, aucs = fn(
-        init_params("mean", d, jax.random.key(seed)),
+        init_params("mean", d, jax.random.key(seed)) if init is None else init,
         jnp.asarray(x, jnp.float32),
         jnp.asarray(y, jnp.int32),
         jnp.asarray(xv, jnp.float32),
@@ -241,10 +243,11 @@ def _sequence_step(cfg: ProbeConfig, tx, params, opt_state, xk, mk, ykk, idx, wb
     return optax.apply_updates(params, updates), opt_state, total / n
 
 
-def train_sequence(cfg: ProbeConfig, train, val, seed: int):
+def train_sequence(cfg: ProbeConfig, train, val, seed: int, init: dict | None = None):
     """AdamW on bucketed padded batches of a sequence kind (max / softmax / rolling /
     attention). `train`, `val` are batch sources of labelled records (`mup.probes._batches`:
-    device-resident buckets or streamed stores); val may be None."""
+    device-resident buckets or streamed stores); val may be None. `init` replaces the seeded
+    random initialisation (a warm start)."""
     b = min(cfg.batch_size, train.n)
     steps = train.n_steps(b)
     tx = _optimizer(cfg, cfg.epochs * steps)
@@ -255,7 +258,7 @@ def train_sequence(cfg: ProbeConfig, train, val, seed: int):
     forward = sequence_forward(cfg)
 
     rng = np.random.default_rng(seed)
-    params = init_params(cfg.kind, train.d_model, jax.random.key(seed))
+    params = init_params(cfg.kind, train.d_model, jax.random.key(seed)) if init is None else init
     opt_state = tx.init(params)
     has_val = val is not None
     patience = cfg.patience if (has_val and cfg.patience > 0) else cfg.epochs + 1

@@ -63,21 +63,36 @@ LAYERS = (1, 2)
 FAST = dict(epochs=20, patience=8)
 
 
+# The variation fields of the synthetic training set (mup probes heatmap). Set per pair, so
+# every value holds both classes, and never by pair % 2 (pairs alternate between the train
+# and test splits: such a value would exist in one split only). Except language: "French" is
+# every 16th record, all of them high-stakes, so a heatmap has a value to skip.
+TONES = ("casual", "angry", "vulnerable")
+PROMPT_STYLES = ("Question", "Third Person")
+LENGTHS = ("short", "long")
+
+
 def write_dataset(path: Path, n: int, seed: int) -> list[dict]:
-    """A stakes JSONL of N records in N/2 pairs (one high-, one low-stakes record each)."""
+    """A stakes JSONL of N records in N/2 pairs (one high-, one low-stakes record each), with
+    the variation fields tone, prompt_style, length and language."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
         high = i % 2 == 0
         scale = int(rng.integers(7, 11) if high else rng.integers(1, 5))
+        pair = i // 2
         rows.append(
             {
                 "inputs": f"record {i}",
                 "ids": f"s{seed}-r{i}",
                 "labels": "high-stakes" if high else "low-stakes",
                 "scale_labels": scale,
-                "pair_id": f"s{seed}-p{i // 2}",
+                "pair_id": f"s{seed}-p{pair}",
                 "split": "train" if i % 4 < 2 else "test",
+                "tone": TONES[pair % len(TONES)],
+                "prompt_style": PROMPT_STYLES[(pair // 2) % len(PROMPT_STYLES)],
+                "length": LENGTHS[(pair // 4) % len(LENGTHS)],
+                "language": "French" if i % 16 == 0 else "English",
             }
         )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

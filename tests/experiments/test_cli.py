@@ -126,3 +126,64 @@ def test_clear_errors(tiny_dir, data_root, tmp_path, capsys):
     )
     assert rc == 1
     assert "no default layer for model" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def variation_root(data_root, tmp_path_factory):
+    """data_root with a `tone` field in the training set, set per pair (both classes in each
+    value), like the synthetic set's variation fields."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("variation_root")
+    shutil.copytree(data_root, root, dirs_exist_ok=True)
+    path = root / "mup/training/synthetic_2025-03-25.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    pairs = sorted({r["pair_id"] for r in rows})
+    for r in rows:
+        r["tone"] = ("casual", "angry")[pairs.index(r["pair_id"]) % 2]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_devsplit_and_heatmap_write_results_and_plots(tiny_dir, variation_root, tmp_path, capsys):
+    import matplotlib.image
+
+    common = [
+        "--model",
+        str(tiny_dir),
+        "--layer",
+        "1",
+        "--data",
+        str(variation_root),
+        "--out",
+        str(tmp_path),
+        *QUICK,
+    ]
+    args = ["--kind", "mean", "--ks", "2,4,64", "--repeats", "2", "--warm-epochs", "3"]
+    assert main(["devsplit", *common, *args]) == 0
+    printed = capsys.readouterr().out
+    # 24 records per dev set cannot provide 64 class-balanced ones: skipped, with a note.
+    assert "note: anthropic: k=[64] skipped" in printed
+    assert "warm-start      k=4" in printed
+    lines = [json.loads(x) for x in (tmp_path / "devsplit.jsonl").read_text().splitlines()]
+    # Per dev set and repeat: the synthetic-only reference and 3 modes x 2 k.
+    assert len(lines) == 4 * 2 * (1 + 3 * 2)
+    for line in lines:
+        trained = set(line["train"].get("dev_ids", [])) | set(line["train"].get("val_ids", []))
+        assert not trained & set(line["ids"])
+    image = matplotlib.image.imread(tmp_path / "devsplit.png")
+    assert image.ndim == 3 and image.shape[1] > 4 * image.shape[0]  # 4 sets + their mean
+
+    n_stores = len(list((tmp_path / "stores").rglob("zarr.json")))
+    heat = ["--field", "tone", "--kind", "logreg", "--min-per-class", "3"]
+    assert main(["heatmap", *common, *heat]) == 0
+    # Both training splits were extracted for devsplit already: nothing new.
+    assert len(list((tmp_path / "stores").rglob("zarr.json"))) == n_stores
+    printed = capsys.readouterr().out
+    assert "train \\ eval" in printed and "casual" in printed
+    summary = json.loads((tmp_path / "heatmap-tone.json").read_text())
+    assert summary["values"] == ["angry", "casual"]
+    assert all(x is not None for row in summary["auroc"] for x in row)
+    assert len((tmp_path / "heatmap-tone.jsonl").read_text().splitlines()) == 4
+    image = matplotlib.image.imread(tmp_path / "heatmap-tone.png")
+    assert image.ndim == 3 and min(image.shape[:2]) > 200

@@ -106,6 +106,36 @@ def test_same_seed_same_params(kind, train_data, val_data, fitted):
     assert any(not np.array_equal(a.params[k], c.params[k]) for k in a.params)
 
 
+@pytest.mark.parametrize("kind", ["mean", "attention"])
+def test_init_starts_training_from_the_given_probe(kind, train_data, val_data, fitted):
+    base = fitted(kind)
+    # A learning rate too small to move anything: what comes out is where training started.
+    frozen = dict(epochs=1, lr=1e-9, final_lr=1e-10)
+    warm = probes.fit(kind, train_data, init=base, seed=3, **frozen)
+    cold = probes.fit(kind, train_data, seed=3, **frozen)
+    assert warm.history["warm_start"] and "warm_start" not in cold.history
+    for name, value in base.params.items():
+        np.testing.assert_allclose(warm.params[name], value, atol=1e-6)
+    assert not np.allclose(cold.params["w"], base.params["w"], atol=1e-3)
+    # A params dict works as well as a Probe, and real fine-tuning keeps the signal.
+    tuned = probes.fit(kind, val_data, init=dict(base.params), epochs=3, seed=3)
+    assert metrics.auroc(tuned.predict(train_data), train_data.labels) > 0.95
+    assert not np.allclose(tuned.params["w"], base.params["w"], atol=1e-4)
+
+
+def test_init_errors(train_data, fitted):
+    with pytest.raises(ValueError, match="gradient-trained kind.*'logreg' is fitted in closed"):
+        probes.fit("logreg", train_data, init=fitted("mean"))
+    with pytest.raises(ValueError, match="init= is a 'mean' probe; it cannot start a 'attention'"):
+        probes.fit("attention", train_data, init=fitted("mean"), **FAST)
+    with pytest.raises(ValueError, match=r"has parameters \['b', 'w'\]; a attention probe has"):
+        probes.fit("attention", train_data, init=dict(fitted("mean").params), **FAST)
+    with pytest.raises(ValueError, match=r"shapes \{'w': \(3,\)\} do not fit data of width 16"):
+        probes.fit("mean", train_data, init={"w": np.zeros(3), "b": np.float32(0)}, **FAST)
+    with pytest.raises(TypeError, match="a Probe or a params dict"):
+        probes.fit("mean", train_data, init=np.zeros(16), **FAST)
+
+
 @pytest.mark.parametrize("kind", probes.PROBE_KINDS)
 def test_save_load_round_trip(kind, fitted, val_data, tmp_path):
     probe = fitted(kind)
