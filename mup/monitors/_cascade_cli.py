@@ -6,7 +6,8 @@ mup cascade --first probe.jsonl --second prompted.jsonl --second finetuned.jsonl
 Writes OUT/cascade.jsonl (one row per cascade, data set or "mean", and fraction: auroc,
 tpr_at_1pct_fpr, mean_flops, fraction, n, n_escalated) and OUT/cascade.png (mean AUROC against
 mean FLOPs per record, one line per cascade, each single monitor a point), and prints a table.
-A file given to --second may hold several monitors: each is a cascade of its own.
+The --second files (or folders) are read together: each monitor in them is one cascade, its
+rows gathered from every file (e.g. one file per data set).
 """
 
 from __future__ import annotations
@@ -101,10 +102,10 @@ def run(args: argparse.Namespace) -> dict:
     strategy = CascadeStrategy(selection=args.selection, merge=args.merge, remaining=args.remaining)
     first = read_scores(args.first)
     _ = first.monitor  # an error naming the file when it mixes monitors
-    seconds = []
-    for path in args.second:
-        scores = read_scores(path)
-        seconds += [scores.select(monitor=m) for m in scores.monitors]
+    # All --second files read as one: a monitor's per-data-set files make one cascade, and
+    # each distinct monitor in them makes its own.
+    scores = read_scores(*args.second)
+    seconds = [scores.select(monitor=m) for m in scores.monitors]
     rows, notes = [], []
     for second in seconds:
         rows += cascade_curve(first, second, args.fractions, strategy)

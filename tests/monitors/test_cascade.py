@@ -385,3 +385,27 @@ def test_score_row_is_what_the_fixture_writes():
     # The fixture goes through score_row, so a malformed synthetic row fails loudly.
     with pytest.raises(ScoreFileError, match="score"):
         score_row(id="x", dataset="d", label=1, score=1.5, monitor="m:x", flops=0, n_tokens=1)
+
+
+def test_cli_gathers_a_monitors_rows_from_one_file_per_data_set(synthetic, tmp_path):
+    """Per-data-set files of one monitor (what `mup baselines` writes) make ONE cascade, equal
+    to the cascade from a single file holding both sets."""
+    from mup.monitors import read_cascade, read_scores, write_scores
+
+    paths, _ = synthetic
+    second = read_scores(paths["prompted:big/single_word"])
+    parts = [
+        write_scores(tmp_path / f"part_{d.replace('/', '_')}.jsonl", second.select(dataset=d).rows)
+        for d in second.datasets
+    ]
+    common = ["--first", str(paths["probe:attention@20"]), "--fractions", "0,0.5,1"]
+    assert main([*common, "--second", str(paths["prompted:big/single_word"]),
+                 "--out", str(tmp_path / "one")]) == 0  # fmt: skip
+    second_args = [a for p in parts for a in ("--second", str(p))]
+    assert main([*common, *second_args, "--out", str(tmp_path / "split")]) == 0
+    one = read_cascade(tmp_path / "one" / "cascade.jsonl")
+    split = read_cascade(tmp_path / "split" / "cascade.jsonl")
+    assert len({r["cascade"] for r in split}) == 1
+    assert [(r["dataset"], r["fraction"], r["auroc"]) for r in split] == [
+        (r["dataset"], r["fraction"], r["auroc"]) for r in one
+    ]
