@@ -190,15 +190,6 @@ def check_store(reads: ProbeInput, store, *, source: str) -> None:
         )
 
 
-def masked_token_counts(store) -> np.ndarray:
-    """[N] tokens a probe reads per record of `store` (its masked tokens)."""
-    offsets = np.asarray(store.offsets, np.int64)
-    if store.mask is None:
-        return np.diff(offsets)
-    kept = np.r_[0, np.cumsum(np.asarray(store.mask, bool), dtype=np.int64)]  # [T+1]
-    return kept[offsets[1:]] - kept[offsets[:-1]]
-
-
 def score_rows(probe, store, dataset: str, *, monitor: str, model: str, records) -> list[dict]:
     """Validated score-file rows of every record of `store`, in store order.
 
@@ -207,9 +198,10 @@ def score_rows(probe, store, dataset: str, *, monitor: str, model: str, records)
     activations anyway.
     """
     from mup.monitors import label_of, probe_flops, score_row
+    from mup.store import masked_lengths
 
     probs = probe.predict(store)  # [N]
-    n_tokens = masked_token_counts(store)  # [N]
+    n_tokens = masked_lengths(store.offsets, store.mask)  # [N] tokens the probe reads
     n_params = probe_params(probe)
     rows = []
     for rid, p, n in zip(store.ids, probs.tolist(), n_tokens.tolist(), strict=True):

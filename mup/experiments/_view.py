@@ -120,14 +120,14 @@ def view_html(probe, store, *, rows, tokenizer, title: str, subtitle: str = "") 
     import jinja2
 
     from mup.probes import Activations
+    from mup.store import token_indices
 
     rows = np.asarray(rows, np.int64)
     acts = Activations.from_store(store, probe.layers, rows=rows, combine=probe.combine)
     probs = probe.predict(acts)  # [R]
     logits, offsets = probe.token_scores(acts)  # [T'], [R+1]
     weights = probe.attention_weights(acts)[0] if probe.kind == "attention" else None  # [T']
-    full = np.asarray(store.offsets, np.int64)  # [N+1]
-    tok = np.concatenate([np.arange(full[r], full[r + 1]) for r in rows.tolist()])  # [T']
+    tok = token_indices(store.offsets, rows)  # [T'] store tokens of the rows
     texts = token_texts(tokenizer, np.asarray(store.input_ids)[tok])
     roles = np.asarray(store.roles)[tok]
     read = np.ones(tok.size, bool) if store.mask is None else np.asarray(store.mask, bool)[tok]

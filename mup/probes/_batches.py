@@ -36,7 +36,6 @@ try:
 except ImportError:  # pragma: no cover
     _HALF = (np.dtype(np.float16),)
 
-from mup.probes import _data
 from mup.probes._data import (
     Activations,
     as_activations,
@@ -44,11 +43,8 @@ from mup.probes._data import (
     is_store,
     labelled,
     labelled_rows,
-    masked_lengths,
-    prefetched,
-    split_by_bytes,
-    stored_row_bytes,
 )
+from mup.probes._stream import masked_lengths
 
 
 def default_memory_budget() -> int:
@@ -162,6 +158,7 @@ class StreamedBuckets:
 
     def __init__(self, parts, layers, combine: str, min_bucket: int, chunk_bytes: int):
         from mup import native
+        from mup import store as store_mod
 
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
@@ -175,10 +172,13 @@ class StreamedBuckets:
         for j, (store, rows) in enumerate(parts):
             lengths.append(masked_lengths(store)[rows])
             labels.append(None if store.labels is None else np.asarray(store.labels)[rows])
-            sizes = np.diff(store.offsets)[rows] * stored_row_bytes(store, len(self.layers))
-            for sel in split_by_bytes(sizes, chunk_bytes):
+            lengths_j = np.diff(store.offsets)[rows]  # [R] stored tokens
+            row_bytes = store_mod.token_bytes(store, len(self.layers))
+            for sel in store_mod.plan_chunks(lengths_j, row_bytes, chunk_bytes):
                 self.chunks.append((j, rows[sel], start + sel))
-                self.max_chunk_bytes = max(self.max_chunk_bytes, int(sizes[sel].sum()))
+                self.max_chunk_bytes = max(
+                    self.max_chunk_bytes, int(lengths_j[sel].sum()) * row_bytes
+                )
             start += len(rows)
         self.n = start
         self.lengths = np.concatenate(lengths)  # [N] masked tokens per record
@@ -225,6 +225,8 @@ class StreamedBuckets:
     def batches(self, b: int, rng) -> Iterator[tuple]:
         if self.labels is None:
             raise ValueError("streamed training data has no labels")
+        from mup.store import prefetched
+
         for c, acts in prefetched(self._read, rng.permutation(len(self.chunks)).tolist()):
             by_bucket = self._chunk_rows_by_bucket(c)
             record = self.chunks[c][2]
@@ -240,6 +242,8 @@ class StreamedBuckets:
                 yield x, m, y, np.where(wb > 0, np.arange(b), 0).astype(np.int32), wb
 
     def logits(self, forward, params) -> np.ndarray:
+        from mup.store import prefetched
+
         out = np.empty(self.n, np.float32)
         for c, acts in prefetched(self._read, range(len(self.chunks))):
             record = self.chunks[c][2]
@@ -279,6 +283,8 @@ def sequence_source(
     `default_memory_budget()`); train=False keeps every record and always streams stores
     (scoring needs one pass, so holding the data buys nothing).
     """
+    from mup import store as store_mod
+
     stores = _store_parts(data)
     if stores is None:
         acts = as_activations(data, layer, combine=combine)
@@ -300,9 +306,9 @@ def sequence_source(
         if _in_memory_bytes(stores, rows, layers, combine, min_bucket) <= budget:
             acts = as_activations(data, layer, combine=combine)
             return PaddedBuckets(labelled(acts, what), min_bucket)
-        chunk = max(1, min(_data.CHUNK_BYTES, budget // 4))
+        chunk = max(1, min(store_mod.READ_CHUNK_BYTES, budget // 4))
     else:
-        chunk = _data.CHUNK_BYTES
+        chunk = store_mod.READ_CHUNK_BYTES
     parts = [(s, r) for s, r in zip(stores, rows, strict=True) if r.size]
     return StreamedBuckets(parts, layers, combine, min_bucket, chunk)
 
@@ -317,11 +323,12 @@ def _in_memory_bytes(stores, rows, layers, combine, min_bucket) -> int:
     """What `PaddedBuckets` of these records would hold: the stored activations read whole,
     their compacted copy and the padded float32 buckets."""
     from mup import native
+    from mup import store as store_mod
 
     n_layers = len(layers)
     width = stores[0].d_model * (n_layers if combine == "concat" else 1)
     lengths = np.concatenate([masked_lengths(s)[r] for s, r in zip(stores, rows, strict=True)])
     buckets = np.asarray(native.length_buckets(int(lengths.max()), min_len=min_bucket))
     padded = int(buckets[_bucket_index(lengths, buckets)].sum())
-    stored = sum(s.n_tokens * stored_row_bytes(s, n_layers) for s in stores)
+    stored = sum(s.n_tokens * store_mod.token_bytes(s, n_layers) for s in stores)
     return stored + (int(lengths.sum()) + padded) * width * 4

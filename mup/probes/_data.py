@@ -4,14 +4,14 @@ Axis letters: T tokens (all records concatenated), N records, D model width (tim
 layers when layers are concatenated).
 
 A store (`mup.store.ActivationStore`) and an `Activations` are interchangeable everywhere in
-`mup.probes`: `as_activations` turns either into an `Activations` for the requested layers.
+`mup.probes`: `as_activations` turns either into an `Activations` for the requested layers
+(`mup.probes._stream` reads stores chunk by chunk instead).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -179,9 +179,9 @@ class Activations:
         ids = None if store.ids is None else list(store.ids)
         if sel is not None:
             if store_mask is not None:
-                store_mask = np.concatenate(
-                    [store_mask[full_off[r] : full_off[r + 1]] for r in sel.tolist()]
-                )
+                from mup import store as store_mod
+
+                store_mask = store_mask[store_mod.token_indices(full_off, sel)]
             labels = None if labels is None else labels[sel]
             ids = None if ids is None else [ids[r] for r in sel.tolist()]
         return cls(
@@ -194,13 +194,13 @@ def check_store(store, layer, combine) -> tuple[int, ...]:
     layers = _layer_tuple(layer)
     if not getattr(store, "complete", False):
         raise ValueError(
-            f"activation store {_store_name(store)} is incomplete (its `complete` flag is "
+            f"activation store {store_name(store)} is incomplete (its `complete` flag is "
             "not set: extraction did not finish); re-run or resume the extraction"
         )
     missing = [x for x in layers if x not in tuple(store.layers)]
     if missing:
         raise ValueError(
-            f"layer(s) {missing} not in activation store {_store_name(store)}; it holds "
+            f"layer(s) {missing} not in activation store {store_name(store)}; it holds "
             f"layers {list(store.layers)}"
         )
     if combine not in ("concat", "sum"):
@@ -211,74 +211,6 @@ def check_store(store, layer, combine) -> tuple[int, ...]:
 def is_store(data) -> bool:
     """True for an activation store (duck-typed: `mup.store.ActivationStore` or alike)."""
     return hasattr(data, "read_layer") and hasattr(data, "offsets")
-
-
-def masked_lengths(store) -> np.ndarray:
-    """[N] masked tokens per record of a store, read from its small arrays (no activations);
-    errors for a record a probe could not read."""
-    offsets = np.asarray(store.offsets, np.int64)
-    mask = None if store.mask is None else np.asarray(store.mask, bool)
-    lengths = np.diff(offsets)
-    if mask is not None:
-        kept = np.r_[0, np.cumsum(mask, dtype=np.int64)]  # [T+1]
-        lengths = kept[offsets[1:]] - kept[offsets[:-1]]
-    if (lengths == 0).any():
-        i = int(np.argmax(lengths == 0))
-        raise ValueError(
-            f"record {i} (id {list(store.ids)[i]!r}) of store {_store_name(store)} has no masked "
-            "token; a probe would have nothing to read"
-        )
-    return lengths
-
-
-def prefetched(read: Callable, items: Iterable) -> Iterator[tuple]:
-    """(item, read(item)) for each item, the next read running in a thread while the caller
-    works on the current result (store reads release the GIL)."""
-    items = list(items)
-    if not items:
-        return
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mup-probe-read") as pool:
-        nxt = pool.submit(read, items[0])
-        try:
-            for i, item in enumerate(items):
-                got = nxt.result()
-                if i + 1 < len(items):
-                    nxt = pool.submit(read, items[i + 1])
-                yield item, got
-        finally:
-            nxt.cancel()
-
-
-def split_by_bytes(sizes: np.ndarray, max_bytes: int) -> list[np.ndarray]:
-    """Cut positions 0..len(sizes)-1 into consecutive runs of at most max_bytes in total (a
-    single larger item forms a run of its own)."""
-    cum = np.cumsum(sizes)  # [R]
-    runs, start = [], 0
-    while start < len(sizes):
-        base = cum[start - 1] if start else 0
-        end = max(int(np.searchsorted(cum, base + max_bytes, side="right")), start + 1)
-        runs.append(np.arange(start, end))
-        start = end
-    return runs
-
-
-def stored_row_bytes(store, n_layers: int) -> int:
-    """Bytes one token takes in the store, over `n_layers` layers."""
-    return store.d_model * np.dtype(store.dtype).itemsize * n_layers
-
-
-def record_chunks(data, layer, *, combine: Combine) -> Iterator[Activations]:
-    """Activations of consecutive records covering `data` in order: a store is read
-    `CHUNK_BYTES` at a time, anything else comes whole."""
-    if not is_store(data):
-        yield as_activations(data, layer, combine=combine)
-        return
-    layers = check_store(data, layer, combine)
-    sizes = np.diff(np.asarray(data.offsets, np.int64)) * stored_row_bytes(data, len(layers))
-    runs = split_by_bytes(sizes, CHUNK_BYTES)
-    read = lambda rows: Activations.from_store(data, layers, rows=rows, combine=combine)  # noqa: E731
-    for _, acts in prefetched(read, runs):
-        yield acts
 
 
 def _layer_tuple(layer) -> tuple[int, ...]:
@@ -292,7 +224,7 @@ def _layer_tuple(layer) -> tuple[int, ...]:
     return layers
 
 
-def _store_name(store) -> str:
+def store_name(store) -> str:
     return repr(getattr(store, "url", None) or getattr(store, "path", None) or store)
 
 
@@ -351,75 +283,6 @@ def labelled(data: Activations, what: str) -> Activations:
     """The records with label 0 or 1; errors for missing labels or a single class."""
     keep = labelled_rows(data.labels, what)
     return data if keep is None else data.select(keep)
-
-
-CHUNK_BYTES = 256 << 20
-"""Largest chunk of stored activations a probe reads at once when it streams a store (pooling,
-scoring, streamed training): big enough that one read amortises a store round trip (S3
-included), small enough that two in flight (current and prefetched) fit any host's memory."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class Pooled:
-    """One pooled vector per record: x [N, D] float32, labels [N] int8 or None, layers."""
-
-    x: np.ndarray
-    labels: np.ndarray | None
-    layers: tuple[int, ...]
-
-    def labelled(self, what: str) -> Pooled:
-        """The records with label 0 or 1; errors for missing labels or a single class."""
-        keep = labelled_rows(self.labels, what)
-        return (
-            self
-            if keep is None
-            else Pooled(x=self.x[keep], labels=self.labels[keep], layers=self.layers)
-        )
-
-
-def pooled(data, layer, *, combine: Combine, method: str) -> Pooled:
-    """Pool every record's masked tokens with `mup.native.pool` (`method`: mean / last).
-
-    Stores are streamed chunk by chunk (`iter_row_chunks`), so a layer never has to fit in
-    memory; lists are pooled part by part and concatenated.
-    """
-    from mup import native
-
-    if isinstance(data, list | tuple):
-        parts = [pooled(x, layer, combine=combine, method=method) for x in data]
-        if len({p.x.shape[1] for p in parts}) != 1:
-            raise ValueError(f"the parts have different widths {[p.x.shape[1] for p in parts]}")
-        has_labels = all(p.labels is not None for p in parts)
-        return Pooled(
-            x=np.concatenate([p.x for p in parts]),
-            labels=np.concatenate([p.labels for p in parts]) if has_labels else None,
-            layers=parts[0].layers,
-        )
-    if isinstance(data, Activations) or not hasattr(data, "iter_row_chunks"):
-        acts = as_activations(data, layer, combine=combine)
-        x = native.pool(acts.acts, acts.offsets, method=method, mask=acts.mask)
-        return Pooled(x=np.asarray(x, np.float32), labels=acts.labels, layers=acts.layers)
-    layers = check_store(data, layer, combine)
-    offsets = np.asarray(data.offsets, np.int64)
-    mask = np.asarray(data.mask, bool)
-    masked_lengths(data)  # every record must have a token to read
-    per_layer = []
-    for x_layer in layers:
-        out = np.empty((data.n_records, data.d_model), np.float32)  # [N, D]
-        for rows, acts, off in data.iter_row_chunks(x_layer, CHUNK_BYTES):
-            t0 = offsets[rows[0]]
-            m = mask[t0 : t0 + off[-1]]
-            out[rows] = native.pool(acts, off, method=method, mask=m)
-        per_layer.append(out)
-    if len(per_layer) == 1:
-        x = per_layer[0]
-    elif combine == "concat":
-        x = np.concatenate(per_layer, axis=1)  # [N, D * L]
-    else:
-        # Pooling (mean / last) is linear, so pooling the sum equals summing the pools.
-        x = np.sum(per_layer, axis=0)
-    labels = None if data.labels is None else np.asarray(data.labels, np.int8)
-    return Pooled(x=x, labels=labels, layers=layers)
 
 
 def labelled_rows(labels, what: str):

@@ -23,8 +23,8 @@ from mup.probes._config import (
     ProbeConfig,
     default_config,
 )
-from mup.probes._data import Pooled, pooled, record_chunks
 from mup.probes._heads import pooled_logits
+from mup.probes._stream import Pooled, pooled, record_chunks
 from mup.probes._train import sequence_forward, train_pooled, train_sequence
 
 _FORMAT = "mup.probe/1"

@@ -64,12 +64,13 @@ class DomResult:
         return "; ".join(parts)
 
 
-def dom_from_store(store, layer: int, *, max_bytes: int = 256 << 20) -> DomResult:
+def dom_from_store(store, layer: int, *, max_bytes: int | None = None) -> DomResult:
     """Difference of means between label-1 and label-0 records of an activation store.
 
     store: an `ActivationStore` or its URL. layer: the steered block L; the store must hold
-    layer L + 1. Activations stream chunk by chunk (`iter_row_chunks`), so a store larger
-    than memory works; sums accumulate in float64.
+    layer L + 1. Activations stream chunk by chunk (`iter_row_chunks`, at most `max_bytes`
+    each, default `mup.store.READ_CHUNK_BYTES`), so a store larger than memory works; sums
+    accumulate in float64.
     """
     from mup import native
     from mup import store as store_mod
@@ -96,10 +97,12 @@ def dom_from_store(store, layer: int, *, max_bytes: int = 256 << 20) -> DomResul
     means_by_class = ClassMeans(d)
     n_unlabelled = int(np.count_nonzero(labels == -1))
     n_empty = 0
+    if max_bytes is None:
+        max_bytes = store_mod.READ_CHUNK_BYTES
     for rows, acts, offsets in st.iter_row_chunks(source, max_bytes=max_bytes):
         start = int(st.offsets[rows[0]])
         chunk_mask = mask[start : start + len(acts)]  # [T']
-        n_masked = np.diff(np.concatenate([[0], np.cumsum(chunk_mask)])[offsets])  # [R]
+        n_masked = store_mod.masked_lengths(offsets, chunk_mask)  # [R]
         lab = labels[rows]  # [R]
         usable = (lab >= 0) & (n_masked > 0)
         n_empty += int(np.count_nonzero((lab >= 0) & (n_masked == 0)))

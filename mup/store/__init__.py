@@ -7,8 +7,6 @@ is documented in `mup/store/_format.py`.
 """
 
 # Format
-# Creating and writing
-from mup.store._create import Occupant, StoreExistsError, create, inspect
 from mup.store._format import (
     CHUNK_BYTES,
     FORMAT_NAME,
@@ -19,22 +17,14 @@ from mup.store._format import (
     store_key,
 )
 
-# Integrity: what a store must hold, and checking all of it
-from mup.store._integrity import DamagedStoreError
-from mup.store._io import StoreNotFoundError
-
+# isort: split
 # Locations, access checks and errors
+from mup.store._io import StoreNotFoundError
 from mup.store._location import Location, StoreAccessError, StoreError, parse_location, preflight
 
-# Reading and listing
-from mup.store._reader import (
-    ActivationStore,
-    IncompleteStoreError,
-    StoreListing,
-    list_stores,
-    open,
-)
-from mup.store._verify import Verdict, verify, verify_all
+# isort: split
+# Creating and writing
+from mup.store._create import Occupant, StoreExistsError, create, inspect
 from mup.store._writer import (
     DEFAULT_RETRIES,
     DEFAULT_S3_UPLOAD,
@@ -43,6 +33,33 @@ from mup.store._writer import (
     open_writer,
 )
 
+# isort: split
+# Reading and listing
+from mup.store._reader import (
+    ActivationStore,
+    IncompleteStoreError,
+    StoreListing,
+    list_stores,
+    open,
+)
+
+# isort: split
+# Streaming: chunked, prefetched reads and the ragged helpers every reader shares
+from mup.store._chunks import (
+    READ_CHUNK_BYTES,
+    masked_lengths,
+    plan_chunks,
+    prefetched,
+    token_bytes,
+    token_indices,
+)
+
+# isort: split
+# Integrity: what a store must hold, and checking all of it
+from mup.store._integrity import DamagedStoreError
+from mup.store._verify import Verdict, verify, verify_all
+
+# isort: split
 # zarr-python interop
 from mup.store._zarr_compat import register_zarr_bfloat16
 
@@ -54,6 +71,7 @@ __all__ = [
     "FORMAT_VERSION",
     "JOB_ATTRS",
     "MAX_INFLIGHT_SHARDS",
+    "READ_CHUNK_BYTES",
     "SHARD_BYTES",
     "STORAGE_DTYPES",
     "ActivationStore",
@@ -71,12 +89,17 @@ __all__ = [
     "create",
     "inspect",
     "list_stores",
+    "masked_lengths",
     "open",
     "open_writer",
     "parse_location",
+    "plan_chunks",
+    "prefetched",
     "preflight",
     "register_zarr_bfloat16",
     "store_key",
+    "token_bytes",
+    "token_indices",
     "verify",
     "verify_all",
 ]

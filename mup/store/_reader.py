@@ -14,6 +14,7 @@ import numpy as np
 import tensorstore as ts
 
 from mup.store import _format as F
+from mup.store._chunks import READ_CHUNK_BYTES, plan_chunks, prefetched, token_bytes
 from mup.store._integrity import DamagedStoreError, describe_faults, list_objects, missing_objects
 from mup.store._io import TRANSIENT_CODES, StoreNotFoundError, open_array, read_group_attrs
 from mup.store._location import Location, StoreError, parse_location
@@ -189,30 +190,20 @@ class ActivationStore:
         return out, out_offsets
 
     def iter_row_chunks(
-        self, layer: int, max_bytes: int = 256 << 20
+        self, layer: int, max_bytes: int = READ_CHUNK_BYTES
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yield (rows [R], acts [T', D], offsets' [R+1]) over consecutive rows, each chunk at
         most `max_bytes` of activations (a longer single record comes alone). The next chunk is
         read while the caller works on this one, so peak memory is about 2 * max_bytes."""
         arr = self._array(layer)
-        row_bytes = self.d_model * F.itemsize(self.dtype)
-        bounds, start = [], 0
-        while start < self.n_records:
-            limit = self.offsets[start] + max(1, max_bytes // row_bytes)
-            end = int(np.searchsorted(self.offsets, limit, side="right")) - 1
-            end = min(max(end, start + 1), self.n_records)
-            bounds.append((start, end))
-            start = end
-        if not bounds:
-            return
-        read = lambda a, b: arr[int(self.offsets[a]) : int(self.offsets[b])].read()  # noqa: E731
-        nxt = read(*bounds[0])
-        for k, (a, b) in enumerate(bounds):
-            cur = nxt
-            if k + 1 < len(bounds):
-                nxt = read(*bounds[k + 1])
-            acts = self._result(cur, layer, int(self.offsets[a]), int(self.offsets[b]))
-            yield np.arange(a, b), acts, self.offsets[a : b + 1] - self.offsets[a]
+        runs = plan_chunks(np.diff(self.offsets), token_bytes(self), max_bytes)
+
+        def read(rows: np.ndarray) -> np.ndarray:
+            t0, t1 = int(self.offsets[rows[0]]), int(self.offsets[rows[-1] + 1])
+            return self._result(arr[t0:t1].read(), layer, t0, t1)
+
+        for rows, acts in prefetched(read, runs):
+            yield rows, acts, self.offsets[rows[0] : rows[-1] + 2] - self.offsets[rows[0]]
 
 
 def _read_error(error: BaseException) -> type[StoreError]:

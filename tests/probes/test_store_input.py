@@ -50,7 +50,7 @@ def stores(tmp_path_factory, train_data, val_data):
 
 def test_store_and_memory_give_the_same_probe(stores, train_data, val_data, monkeypatch):
     # Pooled probes stream stores chunk by chunk: force many small chunks.
-    monkeypatch.setattr("mup.probes._data.CHUNK_BYTES", 4096)
+    monkeypatch.setattr("mup.store.READ_CHUNK_BYTES", 4096)
     root, _ = stores
     s_train, s_val = store.open(root / "train"), store.open(root / "val")
     a = probes.fit("mean", s_train, layer=3, val=s_val, seed=0, **FAST)
@@ -196,7 +196,7 @@ def test_sequence_probe_streams_a_store_over_its_memory_budget(
         np.testing.assert_array_equal(streamed.params[name], again.params[name])
 
     # Scoring a store streams it too (many small chunks here) and equals in-memory scoring.
-    monkeypatch.setattr("mup.probes._data.CHUNK_BYTES", 2048)
+    monkeypatch.setattr("mup.store.READ_CHUNK_BYTES", 2048)
     np.testing.assert_allclose(streamed.predict(s_val), streamed.predict(val_data), atol=2e-6)
     for method in ("token_scores", "attention_weights"):
         got, got_off = getattr(streamed, method)(s_val)
