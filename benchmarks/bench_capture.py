@@ -160,7 +160,7 @@ def hf_runner(base, batches, layer: int):
 
 
 def cpu_main(args) -> None:
-    from mup.models._config import NAMED_CONFIGS
+    from mup.models import NAMED_CONFIGS
     from mup.models._params import init_params
 
     if args.random:
@@ -303,7 +303,7 @@ def _hf_config_dict(config) -> dict:
 
 
 def gpu_main(args) -> None:
-    from mup.models._config import NAMED_CONFIGS
+    from mup.models import NAMED_CONFIGS
     from mup.models._params import init_params
     from mup.models._transformer import forward
 

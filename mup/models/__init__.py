@@ -7,7 +7,8 @@ gen = generate(model, [[{"role": "user", "content": "Hi"}]] * 3,
 """
 
 # Configs
-from mup.models._config import NAMED_CONFIGS, ModelConfig, UnsupportedConfigError
+from mup.models._config import ModelConfig, UnsupportedConfigError
+from mup.models._presets import NAMED_CONFIGS
 
 # isort: split
 # The forward pass, KV cache and steering hook

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mup.models._config import ModelConfig, rope_inv_freq
+from mup.models._config import ModelConfig
+from mup.models._rope import rope_inv_freq
 
 # Additive score for masked keys. Finite, so a query with no visible key (a fully padded row)
 # gets a uniform softmax instead of NaN; such rows are padding and never read.

@@ -11,14 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mup.models._config import (
-    NAMED_CONFIGS,
-    ModelConfig,
-    RopeScaling,
-    UnsupportedConfigError,
-    rope_inv_freq,
-)
+from mup.models import NAMED_CONFIGS, ModelConfig, UnsupportedConfigError
+from mup.models._config import RopeScaling
 from mup.models._params import init_params, param_shapes
+from mup.models._rope import rope_inv_freq
 
 # Published config.json files (the fields that matter), in the flat pre-transformers-5 format
 # that checkpoints on the hub still carry.

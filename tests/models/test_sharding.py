@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mup.models._config import NAMED_CONFIGS, ModelConfig
+from mup.models import NAMED_CONFIGS, ModelConfig
 from mup.models._params import hf_tensors_from_params, init_params, params_from_hf
 from mup.models._sharding import param_partition_specs
 
@@ -91,7 +91,7 @@ _SCRIPT = textwrap.dedent(
     start = time.time()
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P, NamedSharding
-    from mup.models._config import ModelConfig, NAMED_CONFIGS
+    from mup.models import ModelConfig, NAMED_CONFIGS
     from mup.models._params import init_params, params_from_hf, hf_tensors_from_params
     from mup.models._sharding import (
         make_mesh, shard_params, batch_sharding, cache_sharding, bytes_per_device)
