@@ -13,7 +13,9 @@ from mup.extract._cli import build_parser, config_from_args, main
 from mup.extract._config import ExtractConfig
 
 # Running it
-from mup.extract._pipeline import Summary, default_layers, model_identity, run  # isort: skip
+from mup.extract._identity import model_identity  # isort: skip
+from mup.extract._plan import default_layers  # isort: skip
+from mup.extract._run import Summary, run  # isort: skip
 
 __all__ = [
     "ExtractConfig",

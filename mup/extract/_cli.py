@@ -10,7 +10,7 @@ import sys
 
 from mup import _compile_cache
 from mup.extract._config import MODEL_DTYPES, ExtractConfig
-from mup.extract._pipeline import run
+from mup.extract._run import run
 from mup.store import DEFAULT_RETRIES, STORAGE_DTYPES, StoreError
 from mup.text import MASK_MODES
 
