@@ -6,7 +6,8 @@ import dataclasses
 
 import numpy as np
 
-STEER_POSITIONS = ("all", "prompt", "generated")
+from mup.models import STEER_POSITIONS
+
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API; every step computes this many (one program)
 
 

@@ -50,7 +50,7 @@ from mup.engine._config import (
 )
 from mup.engine._metrics import EngineMetrics
 from mup.engine._steps import decode_steps, insert_rows, prefill_chunk
-from mup.models import KVCache, default_stop_tokens
+from mup.models import STEER_PHASES, KVCache, default_stop_tokens, pad_tokens
 
 log = logging.getLogger("mup.engine")
 
@@ -59,8 +59,6 @@ log = logging.getLogger("mup.engine")
 # 8 rows of ~100 tokens 3x slower at max_len 2048.
 _ATTEND_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
-# Phases of steering per steer_positions: (prefill factor, decode factor).
-_STEER_PHASES = {"all": (1.0, 1.0), "prompt": (1.0, 0.0), "generated": (0.0, 1.0)}
 # Request groups whose last admission is remembered before the gone ones are forgotten.
 _MAX_TRACKED_GROUPS = 4096
 
@@ -638,8 +636,10 @@ class Engine:
     def _new_prefill(self, rows: list[_Row], P: int, echo: bool) -> _Prefill:
         cfg = self.config
         R = next(b for b in cfg.prefill_rows if b >= len(rows))
-        tokens = np.full((R, P), self.pad_id, np.int32)
-        valid = np.zeros((R, P), bool)
+        # Right-padded: each row's tokens from column 0, so its cache columns are its positions.
+        tokens, valid = pad_tokens(
+            [r.req.prompt_ids for r in rows], P, pad_id=self.pad_id, n_rows=R
+        )  # [R, P]
         nxt = np.zeros((R, P), np.int32)
         temp = np.zeros(R, np.float32)
         top_p = np.ones(R, np.float32)
@@ -650,13 +650,10 @@ class Engine:
             vectors = np.zeros((J, self.d_model), np.float32)
             vectors[: len(self._loaded)] = self._loaded
             mults = np.zeros((J, R), np.float32)
-        phase = _STEER_PHASES[cfg.steer_positions][0]
+        phase = STEER_PHASES[cfg.steer_positions][0]
         for i, r in enumerate(rows):
             ids = np.asarray(r.req.prompt_ids, np.int32)
-            n = len(ids)
-            tokens[i, :n] = ids
-            valid[i, :n] = True
-            nxt[i, : n - 1] = ids[1:]
+            nxt[i, : len(ids) - 1] = ids[1:]
             temp[i], top_p[i], keys[i] = r.req.temperature, r.req.top_p, r.key
             self._steer_row(vectors, mults, i, len(self._loaded) + i, r, phase)
             r.probe_parts = [[] for _ in self.captures]
@@ -788,7 +785,7 @@ class Engine:
             self._cache = self._new_cache()
         slots = np.full(job.R, self.config.max_slots, np.int32)  # out of range: dropped
         lengths = np.zeros(job.R, np.int32)
-        phase = _STEER_PHASES[self.config.steer_positions][1]
+        phase = STEER_PHASES[self.config.steer_positions][1]
         for i, r in enumerate(rows):
             if r in keep:
                 slots[i], lengths[i] = r.slot, len(r.req.prompt_ids)

@@ -17,7 +17,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mup.models import KVCache, ModelConfig, SteeringSpec, forward, lm_head, site_activation
+from mup.models import (
+    KVCache,
+    ModelConfig,
+    SteeringSpec,
+    forward,
+    lm_head,
+    site_activation,
+    token_positions,
+)
 
 
 def sample_rows(logits, temperature, top_p, keys, top_k: int = 1):
@@ -110,7 +118,7 @@ def prefill_chunk(
     every row whose last prompt token is in this chunk (the host keeps those rows' values)."""
     R, C = tokens.shape
     L = config.n_layers
-    positions = cache.index + jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (R, C))
+    positions = token_positions(valid, start=cache.index)  # [R, C], right-padded
     out = forward(
         params,
         tokens,

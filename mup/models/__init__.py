@@ -35,17 +35,22 @@ from mup.models._loading import DTYPES, Model, load_model, load_params
 # isort: split
 # Generation: samplers, steering, the jitted loop and its reference
 from mup.models._generate import (
+    STEER_PHASES,
+    STEER_POSITIONS,
     Generation,
     Steering,
     default_stop_tokens,
     generate,
     generate_reference,
 )
+from mup.models._padding import pad_tokens, token_positions
 from mup.models._sampling import Greedy, Sampler, Temperature, TopP
 
 __all__ = [
     "DTYPES",
     "NAMED_CONFIGS",
+    "STEER_PHASES",
+    "STEER_POSITIONS",
     "CheckpointError",
     "ForwardOutput",
     "Generation",
@@ -72,9 +77,11 @@ __all__ = [
     "load_params",
     "make_mesh",
     "param_partition_specs",
+    "pad_tokens",
     "param_shapes",
     "params_from_hf",
     "read_hf_config",
     "shard_params",
     "site_activation",
+    "token_positions",
 ]

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mup.models._config import ModelConfig
+from mup.models._padding import pad_tokens, token_positions
 from mup.models._sampling import Greedy, Sampler
 from mup.models._transformer import KVCache, SteeringSpec, forward, jit_forward, lm_head
 
@@ -34,8 +35,9 @@ GREEDY = Greedy()  # the default sampler (frozen, so one shared instance is safe
 SteerPositions = Literal["all", "prompt", "generated"]
 STEER_POSITIONS = ("all", "prompt", "generated")
 # Whether prefill / decode steps are steered. Passed as traced 0/1 factors on the multipliers
-# (adding 0 * vector is exact), so the three modes share one compiled loop.
-_STEER_PHASES = {"all": (1.0, 1.0), "prompt": (1.0, 0.0), "generated": (0.0, 1.0)}
+# (adding 0 * vector is exact), so the three modes share one compiled loop (and the engine's
+# rows share one program).
+STEER_PHASES = {"all": (1.0, 1.0), "prompt": (1.0, 0.0), "generated": (0.0, 1.0)}
 
 # Prompt length buckets; longer prompts round up to a multiple of the last bucket. Steps of
 # 1.5x above 32 (not 2x): prefill of a batch is compute-bound, and a 41-token chat prompt padded
@@ -124,18 +126,20 @@ def generate(
     """
     batch = _prepare(
         model,
-        prompts,
-        max_new_tokens,
-        sampler,
-        stop_tokens,
-        steering,
-        multipliers,
-        steer_positions,
-        seed,
-        chat,
+        GenerationRequest(
+            prompts=prompts,
+            max_new_tokens=max_new_tokens,
+            sampler=sampler,
+            stop_tokens=stop_tokens,
+            steering=steering,
+            multipliers=multipliers,
+            steer_positions=steer_positions,
+            seed=seed,
+            chat=chat,
+        ),
     )
     buffer_len = -(-max_new_tokens // NEW_TOKEN_BUCKET) * NEW_TOKEN_BUCKET
-    steer_prefill, steer_decode = _STEER_PHASES[steer_positions]
+    steer_prefill, steer_decode = STEER_PHASES[steer_positions]
     tokens, steps = _generate_loop(
         model.params,
         batch.prompt,
@@ -177,15 +181,17 @@ def generate_reference(
     """
     batch = _prepare(
         model,
-        prompts,
-        max_new_tokens,
-        sampler,
-        stop_tokens,
-        steering,
-        multipliers,
-        steer_positions,
-        seed,
-        chat,
+        GenerationRequest(
+            prompts=prompts,
+            max_new_tokens=max_new_tokens,
+            sampler=sampler,
+            stop_tokens=stop_tokens,
+            steering=steering,
+            multipliers=multipliers,
+            steer_positions=steer_positions,
+            seed=seed,
+            chat=chat,
+        ),
     )
     # The sequence lives in a buffer of P + max_new_tokens columns whose unused tail is marked
     # invalid (causal attention never looks right of the current token anyway): every step
@@ -210,11 +216,10 @@ def generate_reference(
     done = np.zeros(B, bool)
     new: list[np.ndarray] = []
     for step in range(max_new_tokens):
-        positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
         out = jit_forward(
             model.params,
             jnp.asarray(seq),
-            jnp.asarray(positions),
+            token_positions(valid),
             config=model.config,
             valid=jnp.asarray(valid),
             steering=spec,
@@ -236,6 +241,37 @@ def generate_reference(
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationRequest:
+    """What `generate` and `generate_reference` were asked for (their keywords, documented
+    there); the checks that need no model run on construction."""
+
+    prompts: Sequence[Any]
+    max_new_tokens: int = 64
+    sampler: Sampler = GREEDY
+    stop_tokens: Sequence[int] | None = None
+    steering: Steering | None = None
+    multipliers: Any = None
+    steer_positions: SteerPositions = "all"
+    seed: int | Sequence[int] = 0
+    chat: bool = True
+
+    def __post_init__(self):
+        prompts, max_new_tokens = self.prompts, self.max_new_tokens
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not len(prompts):
+            raise TypeError("prompts must be a non-empty list of prompts (wrap a single one in [])")
+        if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if not callable(self.sampler):
+            raise TypeError(
+                f"sampler must be Greedy(), Temperature(t=...) or TopP(...), got {self.sampler}"
+            )
+        if self.steer_positions not in STEER_POSITIONS:
+            raise ValueError(
+                f"steer_positions must be one of {STEER_POSITIONS}, got {self.steer_positions!r}"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class _Batch:
     prompt_ids: list[list[int]]
@@ -249,35 +285,16 @@ class _Batch:
     multipliers: jax.Array | None  # [J, B]
 
 
-def _prepare(
-    model,
-    prompts,
-    max_new_tokens,
-    sampler,
-    stop_tokens,
-    steering,
-    multipliers,
-    steer_positions,
-    seed,
-    chat,
-) -> _Batch:
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not len(prompts):
-        raise TypeError("prompts must be a non-empty list of prompts (wrap a single one in [])")
-    if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not callable(sampler):
-        raise TypeError(f"sampler must be Greedy(), Temperature(t=...) or TopP(...), got {sampler}")
-    if steer_positions not in STEER_POSITIONS:
-        raise ValueError(
-            f"steer_positions must be one of {STEER_POSITIONS}, got {steer_positions!r}"
-        )
+def _prepare(model, request: GenerationRequest) -> _Batch:
+    """The request's prompts encoded and left-padded, with its stop ids, keys and steering."""
+    r = request
     tokenizer = model.tokenizer
     config: ModelConfig = model.config
-    ids = _encode(tokenizer, prompts, chat, config.vocab_size)
+    ids = _encode(tokenizer, r.prompts, r.chat, config.vocab_size)
     B = len(ids)
 
     stops = [
-        int(t) for t in (default_stop_tokens(tokenizer) if stop_tokens is None else stop_tokens)
+        int(t) for t in (default_stop_tokens(tokenizer) if r.stop_tokens is None else r.stop_tokens)
     ]
     if len(stops) > MAX_STOP_TOKENS:
         raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens, got {stops}")
@@ -292,22 +309,19 @@ def _prepare(
     P = next((b for b in PROMPT_BUCKETS if b >= longest), None)
     if P is None:
         P = -(-longest // PROMPT_BUCKETS[-1]) * PROMPT_BUCKETS[-1]
-    prompt = np.full((B, P), pad_id, np.int32)
-    valid = np.zeros((B, P), bool)
-    for b, row in enumerate(ids):
-        prompt[b, P - len(row) :] = row
-        valid[b, P - len(row) :] = True
+    prompt, valid = pad_tokens(ids, P, pad_id=pad_id, side="left")  # [B, P]
 
-    if np.ndim(seed) == 0:
-        keys = jax.random.split(jax.random.PRNGKey(int(seed)), B)
+    if np.ndim(r.seed) == 0:
+        keys = jax.random.split(jax.random.PRNGKey(int(r.seed)), B)
     else:
-        if len(seed) != B:
-            raise ValueError(f"seed has {len(seed)} entries for {B} prompts")
-        keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seed])
+        if len(r.seed) != B:
+            raise ValueError(f"seed has {len(r.seed)} entries for {B} prompts")
+        keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in r.seed])
 
     dtype = jnp.dtype(model.params["embed"].dtype)
     layers: tuple[int, ...] = ()
     vectors = mults = None
+    steering, multipliers = r.steering, r.multipliers
     if steering is None:
         if multipliers is not None:
             raise ValueError("multipliers were given without a steering vector")
@@ -455,7 +469,7 @@ def _generate_loop(
     B, P = prompt.shape
     L = config.n_layers
     lengths = valid.sum(axis=1).astype(jnp.int32)  # [B]
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)  # [B, P]
+    positions = token_positions(valid)  # [B, P]
 
     def steering(factor) -> SteeringSpec | None:
         if vectors is None:
