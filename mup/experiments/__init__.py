@@ -73,8 +73,14 @@ from mup.experiments._heatmap import (  # isort: skip
     run_heatmap,
 )
 
-# Shared pieces.
-from mup.experiments._common import DEV_SETS, ExtractOptions, record_field  # isort: skip
+# Shared pieces (the figure helpers serve mup.monitors' figures too).
+from mup.experiments._common import (  # isort: skip
+    DEV_SETS,
+    ExtractOptions,
+    new_figure,
+    record_field,
+    save_figure,
+)
 
 __all__ = [
     "DEV_SETS",
@@ -102,6 +108,7 @@ __all__ = [
     "grouped_folds",
     "heatmap",
     "markdown_table",
+    "new_figure",
     "plan_ks",
     "plot_calibration",
     "plot_compare",
@@ -117,6 +124,7 @@ __all__ = [
     "run_efficiency",
     "run_heatmap",
     "run_sweep",
+    "save_figure",
     "scale_bins",
     "spearman",
     "stratified_subsample",

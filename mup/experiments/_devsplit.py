@@ -165,8 +165,7 @@ def _check_ks(ks) -> tuple[int, ...]:
 
 def check_modes(modes, kind: str) -> tuple[str, ...]:
     """The modes, validated against MODES and the probe kind (warm-start needs gradients)."""
-    from mup.probes import PROBE_KINDS
-    from mup.probes._config import GRADIENT_KINDS
+    from mup.probes import GRADIENT_KINDS, PROBE_KINDS
 
     modes = tuple(dict.fromkeys(modes))
     bad = [m for m in modes if m not in MODES]

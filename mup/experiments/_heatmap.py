@@ -138,7 +138,7 @@ def heatmap(
       overrides: probe hyperparameters (e.g. fewer epochs in tests).
     """
     from mup import metrics, probes
-    from mup.probes._config import GRADIENT_KINDS
+    from mup.probes import GRADIENT_KINDS
 
     if kind not in probes.PROBE_KINDS:
         raise ValueError(f"unknown probe kind {kind!r}; known: {', '.join(probes.PROBE_KINDS)}")

@@ -11,7 +11,12 @@ probe.save("probe.safetensors"); probe = probes.load("probe.safetensors")
 from mup.probes._data import Activations, concat  # isort: skip
 
 # Configuration: kinds and their MUP-paper defaults (configs/probes/<kind>.yaml).
-from mup.probes._config import PROBE_KINDS, ProbeConfig, default_config  # isort: skip
+from mup.probes._config import (  # isort: skip
+    GRADIENT_KINDS,
+    PROBE_KINDS,
+    ProbeConfig,
+    default_config,
+)
 
 # Training, inference and files.
 from mup.probes._probe import Probe, ProbeFileError, fit, load  # isort: skip
@@ -23,6 +28,7 @@ from mup.probes._closed_form import ClassMeans  # isort: skip
 from mup.probes._results import append_result  # isort: skip
 
 __all__ = [
+    "GRADIENT_KINDS",
     "PROBE_KINDS",
     "Activations",
     "ClassMeans",
