@@ -9,4 +9,5 @@ servers       free loopback ports and `python -m mup.serve` subprocesses
 stores        synthetic stakes data sets and activation stores with a planted signal
 activations   synthetic in-memory ragged activations for probe tests
 extract       running `python -m mup.extract` and comparing the stores it writes
+scores        monitor score rows and an independent pairwise AUROC
 """

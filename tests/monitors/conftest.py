@@ -1,7 +1,8 @@
 """Fixtures of the monitor tests.
 
 Cascade and figure tests: synthetic score files with known scores, labels and FLOPs on
-several data sets, written through `write_scores` so they are real, validated score files.
+several data sets, written through `write_scores` so they are real, validated score files
+(their rows and an independent AUROC come from `_support.scores`).
 
 Finetune tests: a tiny random llama saved as a real HF checkpoint directory (config.json,
 safetensors, a word-level chat tokenizer), and a separable toy stakes task for it.
@@ -15,39 +16,13 @@ a few "w" words in both; the last token's hidden state sees the class through at
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _support.scores import rows_for
 
-from mup.monitors import score_row, write_scores
-
-
-def rows_for(monitor, dataset, scores, labels, flops, *, prefix="r", n_tokens=10):
-    """Score rows of one monitor on one data set; record ids are prefix + index."""
-    return [
-        score_row(
-            id=f"{prefix}{i}",
-            dataset=dataset,
-            label=int(y),
-            score=float(s),
-            monitor=monitor,
-            flops=float(f),
-            n_tokens=n_tokens,
-        )
-        for i, (s, y, f) in enumerate(
-            zip(scores, labels, np.broadcast_to(flops, len(scores)), strict=True)
-        )
-    ]
-
-
-def pairwise_auroc(scores, labels) -> float:
-    """AUROC by counting (positive, negative) pairs, ties half: independent of mup.metrics."""
-    scores, labels = np.asarray(scores), np.asarray(labels)
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(wins / (pos.size * neg.size))
+from mup.monitors import write_scores
 
 
 @pytest.fixture
@@ -76,12 +51,6 @@ def synthetic(tmp_path):
         rows = rows_for(monitor, "dev/a", s_a, y_a, f_a) + rows_for(monitor, "dev/b", s_b, y_b, f_b)
         paths[monitor] = write_scores(tmp_path / f"scores{j}.jsonl", rows)
     return paths, arrays
-
-
-@pytest.fixture
-def helpers():
-    """Functions for test modules (importlib import mode cannot import conftest)."""
-    return types.SimpleNamespace(rows_for=rows_for, pairwise_auroc=pairwise_auroc)
 
 
 SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"]

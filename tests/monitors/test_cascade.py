@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from _support.scores import pairwise_auroc, rows_for
 
 from mup import metrics
 from mup.monitors import (
@@ -33,11 +34,9 @@ F1 = 10.0 + np.arange(8)  # 10 .. 17
 F2 = 1000.0 * (1 + np.arange(8))  # 1000 .. 8000
 
 
-def _hand(helpers, tmp_path, s1=S1, s2=S2, labels=LABELS):
-    a = write_scores(tmp_path / "first.jsonl", helpers.rows_for("probe:p", "dev/a", s1, labels, F1))
-    b = write_scores(
-        tmp_path / "second.jsonl", helpers.rows_for("prompted:q", "dev/a", s2, labels, F2)
-    )
+def _hand(tmp_path, s1=S1, s2=S2, labels=LABELS):
+    a = write_scores(tmp_path / "first.jsonl", rows_for("probe:p", "dev/a", s1, labels, F1))
+    b = write_scores(tmp_path / "second.jsonl", rows_for("prompted:q", "dev/a", s2, labels, F2))
     return read_scores(a), read_scores(b)
 
 
@@ -46,11 +45,11 @@ def _one(rows, fraction, dataset="dev/a"):
     return row
 
 
-def test_hand_pairwise_aurocs_of_the_two_monitors(helpers):
+def test_hand_pairwise_aurocs_of_the_two_monitors():
     # first: positives .9 .8 .7 beat every negative (12 pairs), .4 beats .3 .2 .1 (3): 15/16.
-    assert helpers.pairwise_auroc(S1, LABELS) == 15 / 16 == metrics.auroc(S1, LABELS)
+    assert pairwise_auroc(S1, LABELS) == 15 / 16 == metrics.auroc(S1, LABELS)
     # second: .3 beats .2 .1; .9 beats all; .5 beats .2 .1 .4; .7 beats all: 13/16.
-    assert helpers.pairwise_auroc(S2, LABELS) == 13 / 16 == metrics.auroc(S2, LABELS)
+    assert pairwise_auroc(S2, LABELS) == 13 / 16 == metrics.auroc(S2, LABELS)
 
 
 # (selection, merge, remaining, fraction) -> escalated records, cascade scores, AUROC by hand.
@@ -102,15 +101,15 @@ HAND = [
 
 
 @pytest.mark.parametrize("spec,escalated,expected,auroc", HAND, ids=lambda v: str(v))
-def test_hand_computed_middle_fractions(helpers, tmp_path, spec, escalated, expected, auroc):
-    first, second = _hand(helpers, tmp_path)
+def test_hand_computed_middle_fractions(tmp_path, spec, escalated, expected, auroc):
+    first, second = _hand(tmp_path)
     selection, merge, remaining, fraction = spec
     strategy = CascadeStrategy(selection=selection, merge=merge, remaining=remaining)
     cascade = cascade_scores(first, second, fraction, strategy)
     mask = np.array([r["escalated"] for r in cascade.rows])
     assert np.flatnonzero(mask).tolist() == escalated
     np.testing.assert_allclose(cascade.scores, expected, atol=1e-12)
-    assert helpers.pairwise_auroc(expected, LABELS) == pytest.approx(auroc)
+    assert pairwise_auroc(expected, LABELS) == pytest.approx(auroc)
     # Cost: the first monitor everywhere, the second where escalated.
     np.testing.assert_allclose(cascade.flops, F1 + mask * F2)
     (row,) = [
@@ -121,7 +120,7 @@ def test_hand_computed_middle_fractions(helpers, tmp_path, spec, escalated, expe
     assert row["n_escalated"] == len(escalated) and row["n"] == 8
 
 
-def test_end_points_equal_the_single_monitors(helpers, synthetic):
+def test_end_points_equal_the_single_monitors(synthetic):
     paths, arrays = synthetic
     probe, prompted = "probe:attention@20", "prompted:big/single_word"
     first, second = read_scores(paths[probe]), read_scores(paths[prompted])
@@ -139,7 +138,7 @@ def test_end_points_equal_the_single_monitors(helpers, synthetic):
             keep = y != -1
             at0, at1 = _one(rows, 0.0, dataset), _one(rows, 1.0, dataset)
             if strategy.remaining == "first":
-                assert at0["auroc"] == pytest.approx(helpers.pairwise_auroc(s1[keep], y[keep]))
+                assert at0["auroc"] == pytest.approx(pairwise_auroc(s1[keep], y[keep]))
                 assert at0["tpr_at_1pct_fpr"] == pytest.approx(
                     metrics.tpr_at_fpr(s1[keep], y[keep], 0.01)
                 )
@@ -147,7 +146,7 @@ def test_end_points_equal_the_single_monitors(helpers, synthetic):
                 assert at0["auroc"] == 0.5
             assert at0["mean_flops"] == pytest.approx(f1.mean())
             assert at0["n_escalated"] == 0
-            assert at1["auroc"] == pytest.approx(helpers.pairwise_auroc(s2[keep], y[keep]))
+            assert at1["auroc"] == pytest.approx(pairwise_auroc(s2[keep], y[keep]))
             assert at1["mean_flops"] == pytest.approx(f1.mean() + f2.mean())
             assert at1["n_escalated"] == y.size  # unlabelled records are escalated and paid
             assert at1["n"] == keep.sum()  # ... but not scored
@@ -160,7 +159,7 @@ def test_end_points_equal_the_single_monitors(helpers, synthetic):
             assert mean["n"] == 8 + 37
 
 
-def test_mean_and_max_merges_at_full_escalation(helpers, synthetic):
+def test_mean_and_max_merges_at_full_escalation(synthetic):
     paths, arrays = synthetic
     first = read_scores(paths["probe:attention@20"])
     second = read_scores(paths["finetuned:big"])
@@ -169,7 +168,7 @@ def test_mean_and_max_merges_at_full_escalation(helpers, synthetic):
         s1, y, _ = arrays["probe:attention@20", "dev/b"]
         s2, _, _ = arrays["finetuned:big", "dev/b"]
         keep = y != -1
-        expected = helpers.pairwise_auroc(combine(s1, s2)[keep], y[keep])
+        expected = pairwise_auroc(combine(s1, s2)[keep], y[keep])
         assert _one(rows, 1.0, "dev/b")["auroc"] == pytest.approx(expected)
 
 
@@ -211,29 +210,25 @@ def test_floor_of_binary_fractions():
     assert _n_escalated(50, 0.01) == 0
 
 
-def test_mismatched_labels_are_an_error_naming_the_record(helpers, tmp_path):
-    first, _ = _hand(helpers, tmp_path)
+def test_mismatched_labels_are_an_error_naming_the_record(tmp_path):
+    first, _ = _hand(tmp_path)
     flipped = LABELS.copy()
     flipped[5] = 0
-    b = write_scores(
-        tmp_path / "bad.jsonl", helpers.rows_for("prompted:q", "dev/a", S2, flipped, F2)
-    )
+    b = write_scores(tmp_path / "bad.jsonl", rows_for("prompted:q", "dev/a", S2, flipped, F2))
     with pytest.raises(ScoreFileError, match=r"record 'r5' of 'dev/a' is labelled 1 .* but 0"):
         cascade_curve(first, read_scores(b))
 
 
-def test_no_shared_record_is_an_error(helpers, tmp_path):
-    first, _ = _hand(helpers, tmp_path)
-    b = write_scores(
-        tmp_path / "other.jsonl", helpers.rows_for("prompted:q", "dev/z", S2, LABELS, F2)
-    )
+def test_no_shared_record_is_an_error(tmp_path):
+    first, _ = _hand(tmp_path)
+    b = write_scores(tmp_path / "other.jsonl", rows_for("prompted:q", "dev/z", S2, LABELS, F2))
     with pytest.raises(ScoreFileError, match="share no"):
         cascade_curve(first, read_scores(b))
 
 
-def test_single_class_data_set_is_an_error_naming_it(helpers, tmp_path):
+def test_single_class_data_set_is_an_error_naming_it(tmp_path):
     ones = np.ones(8, int)
-    first, second = _hand(helpers, tmp_path, labels=ones)
+    first, second = _hand(tmp_path, labels=ones)
     with pytest.raises(ScoreFileError, match=r"'dev/a' has 8 high-stakes and 0 low-stakes"):
         cascade_curve(first, second)
 
@@ -260,15 +255,15 @@ def test_bad_strategies_are_refused(kwargs, match):
         CascadeStrategy(**kwargs)
 
 
-def test_bad_fractions_are_refused(helpers, tmp_path):
-    first, second = _hand(helpers, tmp_path)
+def test_bad_fractions_are_refused(tmp_path):
+    first, second = _hand(tmp_path)
     for bad in ([1.5], [-0.1], [float("nan")], []):
         with pytest.raises(ValueError, match="fraction"):
             cascade_curve(first, second, bad)
 
 
-def test_order_of_records_does_not_matter(helpers, tmp_path):
-    first, second = _hand(helpers, tmp_path)
+def test_order_of_records_does_not_matter(tmp_path):
+    first, second = _hand(tmp_path)
     shuffled = Scores(tuple(reversed(second.rows)), "reversed")
     a = cascade_curve(first, second, [0.5], CascadeStrategy(selection="top"))
     b = cascade_curve(first, shuffled, [0.5], CascadeStrategy(selection="top"))
@@ -278,7 +273,7 @@ def test_order_of_records_does_not_matter(helpers, tmp_path):
 # ---- the command line -----------------------------------------------------------------------
 
 
-def test_cli_end_to_end(helpers, synthetic, tmp_path, capsys):
+def test_cli_end_to_end(synthetic, tmp_path, capsys):
     import matplotlib.image
 
     paths, arrays = synthetic
@@ -317,7 +312,7 @@ def test_cli_end_to_end(helpers, synthetic, tmp_path, capsys):
         for r in rows
         if r["second"] == "finetuned:big" and r["dataset"] == "dev/a" and r["fraction"] == 1.0
     ]
-    assert row["auroc"] == pytest.approx(helpers.pairwise_auroc(s2, y))
+    assert row["auroc"] == pytest.approx(pairwise_auroc(s2, y))
     image = matplotlib.image.imread(out / "cascade.png")
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert image[..., :3].std() > 0  # something was drawn
@@ -343,13 +338,11 @@ def test_cli_argument_errors(synthetic, tmp_path, capsys, extra, message):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_reports_data_errors_without_writing(helpers, tmp_path, capsys):
-    _hand(helpers, tmp_path)
+def test_cli_reports_data_errors_without_writing(tmp_path, capsys):
+    _hand(tmp_path)
     flipped = LABELS.copy()
     flipped[0] = 0
-    b = write_scores(
-        tmp_path / "bad.jsonl", helpers.rows_for("prompted:q", "dev/a", S2, flipped, F2)
-    )
+    b = write_scores(tmp_path / "bad.jsonl", rows_for("prompted:q", "dev/a", S2, flipped, F2))
     rc = main(
         ["--first", str(tmp_path / "first.jsonl"), "--second", str(b), "--out", str(tmp_path / "o")]
     )

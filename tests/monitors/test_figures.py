@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from _support.scores import pairwise_auroc, rows_for
 
 from mup.monitors import (
     figure_main,
@@ -28,7 +29,7 @@ def _png(path):
     return image
 
 
-def test_figure_cli_writes_pngs_and_table(synthetic, helpers, tmp_path, capsys):
+def test_figure_cli_writes_pngs_and_table(synthetic, tmp_path, capsys):
     paths, arrays = synthetic
     probe = "probe:attention@20"
     cascade_dir = tmp_path / "cascade"
@@ -68,7 +69,7 @@ def test_figure_cli_writes_pngs_and_table(synthetic, helpers, tmp_path, capsys):
     for (monitor, dataset), (s, y, f) in arrays.items():
         cell = table["monitors"][monitor]["datasets"][dataset]
         keep = y != -1
-        assert cell["auroc"] == pytest.approx(helpers.pairwise_auroc(s[keep], y[keep]))
+        assert cell["auroc"] == pytest.approx(pairwise_auroc(s[keep], y[keep]))
         assert cell["mean_flops"] == pytest.approx(f.mean())
         assert cell["n"] == keep.sum()
     mean = table["monitors"][probe]["mean"]
@@ -89,12 +90,10 @@ def test_figure_cli_writes_pngs_and_table(synthetic, helpers, tmp_path, capsys):
     assert markdown in printed
 
 
-def test_means_are_over_the_data_sets_every_monitor_has(synthetic, helpers, tmp_path, capsys):
+def test_means_are_over_the_data_sets_every_monitor_has(synthetic, tmp_path, capsys):
     paths, arrays = synthetic
     s, y, f = arrays["finetuned:big", "dev/a"]
-    only_a = write_scores(
-        tmp_path / "only_a.jsonl", helpers.rows_for("finetuned:x", "dev/a", s, y, f)
-    )
+    only_a = write_scores(tmp_path / "only_a.jsonl", rows_for("finetuned:x", "dev/a", s, y, f))
     scores = read_scores(paths["probe:attention@20"], only_a)
     table = metrics_table(scores)
     assert table["mean_over"] == ["dev/a"]
@@ -110,12 +109,10 @@ def test_means_are_over_the_data_sets_every_monitor_has(synthetic, helpers, tmp_
     _png(tmp_path / "f" / "roc_curves.png")
 
 
-def test_no_common_data_set_is_a_clear_error(synthetic, helpers, tmp_path, capsys):
+def test_no_common_data_set_is_a_clear_error(synthetic, tmp_path, capsys):
     paths, arrays = synthetic
     s, y, f = arrays["finetuned:big", "dev/a"]
-    elsewhere = write_scores(
-        tmp_path / "z.jsonl", helpers.rows_for("finetuned:x", "dev/z", s, y, f)
-    )
+    elsewhere = write_scores(tmp_path / "z.jsonl", rows_for("finetuned:x", "dev/z", s, y, f))
     with pytest.raises(ValueError, match="no data set is covered by every monitor"):
         common_datasets({"a": ["dev/a"], "b": ["dev/z"]})
     # A monitor on dev/a and dev/b and one on dev/z alone share nothing.
