@@ -143,17 +143,14 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 def plot(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Score vs multiplier, one panel per benchmark, one line per subset, 95% CI bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mup._plots import new_figure, save_figure
 
     if not rows:
         raise ValueError("no results to plot (no successful logs found)")
     benchmarks = sorted({r["benchmark"] for r in rows})
     cols = min(3, len(benchmarks))
     nrows = math.ceil(len(benchmarks) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows), squeeze=False)
+    fig, axes = new_figure(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows), squeeze=False)
     for ax, bench in zip(axes.flat, benchmarks, strict=False):
         subsets = sorted({r["subset"] for r in rows if r["benchmark"] == bench})
         for subset in subsets:
@@ -178,12 +175,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> Path:
     for ax in list(axes.flat)[len(benchmarks) :]:
         ax.set_visible(False)
     fig.suptitle("capability vs steering multiplier (95% CI)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def aggregate(log_dir: str | Path, out: str | Path, plot_path: str | Path | None = None):

@@ -237,7 +237,7 @@ def _kind(value: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["figure"]:
-        from mup.monitors._figures import figure_main
+        from mup.monitors import figure_main
 
         return figure_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mup._plots import new_figure, save_figure  # noqa: F401 (re-exported for the experiments)
 from mup._resolve import DEFAULT_MODEL
 
 log = logging.getLogger("mup.experiments")
@@ -174,24 +175,3 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="fit", disable=not enabled, dynamic_ncols=True)
-
-
-def new_figure(*args, **kwargs):
-    """A matplotlib figure from the non-interactive backend (no display on servers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(*args, **kwargs)
-
-
-def save_figure(fig, path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
     """Read, validate and compute everything, then write; return rows, points, notes, paths."""
     import numpy as np
 
-    from mup.experiments._common import new_figure, save_figure
+    from mup._plots import new_figure, save_figure
     from mup.monitors._figures import metrics_table, plot_tradeoff
 
     strategy = CascadeStrategy(selection=args.selection, merge=args.merge, remaining=args.remaining)

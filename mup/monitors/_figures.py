@@ -291,7 +291,7 @@ def make_figures(
 ) -> dict[str, Any]:
     """Write the three figures and the metrics table to `out`; return their paths, the table
     and notes (data sets left out of the means, monitors left off the log axis)."""
-    from mup.experiments._common import new_figure, save_figure
+    from mup._plots import new_figure, save_figure
 
     out = Path(out)
     cascade_sets: dict[str, list[str]] = {}
