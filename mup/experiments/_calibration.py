@@ -171,13 +171,7 @@ def run_calibration(config: CalibrationConfig) -> dict:
 
     layer = default_layer(config.model) if config.layer is None else int(config.layer)
     out = Path(config.out)
-    options = ExtractOptions(
-        model=config.model,
-        out=str(out / "stores"),
-        max_tokens=config.max_tokens,
-        limit=config.limit,
-        progress=config.progress,
-    )
+    options = ExtractOptions.of(config, out)
     # Every data set is located (and checked distinct) before any model loads.
     training, *dev = find_distinct(["training", *(f"dev/{name}" for name in DEV_SETS)], config.data)
     (train,) = extract([training], layers=(layer,), split="train", options=options)

@@ -43,6 +43,18 @@ class ExtractOptions:
     site: str = "residual"  # capture site (a saved probe names the one it was trained on)
     mask_mode: str = "all"  # tokens probes read (likewise)
 
+    @classmethod
+    def of(cls, config, out: Path) -> ExtractOptions:
+        """The options of an experiment's config (its model, truncation, limit and progress),
+        with the stores under ``out/stores``."""
+        return cls(
+            model=config.model,
+            out=str(out / "stores"),
+            max_tokens=config.max_tokens,
+            limit=config.limit,
+            progress=config.progress,
+        )
+
 
 def extract(paths, *, layers, split: str | None, options: ExtractOptions) -> list:
     """Extract `layers` of data sets (optionally one split of each) and open their stores.

@@ -194,13 +194,7 @@ def run_compare(config: CompareConfig) -> tuple[list[CompareRow], dict]:
     """Extract, train, evaluate and write results.jsonl, compare.md and compare.png under out."""
     layer = default_layer(config.model) if config.layer is None else int(config.layer)
     out = Path(config.out)
-    options = ExtractOptions(
-        model=config.model,
-        out=str(out / "stores"),
-        max_tokens=config.max_tokens,
-        limit=config.limit,
-        progress=config.progress,
-    )
+    options = ExtractOptions.of(config, out)
     # Every data set is located (and checked distinct) before any model loads.
     training, *dev = find_distinct(["training", *(f"dev/{name}" for name in DEV_SETS)], config.data)
     train_limit = config.limit if config.train_limit is None else config.train_limit

@@ -464,13 +464,7 @@ def run_devsplit(config: DevsplitConfig) -> tuple[list[DevsplitRow], dict]:
         for name, path in zip(sets, dev_paths, strict=True)
     }
     plan, notes = plan_ks(file_labels, config.ks, **fractions)
-    options = ExtractOptions(
-        model=config.model,
-        out=str(out / "stores"),
-        max_tokens=config.max_tokens,
-        limit=config.limit,
-        progress=config.progress,
-    )
+    options = ExtractOptions.of(config, out)
     (train,) = extract([training], layers=(layer,), split="train", options=options)
     (val,) = extract([training], layers=(layer,), split="test", options=options)
     stores = extract(dev_paths, layers=(layer,), split=None, options=options)

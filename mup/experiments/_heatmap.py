@@ -345,13 +345,7 @@ def run_heatmap(config: HeatmapConfig) -> tuple[list[HeatmapRow], dict]:
                 f"class in the first {len(records)} {split}-split records (raise --limit or "
                 "lower --min-per-class)"
             )
-    options = ExtractOptions(
-        model=config.model,
-        out=str(out / "stores"),
-        max_tokens=config.max_tokens,
-        limit=config.limit,
-        progress=config.progress,
-    )
+    options = ExtractOptions.of(config, out)
     (train,) = extract([training], layers=(layer,), split="train", options=options)
     (test,) = extract([training], layers=(layer,), split="test", options=options)
     try:

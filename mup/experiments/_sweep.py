@@ -177,13 +177,7 @@ class SweepConfig:
 
 def run_sweep(config: SweepConfig) -> tuple[list[SweepRow], dict]:
     out = Path(config.out)
-    options = ExtractOptions(
-        model=config.model,
-        out=str(out / "stores"),
-        max_tokens=config.max_tokens,
-        limit=config.limit,
-        progress=config.progress,
-    )
+    options = ExtractOptions.of(config, out)
     (store,) = extract(
         [find("training", config.data)], layers=config.layers, split=None, options=options
     )
