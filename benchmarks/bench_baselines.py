@@ -15,16 +15,15 @@ bound for float32 on the default model); the largest difference is printed.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_serve import _free_port, _server  # noqa: E402  (one server fixture for the benchmarks)
 
 
 def _records(n: int):
@@ -56,40 +55,6 @@ def _hf_sums(hf, batches, torch) -> dict[int, np.ndarray]:
             for b, row in enumerate(batch.rows):
                 sums[row.record] = sums.get(row.record, np.zeros(2)) + total[b]
     return sums
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _server(cwd: Path):
-    port = _free_port()
-    log = open(cwd / "serve.log", "w")  # noqa: SIM115 - closed below
-    cmd = [sys.executable, "-m", "mup.serve", "--model", "smollm2-135m", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 900
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mup serve exited:\n{(cwd / 'serve.log').read_text()[-3000:]}")
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(base + "/health", timeout=2).close()
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError("mup serve not healthy after 900 s")
-            time.sleep(0.3)
-        yield base + "/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def main(argv=None) -> int:
@@ -162,8 +127,10 @@ def main(argv=None) -> int:
     if not (args.quick or args.no_server):
         import openai
 
-        with tempfile.TemporaryDirectory() as tmp, _server(Path(tmp)) as url:
-            client = openai.OpenAI(base_url=url, api_key="none")
+        port = _free_port()
+        cmd = [sys.executable, "-m", "mup.serve", "--model", "smollm2-135m", "--port", str(port)]
+        with tempfile.TemporaryDirectory() as tmp, _server(cmd, Path(tmp), port, "serve") as base:
+            client = openai.OpenAI(base_url=base + "/v1", api_key="none")
             served = client.models.list().data[0].id
             for row in results:
                 name = row["template"]
