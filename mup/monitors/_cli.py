@@ -166,7 +166,7 @@ def _prompted(args) -> int:
     from mup.monitors import _prompted as prompted
 
     if args.no_likelihood and not args.generative:
-        raise SystemExit("mup baselines prompted: --no-likelihood needs --generative")
+        raise ValueError("--no-likelihood needs --generative")  # printed as a usage error, exit 2
     sets = _load_records(args)
     model_name = _short_name(args.model)
     templates = () if args.no_likelihood else (args.prompt or _default_templates(model_name))

@@ -205,7 +205,7 @@ def test_cli_refuses_bad_arguments_before_loading_a_model(tmp_path, args, messag
         + args,
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )  # fmt: skip
-    assert proc.returncode == 2 or proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
 
 

@@ -81,5 +81,5 @@ def test_an_unreachable_server_is_one_clear_line(tmp_path, tiny_dir):
         ],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )  # fmt: skip
-    assert proc.returncode != 0
+    assert proc.returncode == 1, proc.stderr
     assert "cannot reach http://127.0.0.1:9/v1" in proc.stderr
