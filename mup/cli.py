@@ -13,7 +13,7 @@ import sys
 # subcommand -> (module whose main(argv) runs it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mup.demo", "run the end-to-end demo on the embedded default model"),
-    "data": ("mup.data._cli", "download the published stakes data sets from the hub"),
+    "data": ("mup.data._cli", "download stakes data sets, label them with an LLM, compare labels"),
     "extract": ("mup.extract._cli", "extract residual-stream activations into a zarr store"),
     "store": ("mup.store._cli", "verify activation stores (every object and chunk checksum)"),
     "probes": ("mup.experiments._cli", "train, compare and sweep high-stakes probes"),

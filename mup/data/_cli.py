@@ -1,6 +1,9 @@
-"""`mup data`: fetch the published stakes data sets into a local data root.
+"""`mup data`: fetch the published stakes data sets into a local data root, label data sets
+with an LLM, and compare labellings.
 
 mup data download [--dest DIR] [--sets NAME ...]
+mup data label INPUT --out FILE (--serve SPEC | --base-url URL) ...   (mup.datagen)
+mup data agreement --a FILE --b FILE                                 (mup.datagen)
 
 The root is laid out like shared/data (`mup/training/...`, `mup/evals/dev/...`,
 `mup/evals/test/...`), so `MUP_DATA=DIR` or `--data DIR` finds every set afterwards.
@@ -34,11 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="sets to fetch (default: training and the balanced dev and test sets); "
         f"one of: {', '.join(published)}",
     )
+    from mup.datagen._cli import add_parsers  # label, agreement
+
+    add_parsers(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "download":
+        from mup.datagen._cli import run
+
+        return run(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         paths = download(args.dest, tuple(args.sets))
