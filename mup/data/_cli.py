@@ -2,7 +2,7 @@
 with an LLM, and compare labellings.
 
 mup data download [--dest DIR] [--sets NAME ...]
-mup data label INPUT --out FILE (--serve SPEC | --base-url URL) ...   (mup.datagen)
+mup data label INPUT [...] --out FILE|DIR (--serve SPEC | --base-url URL) ...  (mup.datagen)
 mup data agreement --a FILE --b FILE                                 (mup.datagen)
 
 The root is laid out like shared/data (`mup/training/...`, `mup/evals/dev/...`,

@@ -1,6 +1,7 @@
 """`mup data label` and `mup data agreement`: the datagen subcommands of `mup data`.
 
-  mup data label INPUT --out FILE (--serve SPEC | --base-url URL [--model NAME])
+  mup data label INPUT [INPUT ...] --out FILE|DIR
+                 (--serve SPEC | --base-url URL [--model NAME])
                  [--context auto|NAME|FILE] [--rubric FILE] [--concurrency N] [--limit N]
   mup data agreement --a FILE [FILE ...] --b FILE [FILE ...] [--json FILE]
 
@@ -45,8 +46,18 @@ def add_parsers(sub) -> None:
         "top_logprobs), a confidence, a reason, and the label they make. The output is "
         "appended record by record; a rerun continues where a run stopped.",
     )
-    p.add_argument("input", help="a .jsonl/.csv file or a data set name (mini, dev/mt, ...)")
-    p.add_argument("--out", required=True, type=Path, help="output .jsonl (appended, resumable)")
+    p.add_argument(
+        "input",
+        nargs="+",
+        help=".jsonl/.csv files or data set names (mini, dev/mt, ...), through one endpoint",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output .jsonl (appended, resumable); with several inputs a directory of one "
+        "file per input (dev/mt -> dev_mt.jsonl)",
+    )
     p.add_argument("--data", default=None, help="data root for data set names (as mup.data)")
     p.add_argument("--limit", type=_positive, default=None, help="only the first N records")
     where = p.add_argument_group("endpoint (one of --base-url or --serve)")
@@ -75,7 +86,10 @@ def add_parsers(sub) -> None:
         "--rpm", type=_positive_float, default=None, help="at most this many requests a minute"
     )
     where.add_argument(
-        "--timeout", type=_positive_float, default=300.0, help="seconds per attempt (300)"
+        "--timeout",
+        type=_positive_float,
+        default=600.0,
+        help="seconds per attempt, queueing at the server included (600)",
     )
     where.add_argument(
         "--max-retries", type=int, default=6, help="retries on 429 / 5xx / timeouts (6)"
@@ -183,6 +197,25 @@ def _dataset(spec: str, data_root: str | None):
     return load_records(found), spec
 
 
+def _output_paths(inputs: list[str], out: Path) -> list[Path]:
+    """One input: `out` is the file. Several: `out` is a folder of one file per input, named
+    after it (dev/mt -> dev_mt.jsonl, a file by its stem)."""
+    if len(inputs) == 1:
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a directory; give a .jsonl file for one input")
+        return [out]
+    if out.suffix == ".jsonl" or out.is_file():
+        raise ValueError(f"--out {out} must be a directory when labelling {len(inputs)} inputs")
+    names = [
+        Path(spec).stem if Path(spec).suffix.lower() in (".jsonl", ".csv") else spec
+        for spec in inputs
+    ]
+    paths = [out / f"{name.replace('/', '_')}.jsonl" for name in names]
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"two inputs would share an output file in {out}: {names}")
+    return paths
+
+
 def _label(args) -> int:
     from mup.datagen._endpoint import EndpointConfig, open_endpoint
     from mup.datagen._label import (
@@ -194,10 +227,13 @@ def _label(args) -> int:
     )
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("httpx", "httpx2", "openai"):  # a line per request would bury the progress bar
+        logging.getLogger(name).setLevel(logging.WARNING)
     # Everything that needs no request first: a bad input costs nothing.
     if (args.base_url is None) == (args.serve is None):
         raise LabelError("give exactly one of --base-url URL or --serve SPEC")
-    dataset, name = _dataset(args.input, args.data)
+    outs = _output_paths(args.input, args.out)
+    datasets = [_dataset(spec, args.data) for spec in args.input]
     rubric_path = find_rubric(args.rubric)
     try:
         rubric = rubric_path.read_text(encoding="utf-8")
@@ -205,24 +241,26 @@ def _label(args) -> int:
         raise LabelError(f"cannot read the rubric {rubric_path}: {error}") from None
     if not rubric.strip():
         raise LabelError(f"the rubric {rubric_path} is empty")
-    context_name, context = resolve_context(args.context, name)
-    if args.out.exists() and args.out.is_dir():
-        raise LabelError(f"--out {args.out} is a directory; give a .jsonl file")
-    config = LabelConfig(
-        rubric=rubric,
-        context_name=context_name,
-        context=context,
-        high_threshold=args.high_threshold,
-        low_threshold=args.low_threshold,
-        confidence_threshold=args.confidence_threshold,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
-        top_logprobs=args.top_logprobs,
-        response_format=args.response_format,
-        max_input_chars=args.max_input_chars,
-        retry_rejects=args.retry_rejects,
-    )
+    configs = []
+    for _, name in datasets:
+        context_name, context = resolve_context(args.context, name)
+        configs.append(
+            LabelConfig(
+                rubric=rubric,
+                context_name=context_name,
+                context=context,
+                high_threshold=args.high_threshold,
+                low_threshold=args.low_threshold,
+                confidence_threshold=args.confidence_threshold,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                seed=args.seed,
+                top_logprobs=args.top_logprobs,
+                response_format=args.response_format,
+                max_input_chars=args.max_input_chars,
+                retry_rejects=args.retry_rejects,
+            )
+        )
     endpoint_config = EndpointConfig(
         base_url=args.base_url,
         model=args.model,
@@ -234,19 +272,21 @@ def _label(args) -> int:
         timeout_s=args.timeout,
         max_retries=args.max_retries,
     )
-    logger.info(
-        "labelling %s (%d records%s) with rubric %s, context %s",
-        dataset.path,
-        len(dataset),
-        f", first {args.limit}" if args.limit else "",
-        rubric_path,
-        context_name,
-    )
     with open_endpoint(endpoint_config) as endpoint:
-        summary = label_dataset(
-            endpoint, dataset, args.out, config, limit=args.limit, progress=not args.no_progress
-        )
-        print("\n".join(summary.lines()))
+        for (dataset, _), config, out in zip(datasets, configs, outs, strict=True):
+            logger.info(
+                "labelling %s (%d records%s) with rubric %s, context %s, into %s",
+                dataset.path,
+                len(dataset),
+                f", first {args.limit}" if args.limit else "",
+                rubric_path,
+                config.context_name,
+                out,
+            )
+            summary = label_dataset(
+                endpoint, dataset, out, config, limit=args.limit, progress=not args.no_progress
+            )
+            print("\n".join(summary.lines()))
         print(f"endpoint: {endpoint.usage.summary()}")
     return 0
 

@@ -73,7 +73,7 @@ class EndpointConfig:
     serve_args: tuple[str, ...] = ()
     concurrency: int = 8
     requests_per_minute: float | None = None
-    timeout_s: float = 300.0
+    timeout_s: float = 600.0  # the client's default: a busy local server queues requests
     max_retries: int = 6
     serve_startup_s: float = 900.0
 

@@ -220,6 +220,37 @@ def parse_answer(text: str) -> Answer:
     raise ValueError(problem)
 
 
+_PARTIAL_FIELDS = {
+    name: re.compile(rf'"{name}"\s*:\s*"?(\d+)(?!\d)') for name in ("score", "confidence")
+}
+_PARTIAL_REASON = re.compile(r'"reason"\s*:\s*"((?:[^"\\]|\\.)*)')
+
+
+def parse_cut_answer(text: str) -> Answer:
+    """An answer that max_tokens cut short: score and confidence read from its start (they come
+    first), the reason as far as it got (marked "..."). ValueError when either number is not
+    there yet."""
+    found = {name: pattern.search(text) for name, pattern in _PARTIAL_FIELDS.items()}
+    missing = [name for name, match in found.items() if match is None]
+    if missing:
+        raise ValueError(f"the answer was cut at max_tokens before its {' and '.join(missing)}")
+    reason = _PARTIAL_REASON.search(text)
+    try:
+        partial = json.loads(f'"{reason.group(1)}"') if reason else ""
+    except ValueError:  # cut inside an escape sequence
+        partial = reason.group(1) if reason else ""
+    try:
+        return Answer(
+            score=int(found["score"].group(1)),
+            confidence=int(found["confidence"].group(1)),
+            reason=partial + "...",
+        )
+    except ValidationError as error:
+        raise ValueError(
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        ) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class ScoreDistribution:
     """The score read from the answer's token probabilities.
@@ -577,10 +608,16 @@ class Labeller:
         text = (choice.message.content or "") if choice is not None else ""
         parsed: Answer | None = None
         parse_error = None
+        cut = choice is not None and choice.finish_reason == "length"
         try:
             parsed = parse_answer(text)
         except ValueError as error:
             parse_error = str(error)
+            if cut:  # a long reason ran out of tokens: the numbers before it still count
+                try:
+                    parsed, parse_error = parse_cut_answer(text), None
+                except ValueError as cut_error:
+                    parse_error = f"{parse_error}; {cut_error}"
         logprobs = choice_logprobs(choice) if choice is not None else None
         dist = score_distribution(*logprobs) if logprobs else None
         if parsed is None and dist is None:
@@ -606,6 +643,8 @@ class Labeller:
             label_prompt_sha256=cfg.prompt_sha256,
             label_settings=cfg.settings,
         )
+        if cut:
+            row["label_cut"] = True  # max_tokens ended the answer
         if parse_error is not None:
             row["label_parse_error"] = parse_error
             row["label_raw"] = text  # the answer behind a label read from logprobs alone
@@ -648,7 +687,10 @@ class JsonlLog:
         self.unique = unique
         self._file = None
 
-    def open(self, *, lock: bool = False) -> dict[str, dict[str, Any]]:
+    def open(self, *, lock: bool = False, create: bool = True) -> dict[str, dict[str, Any]]:
+        """The rows so far; ``create=False`` leaves a missing file to the first `append`."""
+        if not create and not self.path.exists():
+            return {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a+b")  # noqa: SIM115 - closed in close()
         if lock:
@@ -682,7 +724,9 @@ class JsonlLog:
         return rows
 
     def append(self, row: dict[str, Any]) -> None:
-        assert self._file is not None
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "ab")  # noqa: SIM115 - closed in close()
         self._file.write((json.dumps(row) + "\n").encode())
         self._file.flush()
 
@@ -742,7 +786,7 @@ def label_dataset(
     with contextlib.ExitStack() as stack:
         done = labelled_log.open(lock=True)
         stack.callback(labelled_log.close)
-        rejected = rejects_log.open()
+        rejected = rejects_log.open(create=False)  # no rejects, no file
         stack.callback(rejects_log.close)
         known = set(dataset.ids)
         for name, log_rows in ((out, done), (rejects_log.path, rejected)):

@@ -185,3 +185,14 @@ def test_a_one_the_answer_did_not_write_is_split_by_the_scale_ends():
     d = score_distribution(tokens, top)
     ten = 0.6 / (0.6 + 0.2)  # P(9) against P(2): this "1" more likely opens a 10
     assert d.expected == pytest.approx(9 * 0.6 + 2 * 0.2 + 0.2 * (1 - ten) + 10 * 0.2 * ten)
+
+
+def test_an_answer_cut_at_max_tokens_keeps_its_numbers():
+    from mup.datagen._label import parse_cut_answer
+
+    a = parse_cut_answer('{"score": 9, "confidence": 8, "reason": "A \\"crane\\" over a str')
+    assert (a.score, a.confidence, a.reason) == (9, 8, 'A "crane" over a str...')
+    with pytest.raises(ValueError, match="before its confidence"):
+        parse_cut_answer('{"score": 9, "conf')
+    with pytest.raises(ValueError, match="score"):
+        parse_cut_answer('{"score": 12, "confidence": 8, "reason": "')

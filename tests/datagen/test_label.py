@@ -17,7 +17,14 @@ from _support.servers import free_port
 
 from mup.data import bundled_path, load_records
 from mup.data._cli import main
-from mup.datagen import EndpointConfig, LabelConfig, find_rubric, label_dataset, open_endpoint
+from mup.datagen import (
+    EndpointConfig,
+    LabelConfig,
+    find_rubric,
+    label_dataset,
+    open_endpoint,
+    rejects_path,
+)
 from mup.datagen._label import conversation_text, iter_jsonl
 
 pytest.importorskip("openai")
@@ -69,6 +76,7 @@ def test_label_end_to_end(proxy, tmp_path, capsys):
         if row["score_parsed"] is None:  # what it wrote is kept next to the label
             assert row["labels"] == "ambiguous" and "label_raw" in row
     assert requested(proxy) == {i: 1 for i in records}
+    assert not rejects_path(out).exists()  # no rejects, no file
     # what was sent: the rubric and the format as the system prompt, logprobs, a JSON schema
     body = proxy.chats[0]
     system = body["messages"][0]["content"]
@@ -170,6 +178,20 @@ def test_a_record_the_server_refuses_is_rejected_and_the_rest_labelled(proxy, tm
     args = ["label", str(records), "--base-url", proxy.url, "--out", str(cut), *FAST]
     assert main([*args, "--max-input-chars", "2000"]) == 0
     assert sorted(r["ids"] for r in iter_jsonl(cut)) == ["long", "short"]
+
+
+def test_several_inputs_through_one_endpoint_into_a_folder(proxy, tmp_path):
+    anthropic = tmp_path / "anthropic_like.jsonl"
+    anthropic.write_text(json.dumps({"inputs": "Is it fine to skip a dentist visit?", "ids": 1}))
+    out = tmp_path / "labelled"
+    args = ["label", "mini", str(anthropic), "--base-url", proxy.url, "--out", str(out)]
+    assert main([*args, "--limit", "2", "--context", "medical", *FAST]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["anthropic_like.jsonl", "mini.jsonl"]
+    (row,) = iter_jsonl(out / "anthropic_like.jsonl")
+    assert row["ids"] == 1 and row["label_context"] == "medical"  # the id keeps its type
+    assert len(list(iter_jsonl(out / "mini.jsonl"))) == 2
+    assert sum(p.startswith("GET") for p in proxy.paths) == 1  # one endpoint check for both
+    assert main([*args, "--out", str(tmp_path / "x.jsonl")]) == 1  # several inputs: a folder
 
 
 def test_transient_failures_are_retried_by_the_client(proxy, tmp_path, capsys):
