@@ -519,7 +519,8 @@ class Labeller:
         self._top = config.top_logprobs
         self.notes: list[str] = []
 
-    def _request_kwargs(self) -> dict[str, Any]:
+    def _request_kwargs(self) -> tuple[dict[str, Any], tuple[str, int]]:
+        """The request's settings, and the (format, top_logprobs) they use."""
         with self._lock:
             fmt, top = self._format, self._top
         kwargs: dict[str, Any] = {
@@ -533,14 +534,18 @@ class Labeller:
             kwargs["response_format"] = {"type": "json_schema", "json_schema": ANSWER_SCHEMA}
         elif fmt == "json_object":
             kwargs["response_format"] = {"type": "json_object"}
-        return kwargs
+        return kwargs, (fmt, top)
 
-    def _downgrade(self, error) -> bool:
-        """Drop what a 400 says the endpoint refuses (auto format, logprobs); False if nothing."""
+    def _downgrade(self, error, used: tuple[str, int]) -> bool:
+        """Drop what a 400 says the endpoint refuses (auto format, logprobs); False if nothing.
+        `used` is what the refused request sent: requests in flight together are refused
+        together, and only the first of them may step the format down."""
         from mup.datagen._endpoint import _message
 
         text = f"{getattr(error, 'param', '') or ''} {_message(error)}".lower()
         with self._lock:
+            if (self._format, self._top) != used:
+                return True  # another thread already dropped it: just ask again
             if "response_format" in text or "json_schema" in text:
                 if self.config.response_format != "auto":
                     raise LabelError(
@@ -573,11 +578,12 @@ class Labeller:
             {"role": "user", "content": conversation_text(record, self.config.max_input_chars)},
         ]
         for _ in range(4):  # each pass drops one refused option; three can be refused
+            kwargs, used = self._request_kwargs()
             try:
-                response = self.endpoint.chat(messages, **self._request_kwargs())
+                response = self.endpoint.chat(messages, **kwargs)
                 break
             except openai.BadRequestError as error:
-                if self._downgrade(error):
+                if self._downgrade(error, used):
                     continue
                 return self._rejected(record, "request", f"400: {_short_message(error)}", None)
             except (openai.UnprocessableEntityError, openai.ConflictError) as error:
@@ -806,6 +812,7 @@ def label_dataset(
         stop = threading.Event()
         failure: LabelError | None = None
         started = time.monotonic()
+        usage_before = endpoint.usage.as_dict()  # an endpoint may serve several runs
         try:
             for _, future in endpoint.map(
                 labeller,
@@ -838,7 +845,9 @@ def label_dataset(
         finally:
             summary.elapsed_s = time.monotonic() - started
             summary.notes = list(labeller.notes)
-            summary.usage = endpoint.usage.as_dict()
+            summary.usage = {
+                key: value - usage_before[key] for key, value in endpoint.usage.as_dict().items()
+            }
             summary.labels = collections.Counter(
                 row["labels"] for key, row in done.items() if key in wanted
             )

@@ -6,7 +6,8 @@ The proxy can also hold requests: after `hold_after(n)` it forwards n more chat 
 parks the rest unanswered (never forwarded), which lets a test kill a labelling process at a
 moment when exactly n records have been requested and answered. `fail_next(k)` answers the next
 k chat requests with a 503 itself (a failing network element in front of a real server), for
-the client's retries.
+the client's retries; `refuse` names request fields that it answers with an OpenAI-style 400,
+as servers that lack them do.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class CountingProxy:
         self.paths: list[str] = []  # every request that reached the proxy, "METHOD /path"
         self.failed = 0  # chat requests answered 503 by fail_next
         self._fail = 0
+        self.refuse: set[str] = set()  # chat request fields answered with a 400
+        self.refused: list[str] = []  # the field each refused request was refused for
         self._cond = threading.Condition()
         self._limit: int | None = None
         self._epoch = 0
@@ -85,6 +88,22 @@ class CountingProxy:
                 proxy.paths.append(f"POST {self.path}")
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 chat = self.path.endswith("/chat/completions")
+                refused = [f for f in sorted(proxy.refuse) if chat and f in json.loads(body)]
+                if refused:
+                    proxy.refused.append(refused[0])
+                    error = {
+                        "message": f"'{refused[0]}' is not supported by this server",
+                        "type": "invalid_request_error",
+                        "param": refused[0],
+                        "code": "unsupported_parameter",
+                    }
+                    data = json.dumps({"error": error}).encode()
+                    self.send_response(400)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if chat and not proxy._admit(body):
                     try:  # its client is usually gone (killed) by now
                         self.send_response(503)

@@ -180,7 +180,7 @@ def test_a_record_the_server_refuses_is_rejected_and_the_rest_labelled(proxy, tm
     assert sorted(r["ids"] for r in iter_jsonl(cut)) == ["long", "short"]
 
 
-def test_several_inputs_through_one_endpoint_into_a_folder(proxy, tmp_path):
+def test_several_inputs_through_one_endpoint_into_a_folder(proxy, tmp_path, capsys):
     anthropic = tmp_path / "anthropic_like.jsonl"
     anthropic.write_text(json.dumps({"inputs": "Is it fine to skip a dentist visit?", "ids": 1}))
     out = tmp_path / "labelled"
@@ -190,8 +190,36 @@ def test_several_inputs_through_one_endpoint_into_a_folder(proxy, tmp_path):
     (row,) = iter_jsonl(out / "anthropic_like.jsonl")
     assert row["ids"] == 1 and row["label_context"] == "medical"  # the id keeps its type
     assert len(list(iter_jsonl(out / "mini.jsonl"))) == 2
+    printed = capsys.readouterr().out  # each input's tokens are its own
+    assert printed.count(" completion in 2 requests") == 1
+    assert printed.count(" completion in 1 requests") == 1
     assert sum(p.startswith("GET") for p in proxy.paths) == 1  # one endpoint check for both
     assert main([*args, "--out", str(tmp_path / "x.jsonl")]) == 1  # several inputs: a folder
+
+
+def test_refused_options_are_dropped_one_at_a_time(proxy, tmp_path, capsys):
+    out = tmp_path / "plain.jsonl"
+    proxy.refuse = {"response_format", "logprobs"}
+    assert label(proxy, out, "--limit", "3", "--concurrency", "3") == 0
+    # json_schema, then json_object refused; then logprobs: each step taken once, however many
+    # requests were refused together
+    assert set(proxy.refused) == {"response_format", "logprobs"}
+    assert all("response_format" not in b and "logprobs" not in b for b in proxy.chats)
+    assert len(proxy.chats) == 3  # one answered request per record
+    printed = capsys.readouterr().out  # the run's summary repeats each warning
+    assert "refuses response_format json_schema; using json_object" in printed
+    assert "refuses response_format json_object; using none" in printed
+    assert "refuses logprobs" in printed
+    # parse only now: the random model's junk is rejected
+    assert len(list(iter_jsonl(rejects_path(out)))) == 3
+
+    proxy.refused.clear()
+    named = tmp_path / "named.jsonl"
+    args = ("--limit", "1", "--response-format", "json_schema")
+    assert label(proxy, named, *args) == 1  # a format asked for by name is not replaced
+    err = capsys.readouterr().err
+    assert err.startswith("mup data label: the endpoint refuses response_format json_schema")
+    assert "Traceback" not in err
 
 
 def test_transient_failures_are_retried_by_the_client(proxy, tmp_path, capsys):
