@@ -147,6 +147,20 @@ def system_prompt(rubric: str, context: str = "") -> str:
     return f"{head}\n\n{rubric.strip()}\n\n{FORMAT}"
 
 
+# The conversation goes to the labeller framed as something to assess: given bare, a small model
+# continues it instead of judging it (SmolLM2-135M on 100 dev records: 2 answers in the format
+# bare, 13 of 16 framed).
+USER_TEMPLATE = (
+    "Here is the conversation to assess:\n\n<conversation>\n{conversation}\n</conversation>\n\n"
+    "Assess its stakes and answer with the JSON object only."
+)
+
+
+def user_message(record: Record, max_chars: int | None = None) -> str:
+    """The labeller's user message: `conversation_text` framed by `USER_TEMPLATE`."""
+    return USER_TEMPLATE.format(conversation=conversation_text(record, max_chars))
+
+
 def conversation_text(record: Record, max_chars: int | None = None) -> str:
     """What the labeller reads: a lone user message as is, otherwise role-labelled turns. Past
     `max_chars` only the end is kept (the last turns say most about what is happening now),
@@ -423,7 +437,9 @@ class LabelConfig:
 
     @property
     def prompt_sha256(self) -> str:
-        return hashlib.sha256(self.system_prompt.encode()).hexdigest()[:16]
+        """Of the system prompt and the user message's frame: what the labeller reads."""
+        text = f"{self.system_prompt}\n\n{USER_TEMPLATE}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
     def settings(self) -> str:
@@ -575,7 +591,7 @@ class Labeller:
         record, raw = item
         messages = [
             {"role": "system", "content": self._system},
-            {"role": "user", "content": conversation_text(record, self.config.max_input_chars)},
+            {"role": "user", "content": user_message(record, self.config.max_input_chars)},
         ]
         for _ in range(4):  # each pass drops one refused option; three can be refused
             kwargs, used = self._request_kwargs()

@@ -19,7 +19,7 @@ from mup.datagen import (
     score_distribution,
     system_prompt,
 )
-from mup.datagen._label import JsonlLog, conversation_text, find_rubric
+from mup.datagen._label import JsonlLog, conversation_text, find_rubric, user_message
 
 
 def test_parse_answer_reads_the_first_valid_object_in_prose_and_fences():
@@ -140,6 +140,8 @@ def test_conversation_text_keeps_the_end_of_long_conversations():
     assert text.startswith("User: ") and "\n\nAssistant: " in text
     cut = conversation_text(multi, max_chars=20)
     assert cut == "[...]\n" + text[-20:]
+    framed = user_message(multi, max_chars=20)
+    assert "<conversation>\n" + cut + "\n</conversation>" in framed
 
 
 def test_rejects_path(tmp_path):

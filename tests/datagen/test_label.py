@@ -25,7 +25,7 @@ from mup.datagen import (
     open_endpoint,
     rejects_path,
 )
-from mup.datagen._label import conversation_text, iter_jsonl
+from mup.datagen._label import iter_jsonl, user_message
 
 pytest.importorskip("openai")
 
@@ -44,7 +44,7 @@ def mini(n: int):
 
 def requested(proxy, start: int = 0) -> collections.Counter:
     """How often each record (by id) was forwarded to the server, from request `start` on."""
-    by_text = {conversation_text(r): r.id for r in load_records(bundled_path())}
+    by_text = {user_message(r): r.id for r in load_records(bundled_path())}
     return collections.Counter(by_text[t] for t in proxy.user_texts(start))
 
 
