@@ -13,7 +13,10 @@ import sys
 # subcommand -> (module whose main(argv) runs it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mup.demo", "run the end-to-end demo on the embedded default model"),
-    "data": ("mup.data._cli", "download, inspect, balance, split and compare stakes data sets"),
+    "data": (
+        "mup.data._cli",
+        "download, inspect, balance, split and compare stakes data sets; label them with an LLM",
+    ),
     "extract": ("mup.extract._cli", "extract residual-stream activations into a zarr store"),
     "store": ("mup.store._cli", "verify activation stores (every object and chunk checksum)"),
     "probes": ("mup.experiments._cli", "train, compare and sweep high-stakes probes"),

@@ -1,10 +1,13 @@
-"""`mup data`: fetch the published stakes data sets, inspect them, and derive sets from them.
+"""`mup data`: fetch the published stakes data sets, inspect them, derive sets from them, and
+label them with an LLM.
 
 mup data download [--dest DIR] [--sets NAME ...]
 mup data stats FILE|NAME [--model SPEC | --no-tokens] [--json]
 mup data balance FILE --out OUT [--n N] [--seed S]
 mup data split FILE --out-train A --out-test B [--test-fraction F] [--seed S]
 mup data overlap A B [--json] [--fail-on-overlap]
+mup data label INPUT [...] --out FILE|DIR (--serve SPEC | --base-url URL) ...  (mup.datagen)
+mup data agreement --a FILE --b FILE                                 (mup.datagen)
 
 The root is laid out like shared/data (`mup/training/...`, `mup/evals/dev/...`,
 `mup/evals/test/...`), so `MUP_DATA=DIR` or `--data DIR` finds every set afterwards.
@@ -41,11 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
         f"one of: {', '.join(published)}",
     )
     _add_tools(commands)
+    from mup.datagen._cli import add_parsers  # label, agreement
+
+    add_parsers(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("label", "agreement"):
+        from mup.datagen._cli import run
+
+        return run(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if hasattr(args, "run"):
         return args.run(args)

@@ -1,0 +1,323 @@
+"""`mup data label` and `mup data agreement`: the datagen subcommands of `mup data`.
+
+  mup data label INPUT [INPUT ...] --out FILE|DIR
+                 (--serve SPEC | --base-url URL [--model NAME])
+                 [--context auto|NAME|FILE] [--rubric FILE] [--concurrency N] [--limit N]
+  mup data agreement --a FILE [FILE ...] --b FILE [FILE ...] [--json FILE]
+
+`add_parsers` adds them to the `mup data` parser and `run` runs one; every check that needs no
+request (input, rubric, context, output file) is made before the endpoint is touched, and each
+failure is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+COMMANDS = ("label", "agreement")
+logger = logging.getLogger(__name__)
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    x = float(value)
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return x
+
+
+def add_parsers(sub) -> None:
+    """Add `label` and `agreement` to the subparsers `sub` of `mup data`."""
+    p = sub.add_parser(
+        "label",
+        help="label a stakes data set with an LLM and the rubric (any OpenAI-compatible endpoint)",
+        description="Label each record with an LLM that reads the stakes rubric: a 1-10 score "
+        "(the expectation over the answer's token probabilities when the endpoint returns "
+        "top_logprobs), a confidence, a reason, and the label they make. The output is "
+        "appended record by record; a rerun continues where a run stopped.",
+    )
+    p.add_argument(
+        "input",
+        nargs="+",
+        help=".jsonl/.csv files or data set names (mini, dev/mt, ...), through one endpoint",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output .jsonl (appended, resumable); with several inputs a directory of one "
+        "file per input (dev/mt -> dev_mt.jsonl)",
+    )
+    p.add_argument("--data", default=None, help="data root for data set names (as mup.data)")
+    p.add_argument("--limit", type=_positive, default=None, help="only the first N records")
+    where = p.add_argument_group("endpoint (one of --base-url or --serve)")
+    where.add_argument("--base-url", help="OpenAI-compatible API root, e.g. http://host:8000/v1")
+    where.add_argument("--model", help="model name (default: the endpoint's first model)")
+    where.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        metavar="NAME",
+        help="environment variable with the API key (default %(default)s; unset: none)",
+    )
+    where.add_argument(
+        "--serve",
+        metavar="SPEC",
+        help="serve this model with `mup serve` on loopback for this command (e.g. smollm2-135m)",
+    )
+    where.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra `mup serve` argument, repeatable (e.g. --serve-arg=--max-batch=32)",
+    )
+    where.add_argument("--concurrency", type=_positive, default=8, help="requests in flight")
+    where.add_argument(
+        "--rpm", type=_positive_float, default=None, help="at most this many requests a minute"
+    )
+    where.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=600.0,
+        help="seconds per attempt, queueing at the server included (600)",
+    )
+    where.add_argument(
+        "--max-retries", type=int, default=6, help="retries on 429 / 5xx / timeouts (6)"
+    )
+    prompt = p.add_argument_group("prompt and labels")
+    prompt.add_argument("--rubric", default=None, help="rubric file (default: the data root's)")
+    prompt.add_argument(
+        "--context",
+        default="auto",
+        help="system prompt addition: none, anthropic, anthropic-extended, medical, "
+        "medical-extended, a text file, or auto (by data set name: anthropic for "
+        "*/anthropic, medical for */mt and */mts, else none); default auto",
+    )
+    prompt.add_argument("--high-threshold", type=float, default=8.0, help="high-stakes: >= (8)")
+    prompt.add_argument("--low-threshold", type=float, default=3.0, help="low-stakes: <= (3)")
+    prompt.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=7.0,
+        help="ambiguous below this confidence (7)",
+    )
+    prompt.add_argument("--max-tokens", type=_positive, default=256, help="answer length (256)")
+    prompt.add_argument("--temperature", type=float, default=0.0)
+    prompt.add_argument("--seed", type=int, default=0)
+    prompt.add_argument(
+        "--top-logprobs",
+        type=int,
+        default=20,
+        choices=range(21),
+        metavar="K",
+        help="alternatives per answer token for the expected score (0: parse only; 20)",
+    )
+    prompt.add_argument(
+        "--response-format",
+        default="auto",
+        choices=("auto", "json_schema", "json_object", "none"),
+        help="auto: json_schema, falling back to json_object and none when refused",
+    )
+    prompt.add_argument(
+        "--max-input-chars",
+        type=_positive,
+        default=None,
+        help="keep only the end of longer conversations (default: all)",
+    )
+    prompt.add_argument(
+        "--retry-rejects", action="store_true", help="ask again for the rejected records"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    a = sub.add_parser(
+        "agreement",
+        help="Cohen's kappa, Spearman and the confusion matrix of two labellings",
+        description="Compare two labellings of the same records, joined on ids: Cohen's kappa "
+        "on labels, Spearman on scale labels, and the confusion matrix. With several files, "
+        "each --a file is paired with the --b file in the same position, and the pooled "
+        "agreement is printed after each pair's.",
+    )
+    a.add_argument("--a", nargs="+", required=True, type=Path, metavar="FILE")
+    a.add_argument("--b", nargs="+", required=True, type=Path, metavar="FILE")
+    a.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `mup data label` or `mup data agreement`; 0 on success, 1 (one line on stderr) not."""
+    from mup.data import DataError
+    from mup.datagen._endpoint import EndpointError
+    from mup.datagen._label import LabelError
+
+    prog = f"mup data {args.command}"
+    try:
+        return _label(args) if args.command == "label" else _agreement(args)
+    except LabelError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        summary = getattr(error, "summary", None)
+        if summary is not None:
+            print(
+                f"{prog}: {summary.n_labelled_total} labelled and {summary.n_rejected_total} "
+                f"rejected records are kept in {summary.out}; rerun to continue",
+                file=sys.stderr,
+            )
+        return 1
+    except (EndpointError, DataError, FileNotFoundError, ValueError) as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; finished records are kept, rerun to continue", file=sys.stderr)
+        return 130
+
+
+def _dataset(spec: str, data_root: str | None):
+    from mup.data import find_dataset, is_bundled, load_records
+
+    path = Path(spec).expanduser()
+    if path.suffix.lower() in (".jsonl", ".csv"):
+        if not path.is_file():
+            raise FileNotFoundError(f"the input file {path} does not exist")
+        return load_records(path), None
+    found = find_dataset(spec, data_root)
+    if is_bundled(found) and spec != "mini":
+        # find_dataset falls back to the small bundled set; labelling it instead of the set
+        # that was asked for would be a silent substitution.
+        raise FileNotFoundError(
+            f"data set {spec!r} not found (set $MUP_DATA or --data, or run `mup data download`)"
+        )
+    return load_records(found), spec
+
+
+def _output_paths(inputs: list[str], out: Path) -> list[Path]:
+    """One input: `out` is the file. Several: `out` is a folder of one file per input, named
+    after it (dev/mt -> dev_mt.jsonl, a file by its stem)."""
+    if len(inputs) == 1:
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a directory; give a .jsonl file for one input")
+        return [out]
+    if out.suffix == ".jsonl" or out.is_file():
+        raise ValueError(f"--out {out} must be a directory when labelling {len(inputs)} inputs")
+    names = [
+        Path(spec).stem if Path(spec).suffix.lower() in (".jsonl", ".csv") else spec
+        for spec in inputs
+    ]
+    paths = [out / f"{name.replace('/', '_')}.jsonl" for name in names]
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"two inputs would share an output file in {out}: {names}")
+    return paths
+
+
+def _label(args) -> int:
+    from mup.datagen._endpoint import EndpointConfig, open_endpoint
+    from mup.datagen._label import (
+        LabelConfig,
+        LabelError,
+        find_rubric,
+        label_dataset,
+        resolve_context,
+    )
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("httpx", "httpx2", "openai"):  # a line per request would bury the progress bar
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Everything that needs no request first: a bad input costs nothing.
+    if (args.base_url is None) == (args.serve is None):
+        raise LabelError("give exactly one of --base-url URL or --serve SPEC")
+    outs = _output_paths(args.input, args.out)
+    datasets = [_dataset(spec, args.data) for spec in args.input]
+    rubric_path = find_rubric(args.rubric)
+    try:
+        rubric = rubric_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise LabelError(f"cannot read the rubric {rubric_path}: {error}") from None
+    if not rubric.strip():
+        raise LabelError(f"the rubric {rubric_path} is empty")
+    configs = []
+    for _, name in datasets:
+        context_name, context = resolve_context(args.context, name)
+        configs.append(
+            LabelConfig(
+                rubric=rubric,
+                context_name=context_name,
+                context=context,
+                high_threshold=args.high_threshold,
+                low_threshold=args.low_threshold,
+                confidence_threshold=args.confidence_threshold,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                seed=args.seed,
+                top_logprobs=args.top_logprobs,
+                response_format=args.response_format,
+                max_input_chars=args.max_input_chars,
+                retry_rejects=args.retry_rejects,
+            )
+        )
+    endpoint_config = EndpointConfig(
+        base_url=args.base_url,
+        model=args.model,
+        api_key_env=args.api_key_env,
+        serve=args.serve,
+        serve_args=tuple(args.serve_arg),
+        concurrency=args.concurrency,
+        requests_per_minute=args.rpm,
+        timeout_s=args.timeout,
+        max_retries=args.max_retries,
+    )
+    with open_endpoint(endpoint_config) as endpoint:
+        for (dataset, _), config, out in zip(datasets, configs, outs, strict=True):
+            logger.info(
+                "labelling %s (%d records%s) with rubric %s, context %s, into %s",
+                dataset.path,
+                len(dataset),
+                f", first {args.limit}" if args.limit else "",
+                rubric_path,
+                config.context_name,
+                out,
+            )
+            summary = label_dataset(
+                endpoint, dataset, out, config, limit=args.limit, progress=not args.no_progress
+            )
+            print("\n".join(summary.lines()))
+        print(f"endpoint: {endpoint.usage.summary()}")
+    return 0
+
+
+def _agreement(args) -> int:
+    from mup.data import load_records
+    from mup.datagen._agreement import agreement, pooled_agreement
+
+    if len(args.a) != len(args.b):
+        raise ValueError(
+            f"--a has {len(args.a)} files and --b {len(args.b)}: each --a file is paired with "
+            "the --b file in the same position"
+        )
+    for path in [*args.a, *args.b]:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+    pairs = [(load_records(a), load_records(b)) for a, b in zip(args.a, args.b, strict=True)]
+    results = {}
+    for (a, b), a_path, b_path in zip(pairs, args.a, args.b, strict=True):
+        result = agreement(a, b)
+        results[f"{a_path} vs {b_path}"] = result
+        print(f"a: {a_path}\nb: {b_path}")
+        print("\n".join(result.lines()) + "\n")
+    if len(pairs) > 1:
+        result = pooled_agreement(pairs)
+        results["pooled"] = result
+        print(f"pooled over {len(pairs)} pairs")
+        print("\n".join(result.lines()))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({k: v.as_dict() for k, v in results.items()}, indent=2) + "\n"
+        )
+    return 0
