@@ -3,7 +3,9 @@ store the tests wrote that vouches for itself (``complete: true``), and the sess
 any fault. A store that says it is complete must be sound, whichever test wrote it.
 
 Tests that damage complete stores on purpose (bit flips, deleted shards) are marked
-``damages_stores``; stores under their tmp_path are left out. Stores that never completed
+``damages_stores``; stores under their tmp_path are left out (a marker file in that tmp_path
+says so, which also reaches the controller when pytest-xdist runs the tests in workers: the
+controller audits the whole base temp folder once, after every worker has finished). Stores that never completed
 (kill -9 mid-run, crash injection) do not vouch for anything and are not audited.
 Set MUP_STORE_AUDIT=0 to skip the audit (e.g. when running a single test while editing).
 """
@@ -18,13 +20,13 @@ import pytest
 
 from mup.store._format import FORMAT_NAME
 
-_damaged: list[Path] = []
+DAMAGED_MARKER = ".damages_stores"
 
 
-def _complete_stores(root: Path, skip: list[Path]):
+def _complete_stores(root: Path):
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
-        if any(here == s or s in here.parents for s in skip):
+        if DAMAGED_MARKER in files:
             dirs[:] = []
             continue
         if "zarr.json" not in files:
@@ -50,12 +52,14 @@ def pytest_configure(config):
 def pytest_runtest_teardown(item):
     if item.get_closest_marker("damages_stores") is not None:
         tmp = getattr(item, "funcargs", {}).get("tmp_path")
-        if tmp is not None:
-            _damaged.append(Path(tmp))
+        if tmp is not None and Path(tmp).is_dir():
+            (Path(tmp) / DAMAGED_MARKER).touch()
 
 
 def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("MUP_STORE_AUDIT", "1") == "0" or session.testscollected == 0:
+        return
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller audits
         return
     factory = getattr(session.config, "_tmp_path_factory", None)
     if factory is None:
@@ -66,7 +70,7 @@ def pytest_sessionfinish(session, exitstatus):
         return
     from mup.store import verify
 
-    stores = list(_complete_stores(Path(root), _damaged))
+    stores = list(_complete_stores(Path(root)))
     faults = [v for v in map(verify, map(str, stores)) if not v.ok]
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
