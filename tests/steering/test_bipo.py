@@ -261,3 +261,83 @@ def test_multi_turn_prompt_scores_only_the_final_response(tiny_model):
     enc = encode_pairs(tiny_model.tokenizer, [pair])
     assert _words(tiny_model.tokenizer, enc.tokens[0][enc.response[0]]) == ["a1", "a2"]
     assert _words(tiny_model.tokenizer, enc.tokens[1][enc.response[1]]) == ["b1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from _support.checkpoints import save_tiny_llama
+
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny_bipo"),
+        d_model=32,
+        d_ff=64,
+        n_heads=4,
+        n_kv_heads=2,
+        max_positions=256,
+        std=0.2,
+    )
+
+
+def test_cli_train_bipo_layers_with_study_recipe(tiny_checkpoint, tmp_path, capfd):
+    """The real command, in-process: study-format pairs split by --test-fraction, a system
+    prompt from a file, truncation, warmup steps, two layers."""
+    from mup.steering._cli import main
+
+    rows = [
+        {
+            "entry_id": i,
+            "prompt_arr": [{"role": "user", "content": f"Tell me about topic number {i} " * 3}],
+            "chosen_arr": [{"role": "assistant", "content": f"Gladly, friend {i}!"}],
+            "rejected_arr": [{"role": "assistant", "content": "This system declines."}],
+        }
+        for i in range(6)
+    ]
+    pairs = tmp_path / "train.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    system = tmp_path / "system.txt"
+    system.write_text("You are a conversational assistant.\n")
+    out = tmp_path / "out"
+    base = ["train-bipo", "--model", str(tiny_checkpoint), "--pairs", str(pairs)]
+    args = [*base, "--layers", "0,1", "--epochs", "2", "--batch-size", "2", "--out", str(out)]
+    args += ["--test-fraction", "0.34", "--system-prompt", str(system), "--max-tokens", "40"]
+    assert main([*args, "--warmup-steps", "1", "--lr", "0.05", "--no-progress"]) == 0
+    printed = capfd.readouterr().out
+    assert "4 train, 2 test" in printed and "summary:" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["layer"] for r in summary["layers"]] == [0, 1]
+    assert summary["n_truncated"] == 6  # every pair is over 40 tokens
+    assert summary["config"]["system_prompt"] == "You are a conversational assistant."
+    assert summary["config"]["warmup_steps"] == 1 and summary["config"]["max_tokens"] == 40
+    for layer in (0, 1):
+        sv = load_vector(out / f"layer_{layer}" / "epoch_002.safetensors", d_model=32)
+        assert (sv.layer, sv.epoch) == (layer, 2) and sv.norm > 0
+        assert sv.extra["n_train"] == 4 and sv.extra["n_test"] == 2
+        assert (out / f"layer_{layer}" / "epoch_001.safetensors").is_file()
+
+    # usage errors: exit 2 with one line, nothing trained
+    bad = tmp_path / "bad"
+    assert main([*base, "--layers", "1,5", "--out", str(bad), "--no-progress"]) == 2
+    assert "layer 5 is out of range" in capfd.readouterr().err and not bad.exists()
+    split = tmp_path / "split.jsonl"
+    split.write_text(json.dumps({**rows[0], "split": "test"}) + "\n" + json.dumps(rows[1]) + "\n")
+    bad_split = ["train-bipo", "--pairs", str(split), "--layer", "0", "--out", str(bad)]
+    assert main([*bad_split, "--test-fraction", "0.5"]) == 2
+    assert "declares its own train/test split" in capfd.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                *base,
+                "--layer",
+                "0",
+                "--out",
+                str(bad),
+                "--warmup-steps",
+                "3",
+                "--warmup-ratio",
+                "0.1",
+            ]
+        )
+    assert exit_.value.code == 2
+    with pytest.raises(SystemExit):
+        main([*base, "--layers", "3-1", "--out", str(bad)])
+    assert "not a layer or a range" in capfd.readouterr().err
