@@ -58,6 +58,10 @@ from mup.steering._bipo import (
     train_bipo_layers,
 )
 
+# isort: split
+# torch .pt vector files (the BiPO study's), read without torch
+from mup.steering._import import import_pt, read_pt
+
 __all__ = [
     "BUNDLED_PAIRS",
     "PAIR_METHODS",
@@ -76,10 +80,12 @@ __all__ = [
     "dom_from_store",
     "encode_pairs",
     "evaluate_vector",
+    "import_pt",
     "load_pairs",
     "load_vector",
     "pair_margins",
     "pooled_responses",
+    "read_pt",
     "response_logprobs",
     "save_vector",
     "split_pairs",
