@@ -76,6 +76,8 @@ class BiPOConfig:
                     prompt's start goes first, then the response's end); the study used 2048.
     system_prompt:  a system message put before every pair's prompt (None = the pairs as they
                     are; the template may still insert its own default system prompt).
+    score_end_of_turn: also score the template's end-of-turn token after each response (the
+                    study's TRL recipe scores the EOS it appends); default: content tokens only.
     """
 
     layer: int
@@ -90,6 +92,7 @@ class BiPOConfig:
     seed: int = 0
     max_tokens: int = 2048
     system_prompt: str | None = None
+    score_end_of_turn: bool = False
 
     def __post_init__(self):
         checks = [
@@ -459,7 +462,13 @@ def _prepare(model, train_pairs, eval_pairs, config: BiPOConfig, layers, progres
     if config.system_prompt is not None:
         all_pairs = with_system_prompt(all_pairs, config.system_prompt)
     # One encoding, one padded length for both sets: the step and the evaluation compile once.
-    enc = encode_pairs(model.tokenizer, all_pairs, max_tokens=config.max_tokens, truncate=True)
+    enc = encode_pairs(
+        model.tokenizer,
+        all_pairs,
+        max_tokens=config.max_tokens,
+        truncate=True,
+        score_end_of_turn=config.score_end_of_turn,
+    )
     if enc.n_truncated:
         logger.warning(
             "%d of %d pairs were longer than max_tokens=%d and were truncated",

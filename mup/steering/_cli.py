@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--system-prompt",
         help="system message before every pair's prompt: the text, or a file holding it",
     )
+    b.add_argument(
+        "--score-end-of-turn",
+        action="store_true",
+        help="also score the end-of-turn token after each response (as TRL scores its EOS)",
+    )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--limit-train", type=int, default=None, help="use the first N train pairs")
     b.add_argument("--limit-test", type=int, default=None, help="use the first N test pairs")
@@ -178,6 +183,7 @@ def _train(args) -> int:
         seed=args.seed,
         max_tokens=args.max_tokens,
         system_prompt=_system_prompt(args.system_prompt),
+        score_end_of_turn=args.score_end_of_turn,
     )
     train, test = _train_test(args)
     if not train:

@@ -346,14 +346,17 @@ def encode_pairs(
     *,
     max_tokens: int = 256,
     truncate: bool = False,
+    score_end_of_turn: bool = False,
     length: int | None = None,
 ) -> EncodedPairs:
     """Tokenize every pair with the chat template; see `EncodedPairs`.
 
     max_tokens: with truncate=False a longer conversation is an error (naming the pair), since
       a cut response changes what is compared; with truncate=True it is cut as the module
-      docstring says. length: pad to exactly this many tokens (default: the longest, rounded
-      up to a multiple of LENGTH_MULTIPLE).
+      docstring says. score_end_of_turn: count the template token right after the response
+      (its end-of-turn marker, e.g. <|im_end|>) as a response token, as TRL's DPO recipe scores
+      the EOS it appends (the response then also "learns to stop"). length: pad to exactly
+      this many tokens (default: the longest, rounded up to a multiple of LENGTH_MULTIPLE).
     """
     from mup.text import encode_chats
 
@@ -367,6 +370,8 @@ def encode_pairs(
     n = len(pairs)
     rows = [enc.row(r)[0] for r in range(2 * n)]
     spans = [_response_span(enc.row(r)[1], pairs[r % n], r < n) for r in range(2 * n)]
+    if score_end_of_turn:
+        spans = [(s, min(e + 1, len(rows[r]))) for r, (s, e) in enumerate(spans)]
     kept: list[tuple[np.ndarray, int, int]] = []  # per row: ids, response start, response end
     n_truncated = 0
     for i in range(n):

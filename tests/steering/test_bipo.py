@@ -261,6 +261,13 @@ def test_multi_turn_prompt_scores_only_the_final_response(tiny_model):
     enc = encode_pairs(tiny_model.tokenizer, [pair])
     assert _words(tiny_model.tokenizer, enc.tokens[0][enc.response[0]]) == ["a1", "a2"]
     assert _words(tiny_model.tokenizer, enc.tokens[1][enc.response[1]]) == ["b1"]
+    eot = encode_pairs(tiny_model.tokenizer, [pair], score_end_of_turn=True)
+    assert _words(tiny_model.tokenizer, eot.tokens[0][eot.response[0]]) == [
+        "a1",
+        "a2",
+        "<|im_end|>",
+    ]
+    np.testing.assert_array_equal(eot.tokens, enc.tokens)
 
 
 @pytest.fixture(scope="module")
