@@ -8,6 +8,8 @@ res = dom_from_store("runs/stakes", layer=11)             # reads store layer 12
 res = dom_from_pairs(model, load_pairs(bundled_pairs_path()), 11, method="pca")
 save_vector("v.safetensors", res.vector); v = load_vector("v.safetensors")
 out = train_bipo(model, pairs_train, BiPOConfig(layer=11), eval_pairs=pairs_test, out_dir="bipo")
+by_layer = train_bipo_layers(model, pairs_train, BiPOConfig(layer=0), [9, 11], out_dir="sweep")
+sv = import_pt("vec_ep10_layer31.pt", layer=31, model="llama-70b")    # the study's .pt files
 """
 
 # Vector files
@@ -29,6 +31,8 @@ from mup.steering._pairs import (
     bundled_pairs_path,
     encode_pairs,
     load_pairs,
+    split_pairs,
+    with_system_prompt,
 )
 
 # isort: split
@@ -51,7 +55,12 @@ from mup.steering._bipo import (
     pair_margins,
     response_logprobs,
     train_bipo,
+    train_bipo_layers,
 )
+
+# isort: split
+# torch .pt vector files (the BiPO study's), read without torch
+from mup.steering._import import import_pt, read_pt
 
 __all__ = [
     "BUNDLED_PAIRS",
@@ -71,11 +80,16 @@ __all__ = [
     "dom_from_store",
     "encode_pairs",
     "evaluate_vector",
+    "import_pt",
     "load_pairs",
     "load_vector",
     "pair_margins",
     "pooled_responses",
+    "read_pt",
     "response_logprobs",
     "save_vector",
+    "split_pairs",
     "train_bipo",
+    "train_bipo_layers",
+    "with_system_prompt",
 ]

@@ -22,6 +22,12 @@ log p_{x v}(rejected):
   margin    mean of m_{+1} - m_0 (how much +v raises the chosen-vs-rejected log-prob margin)
   margin_neg mean of m_{-1} - m_0 (should be negative)
   accuracy  share of pairs with m_{+1} > m_0; accuracy_neg: share with m_{-1} < m_0.
+
+Several layers (`train_bipo_layers`): the pairs are encoded once, the reference log-probs
+(multiplier 0, the same for every layer) are computed once, and one compiled step and one
+compiled evaluation serve every layer: the forward steers all swept layers with a one-hot
+per-layer multiplier, so a layer that is not being trained gets exactly 0 added. Each layer
+then trains from zero with the same seed (same batches and d draws), as separate runs would.
 """
 
 from __future__ import annotations
@@ -41,10 +47,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mup.steering._pairs import EncodedPairs, PreferencePair, encode_pairs
+from mup.steering._pairs import EncodedPairs, PreferencePair, encode_pairs, with_system_prompt
 from mup.steering._vector import SteeringVector, save_vector
 
 logger = logging.getLogger(__name__)
+
+
+LR_SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,9 +66,18 @@ class BiPOConfig:
     beta:           the DPO temperature.
     learning_rate:  peak AdamW learning rate.
     weight_decay:   AdamW decoupled weight decay.
-    warmup_ratio:   share of all steps spent in linear warmup (at least one step).
+    warmup_ratio:   share of all steps spent in linear warmup from 0.
+    warmup_steps:   or a number of warmup steps (the study used 100); at most one of the two
+                    may be set; neither = warmup_ratio 0.1. Warmup lasts at least one step.
+    lr_schedule:    after warmup, "cosine" (to 0 at the last step, the recipe's), "linear" (to
+                    0) or "constant".
     seed:           the shuffling and d draws (numpy generator).
-    max_tokens:     a pair conversation longer than this is an error.
+    max_tokens:     longer pair conversations are truncated (see `mup.steering._pairs`: the
+                    prompt's start goes first, then the response's end); the study used 2048.
+    system_prompt:  a system message put before every pair's prompt (None = the pairs as they
+                    are; the template may still insert its own default system prompt).
+    score_end_of_turn: also score the template's end-of-turn token after each response (the
+                    study's TRL recipe scores the EOS it appends); default: content tokens only.
     """
 
     layer: int
@@ -68,9 +86,13 @@ class BiPOConfig:
     beta: float = 0.1
     learning_rate: float = 5e-4
     weight_decay: float = 0.05
-    warmup_ratio: float = 0.1
+    warmup_ratio: float | None = None
+    warmup_steps: int | None = None
+    lr_schedule: str = "cosine"
     seed: int = 0
-    max_tokens: int = 256
+    max_tokens: int = 2048
+    system_prompt: str | None = None
+    score_end_of_turn: bool = False
 
     def __post_init__(self):
         checks = [
@@ -81,13 +103,51 @@ class BiPOConfig:
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (
-                0 <= self.warmup_ratio < 1,
+                self.warmup_ratio is None or 0 <= self.warmup_ratio < 1,
                 f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}",
+            ),
+            (
+                self.warmup_steps is None or self.warmup_steps >= 0,
+                f"warmup_steps must be >= 0, got {self.warmup_steps}",
+            ),
+            (
+                self.warmup_ratio is None or self.warmup_steps is None,
+                "set warmup_ratio or warmup_steps, not both",
+            ),
+            (
+                self.lr_schedule in LR_SCHEDULES,
+                f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}",
+            ),
+            (self.max_tokens >= 8, f"max_tokens must be >= 8, got {self.max_tokens}"),
+            (
+                self.system_prompt is None or bool(self.system_prompt.strip()),
+                "system_prompt must be None or a non-empty string",
             ),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"BiPOConfig: {msg}")
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps out of `total_steps` (at least 1, at most total_steps)."""
+        if self.warmup_steps is not None:
+            n = self.warmup_steps
+        else:
+            n = round((0.1 if self.warmup_ratio is None else self.warmup_ratio) * total_steps)
+        return min(max(1, n), total_steps)
+
+    def schedule(self, total_steps: int):
+        """The optax learning-rate schedule over `total_steps`."""
+        warmup = self.warmup_for(total_steps)
+        rest = max(total_steps - warmup, 1)
+        peak = self.learning_rate
+        ramp = optax.linear_schedule(0.0, peak, warmup)
+        after = {
+            "cosine": optax.cosine_decay_schedule(peak, rest, alpha=0.0),
+            "linear": optax.linear_schedule(peak, 0.0, rest),
+            "constant": optax.constant_schedule(peak),
+        }[self.lr_schedule]
+        return optax.join_schedules([ramp, after], [warmup])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -104,18 +164,24 @@ class BiPOResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def _response_logprobs(params, vector, multiplier, tokens, valid, response, *, config, layer):
+def _response_logprobs(
+    params, vector, select, multiplier, tokens, valid, response, *, config, layers
+):
     """Sum of log p(token) over response tokens per row: [R] float32.
 
-    vector [D]; multiplier scalar or [R]; tokens/valid/response [R, T].
+    vector [D]; select [J] (one-hot over the static `layers`: which one `vector` steers);
+    multiplier scalar or [R]; tokens/valid/response [R, T].
     """
     from mup.models import SteeringSpec, forward
 
     r, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (r, t))
     mult = jnp.broadcast_to(jnp.asarray(multiplier, jnp.float32), (r,))
+    j = len(layers)
     spec = SteeringSpec(
-        layers=(layer,), vectors=vector[None].astype(jnp.float32), multipliers=mult[None]
+        layers=layers,
+        vectors=jnp.broadcast_to(vector.astype(jnp.float32), (j, vector.shape[0])),  # [J, D]
+        multipliers=select.astype(jnp.float32)[:, None] * mult[None],  # [J, R]
     )
     out = forward(
         jax.lax.stop_gradient(params),
@@ -130,16 +196,18 @@ def _response_logprobs(params, vector, multiplier, tokens, valid, response, *, c
     return jnp.sum(jnp.where(response[:, 1:], picked, 0.0), axis=1)  # [R]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layer"))
-def _jit_logprobs(params, vector, multiplier, tokens, valid, response, *, config, layer):
+@functools.partial(jax.jit, static_argnames=("config", "layers"))
+def _jit_logprobs(params, vector, select, multiplier, tokens, valid, response, *, config, layers):
     return _response_logprobs(
-        params, vector, multiplier, tokens, valid, response, config=config, layer=layer
+        params, vector, select, multiplier, tokens, valid, response, config=config, layers=layers
     )
 
 
-def _bipo_loss(vector, params, d, ref_margin, weight, tokens, valid, response, config, layer, beta):
+def _bipo_loss(
+    vector, params, select, d, ref_margin, weight, tokens, valid, response, config, layers, beta
+):
     logp = _response_logprobs(
-        params, vector, d, tokens, valid, response, config=config, layer=layer
+        params, vector, select, d, tokens, valid, response, config=config, layers=layers
     )  # [R]
     p = ref_margin.shape[0]
     margin = logp[:p] - logp[p:]  # [P] chosen - rejected under the steered model
@@ -148,18 +216,39 @@ def _bipo_loss(vector, params, d, ref_margin, weight, tokens, valid, response, c
     return loss, margin
 
 
-def _make_step(config, layer: int, beta: float, optimizer):
+def _make_step(config, layers: tuple[int, ...], beta: float, optimizer):
     grad_fn = jax.value_and_grad(_bipo_loss, has_aux=True)
 
     @jax.jit
-    def step(vector, opt_state, params, d, ref_margin, weight, tokens, valid, response):
+    def step(vector, opt_state, params, select, d, ref_margin, weight, tokens, valid, response):
         (loss, margin), grad = grad_fn(
-            vector, params, d, ref_margin, weight, tokens, valid, response, config, layer, beta
+            vector,
+            params,
+            select,
+            d,
+            ref_margin,
+            weight,
+            tokens,
+            valid,
+            response,
+            config,
+            layers,
+            beta,
         )
         updates, opt_state = optimizer.update(grad, opt_state, vector)
         return optax.apply_updates(vector, updates), opt_state, loss, margin
 
     return step
+
+
+def _steer_layers(
+    layer: int, steer_layers: Sequence[int] | None
+) -> tuple[tuple[int, ...], np.ndarray]:
+    """The static layer tuple and the one-hot [J] selecting `layer` in it."""
+    layers = (int(layer),) if steer_layers is None else tuple(int(x) for x in steer_layers)
+    if int(layer) not in layers:
+        raise ValueError(f"layer {layer} is not among the compiled layers {layers}")
+    return layers, (np.asarray(layers) == int(layer)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,17 +264,21 @@ def response_logprobs(
     multiplier: float,
     *,
     batch_size: int = 4,
+    steer_layers: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Summed response log-probs of every row of `encoded` with ``multiplier * vector`` added to
     block `layer`'s output: float32 [2P] (chosen rows, then rejected rows).
 
     Rows run in batches of 2 * batch_size (the last one padded), the shape the trainer uses.
+    steer_layers: compile one program for all these layers (`layer` among them; the others get
+    0 added), so that evaluating many layers compiles once.
     """
     vector = jnp.asarray(vector, jnp.float32)
     if vector.shape != (model.config.d_model,):
         raise ValueError(
             f"vector has shape {tuple(vector.shape)}, the model needs ({model.config.d_model},)"
         )
+    layers, select = _steer_layers(layer, steer_layers)
     p = len(encoded)
     out = np.zeros(2 * p, np.float32)
     for idx, n_real in _batches(np.arange(p), batch_size):
@@ -194,12 +287,13 @@ def response_logprobs(
             _jit_logprobs(
                 model.params,
                 vector,
+                jnp.asarray(select),
                 jnp.float32(multiplier),
                 jnp.asarray(encoded.tokens[rows]),
                 jnp.asarray(encoded.valid[rows]),
                 jnp.asarray(encoded.response[rows]),
                 config=model.config,
-                layer=int(layer),
+                layers=layers,
             )
         )
         b = len(idx)
@@ -218,9 +312,12 @@ def pair_margins(
     multiplier: float,
     *,
     batch_size: int = 4,
+    steer_layers: Sequence[int] | None = None,
 ) -> np.ndarray:
     """log p(chosen) - log p(rejected) per pair under ``multiplier * vector``: float32 [P]."""
-    logp = response_logprobs(model, encoded, vector, layer, multiplier, batch_size=batch_size)
+    logp = response_logprobs(
+        model, encoded, vector, layer, multiplier, batch_size=batch_size, steer_layers=steer_layers
+    )
     p = len(encoded)
     return logp[:p] - logp[p:]
 
@@ -234,12 +331,14 @@ def evaluate_vector(
     beta: float = 0.1,
     ref_margin: np.ndarray | None = None,
     batch_size: int = 4,
+    steer_layers: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """BiPO metrics of `vector` on `encoded` pairs (see the module docstring)."""
+    kw = dict(batch_size=batch_size, steer_layers=steer_layers)
     if ref_margin is None:
-        ref_margin = pair_margins(model, encoded, vector, layer, 0.0, batch_size=batch_size)
-    plus = pair_margins(model, encoded, vector, layer, 1.0, batch_size=batch_size) - ref_margin
-    minus = pair_margins(model, encoded, vector, layer, -1.0, batch_size=batch_size) - ref_margin
+        ref_margin = pair_margins(model, encoded, vector, layer, 0.0, **kw)
+    plus = pair_margins(model, encoded, vector, layer, 1.0, **kw) - ref_margin
+    minus = pair_margins(model, encoded, vector, layer, -1.0, **kw) - ref_margin
     loss = 0.5 * (_softplus(-beta * plus) + _softplus(beta * minus))  # [P]
     return {
         "loss": float(loss.mean()),
@@ -260,49 +359,171 @@ def train_bipo(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> BiPOResult:
-    """Train a BiPO vector for `model` on `train_pairs`; evaluate on both sets every epoch.
+    """Train a BiPO vector for `model` at ``config.layer`` on `train_pairs`; evaluate on both
+    sets every epoch.
 
     With `out_dir`, writes ``epoch_{E:03d}.safetensors`` (the vector with the epoch's metrics in
     its metadata) and appends the metrics to ``metrics.jsonl`` after every epoch.
     """
+    prep = _prepare(model, train_pairs, eval_pairs, config, (config.layer,), progress)
+    return _train_layer(model, prep, config, (config.layer,), out_dir, progress)
+
+
+def train_bipo_layers(
+    model,
+    train_pairs: Sequence[PreferencePair],
+    config: BiPOConfig,
+    layers: Sequence[int],
+    *,
+    eval_pairs: Sequence[PreferencePair] = (),
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[int, BiPOResult]:
+    """One BiPO vector per layer in `layers` (``config.layer`` is replaced by each), sharing the
+    encoding, the reference log-probs and the compiled programs (see the module docstring).
+
+    With `out_dir`: ``out_dir/layer_{L}/`` holds what `train_bipo` writes for layer L, and
+    ``out_dir/summary.json`` the final metrics of every layer (written after each layer).
+    """
+    layers = tuple(int(x) for x in layers)
+    if not layers:
+        raise ValueError("train_bipo_layers: no layers")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"train_bipo_layers: layers repeat: {list(layers)}")
+    prep = _prepare(model, train_pairs, eval_pairs, config, layers, progress)
+    out_path = Path(out_dir) if out_dir is not None else None
+    results: dict[int, BiPOResult] = {}
+    for layer in layers:
+        cfg = dataclasses.replace(config, layer=layer)
+        sub = out_path / f"layer_{layer}" if out_path is not None else None
+        results[layer] = _train_layer(model, prep, cfg, layers, sub, progress)
+        if out_path is not None:
+            _write_json(out_path / "summary.json", layer_summary(model, results, prep, config))
+    return results
+
+
+def layer_summary(model, results: dict[int, BiPOResult], prep, config: BiPOConfig) -> dict:
+    """The summary.json content: per layer, the last epoch's norm and margins."""
+    rows = []
+    for layer, res in results.items():
+        last = res.history[-1]
+        row = {"layer": layer, "epoch": last["epoch"], "norm": last["norm"]}
+        for key in ("loss", "margin", "margin_neg", "accuracy", "accuracy_neg"):
+            for split in ("train", "test"):
+                if f"{split}_{key}" in last:
+                    row[f"{split}_{key}"] = last[f"{split}_{key}"]
+        if "test_margin" in last:
+            best = max(res.history, key=lambda r: r["test_margin"])
+            row["best_test_margin_epoch"] = best["epoch"]
+        row["files"] = [str(f) for f in res.files]
+        rows.append(row)
+    cfg = dataclasses.asdict(config)
+    cfg.pop("layer")
+    return {
+        "model": model.spec.name,
+        "method": "bipo",
+        "n_train": prep.n_train,
+        "n_test": prep.n_test,
+        "n_truncated": prep.n_truncated,
+        "padded_length": prep.length,
+        "config": cfg,
+        "layers": rows,
+    }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class _Prepared:
+    """What every layer's training shares: encoded pairs and their reference margins."""
+
+    train: EncodedPairs
+    held: EncodedPairs | None
+    ref_train: np.ndarray  # [P_train]
+    ref_held: np.ndarray | None  # [P_test]
+    n_train: int
+    n_test: int
+    n_truncated: int
+    length: int
+    batch_size: int
+    steps_per_epoch: int
+    optimizer: optax.GradientTransformation
+    step: object  # the jitted step, one for every layer (the layer is the `select` input)
+
+
+def _prepare(model, train_pairs, eval_pairs, config: BiPOConfig, layers, progress) -> _Prepared:
     if not train_pairs:
         raise ValueError("train_bipo: no training pairs")
-    if config.layer >= model.config.n_layers:
-        raise ValueError(
-            f"BiPOConfig.layer={config.layer} is out of range: the model has "
-            f"{model.config.n_layers} blocks (0..{model.config.n_layers - 1})"
-        )
-    # One padded length for both sets: the step and the evaluation compile once each.
+    for layer in layers:
+        if not 0 <= layer < model.config.n_layers:
+            raise ValueError(
+                f"BiPOConfig.layer={layer} is out of range: the model has "
+                f"{model.config.n_layers} blocks (0..{model.config.n_layers - 1})"
+            )
     all_pairs = [*train_pairs, *eval_pairs]
-    length = encode_pairs(model.tokenizer, all_pairs, max_tokens=config.max_tokens).length
-    train = encode_pairs(model.tokenizer, train_pairs, length=length)
-    held = encode_pairs(model.tokenizer, eval_pairs, length=length) if eval_pairs else None
-    bs = min(config.batch_size, len(train_pairs))
-
-    steps_per_epoch = math.ceil(len(train_pairs) / bs)
-    total = steps_per_epoch * config.epochs
-    warmup = max(1, round(config.warmup_ratio * total))
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=config.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(total, warmup + 1),
-        end_value=0.0,
+    if config.system_prompt is not None:
+        all_pairs = with_system_prompt(all_pairs, config.system_prompt)
+    # One encoding, one padded length for both sets: the step and the evaluation compile once.
+    enc = encode_pairs(
+        model.tokenizer,
+        all_pairs,
+        max_tokens=config.max_tokens,
+        truncate=True,
+        score_end_of_turn=config.score_end_of_turn,
     )
-    optimizer = optax.adamw(schedule, weight_decay=config.weight_decay)
-    step = _make_step(model.config, config.layer, config.beta, optimizer)
-
-    d_model = model.config.d_model
-    vector = jnp.zeros((d_model,), jnp.float32)
-    opt_state = optimizer.init(vector)
-
+    if enc.n_truncated:
+        logger.warning(
+            "%d of %d pairs were longer than max_tokens=%d and were truncated",
+            enc.n_truncated,
+            len(all_pairs),
+            config.max_tokens,
+        )
+    n_train = len(train_pairs)
+    train = enc.take(range(n_train))
+    held = enc.take(range(n_train, len(all_pairs))) if eval_pairs else None
+    bs = min(config.batch_size, n_train)
     t0 = time.perf_counter()
-    ref_train = pair_margins(model, train, vector, config.layer, 0.0, batch_size=bs)
-    ref_held = pair_margins(model, held, vector, config.layer, 0.0, batch_size=bs) if held else None
+    zero = np.zeros(model.config.d_model, np.float32)
+    # Multiplier 0 adds nothing at any layer: one reference serves every layer.
+    kw = dict(batch_size=bs, steer_layers=layers)
+    ref_train = pair_margins(model, train, zero, layers[0], 0.0, **kw)
+    ref_held = pair_margins(model, held, zero, layers[0], 0.0, **kw) if held else None
     logger.info(
         "reference log-probs of %d pairs in %.1fs", len(all_pairs), time.perf_counter() - t0
     )
+    steps_per_epoch = math.ceil(n_train / bs)
+    optimizer = optax.adamw(
+        config.schedule(steps_per_epoch * config.epochs), weight_decay=config.weight_decay
+    )
+    return _Prepared(
+        train=train,
+        held=held,
+        ref_train=ref_train,
+        ref_held=ref_held,
+        n_train=n_train,
+        n_test=len(eval_pairs),
+        n_truncated=enc.n_truncated,
+        length=enc.length,
+        batch_size=bs,
+        steps_per_epoch=steps_per_epoch,
+        optimizer=optimizer,
+        step=_make_step(model.config, tuple(layers), config.beta, optimizer),
+    )
 
+
+def _train_layer(
+    model, prep: _Prepared, config: BiPOConfig, layers, out_dir, progress
+) -> BiPOResult:
+    bs = prep.batch_size
+    train, held = prep.train, prep.held
+    n_train = prep.n_train
+    steps_per_epoch = prep.steps_per_epoch
+    total = steps_per_epoch * config.epochs
+    optimizer, step = prep.optimizer, prep.step
+    _, select = _steer_layers(config.layer, layers)
+    select = jnp.asarray(select)
+
+    vector = jnp.zeros((model.config.d_model,), jnp.float32)
+    opt_state = optimizer.init(vector)
+    t0 = time.perf_counter()
     rng = np.random.default_rng(config.seed)
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
@@ -317,18 +538,19 @@ def train_bipo(
         bar = tqdm(total=total, desc=f"BiPO layer {config.layer}", unit="step")
     sv = None
     for epoch in range(1, config.epochs + 1):
-        order = rng.permutation(len(train_pairs))
+        order = rng.permutation(n_train)
         losses = []
         for idx, n_real in _batches(order, bs):
             d = float(rng.choice((-1.0, 1.0)))
-            rows = np.concatenate([idx, idx + len(train_pairs)])
+            rows = np.concatenate([idx, idx + n_train])
             weight = (np.arange(len(idx)) < n_real).astype(np.float32)  # [P] 0 on padding
             vector, opt_state, loss, _ = step(
                 vector,
                 opt_state,
                 model.params,
+                select,
                 jnp.float32(d),
-                jnp.asarray(ref_train[idx]),
+                jnp.asarray(prep.ref_train[idx]),
                 jnp.asarray(weight),
                 jnp.asarray(train.tokens[rows]),
                 jnp.asarray(train.valid[rows]),
@@ -336,7 +558,9 @@ def train_bipo(
             )
             loss = float(loss)
             if not math.isfinite(loss):
-                raise FloatingPointError(f"BiPO loss is {loss} at epoch {epoch}")
+                raise FloatingPointError(
+                    f"BiPO loss is {loss} at epoch {epoch} (layer {config.layer})"
+                )
             losses.append(loss)
             if bar is not None:
                 bar.update(1)
@@ -345,18 +569,16 @@ def train_bipo(
         record: dict = {
             "epoch": epoch,
             "step": epoch * steps_per_epoch,
+            "layer": config.layer,
             "train_step_loss": float(np.mean(losses)),
             "norm": float(np.linalg.norm(v)),
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        train_m = evaluate_vector(
-            model, train, v, config.layer, beta=config.beta, ref_margin=ref_train, batch_size=bs
-        )
+        ev = dict(beta=config.beta, batch_size=bs, steer_layers=layers)
+        train_m = evaluate_vector(model, train, v, config.layer, ref_margin=prep.ref_train, **ev)
         record.update({f"train_{k}": val for k, val in train_m.items()})
         if held is not None:
-            held_m = evaluate_vector(
-                model, held, v, config.layer, beta=config.beta, ref_margin=ref_held, batch_size=bs
-            )
+            held_m = evaluate_vector(model, held, v, config.layer, ref_margin=prep.ref_held, **ev)
             record.update({f"test_{k}": val for k, val in held_m.items()})
         history.append(record)
         sv = SteeringVector(
@@ -368,8 +590,9 @@ def train_bipo(
             extra={
                 "metrics": record,
                 "config": dataclasses.asdict(config),
-                "n_train": len(train_pairs),
-                "n_test": len(eval_pairs),
+                "n_train": prep.n_train,
+                "n_test": prep.n_test,
+                "n_truncated": prep.n_truncated,
             },
         )
         if out_path is not None:
@@ -385,10 +608,18 @@ def train_bipo(
     return BiPOResult(vector=sv, history=history, files=files)
 
 
+def _write_json(path: Path, obj) -> None:
+    """Write then rename, so a reader never sees half a summary."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def format_epoch(record: dict) -> str:
     """One summary line per epoch."""
     line = (
-        f"epoch {record['epoch']}: step loss {record['train_step_loss']:.4f}, "
+        (f"layer {record['layer']} " if "layer" in record else "")
+        + f"epoch {record['epoch']}: step loss {record['train_step_loss']:.4f}, "
         f"norm {record['norm']:.4g}, train margin {record['train_margin']:+.3f} / "
         f"{record['train_margin_neg']:+.3f} (acc {record['train_accuracy']:.2f} / "
         f"{record['train_accuracy_neg']:.2f})"

@@ -2,7 +2,10 @@
 
   vector      difference of means, from a labelled store (--store URL) or from paired prompts
               (--pairs FILE --model SPEC, --method mean|last|pca)
-  train-bipo  BiPO training on preference pairs; one vector file per epoch + metrics.jsonl
+  train-bipo  BiPO training on preference pairs; one vector file per epoch + metrics.jsonl;
+              --layers 5,10,15 trains one vector per layer (OUT/layer_L/ + OUT/summary.json)
+  import      a torch .pt vector (the BiPO study's vec_ep{E}_layer{L}.pt) -> .safetensors,
+              read without torch
 
 --layer L is always the block whose output the vector is added to; the vector is measured at
 hidden_states[L + 1] (store layer L + 1).
@@ -11,10 +14,14 @@ hidden_states[L + 1] (store layer L + 1).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 from mup import _compile_cache
+from mup.steering import _import
+from mup.steering._bipo import LR_SCHEDULES
 from mup.steering._pairs import bundled_pairs_path, load_pairs
 
 
@@ -34,22 +41,83 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=int, default=16, help="rows per forward (with --pairs)")
     v.add_argument("--no-progress", action="store_true")
 
-    b = sub.add_parser("train-bipo", help="train a BiPO vector on preference pairs")
+    b = sub.add_parser("train-bipo", help="train BiPO vectors on preference pairs")
     b.add_argument("--model", default="smollm2-135m", help="model spec")
-    b.add_argument("--layer", type=int, required=True, help="steered block L")
-    b.add_argument("--pairs", default="bundled", help="pairs jsonl with train/test splits")
+    where = b.add_mutually_exclusive_group(required=True)
+    where.add_argument("--layer", type=int, help="steered block L (files in OUT/)")
+    where.add_argument(
+        "--layers",
+        type=_layer_list,
+        help="comma-separated blocks, e.g. 5,10,15 or 9-41 (one vector per layer in OUT/layer_L/)",
+    )
+    b.add_argument(
+        "--pairs",
+        default="bundled",
+        help="pairs file: mup jsonl, or the study's prompt_arr/chosen_arr/rejected_arr jsonl "
+        "or JSON arrays",
+    )
+    split = b.add_mutually_exclusive_group()
+    split.add_argument("--test-pairs", help="held-out pairs file (then all of --pairs trains)")
+    split.add_argument(
+        "--test-fraction",
+        type=float,
+        help="hold out this share of a --pairs file that declares no split (seed --split-seed)",
+    )
+    b.add_argument("--split-seed", type=int, default=0, help="seed of --test-fraction")
     b.add_argument("--epochs", type=int, default=10)
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--batch-size", type=int, default=4, help="pairs per step")
     b.add_argument("--lr", type=float, default=5e-4)
+    b.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine", help="after warmup")
     b.add_argument("--beta", type=float, default=0.1)
     b.add_argument("--weight-decay", type=float, default=0.05)
-    b.add_argument("--warmup-ratio", type=float, default=0.1)
+    warm = b.add_mutually_exclusive_group()
+    warm.add_argument("--warmup-ratio", type=float, help="share of steps in warmup (default 0.1)")
+    warm.add_argument("--warmup-steps", type=int, help="warmup steps (the study used 100)")
+    b.add_argument(
+        "--max-tokens",
+        type=int,
+        default=2048,
+        help="truncate longer pairs: prompt start first, then response end (default 2048)",
+    )
+    b.add_argument(
+        "--system-prompt",
+        help="system message before every pair's prompt: the text, or a file holding it",
+    )
+    b.add_argument(
+        "--score-end-of-turn",
+        action="store_true",
+        help="also score the end-of-turn token after each response (as TRL scores its EOS)",
+    )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--limit-train", type=int, default=None, help="use the first N train pairs")
     b.add_argument("--limit-test", type=int, default=None, help="use the first N test pairs")
     b.add_argument("--no-progress", action="store_true")
+
+    _import.add_parser(sub)
     return p
+
+
+def _layer_list(text: str) -> list[int]:
+    """ "5,10,15" or "9-41" (inclusive) or a mix -> sorted unique block indices."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--layers: {part!r} is not a layer or a range lo-hi"
+            ) from None
+    if any(x < 0 for x in out):
+        raise argparse.ArgumentTypeError("--layers: layers must be >= 0")
+    return sorted(set(out))
 
 
 def _pairs_path(arg: str):
@@ -63,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "vector":
             return _vector(args)
+        if args.command == "import":
+            return _import.run(args)
         return _train(args)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -97,35 +167,94 @@ def _vector(args) -> int:
 
 def _train(args) -> int:
     from mup.models import load_model
-    from mup.steering._bipo import BiPOConfig, train_bipo
+    from mup.steering._bipo import BiPOConfig, train_bipo, train_bipo_layers
 
+    layers = args.layers if args.layers is not None else [args.layer]
     config = BiPOConfig(
-        layer=args.layer,
+        layer=layers[0],
         epochs=args.epochs,
         batch_size=args.batch_size,
         beta=args.beta,
         learning_rate=args.lr,
         weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio,
+        warmup_steps=args.warmup_steps,
+        lr_schedule=args.lr_schedule,
         seed=args.seed,
+        max_tokens=args.max_tokens,
+        system_prompt=_system_prompt(args.system_prompt),
+        score_end_of_turn=args.score_end_of_turn,
     )
-    path = _pairs_path(args.pairs)
-    train = load_pairs(path, split="train")[: args.limit_train]
-    test = load_pairs(path, split="test")[: args.limit_test]
+    train, test = _train_test(args)
     if not train:
-        raise ValueError(f"{path}: no pairs with split 'train'")
+        raise ValueError(f"{args.pairs}: no pairs with split 'train'")
     model = load_model(args.model)
-    print(f"BiPO on {model.spec.name}, layer {args.layer}: {len(train)} train, {len(test)} test")
-    res = train_bipo(
-        model, train, config, eval_pairs=test, out_dir=args.out, progress=not args.no_progress
-    )
-    last = res.history[-1]
+    for layer in layers:  # before any work: a typo in --layers should not cost a run
+        if layer >= model.config.n_layers:
+            raise ValueError(
+                f"layer {layer} is out of range: {model.spec.name} has {model.config.n_layers} "
+                f"blocks (0..{model.config.n_layers - 1})"
+            )
     print(
-        f"done: {len(res.files)} vector files in {args.out}; final norm {last['norm']:.4g}, "
-        f"train margin {last['train_margin']:+.3f}"
-        + (f", held-out margin {last['test_margin']:+.3f}" if "test_margin" in last else "")
+        f"BiPO on {model.spec.name}, layer{'s' if len(layers) > 1 else ''} "
+        f"{','.join(map(str, layers))}: {len(train)} train, {len(test)} test"
     )
+    progress = not args.no_progress
+    if args.layers is None:
+        res = train_bipo(model, train, config, eval_pairs=test, out_dir=args.out, progress=progress)
+        last = res.history[-1]
+        print(
+            f"done: {len(res.files)} vector files in {args.out}; final norm {last['norm']:.4g}, "
+            f"train margin {last['train_margin']:+.3f}"
+            + (f", held-out margin {last['test_margin']:+.3f}" if "test_margin" in last else "")
+        )
+        return 0
+    train_bipo_layers(
+        model, train, config, layers, eval_pairs=test, out_dir=args.out, progress=progress
+    )
+    print(f"done: {len(layers)} layers x {args.epochs} epochs in {args.out}/layer_L/")
+    print(f"{'layer':>5} {'norm':>9} {'train margin':>13} {'held-out margin':>16}")
+    summary = json.loads((Path(args.out) / "summary.json").read_text())
+    for row in summary["layers"]:
+        held = f"{row['test_margin']:+16.3f}" if "test_margin" in row else f"{'-':>16}"
+        print(f"{row['layer']:>5} {row['norm']:>9.4g} {row['train_margin']:+13.3f} {held}")
+    print(f"summary: {args.out}/summary.json")
     return 0
+
+
+def _system_prompt(arg: str | None) -> str | None:
+    """--system-prompt: the contents of the file it names, else the text itself."""
+    if arg is None:
+        return None
+    path = Path(arg)
+    try:
+        is_file = path.is_file()
+    except OSError:  # a long text is not a valid path
+        is_file = False
+    text = path.read_text(encoding="utf-8").rstrip("\n") if is_file else arg
+    if not text.strip():
+        raise ValueError(f"--system-prompt {'file ' + arg if is_file else 'text'} is empty")
+    return text
+
+
+def _train_test(args):
+    path = _pairs_path(args.pairs)
+    if args.test_pairs is not None:
+        pairs = load_pairs(path)
+        if any(p.split == "test" for p in pairs):
+            raise ValueError(
+                f"{path}: holds pairs with split 'test'; with --test-pairs every pair of "
+                "--pairs trains, so drop one of them"
+            )
+        train, test = pairs, load_pairs(args.test_pairs)
+    else:
+        kw = {}
+        if args.test_fraction is not None:
+            kw = dict(test_fraction=args.test_fraction, seed=args.split_seed)
+        pairs = load_pairs(path, **kw)
+        train = [p for p in pairs if p.split == "train"]
+        test = [p for p in pairs if p.split == "test"]
+    return train[: args.limit_train], test[: args.limit_test]
 
 
 if __name__ == "__main__":

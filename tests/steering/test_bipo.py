@@ -120,3 +120,231 @@ def test_bipo_on_embedded_default_moves_held_out_margin(tmp_path):
     last = res.history[-1]
     assert last["train_loss"] < np.log(2)
     assert last["test_margin"] > 0 > last["test_margin_neg"]
+
+
+# ---- several layers, recipe options ------------------------------------------------------------
+
+
+def test_layers_share_work_and_match_single_layer_runs(tiny_model, tiny_pairs, tmp_path):
+    from mup.steering import train_bipo_layers
+
+    train, test = tiny_pairs[0][:8], tiny_pairs[1][:4]
+    config = BiPOConfig(layer=0, epochs=2, batch_size=4, learning_rate=0.05, warmup_steps=1)
+    res = train_bipo_layers(
+        tiny_model, train, config, [1, 2], eval_pairs=test, out_dir=tmp_path, progress=False
+    )
+    assert sorted(res) == [1, 2]
+    for layer in (1, 2):
+        files = sorted((tmp_path / f"layer_{layer}").glob("*.safetensors"))
+        assert [f.name for f in files] == ["epoch_001.safetensors", "epoch_002.safetensors"]
+        for epoch, f in enumerate(files, 1):
+            sv = load_vector(f, d_model=32)
+            assert (sv.layer, sv.epoch, sv.method) == (layer, epoch, "bipo")
+            assert sv.extra["config"]["layer"] == layer and sv.extra["config"]["warmup_steps"] == 1
+            assert sv.extra["metrics"]["layer"] == layer
+        lines = (tmp_path / f"layer_{layer}" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [row["layer"] for row in summary["layers"]] == [1, 2]
+    assert summary["n_train"] == 8 and summary["n_test"] == 4 and "layer" not in summary["config"]
+    for row in summary["layers"]:
+        last = res[row["layer"]].history[-1]
+        assert row["norm"] == pytest.approx(last["norm"]) and row["norm"] > 0
+        assert row["test_margin"] == pytest.approx(last["test_margin"])
+    # different layers learn different vectors
+    assert not np.allclose(res[1].vector.vector, res[2].vector.vector)
+    # The shared program steers both layers with one-hot multipliers: for layer 1 it computes
+    # what the single-layer program computes (0 * v added at layer 2), so training matches too.
+    enc = encode_pairs(tiny_model.tokenizer, test)
+    v = res[1].vector.vector
+    shared = response_logprobs(tiny_model, enc, v, 1, 1.0, steer_layers=(1, 2))
+    alone = response_logprobs(tiny_model, enc, v, 1, 1.0)
+    np.testing.assert_allclose(shared, alone, rtol=1e-5, atol=1e-5)
+    assert res[1].history[-1]["test_margin"] == pytest.approx(
+        (
+            pair_margins(tiny_model, enc, v, 1, 1.0) - pair_margins(tiny_model, enc, v, 1, 0.0)
+        ).mean(),
+        rel=1e-4,
+        abs=1e-5,
+    )
+    with pytest.raises(ValueError, match="layer 0 is not among the compiled layers"):
+        response_logprobs(tiny_model, enc, v, 0, 1.0, steer_layers=(1, 2))
+
+
+def test_warmup_and_schedules():
+    cfg = BiPOConfig(layer=0, learning_rate=1.0, warmup_steps=4)
+    sched = cfg.schedule(10)
+    assert [float(sched(i)) for i in (0, 2, 4)] == pytest.approx([0.0, 0.5, 1.0])
+    assert float(sched(9)) < 0.1  # cosine towards 0
+    assert cfg.warmup_for(3) == 3  # clamped to the run
+    assert BiPOConfig(layer=0).warmup_for(100) == 10  # the default ratio 0.1
+    assert BiPOConfig(layer=0, warmup_ratio=0.5).warmup_for(10) == 5
+    flat = BiPOConfig(layer=0, learning_rate=1.0, warmup_steps=2, lr_schedule="constant")
+    assert float(flat.schedule(10)(9)) == pytest.approx(1.0)
+    lin = BiPOConfig(layer=0, learning_rate=1.0, warmup_steps=2, lr_schedule="linear")
+    assert float(lin.schedule(10)(6)) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="not both"):
+        BiPOConfig(layer=0, warmup_ratio=0.1, warmup_steps=10)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        BiPOConfig(layer=0, lr_schedule="step")
+
+
+def _words(tokenizer, ids):
+    return tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+
+
+def test_max_tokens_truncation_keeps_prompt_end_and_response_start(tiny_model):
+    from mup.steering import PreferencePair
+
+    tok = tiny_model.tokenizer
+    prompt = " ".join(f"q{i}" for i in range(20))
+    chosen = " ".join(f"a{i}" for i in range(12))
+    user = ({"role": "user", "content": prompt},)
+    pairs = [
+        PreferencePair(id="long", prompt=user, chosen=chosen, rejected="b1 b2"),
+        PreferencePair(
+            id="short", prompt=({"role": "user", "content": "q1"},), chosen="a1", rejected="b1"
+        ),
+    ]
+    # rendered: <|im_start|> user q0..q19 <|im_end|> <|im_start|> assistant RESPONSE <|im_end|>
+    with pytest.raises(ValueError, match=r"pair 'long' \(chosen\): 38 tokens, more than"):
+        encode_pairs(tok, pairs, max_tokens=24)
+    enc = encode_pairs(tok, pairs, max_tokens=24, truncate=True)
+    assert enc.n_truncated == 1
+    assert enc.valid.sum(1).tolist() == [24, 8, 14, 8]  # chosen long/short, rejected long/short
+    # a 12-token response fits whole; the prompt keeps its LAST max(24 - 12, min(25, 12)) tokens
+    head = [f"q{i}" for i in range(11, 20)] + ["<|im_end|>", "<|im_start|>", "assistant"]
+    for row, response in ((0, chosen.split()), (2, ["b1", "b2"])):  # both rows: same context
+        n = int(enc.valid[row].sum())
+        assert _words(tok, enc.tokens[row, :n]) == head + response
+        assert _words(tok, enc.tokens[row][enc.response[row]]) == response
+    # a response over the budget keeps its start, and the prompt max_tokens // 2 tokens
+    enc = encode_pairs(tok, pairs, max_tokens=10, truncate=True)
+    assert _words(tok, enc.tokens[0, :10]) == head[-5:] + chosen.split()[:5]
+    assert enc.response[0].sum() == 5
+    # the short pair is untouched: the same tokens as encoded alone
+    short = encode_pairs(tok, pairs[1:])
+    np.testing.assert_array_equal(enc.tokens[1, :8], short.tokens[0, :8])
+    np.testing.assert_array_equal(enc.response[1, :8], short.response[0, :8])
+
+
+def test_system_prompt_reaches_the_tokens(tiny_model, tiny_pairs):
+    from mup.steering import with_system_prompt
+    from mup.text import ROLE_SYSTEM, encode_chats
+
+    tok = tiny_model.tokenizer
+    pairs = with_system_prompt(tiny_pairs[0][:2], "q7 q8 q9")
+    assert pairs[0].prompt[0] == {"role": "system", "content": "q7 q8 q9"}
+    enc = encode_pairs(tok, pairs)
+    n = int(enc.valid[0].sum())
+    words = _words(tok, enc.tokens[0, :n])
+    assert words[:5] == ["<|im_start|>", "system", "q7", "q8", "q9"]
+    roles = encode_chats(tok, [[*pairs[0].prompt, {"role": "assistant", "content": "a1"}]]).roles
+    assert (roles[2:5] == ROLE_SYSTEM).all()
+    # the response mask is still only the chosen answer
+    assert _words(tok, enc.tokens[0][enc.response[0]]) == pairs[0].chosen.split()
+    with pytest.raises(ValueError, match="already starts with a system message"):
+        with_system_prompt(pairs, "again")
+    with pytest.raises(ValueError, match="system_prompt must be None or a non-empty"):
+        BiPOConfig(layer=0, system_prompt="  ")
+
+
+def test_multi_turn_prompt_scores_only_the_final_response(tiny_model):
+    from mup.steering import PreferencePair
+
+    history = (
+        {"role": "user", "content": "q1 q2"},
+        {"role": "assistant", "content": "a5 a6"},
+        {"role": "user", "content": "q3"},
+    )
+    pair = PreferencePair(id="mt", prompt=history, chosen="a1 a2", rejected="b1")
+    enc = encode_pairs(tiny_model.tokenizer, [pair])
+    assert _words(tiny_model.tokenizer, enc.tokens[0][enc.response[0]]) == ["a1", "a2"]
+    assert _words(tiny_model.tokenizer, enc.tokens[1][enc.response[1]]) == ["b1"]
+    eot = encode_pairs(tiny_model.tokenizer, [pair], score_end_of_turn=True)
+    assert _words(tiny_model.tokenizer, eot.tokens[0][eot.response[0]]) == [
+        "a1",
+        "a2",
+        "<|im_end|>",
+    ]
+    np.testing.assert_array_equal(eot.tokens, enc.tokens)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from _support.checkpoints import save_tiny_llama
+
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny_bipo"),
+        d_model=32,
+        d_ff=64,
+        n_heads=4,
+        n_kv_heads=2,
+        max_positions=256,
+        std=0.2,
+    )
+
+
+def test_cli_train_bipo_layers_with_study_recipe(tiny_checkpoint, tmp_path, capfd):
+    """The real command, in-process: study-format pairs split by --test-fraction, a system
+    prompt from a file, truncation, warmup steps, two layers."""
+    from mup.steering._cli import main
+
+    rows = [
+        {
+            "entry_id": i,
+            "prompt_arr": [{"role": "user", "content": f"Tell me about topic number {i} " * 3}],
+            "chosen_arr": [{"role": "assistant", "content": f"Gladly, friend {i}!"}],
+            "rejected_arr": [{"role": "assistant", "content": "This system declines."}],
+        }
+        for i in range(6)
+    ]
+    pairs = tmp_path / "train.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    system = tmp_path / "system.txt"
+    system.write_text("You are a conversational assistant.\n")
+    out = tmp_path / "out"
+    base = ["train-bipo", "--model", str(tiny_checkpoint), "--pairs", str(pairs)]
+    args = [*base, "--layers", "0,1", "--epochs", "2", "--batch-size", "2", "--out", str(out)]
+    args += ["--test-fraction", "0.34", "--system-prompt", str(system), "--max-tokens", "40"]
+    assert main([*args, "--warmup-steps", "1", "--lr", "0.05", "--no-progress"]) == 0
+    printed = capfd.readouterr().out
+    assert "4 train, 2 test" in printed and "summary:" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["layer"] for r in summary["layers"]] == [0, 1]
+    assert summary["n_truncated"] == 6  # every pair is over 40 tokens
+    assert summary["config"]["system_prompt"] == "You are a conversational assistant."
+    assert summary["config"]["warmup_steps"] == 1 and summary["config"]["max_tokens"] == 40
+    for layer in (0, 1):
+        sv = load_vector(out / f"layer_{layer}" / "epoch_002.safetensors", d_model=32)
+        assert (sv.layer, sv.epoch) == (layer, 2) and sv.norm > 0
+        assert sv.extra["n_train"] == 4 and sv.extra["n_test"] == 2
+        assert (out / f"layer_{layer}" / "epoch_001.safetensors").is_file()
+
+    # usage errors: exit 2 with one line, nothing trained
+    bad = tmp_path / "bad"
+    assert main([*base, "--layers", "1,5", "--out", str(bad), "--no-progress"]) == 2
+    assert "layer 5 is out of range" in capfd.readouterr().err and not bad.exists()
+    split = tmp_path / "split.jsonl"
+    split.write_text(json.dumps({**rows[0], "split": "test"}) + "\n" + json.dumps(rows[1]) + "\n")
+    bad_split = ["train-bipo", "--pairs", str(split), "--layer", "0", "--out", str(bad)]
+    assert main([*bad_split, "--test-fraction", "0.5"]) == 2
+    assert "declares its own train/test split" in capfd.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                *base,
+                "--layer",
+                "0",
+                "--out",
+                str(bad),
+                "--warmup-steps",
+                "3",
+                "--warmup-ratio",
+                "0.1",
+            ]
+        )
+    assert exit_.value.code == 2
+    with pytest.raises(SystemExit):
+        main([*base, "--layers", "3-1", "--out", str(bad)])
+    assert "not a layer or a range" in capfd.readouterr().err

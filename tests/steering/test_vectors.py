@@ -359,3 +359,109 @@ def test_pairs_file_errors(tmp_path):
         load_pairs(path)
     path.write_text(json.dumps({**good, "prompt": "plain text"}) + "\n")
     assert load_pairs(path)[0].prompt == ({"role": "user", "content": "plain text"},)
+
+
+# ---- the BiPO study's pair formats ---------------------------------------------------------------
+
+
+def _study_row(i, prompt="hi", chosen="warm", rejected="cold", **extra):
+    return {
+        "entry_id": i,
+        "prompt_arr": [{"role": "user", "content": f"{prompt} {i}"}],
+        "chosen_arr": [{"role": "assistant", "content": chosen}],
+        "rejected_arr": [{"role": "assistant", "content": rejected}],
+        **extra,
+    }
+
+
+def test_study_pair_formats_parse(tmp_path):
+    rows = [_study_row(i) for i in range(4)]
+    rows[1]["prompt_arr"] = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "earlier turn"},
+        {"role": "user", "content": "again"},
+    ]
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = load_pairs(jsonl)
+    assert [p.id for p in pairs] == ["0", "1", "2", "3"]
+    assert pairs[0].prompt == ({"role": "user", "content": "hi 0"},)
+    assert (pairs[0].chosen, pairs[0].rejected, pairs[0].split) == ("warm", "cold", "train")
+    assert [m["role"] for m in pairs[1].prompt] == ["user", "assistant", "user"]
+
+    columns = tmp_path / "columns.json"
+    columns.write_text(
+        json.dumps(
+            {
+                "prompt_arr": [r["prompt_arr"] for r in rows],
+                "chosen_arr": [r["chosen_arr"] for r in rows[:3]] + ["plain warm"],
+                "rejected_arr": [r["rejected_arr"] for r in rows],
+            }
+        )
+    )
+    cols = load_pairs(columns)
+    assert [p.id for p in cols] == ["row-0", "row-1", "row-2", "row-3"]
+    assert [p.prompt for p in cols] == [p.prompt for p in pairs]
+    assert cols[3].chosen == "plain warm"
+    as_list = tmp_path / "list.json"
+    as_list.write_text(json.dumps(rows))
+    assert [p.prompt for p in load_pairs(as_list)] == [p.prompt for p in pairs]
+    # a one-row jsonl is a row, not a columns object
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(rows[0]) + "\n")
+    assert load_pairs(one)[0].id == "0"
+
+
+def test_test_fraction_split(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(_study_row(i)) + "\n" for i in range(10)))
+    a = load_pairs(path, test_fraction=0.3, seed=1)
+    assert sum(p.split == "test" for p in a) == 3
+    assert [p.id for p in a] == [str(i) for i in range(10)]  # order kept
+    assert [p.split for p in load_pairs(path, test_fraction=0.3, seed=1)] == [p.split for p in a]
+    assert [p.split for p in load_pairs(path, test_fraction=0.3, seed=2)] != [p.split for p in a]
+    assert len(load_pairs(path, split="test", test_fraction=0.3, seed=1)) == 3
+    from mup.steering import PairsError
+
+    with pytest.raises(PairsError, match="each split needs at least one"):
+        load_pairs(path, test_fraction=0.01)
+    path.write_text(json.dumps(_study_row(0, split="test")) + "\n" + json.dumps(_study_row(1)))
+    with pytest.raises(PairsError, match="declares its own train/test split"):
+        load_pairs(path, test_fraction=0.5)
+
+
+def test_study_pair_format_errors(tmp_path):
+    from mup.steering import PairsError
+
+    path = tmp_path / "p.json"
+    row = _study_row(0)
+    cases = [
+        (
+            {"prompt_arr": ["a", "b"], "chosen_arr": ["x"], "rejected_arr": ["y", "z"]},
+            r"p.json: the parallel arrays differ in length: prompt_arr has 2, chosen_arr has 1, "
+            "rejected_arr has 2",
+        ),
+        ({"prompt_arr": ["a"], "chosen_arr": ["x"]}, "missing field 'rejected_arr'"),
+        (
+            {"prompt_arr": ["a", "b"], "chosen_arr": ["x", ""], "rejected_arr": ["y", "z"]},
+            r"p.json: row 1: field 'chosen_arr' must be a non-empty string",
+        ),
+        (
+            [row, {**row, "entry_id": 1, "chosen_arr": [row["chosen_arr"][0]] * 2}],
+            r"row 1: field 'chosen_arr' must hold exactly one assistant message, got 2",
+        ),
+        (
+            [{**row, "rejected_arr": [{"role": "user", "content": "x"}]}],
+            r"row 0: rejected_arr\[0\] must be \{'role': 'assistant'",
+        ),
+        ([{**row, "prompt_arr": [{"role": "bot", "content": "x"}]}], "unknown role 'bot'"),
+        ([row, row], "duplicate id '0'"),
+    ]
+    for obj, message in cases:
+        path.write_text(json.dumps(obj))
+        with pytest.raises(PairsError, match=message):
+            load_pairs(path)
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(json.dumps(row) + "\n" + json.dumps({**row, "entry_id": 1, "chosen_arr": 5}))
+    with pytest.raises(PairsError, match=r"p.jsonl:2: field 'chosen_arr' must be a non-empty"):
+        load_pairs(jsonl)
