@@ -123,11 +123,9 @@ class EchoRoute:
 
 def continuation_route(model=None):
     """What scores continuations for the model under evaluation (or `model`)."""
-    from mup.evals._provider import MupModelAPI
-
     model = get_model(model)
     api = model.api
-    if isinstance(api, MupModelAPI):
+    if callable(getattr(api, "score_continuations", None)):  # mup/<spec> (MupModelAPI)
         return api
     client = getattr(api, "client", None)
     if client is not None and hasattr(client, "completions"):

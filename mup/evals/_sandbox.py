@@ -11,8 +11,8 @@ offer without privileges:
 - resource limits: CPU seconds, address space, file size, open files, no core dumps;
 - a CPython audit hook, installed before the program runs, that refuses writes outside the
   working directory (open for writing, remove, rename, mkdir, chmod, ...), starting programs
-  (subprocess, os.system, exec, fork, spawn), network sockets, ctypes and os.kill, and stops
-  the program from removing the hook's effect (sys.addaudithook refused afterwards).
+  (subprocess, os.system, exec, fork, spawn), network sockets, ctypes and os.kill (audit hooks
+  cannot be removed once added).
 
 The audit hook is a containment layer for code that misbehaves by accident or clumsily, as
 OpenAI's human-eval `reliability_guard` is; it is not a boundary against an adversary that
@@ -47,7 +47,7 @@ _BOOT = textwrap.dedent(
         deny = {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
                 "os.fork", "os.forkpty", "os.kill", "os.killpg", "socket.connect",
                 "socket.bind", "socket.__new__", "ctypes.dlopen", "ctypes.dlsym",
-                "ctypes.cdata", "pty.spawn", "sys.addaudithook", "os.putenv", "os.unsetenv",
+                "ctypes.cdata", "pty.spawn", "os.putenv", "os.unsetenv",
                 "shutil.rmtree", "os.chdir", "os.chroot"}
         path_events = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod",
                        "os.chown", "os.link", "os.symlink", "os.truncate", "os.utime"}
