@@ -4,6 +4,7 @@ independent torch forward of the same tiny checkpoint (steered by a forward hook
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import numpy as np
 import pytest
@@ -69,14 +70,20 @@ def test_continuation_tokens_after_the_common_prefix():
         continuation_score([1, 2], [1, 2], [None, -1.0])
 
 
+@functools.cache
+def _torch_model(tiny_dir: str):
+    import torch
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(tiny_dir)
+
+
 def _torch_logliks(tiny_dir, vector, m, prompt, continuations) -> list[float]:
     """Summed continuation log-probabilities from transformers' forward of the checkpoint,
     steered by adding m * vector to block STEER_LAYER's output (mup's convention)."""
     torch = pytest.importorskip("torch")
-    import transformers
-
-    model = transformers.LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    model, tokenizer = _torch_model(str(tiny_dir))
     v = torch.tensor(vector, dtype=torch.float32)
 
     def hook(_module, _args, output):
@@ -122,6 +129,7 @@ def ll_logs(tiny_dir, vector_file, tmp_path_factory):
     return log_dir, logs
 
 
+@pytest.mark.slow  # ~20-40 s on 2 loaded cores: the engine's echo prefill programs compile
 def test_in_process_logliks_equal_an_independent_torch_forward(ll_logs, tiny_dir, vector_file):
     _, logs = ll_logs
     vector, _ = load_vector(vector_file, STEER_LAYER)
@@ -144,6 +152,7 @@ def test_in_process_logliks_equal_an_independent_torch_forward(ll_logs, tiny_dir
     assert len(seen) == 2 * len(ITEMS)
 
 
+@pytest.mark.slow  # shares the eval above
 def test_dict_scores_aggregate_into_metric_columns(ll_logs):
     log_dir, _ = ll_logs
     rows = collect(log_dir)
