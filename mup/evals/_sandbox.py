@@ -38,7 +38,18 @@ MAX_OUTPUT = 4000  # characters of stdout/stderr kept
 # Runs inside the child before the program: the audit hook, then the program from stdin.
 _BOOT = textwrap.dedent(
     """
-    import os, sys
+    import os, resource, sys
+
+    def _limit(cpu_seconds, memory, file_size):
+        # Set here, in the child, rather than by a preexec_fn: the parent (JAX) is threaded,
+        # and running Python between fork and exec there can deadlock.
+        for which, value in ((resource.RLIMIT_CPU, cpu_seconds),
+                             (resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, file_size),
+                             (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
+            resource.setrlimit(which, (value, value))
+
+    _limit(*(int(a) for a in sys.argv[1:4]))
+    del _limit
 
     def _install():
         # State lives in this closure, not in module globals the program could reset.
@@ -104,19 +115,6 @@ class RunResult:
         return self.returncode == 0 and not self.timed_out
 
 
-def _limits(cpu_seconds: int):
-    def apply() -> None:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_BYTES, MEMORY_BYTES))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return apply
-
-
 def run_contained(source: str, timeout: float = DEFAULT_TIMEOUT) -> RunResult:
     """Run Python `source` contained (see the module docstring); never raises for what the
     program does."""
@@ -124,14 +122,14 @@ def run_contained(source: str, timeout: float = DEFAULT_TIMEOUT) -> RunResult:
         raise ValueError(f"timeout must be positive, got {timeout}")
     with tempfile.TemporaryDirectory(prefix="mup-sandbox-") as work:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-c", _BOOT],
+            [sys.executable, "-I", "-B", "-c", _BOOT]
+            + [str(max(1, int(timeout) + 1)), str(MEMORY_BYTES), str(MAX_FILE_BYTES)],
             cwd=work,
             env={"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=_limits(max(1, int(timeout) + 1)),
             text=True,
         )
         try:

@@ -36,6 +36,8 @@ def test_writes_outside_the_work_dir_and_programs_are_refused(tmp_path):
         result = run_contained(source, timeout=5)
         assert result.returncode != 0 and "sandbox:" in result.stderr, source
     assert not target.exists()
+    # memory beyond the limit is refused inside the program, not taken from the machine
+    assert "MemoryError" in run_contained("x = bytearray(4 << 30)").stderr
     # inside its own (temporary, then deleted) directory a program may write and read
     ok = run_contained("open('t.txt', 'w').write('hi'); print(open('t.txt').read())")
     assert ok.ok and ok.stdout == "hi\n"
