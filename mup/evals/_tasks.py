@@ -405,13 +405,22 @@ HUMANEVAL_INSTRUCTION = (
     "Read the following function signature and docstring, and fully implement the function "
     "described. Your response should only contain the code for this function.\n"
 )
-_CODE_BLOCK = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.DOTALL)
+_CODE_BLOCK = re.compile(r"```(?:python|py)?\n(.*?)```", re.DOTALL)
+_OPEN_FENCE = re.compile(r"^\s*```(?:python|py)?\n", re.DOTALL)
 
 
 def extract_code(completion: str) -> str:
-    """The code of a completion: its first fenced block, else the whole text."""
+    """The code of a completion: its first fenced block; an opened fence never closed (cut by
+    the token budget): what follows it; a fence that only closes (small models often open
+    none): what comes before it; else the whole text."""
     match = _CODE_BLOCK.search(completion)
-    return match.group(1) if match else completion
+    if match:
+        return match.group(1)
+    opened = _OPEN_FENCE.match(completion)
+    if opened:
+        return completion[opened.end() :]
+    head, fence, _ = completion.partition("```")
+    return head if fence else completion
 
 
 def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> str:

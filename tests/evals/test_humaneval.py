@@ -78,5 +78,8 @@ def test_humaneval_scores_canonical_solutions_and_contains_bad_ones(shared_data)
 
 def test_program_layout():
     assert extract_code("Here:\n```python\nx = 1\n```\nbye") == "x = 1\n"
+    assert extract_code("    return 1\n```\n\nThis returns one.") == "    return 1\n"
+    assert extract_code("    return 1\n") == "    return 1\n"
+    assert extract_code("```python\ndef f():\n    return") == "def f():\n    return"
     body = humaneval_program("def f(a):\n", "    return a\n", "def check(c): pass", "f")
     assert body.startswith("def f(a):\n    return a\n") and body.endswith("check(f)\n")
