@@ -91,6 +91,7 @@ SOURCES: dict[str, Source] = {
     "test/aya_redteaming_raw": _eval("test", "aya_redteaming_raw"),
     "benchmarks/gsm8k": Source(local=("benchmarks/gsm8k_test.jsonl",)),
     "benchmarks/xstest": Source(local=("benchmarks/xstest_prompts.csv",)),
+    "benchmarks/humaneval": Source(local=("benchmarks/humaneval.jsonl",)),
 }
 # What `mup data download` fetches when no --sets are named: the training set and the
 # balanced dev and test evaluation sets.

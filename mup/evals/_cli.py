@@ -53,11 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_table(rows) -> None:
-    print(f"{'benchmark':<16} {'subset':<12} {'mult':>6} {'n':>4} {'acc':>6} {'stderr':>7}")
+    print(
+        f"{'benchmark':<16} {'subset':<12} {'metric':<13} {'mult':>6} {'n':>4} {'score':>6} "
+        f"{'95% CI':>13}"
+    )
     for r in rows:
         print(
-            f"{r['benchmark']:<16} {r['subset']:<12} {r['multiplier']:>6g} {r['n_samples']:>4} "
-            f"{r['accuracy']:>6.3f} {r['stderr']:>7.3f}"
+            f"{r['benchmark']:<16} {r['subset']:<12} {r['metric']:<13} {r['multiplier']:>6g} "
+            f"{r['n_samples']:>4} {r['accuracy']:>6.3f} "
+            f"[{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]"
         )
 
 
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         report = _runner.run_suite(cfg)
         for rec in report:
             print(json.dumps(rec))
-        failed = [r for r in report if r["status"] not in ("success", "skipped")]
+        failed = [r for r in report if r["status"] not in ("success", "skipped", "unavailable")]
         if not args.no_aggregate:
             out = Path(args.out) if args.out else cfg.log_dir / "results.csv"
             png = Path(args.plot) if args.plot else cfg.log_dir / "scores.png"

@@ -9,6 +9,10 @@ one row submitted to it, with its own multiplier, sampler and seed, so the seven
 of a sweep decode together in the engine's slots, and a sample never waits for a batch to
 finish. With ``GenerateConfig(logprobs=True, top_logprobs=k)`` the completion carries each
 token's logprob and its k alternatives (float32 log-softmax of the model's logits).
+
+`score_continuations` is the log-likelihood path of the multiple-choice tasks
+(`mup.evals._loglik`): prompt + choice rows with max_tokens 0 and prompt logprobs, steered
+like generation, in the same engine.
 """
 
 from __future__ import annotations
@@ -236,6 +240,50 @@ class MupModelAPI(ModelAPI):
             ],
             usage=ModelUsage(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out),
         )
+
+    async def score_continuations(self, prompt: str, continuations: list[str]):
+        """Log-likelihood of each continuation after the plain-text `prompt` (no chat template),
+        steered at this model's multiplier (see `mup.evals._loglik`).
+
+        Each prompt + continuation is one engine row with ``max_tokens=0`` and prompt logprobs:
+        the rows of every sample and multiplier running at the same time share prefill batches.
+        Text is tokenized as `mup serve` tokenizes a /v1/completions prompt, so this and the
+        server's echo route read the same tokens.
+        """
+        import asyncio
+
+        from mup.engine import Request
+        from mup.evals._loglik import continuation_score
+
+        engine = self.engine
+        tokenizer = engine.model.tokenizer
+        with engine.tokenizer_lock:
+            prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            fulls = [
+                tokenizer(prompt + c, add_special_tokens=True)["input_ids"] for c in continuations
+            ]
+        handles = [
+            engine.submit(
+                Request(
+                    prompt_ids=tuple(ids),
+                    max_tokens=0,
+                    multiplier=self.multiplier,
+                    vector=VECTOR if engine.vector_names else None,
+                    prompt_logprobs=True,
+                )
+            )
+            for ids in fulls
+        ]
+        try:
+            results = await asyncio.gather(*(h.wait() for h in handles))
+        finally:
+            for h in handles:
+                h.cancel()
+        out = []
+        for ids, result in zip(fulls, results, strict=True):
+            lps = [None if t is None else t.logprob for t in result.prompt_logprobs]
+            out.append(continuation_score(prompt_ids, ids, lps))
+        return out
 
     def _logprob(self, t) -> Logprob:
         def text(token_id: int) -> str:

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mup.evals._suite import BenchmarkSpec, build_task, load_suites
+from mup.evals._suite import BenchmarkSpec, TaskUnavailable, build_task, load_suites
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ def _targets(cfg: RunConfig) -> list[_Target]:
             if missing:
                 raise ValueError(f"{cfg.deployments}: no deployment for multipliers {missing}")
             deployments = [d for d in deployments if d.multiplier in wanted]
+        deployments = [d.resolved() for d in deployments]  # lines without a model ask the server
         return [
             _Target(
                 multiplier=d.multiplier,
@@ -189,12 +190,24 @@ def run_suite(cfg: RunConfig) -> list[dict[str, Any]]:
     suites = load_suites(cfg.config)
     specs = suites.suite(cfg.suite)
     # Build every task first: a suite that cannot run here fails before any model is loaded.
-    tasks = {spec.name: build_task(spec) for spec in specs}
+    # Entries that need what this machine lacks (inspect_evals, the hub) are skipped, saying why.
+    tasks, unavailable = {}, {}
+    for spec in specs:
+        try:
+            tasks[spec.name] = build_task(spec)
+        except TaskUnavailable as error:
+            unavailable[spec.name] = str(error)
+            logger.warning("skipping %s: %s", spec.name, error)
     targets = _targets(cfg)
     log_dir = Path(cfg.log_dir)
     report: list[dict[str, Any]] = []
     models: dict[float, Any] = {}
     for spec in specs:
+        if spec.name in unavailable:
+            report.append(
+                {"benchmark": spec.name, "status": "unavailable", "reason": unavailable[spec.name]}
+            )
+            continue
         pending: list[_Target] = []
         for target in targets:
             identity = run_identity(spec, target.identity, cfg.limit)

@@ -26,6 +26,11 @@ class SuiteError(ValueError):
     """A malformed benchmarks config, an unknown suite, or a task that cannot be built."""
 
 
+class TaskUnavailable(SuiteError):
+    """A well-formed entry that cannot run on this machine (no inspect_evals, no hub access):
+    the runner skips it with this message and runs the rest of the suite."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BenchmarkSpec:
     """One config entry: a task, its arguments, and where its logs and CSV rows go.

@@ -1,4 +1,5 @@
-"""Offline inspect-ai tasks: GSM8K test, XSTest refusals, and a small bundled multiple-choice set.
+"""Offline inspect-ai tasks: GSM8K test, XSTest refusals, HumanEval, and bundled multiple-choice
+sets (generated-letter and log-likelihood forms), plus log-likelihood forms of hub MC sets.
 
 They read `../shared/data/benchmarks` (through `mup.data.find_dataset`) or the package data, so
 the harness runs on machines that reach no hub. Every sample carries ``metadata["subset"]``;
@@ -31,8 +32,10 @@ from inspect_ai.scorer import (
 )
 from inspect_ai.solver import TaskState, generate, multiple_choice
 
+LL_TEMPLATE = "Question: {question}\nAnswer:"  # lm-eval's ARC / MMLU-cloze prompt
 FEWSHOT_POOL = 8  # GSM8K test items reserved as exemplars, excluded from evaluation
 MC_FILE = "mc_general.jsonl"
+MC_EASY_FILE = "mc_easy.jsonl"
 
 # ---------------------------------------------------------------------------------------------
 # GSM8K
@@ -272,9 +275,9 @@ def xstest_offline(max_tokens: int = 128, data: str | None = None) -> Task:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_mc_items() -> list[dict]:
-    """The bundled multiple-choice items (question, choices, target letter, topic)."""
-    resource = resources.files("mup.evals") / "data" / MC_FILE
+def load_mc_items(file: str = MC_FILE) -> list[dict]:
+    """A bundled multiple-choice set's items (question, choices, target letter, topic)."""
+    resource = resources.files("mup.evals") / "data" / file
     items = []
     for line_no, line in enumerate(resource.read_text().splitlines(), 1):
         if not line.strip():
@@ -282,18 +285,14 @@ def load_mc_items() -> list[dict]:
         item = json.loads(line)
         n = len(item.get("choices", []))
         if n < 2 or not isinstance(item.get("target"), str) or not item.get("question"):
-            raise ValueError(f"{MC_FILE}:{line_no}: needs question, >= 2 choices and a target")
+            raise ValueError(f"{file}:{line_no}: needs question, >= 2 choices and a target")
         if not "A" <= item["target"] < chr(ord("A") + n):
-            raise ValueError(f"{MC_FILE}:{line_no}: target {item['target']!r} is not a choice")
+            raise ValueError(f"{file}:{line_no}: target {item['target']!r} is not a choice")
         items.append(item)
     return items
 
 
-@task
-def mc_general(max_tokens: int = 32) -> Task:
-    """~30 hand-written general-knowledge questions: inspect's multiple_choice prompt, scored by
-    `mc_letter` (inspect's choice() accepts only "ANSWER: X", which small models rarely write;
-    they answer "D) Helium" or "The answer is B", and that is still a clear choice)."""
+def _mc_samples(file: str) -> list[Sample]:
     samples = [
         Sample(
             input=item["question"],
@@ -302,18 +301,190 @@ def mc_general(max_tokens: int = 32) -> Task:
             id=item["id"],
             metadata={"subset": item["topic"]},
         )
-        for item in load_mc_items()
+        for item in load_mc_items(file)
     ]
     # Round-robin over topics so that a small --limit still covers every topic.
     by_topic: dict[str, list[Sample]] = {}
     for s in samples:
         by_topic.setdefault(s.metadata["subset"], []).append(s)
     queues = list(by_topic.values())
-    samples = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
+    return [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
+
+
+@task
+def mc_general(max_tokens: int = 32) -> Task:
+    """~30 hand-written general-knowledge questions: inspect's multiple_choice prompt, scored by
+    `mc_letter` (inspect's choice() accepts only "ANSWER: X", which small models rarely write;
+    they answer "D) Helium" or "The answer is B", and that is still a clear choice)."""
     return Task(
-        dataset=MemoryDataset(samples, name="mc_general"),
+        dataset=MemoryDataset(_mc_samples(MC_FILE), name="mc_general"),
         solver=multiple_choice(),
         scorer=mc_letter(),
+        config=GenerateConfig(max_tokens=int(max_tokens), temperature=0.0),
+    )
+
+
+def _loglik_task(samples: list[Sample], name: str, template: str) -> Task:
+    from mup.evals._loglik import loglik_choice, loglik_choices
+
+    return Task(
+        dataset=MemoryDataset(samples, name=name),
+        solver=loglik_choices(template=template),
+        scorer=loglik_choice(),
+    )
+
+
+@task
+def mc_general_ll(template: str = LL_TEMPLATE) -> Task:
+    """The bundled general-knowledge set scored by log-likelihood (acc, acc_norm)."""
+    return _loglik_task(_mc_samples(MC_FILE), "mc_general_ll", template)
+
+
+@task
+def mc_easy_ll(template: str = LL_TEMPLATE) -> Task:
+    """73 easy bundled questions (capitals, opposites, animal sounds, colours, counting) scored
+    by log-likelihood: a set a 135M model answers well above chance. Built from small fact
+    tables, each question's three distractors drawn from its own table, gold letters balanced.
+    """
+    return _loglik_task(_mc_samples(MC_EASY_FILE), "mc_easy_ll", template)
+
+
+# Hub MC sets through inspect_evals' own loaders: (module, task function, its arguments).
+HUB_MC = {
+    "arc_easy": ("inspect_evals.arc", "arc_easy", {}),
+    "arc_challenge": ("inspect_evals.arc", "arc_challenge", {}),
+    "mmlu": ("inspect_evals.mmlu", "mmlu_0_shot", {}),
+    "truthfulqa_mc1": ("inspect_evals.truthfulqa", "truthfulqa", {"target": "mc1"}),
+}
+
+
+@task
+def hub_mc_ll(benchmark: str = "arc_easy", template: str = LL_TEMPLATE) -> Task:
+    """A hub multiple-choice set (ARC, MMLU, TruthfulQA MC1), loaded by inspect_evals, scored
+    by log-likelihood. Needs `pip install inspect-evals` and the Hugging Face hub; without them
+    the runner skips it with the reason (`TaskUnavailable`)."""
+    import importlib
+
+    from mup.evals._suite import TaskUnavailable
+
+    if benchmark not in HUB_MC:
+        raise ValueError(f"hub_mc_ll: benchmark must be one of {sorted(HUB_MC)}, got {benchmark!r}")
+    module, name, args = HUB_MC[benchmark]
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except ImportError:
+        raise TaskUnavailable(
+            f"{benchmark} (log-likelihood) needs the package 'inspect_evals' "
+            "(pip install inspect-evals) and the Hugging Face hub for its data set"
+        ) from None
+    try:
+        source = fn(**args).dataset
+    except Exception as error:  # no hub access, a gated set, ...: say so and skip
+        raise TaskUnavailable(
+            f"{benchmark} (log-likelihood): inspect_evals could not load its data set "
+            f"({type(error).__name__}: {str(error)[:200]})"
+        ) from None
+    samples = []
+    for sample in source:
+        target = sample.target if isinstance(sample.target, str) else sample.target[0]
+        if not sample.choices or len(target) != 1:
+            continue
+        samples.append(
+            sample.model_copy(
+                update={"target": target, "metadata": {**(sample.metadata or {}), "subset": ""}}
+            )
+        )
+    return _loglik_task(samples, f"{benchmark}_ll", template)
+
+
+# ---------------------------------------------------------------------------------------------
+# HumanEval from the data root, checked in a contained subprocess
+# ---------------------------------------------------------------------------------------------
+
+HUMANEVAL_INSTRUCTION = (
+    "Read the following function signature and docstring, and fully implement the function "
+    "described. Your response should only contain the code for this function.\n"
+)
+_CODE_BLOCK = re.compile(r"```(?:python|py)?\n(.*?)```", re.DOTALL)
+_OPEN_FENCE = re.compile(r"^\s*```(?:python|py)?\n", re.DOTALL)
+
+
+def extract_code(completion: str) -> str:
+    """The code of a completion: its first fenced block; an opened fence never closed (cut by
+    the token budget): what follows it; a fence that only closes (small models often open
+    none): what comes before it; else the whole text."""
+    match = _CODE_BLOCK.search(completion)
+    if match:
+        return match.group(1)
+    opened = _OPEN_FENCE.match(completion)
+    if opened:
+        return completion[opened.end() :]
+    head, fence, _ = completion.partition("```")
+    return head if fence else completion
+
+
+def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
+    """What is run: the prompt (its imports and signature), the completion (the body under the
+    signature, or a whole function that redefines it), the tests and their call."""
+    code = extract_code(completion)
+    whole = re.search(rf"^def\s+{re.escape(entry_point)}\s*\(", code, re.M) is not None
+    return f"{prompt}{chr(10) if whole else ''}{code}\n\n{test}\n\ncheck({entry_point})\n"
+
+
+@scorer(metrics=[accuracy(), stderr()])
+def humaneval_check(timeout: float = 10.0):
+    """Correct when the completion passes the item's tests, run by `run_contained` (a
+    subprocess in a temporary directory with a timeout, resource limits and an audit hook)."""
+    import asyncio
+
+    from mup.evals._sandbox import run_contained
+
+    async def score(state: TaskState, target: Target) -> Score:
+        meta = state.metadata
+        program = humaneval_program(
+            meta["prompt"], state.output.completion, meta["test"], meta["entry_point"]
+        )
+        result = await asyncio.to_thread(run_contained, program, timeout)
+        return Score(
+            value=CORRECT if result.ok else INCORRECT,
+            answer=extract_code(state.output.completion),
+            explanation="timed out" if result.timed_out else result.stderr[-1000:],
+            metadata={"timed_out": result.timed_out, "returncode": result.returncode},
+        )
+
+    return score
+
+
+@task
+def humaneval_offline(max_tokens: int = 384, timeout: float = 10.0, data: str | None = None):
+    """HumanEval from the data root (benchmarks/humaneval.jsonl): pass@1, greedy."""
+    from mup.data import find_dataset
+
+    path = find_dataset("benchmarks/humaneval", data, allow_hub=False)
+    samples = []
+    with path.open() as file:
+        for line_no, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                fields = {k: item[k] for k in ("task_id", "prompt", "test", "entry_point")}
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(
+                    f"{path}:{line_no}: expected task_id, prompt, test and entry_point ({error})"
+                ) from None
+            samples.append(
+                Sample(
+                    input=HUMANEVAL_INSTRUCTION + fields["prompt"],
+                    target=item.get("canonical_solution", ""),
+                    id=fields["task_id"],
+                    metadata={**fields, "subset": "main"},
+                )
+            )
+    return Task(
+        dataset=MemoryDataset(samples, name="humaneval"),
+        solver=generate(),
+        scorer=humaneval_check(timeout=float(timeout)),
         config=GenerateConfig(max_tokens=int(max_tokens), temperature=0.0),
     )
 
@@ -322,4 +493,8 @@ OFFLINE_TASKS = {
     "gsm8k_offline": gsm8k_offline,
     "xstest_offline": xstest_offline,
     "mc_general": mc_general,
+    "mc_general_ll": mc_general_ll,
+    "mc_easy_ll": mc_easy_ll,
+    "hub_mc_ll": hub_mc_ll,
+    "humaneval_offline": humaneval_offline,
 }

@@ -24,7 +24,7 @@ def suites():
 
 
 def test_suites_and_entries_are_well_formed(suites):
-    assert set(suites.suites) == {"offline", "reference"}
+    assert set(suites.suites) == {"offline", "reference", "offline-mc"}
     assert set(suites.suites["reference"]) == REFERENCE
     assert set(suites.suites["offline"]) == {"gsm8k_offline", "xstest_offline", "mc_general"}
     for spec in suites.benchmarks.values():
@@ -35,7 +35,10 @@ def test_suites_and_entries_are_well_formed(suites):
     assert gsm8k.args == {"fewshot": 8} and gsm8k.generate["max_tokens"] == 512
 
 
-@pytest.mark.parametrize("name", ["gsm8k_offline", "xstest_offline", "mc_general"])
+OFFLINE = ["gsm8k_offline", "xstest_offline", "mc_general", "humaneval_offline"]
+
+
+@pytest.mark.parametrize("name", [*OFFLINE, "mc_easy_ll", "mc_general_ll"])
 def test_offline_entries_build_with_their_settings(suites, shared_data, name):
     spec = suites.benchmarks[name]
     fn = task_function(spec)
@@ -45,6 +48,25 @@ def test_offline_entries_build_with_their_settings(suites, shared_data, name):
     if "max_tokens" in spec.args:
         assert task.config.max_tokens == spec.args["max_tokens"]  # honoured, not ignored
     assert all("subset" in (s.metadata or {}) for s in list(task.dataset)[:20])
+
+
+def test_offline_mc_suite_skips_hub_sets_with_the_reason(suites):
+    from mup.evals._suite import TaskUnavailable
+
+    specs = suites.suite("offline-mc")
+    assert [s.name for s in specs][:2] == ["mc_easy_ll", "mc_general_ll"]
+    hub = [s for s in specs if s.task == "mup/hub_mc_ll"]
+    assert {s.args["benchmark"] for s in hub} == {
+        "arc_easy",
+        "arc_challenge",
+        "mmlu",
+        "truthfulqa_mc1",
+    }
+    if importlib.util.find_spec("inspect_evals") is not None:
+        pytest.skip("inspect_evals is installed: the hub sets may load here")
+    for spec in hub:
+        with pytest.raises(TaskUnavailable, match=r"needs the package 'inspect_evals'"):
+            build_task(spec)
 
 
 def test_gsm8k_offline_exemplars_never_evaluated(suites, shared_data):

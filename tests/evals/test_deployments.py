@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -57,3 +58,39 @@ def test_run_config_filters_deployments_by_multiplier(tmp_path):
 def test_bad_deployment_files(tmp_path, lines, extra, message):
     with pytest.raises(ValueError, match=message):
         read_deployments(_file(tmp_path, lines, extra))
+
+
+def test_study_format_key_string_multiplier_and_no_model(tmp_path):
+    lines = [
+        {"multiplier": "-1.5", "url": "http://127.0.0.1:8001/v1", "key": "k1"},
+        {"multiplier": " 2 ", "url": "http://127.0.0.1:8001/v1", "key": "k1", "port": 8001},
+    ]
+    deployments = read_deployments(_file(tmp_path, lines))
+    assert [(d.multiplier, d.api_key, d.model) for d in deployments] == [
+        (-1.5, "k1", None),
+        (2.0, "k1", None),
+    ]
+    with pytest.raises(ValueError, match="call resolved"):
+        deployments[0].model_string()
+    # a named model needs no server
+    named = dataclasses.replace(deployments[0], model="smol")
+    assert named.resolved() is named and named.model_string() == "openai-api/mup/smol"
+    # nothing listens on port 9 of loopback: the error names the deployment
+    dead = dataclasses.replace(deployments[0], url="http://127.0.0.1:9/v1")
+    with pytest.raises(ValueError, match=r"127.0.0.1:9/v1 \(multiplier -1.5\) names no model"):
+        dead.resolved()
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ({"multiplier": "strong", "url": "http://x/v1", "key": "k"}, r"finite number.*'strong'"),
+        ({"multiplier": "nan", "url": "http://x/v1", "key": "k"}, "finite number"),
+        ({"multiplier": 1, "url": "http://x/v1", "key": "k", "api_key": "k"}, "not both"),
+        ({"multiplier": 1, "url": "http://x/v1"}, r"missing fields \['api_key'\]"),
+        ({"multiplier": 1, "url": "http://x/v1", "key": ""}, "'api_key' must be a non-empty"),
+    ],
+)
+def test_bad_study_format_lines(tmp_path, line, message):
+    with pytest.raises(ValueError, match=message):
+        read_deployments(_file(tmp_path, [line]))

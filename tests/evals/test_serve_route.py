@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from _support.servers import Server
 from inspect_ai.log import read_eval_log
@@ -85,3 +86,62 @@ def test_deployments_route_matches_in_process_provider(
         assert f"multiplier_{rec['multiplier']}" in rec["log"]
     got, want = _completions(served), _completions(local)
     assert len(got) == len(MULTIPLIERS) * LIMIT and got == want
+
+
+LL_CONFIG = """\
+benchmarks:
+  mc_easy_ll:
+    task: mup/mc_easy_ll
+    category: knowledge_ll
+suites:
+  ll: [mc_easy_ll]
+"""
+
+
+def _logliks(report) -> dict[tuple[float, str], list[float]]:
+    out = {}
+    for rec in report:
+        log = read_eval_log(rec["log"])
+        assert log.status == "success", log.error
+        for s in log.samples:
+            out[(rec["multiplier"], str(s.id))] = s.scores["loglik_choice"].metadata["loglik"]
+    return out
+
+
+@pytest.mark.slow
+def test_loglik_mc_echo_route_matches_in_process_with_a_study_format_file(
+    server_url, tiny_dir, vector_file, tmp_path
+):
+    # The steering study's deployments format: "key", the multiplier as a string, no "model"
+    # (asked from the server's /v1/models).
+    deployments = tmp_path / "deployments.jsonl"
+    deployments.write_text(
+        "".join(
+            json.dumps({"multiplier": str(m), "url": server_url, "key": API_KEY}) + "\n"
+            for m in MULTIPLIERS
+        )
+    )
+    config = tmp_path / "benchmarks.yaml"
+    config.write_text(LL_CONFIG)
+    common = dict(suite="ll", limit=LIMIT + 1, config=config)
+    served = run_suite(
+        RunConfig(deployments=str(deployments), log_dir=tmp_path / "served", **common)
+    )
+    local = run_suite(
+        RunConfig(
+            model=f"mup/{tiny_dir}",
+            vector=str(vector_file),
+            layer=1,
+            multipliers=MULTIPLIERS,
+            log_dir=tmp_path / "local",
+            **common,
+        )
+    )
+    for rec in served:
+        assert read_eval_log(rec["log"], header_only=True).eval.model == "openai-api/mup/tiny"
+    got, want = _logliks(served), _logliks(local)
+    assert len(got) == len(MULTIPLIERS) * (LIMIT + 1) and got.keys() == want.keys()
+    for key in got:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-4)
+    # steering reaches the server: the two multipliers' log-likelihoods differ
+    assert got[(MULTIPLIERS[0], "easy001")] != got[(MULTIPLIERS[1], "easy001")]
