@@ -6,6 +6,7 @@
               --layers 5,10,15 trains one vector per layer (OUT/layer_L/ + OUT/summary.json)
   import      a torch .pt vector (the BiPO study's vec_ep{E}_layer{L}.pt) -> .safetensors,
               read without torch
+  sweep       generate across multipliers: perplexity, propensity, coherent range, summaries
 
 --layer L is always the block whose output the vector is added to; the vector is measured at
 hidden_states[L + 1] (store layer L + 1).
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true")
 
     _import.add_parser(sub)
+    from mup.steering._sweep_cli import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub)
     return p
 
 
@@ -133,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             return _vector(args)
         if args.command == "import":
             return _import.run(args)
+        if args.command == "sweep":
+            from mup.steering._sweep_cli import run as run_sweep
+
+            return run_sweep(args)
         return _train(args)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
