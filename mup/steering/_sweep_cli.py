@@ -14,9 +14,10 @@ from pathlib import Path
 from mup.steering._sweep import DEFAULT_MULTIPLIERS
 
 HELP_MULTIPLIERS = (
-    "comma list (--multipliers=-4,0,4: use '=' when it starts with '-') or start:stop:step with stop included ('-20:20:2', the default: the "
-    "study's 21 values). RAW units: m adds m x the vector as stored (not scaled by its norm; "
-    "each row records vector_norm and added_norm). 0 is always added."
+    "comma list (--multipliers=-4,0,4: use '=' when it starts with '-') or start:stop:step, "
+    "stop included ('-20:20:2', the default: the study's 21 values). RAW units: m adds m x the "
+    "vector as stored (not scaled by its norm; each row records vector_norm and added_norm). "
+    "0 is always added."
 )
 
 

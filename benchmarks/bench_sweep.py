@@ -1,0 +1,141 @@
+"""Generation stage of a steering sweep on the embedded default (SmolLM2-135M-Instruct), CPU.
+
+21 raw multipliers (-20 ... 20, step 2) x 32 prompts (the bundled pairs' prompts) x 64 new
+tokens, greedy, one random unit-norm vector at the middle layer:
+
+  mup sweep   `generate` calls of --prompts-per-call prompts x all multipliers (per-row
+              multipliers), what `mup steering sweep` runs
+  HF hook     the study's way: transformers `generate` with a forward hook on the decoder layer
+              adding multiplier * vector to its output, one call per multiplier, the 32 prompts
+              left-padded in one batch
+
+Every row generates exactly --new-tokens tokens (no stop token; HF forced with min_new_tokens).
+Checks that the multiplier-0 greedy tokens of both agree (prints the share of equal rows and
+tokens: float32 rounding may flip a near-tie late in a row). Prints the ratio (target >= 5x).
+
+    python benchmarks/bench_sweep.py            # 21 x 32 x 64
+    python benchmarks/bench_sweep.py --quick    # 3 x 4 x 8, for correctness
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small grid, for correctness")
+    parser.add_argument("--prompts-per-call", type=int, default=8)
+    args = parser.parse_args()
+    if args.quick:
+        multipliers, n_prompts, new_tokens = (-4.0, 0.0, 4.0), 4, 8
+    else:
+        multipliers, n_prompts, new_tokens = tuple(float(m) for m in range(-20, 21, 2)), 32, 64
+
+    import jax
+    import torch
+    import transformers
+
+    from mup import _compile_cache
+    from mup._resolve import default_gguf_path
+    from mup.models import Steering, generate, load_model
+    from mup.steering import bundled_pairs_path, load_pairs
+    from mup.text import encode_prompts
+
+    _compile_cache.enable()
+    model = load_model("smollm2-135m")
+    layer = model.config.n_layers // 2
+    prompts = [list(p.prompt) for p in load_pairs(bundled_pairs_path())[:n_prompts]]
+    prompt_ids = encode_prompts(model.tokenizer, prompts)
+    rng = np.random.default_rng(0)
+    vector = rng.standard_normal(model.config.d_model).astype(np.float32)
+    vector /= np.linalg.norm(vector)
+    steering = Steering(layer, vector)
+    per_call = min(args.prompts_per_call, n_prompts)
+    total = len(multipliers) * n_prompts * new_tokens
+
+    def ours():
+        out = {}  # (prompt index, multiplier) -> token ids
+        for s in range(0, n_prompts, per_call):
+            idx = list(range(s, min(n_prompts, s + per_call)))
+            rows = [(i, m) for i in idx for m in multipliers]
+            g = generate(
+                model,
+                [prompts[i] for i, _ in rows],
+                max_new_tokens=new_tokens,
+                stop_tokens=(),
+                steering=steering,
+                multipliers=[m for _, m in rows],
+            )
+            out.update(zip(rows, g.token_ids, strict=True))
+        return out
+
+    path = default_gguf_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    hf_vector = torch.from_numpy(vector)
+    strength = {"m": 0.0}
+    hf.model.layers[layer].register_forward_hook(
+        lambda module, inputs, output: output + strength["m"] * hf_vector
+    )
+    width = max(len(p) for p in prompt_ids)
+    pad = model.tokenizer.pad_token_id or 0
+    hf_input = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids])
+    hf_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+
+    def hf_run(m: float):
+        strength["m"] = m
+        with torch.no_grad():
+            out = hf.generate(
+                hf_input,
+                attention_mask=hf_mask,
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=pad,
+            )
+        return out[:, width:].tolist()
+
+    def study():
+        return {m: hf_run(m) for m in multipliers}
+
+    # Warm-up (compiles ours; thread pools for HF), then one timed run each.
+    ours()
+    hf_run(0.0)
+    jax.block_until_ready(model.params)
+    t0 = time.perf_counter()
+    got = ours()
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref = study()
+    t_hf = time.perf_counter() - t0
+
+    rows_equal = sum(got[(i, 0.0)] == ref[0.0][i] for i in range(n_prompts))
+    tok_equal = sum(
+        a == b for i in range(n_prompts) for a, b in zip(got[(i, 0.0)], ref[0.0][i], strict=True)
+    )
+    print(
+        f"model smollm2-135m float32, CPU ({jax.device_count()} jax device, "
+        f"{torch.get_num_threads()} torch threads); layer {layer}, |v| = 1 (raw multipliers)"
+    )
+    print(
+        f"{len(multipliers)} multipliers x {n_prompts} prompts x {new_tokens} new tokens; "
+        f"mup: {per_call} prompts x {len(multipliers)} multipliers per call"
+    )
+    print(
+        f"multiplier-0 greedy vs HF: {rows_equal}/{n_prompts} rows equal, "
+        f"{tok_equal}/{n_prompts * new_tokens} tokens equal"
+    )
+    for name, seconds in (("mup sweep (batched)", t_ours), ("HF hook, 1 call / m", t_hf)):
+        print(f"  {name:24s} {seconds:8.2f} s  {total / seconds:9.1f} tokens/s")
+    print(f"ratio mup / HF: {t_hf / t_ours:.2f}x (target >= 5x)")
+    if rows_equal < n_prompts // 2:
+        raise SystemExit("multiplier-0 greedy texts disagree with transformers")
+
+
+if __name__ == "__main__":
+    main()
