@@ -28,6 +28,7 @@ the median at m = 0 (ratio in [1/f, f]).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -148,16 +150,26 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
+def _answer_logprobs(params, tokens, valid, answer, *, config):
+    """Sum of log p(token) over the answer tokens of each row, unsteered: [R] float32."""
+    from mup.models import forward
+
+    r, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (r, t))  # right-padded rows
+    logits = forward(params, tokens, positions, config=config, valid=valid).logits  # [R, T, V]
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [R, T-1, V]
+    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [R, T-1]
+    return jnp.sum(jnp.where(answer[:, 1:], picked, 0.0), axis=1)  # [R]
+
+
 def perplexities(model, prompt_ids: Sequence[Sequence[int]], answer_ids, *, batch_rows: int):
     """exp(mean NLL) of each answer given its prompt ids under the unsteered model: list of
     float (None for an empty answer). Rows run `batch_rows` at a time, padded to one length."""
-    from mup.steering._bipo import _jit_logprobs
-
     n = len(prompt_ids)
     out: list[float | None] = [None] * n
     lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answer_ids, strict=True)]
     t = -(-max(lengths) // PPL_LENGTH_MULTIPLE) * PPL_LENGTH_MULTIPLE
-    zero = jnp.zeros((model.config.d_model,), jnp.float32)
     for s in range(0, n, batch_rows):
         idx = list(range(s, min(n, s + batch_rows)))
         tokens = np.zeros((batch_rows, t), np.int32)  # [R, T]
@@ -170,15 +182,12 @@ def perplexities(model, prompt_ids: Sequence[Sequence[int]], answer_ids, *, batc
             resp[r, len(p) : len(p) + len(a)] = True
         valid[len(idx) :, 0] = True  # padding rows: one valid token, no response
         logp = np.asarray(
-            _jit_logprobs(
+            _answer_logprobs(
                 model.params,
-                zero,
-                jnp.float32(0.0),
                 jnp.asarray(tokens),
                 jnp.asarray(valid),
                 jnp.asarray(resp),
                 config=model.config,
-                layer=0,
             )
         )
         for r, i in enumerate(idx):
