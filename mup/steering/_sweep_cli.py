@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mup.steering._sweep import DEFAULT_MULTIPLIERS
-
 HELP_MULTIPLIERS = (
     "comma list (--multipliers=-4,0,4: use '=' when it starts with '-') or start:stop:step, "
     "stop included ('-20:20:2', the default: the study's 21 values). RAW units: m adds m x the "
@@ -50,9 +48,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--no-progress", action="store_true")
     return s
-
-
-assert len(DEFAULT_MULTIPLIERS) == 21
 
 
 def _is_pairs_file(path: Path) -> bool:
