@@ -64,6 +64,7 @@ class CountingProxy:
         self._host, self._port = parsed.hostname, parsed.port
         self.chats: list[dict] = []  # forwarded /v1/chat/completions bodies, in order
         self.answers: list[dict] = []  # the server's answers to them (in completion order)
+        self.answered: list[dict] = []  # the forwarded bodies the server answered with a 200
         self.paths: list[str] = []  # every request that reached the proxy, "METHOD /path"
         self.failed = 0  # chat requests answered 503 by fail_next
         self._fail = 0
@@ -115,6 +116,7 @@ class CountingProxy:
                 data = proxy._forward(self, body)
                 if chat and data is not None:
                     proxy.answers.append(json.loads(data))
+                    proxy.answered.append(json.loads(body))
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
