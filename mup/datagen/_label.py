@@ -103,25 +103,35 @@ class LabelError(RuntimeError):
 # -- inputs ------------------------------------------------------------------------------------
 
 
-def find_rubric(explicit: str | os.PathLike | None = None) -> Path:
-    """`explicit`, else ``mup/labeling_rubric.md`` under the data roots mup.data searches
-    ($MUP_DATA, then ../shared/data from the current directory and from the checkout)."""
+def find_input(
+    relative: str,
+    explicit: str | os.PathLike | None,
+    what: str,
+    flag: str,
+    error: type[Exception] = RuntimeError,
+) -> Path:
+    """`explicit`, else `relative` under the data roots mup.data searches ($MUP_DATA, then
+    ../shared/data from the current directory and from the checkout); `error` (one line naming
+    what was tried) when there is none."""
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not path.is_file():
-            raise LabelError(f"the rubric file {path} does not exist")
+            raise error(f"the {what} file {path} does not exist")
         return path
     from mup.data._locate import _roots  # the one list of data roots, shared with find_dataset
 
     tried = []
     for label, root in _roots():
-        path = root / RUBRIC_PATH
+        path = root / relative
         if path.is_file():
             return path
         tried.append(f"{path} ({label})")
-    raise LabelError(
-        f"no labelling rubric found (tried {'; '.join(tried)}); pass --rubric FILE or set $MUP_DATA"
-    )
+    raise error(f"no {what} found (tried {'; '.join(tried)}); pass {flag} FILE or set $MUP_DATA")
+
+
+def find_rubric(explicit: str | os.PathLike | None = None) -> Path:
+    """`explicit`, else ``mup/labeling_rubric.md`` under the data roots (`find_input`)."""
+    return find_input(RUBRIC_PATH, explicit, "rubric", "--rubric", LabelError)
 
 
 def resolve_context(spec: str, dataset_name: str | None = None) -> tuple[str, str]:
