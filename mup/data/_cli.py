@@ -8,6 +8,8 @@ mup data split FILE --out-train A --out-test B [--test-fraction F] [--seed S]
 mup data overlap A B [--json] [--fail-on-overlap]
 mup data label INPUT [...] --out FILE|DIR (--serve SPEC | --base-url URL) ...  (mup.datagen)
 mup data agreement --a FILE --b FILE                                 (mup.datagen)
+mup data generate --n-situations N --out FILE (--serve SPEC | --base-url URL) ... (mup.datagen)
+mup data relabel --dataset FILE --out FILE (--serve SPEC | --base-url URL) ... (mup.datagen)
 
 The root is laid out like shared/data (`mup/training/...`, `mup/evals/dev/...`,
 `mup/evals/test/...`), so `MUP_DATA=DIR` or `--data DIR` finds every set afterwards.
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("label", "agreement"):
+    if args.command in ("label", "relabel", "generate", "agreement"):
         from mup.datagen._cli import run
 
         return run(args)

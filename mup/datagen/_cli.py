@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-COMMANDS = ("label", "agreement")
+COMMANDS = ("label", "relabel", "generate", "agreement")
 logger = logging.getLogger(__name__)
 
 
@@ -58,8 +58,82 @@ def add_parsers(sub) -> None:
         help="output .jsonl (appended, resumable); with several inputs a directory of one "
         "file per input (dev/mt -> dev_mt.jsonl)",
     )
-    p.add_argument("--data", default=None, help="data root for data set names (as mup.data)")
-    p.add_argument("--limit", type=_positive, default=None, help="only the first N records")
+    _label_args(p)
+
+    r = sub.add_parser(
+        "relabel",
+        help="label a labelled data set again, keeping its labels in labels_before",
+        description="`mup data label` of one labelled data set: the output has the new labels "
+        "and the old ones in labels_before (and scale_labels_before), e.g. to check the "
+        "intended stakes of `mup data generate` against the rubric.",
+    )
+    r.add_argument("--dataset", required=True, help="a labelled .jsonl/.csv file or data set name")
+    r.add_argument("--out", required=True, type=Path, help="output .jsonl (appended, resumable)")
+    _label_args(r)
+
+    g = sub.add_parser(
+        "generate",
+        help="generate a synthetic stakes data set: situation pairs, then prompts (any endpoint)",
+        description="Draw situation specs from the factors, have an LLM write a high-stakes and "
+        "a low-stakes situation for each pair (same context, different stakes), then user "
+        "prompts in drawn prompt variations. Every answer is JSON validated with pydantic; "
+        "invalid ones are asked again, then rejected into <out>.rejects.jsonl. The output is in "
+        "the stakes schema (labels = the intended stakes) and resumable.",
+    )
+    g.add_argument("--out", required=True, type=Path, help="output .jsonl of prompts (resumable)")
+    g.add_argument(
+        "--n-situations",
+        required=True,
+        type=_positive,
+        help="situations in all (even: high/low pairs)",
+    )
+    g.add_argument("--prompts-per-situation", type=_positive, default=2, help="K prompts (2)")
+    g.add_argument(
+        "--factors", default=None, help="situation factors JSON (default: the data root's)"
+    )
+    g.add_argument(
+        "--variations", default=None, help="prompt variations JSON (default: the data root's)"
+    )
+    g.add_argument("--seed", type=int, default=0, help="draws and request seeds (0)")
+    g.add_argument(
+        "--max-retries",
+        type=int,
+        default=3,
+        help="invalid answers asked again before an item is rejected (3)",
+    )
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--max-tokens", type=_positive, default=320, help="a situation's answer (320)")
+    g.add_argument(
+        "--prompt-max-tokens",
+        type=_positive,
+        default=None,
+        help="a prompt's answer (default: 4 a word of its length + 64)",
+    )
+    g.add_argument(
+        "--response-format",
+        default="auto",
+        choices=("auto", "json_schema", "json_object", "prefix", "none"),
+        help="auto: json_schema, then json_object, prefix (continue_final_message) and none, "
+        "as the endpoint refuses each",
+    )
+    g.add_argument("--retry-rejects", action="store_true", help="ask again for rejected items")
+    _endpoint_args(g, retries_flag="--http-retries")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    a = sub.add_parser(
+        "agreement",
+        help="Cohen's kappa, Spearman and the confusion matrix of two labellings",
+        description="Compare two labellings of the same records, joined on ids: Cohen's kappa "
+        "on labels, Spearman on scale labels, and the confusion matrix. With several files, "
+        "each --a file is paired with the --b file in the same position, and the pooled "
+        "agreement is printed after each pair's.",
+    )
+    a.add_argument("--a", nargs="+", required=True, type=Path, metavar="FILE")
+    a.add_argument("--b", nargs="+", required=True, type=Path, metavar="FILE")
+    a.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+
+
+def _endpoint_args(p, retries_flag: str = "--max-retries") -> None:
     where = p.add_argument_group("endpoint (one of --base-url or --serve)")
     where.add_argument("--base-url", help="OpenAI-compatible API root, e.g. http://host:8000/v1")
     where.add_argument("--model", help="model name (default: the endpoint's first model)")
@@ -92,8 +166,19 @@ def add_parsers(sub) -> None:
         help="seconds per attempt, queueing at the server included (600)",
     )
     where.add_argument(
-        "--max-retries", type=int, default=6, help="retries on 429 / 5xx / timeouts (6)"
+        retries_flag,
+        dest="http_retries",
+        type=int,
+        default=6,
+        help="retries on 429 / 5xx / timeouts (6)",
     )
+
+
+def _label_args(p) -> None:
+    """The options of `label` and `relabel` after their input and --out."""
+    p.add_argument("--data", default=None, help="data root for data set names (as mup.data)")
+    p.add_argument("--limit", type=_positive, default=None, help="only the first N records")
+    _endpoint_args(p)
     prompt = p.add_argument_group("prompt and labels")
     prompt.add_argument("--rubric", default=None, help="rubric file (default: the data root's)")
     prompt.add_argument(
@@ -139,28 +224,31 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    a = sub.add_parser(
-        "agreement",
-        help="Cohen's kappa, Spearman and the confusion matrix of two labellings",
-        description="Compare two labellings of the same records, joined on ids: Cohen's kappa "
-        "on labels, Spearman on scale labels, and the confusion matrix. With several files, "
-        "each --a file is paired with the --b file in the same position, and the pooled "
-        "agreement is printed after each pair's.",
-    )
-    a.add_argument("--a", nargs="+", required=True, type=Path, metavar="FILE")
-    a.add_argument("--b", nargs="+", required=True, type=Path, metavar="FILE")
-    a.add_argument("--json", type=Path, default=None, help="also write the numbers here")
-
 
 def run(args: argparse.Namespace) -> int:
     """Run `mup data label` or `mup data agreement`; 0 on success, 1 (one line on stderr) not."""
     from mup.data import DataError
     from mup.datagen._endpoint import EndpointError
+    from mup.datagen._generate import GenerateError
     from mup.datagen._label import LabelError
 
     prog = f"mup data {args.command}"
     try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "relabel":
+            return _relabel(args)
         return _label(args) if args.command == "label" else _agreement(args)
+    except GenerateError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        summary = getattr(error, "summary", None)
+        if summary is not None:
+            print(
+                f"{prog}: {summary.n_situations_total} situations and {summary.n_prompts_total} "
+                f"prompts are kept in {summary.out} and its side files; rerun to continue",
+                file=sys.stderr,
+            )
+        return 1
     except LabelError as error:
         print(f"{prog}: {error}", file=sys.stderr)
         summary = getattr(error, "summary", None)
@@ -217,7 +305,7 @@ def _output_paths(inputs: list[str], out: Path) -> list[Path]:
 
 
 def _label(args) -> int:
-    from mup.datagen._endpoint import EndpointConfig, open_endpoint
+    from mup.datagen._endpoint import open_endpoint
     from mup.datagen._label import (
         LabelConfig,
         LabelError,
@@ -226,9 +314,7 @@ def _label(args) -> int:
         resolve_context,
     )
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("httpx", "httpx2", "openai"):  # a line per request would bury the progress bar
-        logging.getLogger(name).setLevel(logging.WARNING)
+    _quiet_http_logs()
     # Everything that needs no request first: a bad input costs nothing.
     if (args.base_url is None) == (args.serve is None):
         raise LabelError("give exactly one of --base-url URL or --serve SPEC")
@@ -261,17 +347,7 @@ def _label(args) -> int:
                 retry_rejects=args.retry_rejects,
             )
         )
-    endpoint_config = EndpointConfig(
-        base_url=args.base_url,
-        model=args.model,
-        api_key_env=args.api_key_env,
-        serve=args.serve,
-        serve_args=tuple(args.serve_arg),
-        concurrency=args.concurrency,
-        requests_per_minute=args.rpm,
-        timeout_s=args.timeout,
-        max_retries=args.max_retries,
-    )
+    endpoint_config = _endpoint_config(args)
     with open_endpoint(endpoint_config) as endpoint:
         for (dataset, _), config, out in zip(datasets, configs, outs, strict=True):
             logger.info(
@@ -289,6 +365,104 @@ def _label(args) -> int:
             print("\n".join(summary.lines()))
         print(f"endpoint: {endpoint.usage.summary()}")
     return 0
+
+
+def _endpoint_config(args):
+    from mup.datagen._endpoint import EndpointConfig
+
+    return EndpointConfig(
+        base_url=args.base_url,
+        model=args.model,
+        api_key_env=args.api_key_env,
+        serve=args.serve,
+        serve_args=tuple(args.serve_arg),
+        concurrency=args.concurrency,
+        requests_per_minute=args.rpm,
+        timeout_s=args.timeout,
+        max_retries=args.http_retries,
+    )
+
+
+def _quiet_http_logs() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("httpx", "httpx2", "openai"):  # a line per request would bury the progress bar
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _relabel(args) -> int:
+    """`label` of one labelled input: the labeller keeps the old labels in labels_before."""
+    from mup.datagen._label import LabelError
+
+    dataset, _ = _dataset(args.dataset, args.data)
+    if all(r.label is None for r in dataset):
+        raise LabelError(
+            f"{dataset.path} has no labels to keep in labels_before; use mup data label"
+        )
+    args.input = [args.dataset]
+    return _label(args)
+
+
+def _generate(args) -> int:
+    """Exit 2 for bad input (one line, before any request), 1 when the endpoint fails."""
+    from mup.datagen._endpoint import open_endpoint
+    from mup.datagen._generate import (
+        GenerateConfig,
+        GenerateError,
+        generate_dataset,
+        load_factors,
+        load_variations,
+    )
+
+    _quiet_http_logs()
+    prog = "mup data generate"
+    try:
+        if (args.base_url is None) == (args.serve is None):
+            raise GenerateError("give exactly one of --base-url URL or --serve SPEC")
+        if args.out.is_dir():
+            raise GenerateError(f"--out {args.out} is a directory; give a .jsonl file")
+        if args.max_retries < 0:
+            raise GenerateError(f"--max-retries must be >= 0, got {args.max_retries}")
+        factors_path, factors = load_factors(args.factors)
+        variations_path, variations = load_variations(args.variations)
+        config = GenerateConfig(
+            factors=factors,
+            variations=variations,
+            n_situations=args.n_situations,
+            prompts_per_situation=args.prompts_per_situation,
+            seed=args.seed,
+            max_retries=args.max_retries,
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+            prompt_max_tokens=args.prompt_max_tokens,
+            response_format=args.response_format,
+            retry_rejects=args.retry_rejects,
+            factors_sha256=_sha(factors_path),
+            variations_sha256=_sha(variations_path),
+        )
+        endpoint_config = _endpoint_config(args)
+    except (GenerateError, ValueError) as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 2
+    logger.info(
+        "generating %d situations (%d pairs) x %d prompts from %s and %s into %s",
+        config.n_situations,
+        config.n_pairs,
+        config.prompts_per_situation,
+        factors_path,
+        variations_path,
+        args.out,
+    )
+    with open_endpoint(endpoint_config) as endpoint:
+        summary = generate_dataset(endpoint, config, args.out, progress=not args.no_progress)
+        print("\n".join(summary.lines()))
+        print(f"endpoint: {endpoint.usage.summary()}")
+    return 0
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _agreement(args) -> int:

@@ -37,6 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mup.data import AMBIGUOUS, HIGH_STAKES, LOW_STAKES, Dataset, Record
+from mup.datagen._structured import Negotiator, Refused, first_valid, request_options, send
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ ANSWER_SCHEMA = {
     },
 }
 ResponseFormat = Literal["auto", "json_schema", "json_object", "none"]
-_FORMAT_FALLBACK = {"json_schema": "json_object", "json_object": "none"}
+FORMAT_CHAIN = ("json_schema", "json_object", "none")  # a 1-10 score is not a string to continue
 _ROLE_NAMES = {"user": "User", "assistant": "Assistant", "system": "System", "tool": "Tool"}
 
 
@@ -102,25 +103,35 @@ class LabelError(RuntimeError):
 # -- inputs ------------------------------------------------------------------------------------
 
 
-def find_rubric(explicit: str | os.PathLike | None = None) -> Path:
-    """`explicit`, else ``mup/labeling_rubric.md`` under the data roots mup.data searches
-    ($MUP_DATA, then ../shared/data from the current directory and from the checkout)."""
+def find_input(
+    relative: str,
+    explicit: str | os.PathLike | None,
+    what: str,
+    flag: str,
+    error: type[Exception] = RuntimeError,
+) -> Path:
+    """`explicit`, else `relative` under the data roots mup.data searches ($MUP_DATA, then
+    ../shared/data from the current directory and from the checkout); `error` (one line naming
+    what was tried) when there is none."""
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not path.is_file():
-            raise LabelError(f"the rubric file {path} does not exist")
+            raise error(f"the {what} file {path} does not exist")
         return path
     from mup.data._locate import _roots  # the one list of data roots, shared with find_dataset
 
     tried = []
     for label, root in _roots():
-        path = root / RUBRIC_PATH
+        path = root / relative
         if path.is_file():
             return path
         tried.append(f"{path} ({label})")
-    raise LabelError(
-        f"no labelling rubric found (tried {'; '.join(tried)}); pass --rubric FILE or set $MUP_DATA"
-    )
+    raise error(f"no {what} found (tried {'; '.join(tried)}); pass {flag} FILE or set $MUP_DATA")
+
+
+def find_rubric(explicit: str | os.PathLike | None = None) -> Path:
+    """`explicit`, else ``mup/labeling_rubric.md`` under the data roots (`find_input`)."""
+    return find_input(RUBRIC_PATH, explicit, "rubric", "--rubric", LabelError)
 
 
 def resolve_context(spec: str, dataset_name: str | None = None) -> tuple[str, str]:
@@ -209,29 +220,7 @@ class Answer(BaseModel):
 def parse_answer(text: str) -> Answer:
     """The first JSON object in `text` that is a valid answer (models wrap JSON in prose and
     code fences); ValueError with a short reason otherwise."""
-    decoder = json.JSONDecoder()
-    problem = "no JSON object in the answer"
-    start = text.find("{")
-    tries = 0
-    while start >= 0 and tries < 16:
-        tries += 1
-        try:
-            value, _ = decoder.raw_decode(text, start)
-        except json.JSONDecodeError as error:
-            problem = f"invalid JSON: {error.msg} at character {error.pos}"
-        except RecursionError:
-            problem = "JSON nested too deeply"
-        else:
-            if isinstance(value, dict):
-                try:
-                    return Answer.model_validate(value)
-                except ValidationError as error:
-                    problem = "; ".join(
-                        f"{'.'.join(map(str, e['loc'])) or 'answer'}: {e['msg']}"
-                        for e in error.errors()
-                    )
-        start = text.find("{", start + 1)
-    raise ValueError(problem)
+    return first_valid(text, Answer)
 
 
 _PARTIAL_FIELDS = {
@@ -530,15 +519,18 @@ class Labeller:
         self.endpoint = endpoint
         self.config = config
         self._system = config.system_prompt
-        self._lock = threading.Lock()
-        self._format = "json_schema" if config.response_format == "auto" else config.response_format
-        self._top = config.top_logprobs
-        self.notes: list[str] = []
+        self.options = Negotiator(
+            FORMAT_CHAIN,
+            config.response_format,
+            top_logprobs=config.top_logprobs,
+            error=LabelError,
+        )
 
-    def _request_kwargs(self) -> tuple[dict[str, Any], tuple[str, int]]:
-        """The request's settings, and the (format, top_logprobs) they use."""
-        with self._lock:
-            fmt, top = self._format, self._top
+    @property
+    def notes(self) -> list[str]:
+        return self.options.notes
+
+    def _request(self, messages, fmt: str, top: int) -> tuple[list[dict[str, str]], dict]:
         kwargs: dict[str, Any] = {
             "max_tokens": self.config.max_tokens,
             "temperature": self.config.temperature,
@@ -546,82 +538,25 @@ class Labeller:
         }
         if top:
             kwargs.update(logprobs=True, top_logprobs=top)
-        if fmt == "json_schema":
-            kwargs["response_format"] = {"type": "json_schema", "json_schema": ANSWER_SCHEMA}
-        elif fmt == "json_object":
-            kwargs["response_format"] = {"type": "json_object"}
-        return kwargs, (fmt, top)
-
-    def _downgrade(self, error, used: tuple[str, int]) -> bool:
-        """Drop what a 400 says the endpoint refuses (auto format, logprobs); False if nothing.
-        `used` is what the refused request sent: requests in flight together are refused
-        together, and only the first of them may step the format down."""
-        from mup.datagen._endpoint import _message
-
-        text = f"{getattr(error, 'param', '') or ''} {_message(error)}".lower()
-        with self._lock:
-            if (self._format, self._top) != used:
-                return True  # another thread already dropped it: just ask again
-            if "response_format" in text or "json_schema" in text:
-                if self.config.response_format != "auto":
-                    raise LabelError(
-                        f"the endpoint refuses response_format {self._format}: "
-                        f"{_message(error)} (try --response-format auto)"
-                    )
-                if self._format in _FORMAT_FALLBACK:
-                    before, self._format = self._format, _FORMAT_FALLBACK[self._format]
-                    self._note(
-                        f"the endpoint refuses response_format {before}; using {self._format}"
-                    )
-                    return True
-            if ("logprobs" in text) and self._top:
-                self._top = 0
-                self._note("the endpoint refuses logprobs; scores are parsed only")
-                return True
-        return False
-
-    def _note(self, text: str) -> None:
-        if text not in self.notes:
-            self.notes.append(text)
-            logger.warning(text)
+        extra, _ = request_options(fmt, ANSWER_SCHEMA)
+        return messages, {**kwargs, **extra}
 
     def __call__(self, item: tuple[Record, dict[str, Any]]) -> Labelled | Rejected:
-        import openai
-
         record, raw = item
         messages = [
             {"role": "system", "content": self._system},
             {"role": "user", "content": user_message(record, self.config.max_input_chars)},
         ]
-        for _ in range(4):  # each pass drops one refused option; three can be refused
-            kwargs, used = self._request_kwargs()
-            try:
-                response = self.endpoint.chat(messages, **kwargs)
-                break
-            except openai.BadRequestError as error:
-                if self._downgrade(error, used):
-                    continue
-                return self._rejected(record, "request", f"400: {_short_message(error)}", None)
-            except (openai.UnprocessableEntityError, openai.ConflictError) as error:
-                return self._rejected(
-                    record, "request", f"{error.status_code}: {_short_message(error)}", None
-                )
-            except openai.APIStatusError as error:
-                if error.status_code == 413:
-                    return self._rejected(record, "request", f"413: {_short_message(error)}", None)
-                raise LabelError(
-                    f"the endpoint {self.endpoint.where} answered {error.status_code} for record "
-                    f"{record.id!r}: {_short_message(error)}"
-                ) from None
-            except openai.APIConnectionError as error:  # after the client's retries
-                from mup.datagen._endpoint import _reason
-
-                raise LabelError(
-                    f"lost the endpoint {self.endpoint.where} at record {record.id!r}: "
-                    f"{_reason(error)}"
-                ) from None
-        else:
-            raise LabelError("the endpoint refused every request format")
+        try:
+            response, _ = send(
+                self.endpoint,
+                self.options,
+                lambda fmt, top: self._request(messages, fmt, top),
+                error=LabelError,
+                what=f"record {record.id!r}",
+            )
+        except Refused as refused:
+            return self._rejected(record, "request", str(refused), None)
         return self._answer(record, raw, response)
 
     def _answer(self, record: Record, raw: dict[str, Any], response) -> Labelled | Rejected:
@@ -685,13 +620,6 @@ class Labeller:
                 "label_settings": cfg.settings,
             }
         )
-
-
-def _short_message(error) -> str:
-    from mup.datagen._endpoint import _message
-
-    text = _message(error)
-    return text if len(text) <= 300 else text[:280] + "..."
 
 
 class JsonlLog:

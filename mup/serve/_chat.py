@@ -11,7 +11,14 @@ from starlette.concurrency import run_in_threadpool
 
 from mup.engine import Request as Row
 from mup.engine import TokenLogprob
-from mup.serve._protocol import Sampling, invalid_request, parse_messages, parse_sampling, usage
+from mup.serve._protocol import (
+    Sampling,
+    invalid_request,
+    parse_continuation,
+    parse_messages,
+    parse_sampling,
+    usage,
+)
 from mup.serve._serving import Serving, merge, rows
 
 log = logging.getLogger("mup.serve")
@@ -25,7 +32,8 @@ class ChatServing(Serving):
         model is this server's."""
         messages = parse_messages(body)
         sampling = parse_sampling(body, self.config, self.engine, "chat")
-        request_rows = await run_in_threadpool(self.rows, messages, sampling)
+        continuation = parse_continuation(body, messages)
+        request_rows = await run_in_threadpool(self.rows, messages, sampling, continuation)
         handles = self.submit(request_rows)
         head = self.head("chatcmpl")
         n_prompt = len(request_rows[0].prompt_ids)
@@ -58,14 +66,21 @@ class ChatServing(Serving):
             **self.extras(sampling, results),
         }
 
-    def rows(self, messages, sampling: Sampling) -> list[Row]:
-        """The conversation's generation prompt, tokenized, and its probe mask."""
+    def rows(self, messages, sampling: Sampling, continuation=(True, False)) -> list[Row]:
+        """The conversation's generation prompt, tokenized, and its probe mask; `continuation`
+        is (add_generation_prompt, continue_final_message)."""
         from mup.text import encode_chats, encode_prompts, token_mask
 
         engine = self.engine
         with engine.tokenizer_lock:
             try:
-                ids = encode_prompts(self.tokenizer, [messages])[0]
+                add, cont = continuation
+                ids = encode_prompts(
+                    self.tokenizer,
+                    [messages],
+                    add_generation_prompt=add,
+                    continue_final_message=cont,
+                )[0]
                 mask = None
                 if engine.probe is not None:
                     enc = encode_chats(self.tokenizer, [messages])

@@ -320,6 +320,7 @@ def parse_sampling(body: dict, config: ServeConfig, engine, route: str = "chat")
         )
     if body.get("suffix") is not None:
         raise invalid_request("'suffix' is not supported", "suffix", "unsupported_parameter")
+    _check_response_format(body)
     logprobs, top_logprobs, echo = _logprob_fields(body, route)
     pts = body.get("probe_token_scores", False)
     if not isinstance(pts, bool):
@@ -407,6 +408,70 @@ def parse_sampling(body: dict, config: ServeConfig, engine, route: str = "chat")
         echo=echo,
         probe_token_scores=pts,
     )
+
+
+# What `response_format` may ask for. JSON modes would need constrained decoding, which the
+# engine does not do; accepting them and sampling freely would hand clients unchecked text that
+# they believe is schema-valid, so they are refused and clients fall back to asking for JSON in
+# the prompt (and validating it), or to `continue_final_message` with a JSON prefix.
+RESPONSE_FORMATS = ("text",)
+
+
+def _check_response_format(body: dict) -> None:
+    fmt = body.get("response_format")
+    if fmt is None:
+        return
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind in RESPONSE_FORMATS:
+        return
+    supported = ", ".join(f"{{'type': '{k}'}}" for k in RESPONSE_FORMATS)
+    if kind in ("json_object", "json_schema"):
+        raise invalid_request(
+            f"'response_format' {kind} is not supported by this server (it does not constrain "
+            f"decoding); supported: {supported}. Ask for JSON in the prompt and validate it, or "
+            "continue a JSON prefix with 'continue_final_message'",
+            "response_format",
+            "unsupported_parameter",
+        )
+    raise invalid_request(
+        f"'response_format' must be an object whose 'type' is one of {list(RESPONSE_FORMATS)}, "
+        f"got {show(fmt)}",
+        "response_format",
+    )
+
+
+def parse_continuation(body: dict, messages: list[dict[str, str]]) -> tuple[bool, bool]:
+    """(add_generation_prompt, continue_final_message) of a chat request, as vLLM's fields:
+    with continue_final_message the last message (the assistant's) is left open and the model
+    continues it, so a client can start the answer (a JSON prefix) and get the rest."""
+    cont = body.get("continue_final_message", False)
+    if cont is None:
+        cont = False
+    if not isinstance(cont, bool):
+        raise invalid_request(
+            f"'continue_final_message' must be true or false, got {show(cont)}",
+            "continue_final_message",
+        )
+    add = body.get("add_generation_prompt")
+    if add is None:
+        add = not cont
+    if not isinstance(add, bool):
+        raise invalid_request(
+            f"'add_generation_prompt' must be true or false, got {show(add)}",
+            "add_generation_prompt",
+        )
+    if cont and add:
+        raise invalid_request(
+            "'continue_final_message' and 'add_generation_prompt' cannot both be true",
+            "continue_final_message",
+        )
+    if cont and messages[-1]["role"] != "assistant":
+        raise invalid_request(
+            "'continue_final_message' needs the last message to be the assistant's, got "
+            f"{show(messages[-1]['role'])}",
+            "continue_final_message",
+        )
+    return add, cont
 
 
 def parse_messages(body: dict) -> list[dict[str, str]]:

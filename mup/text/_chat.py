@@ -137,13 +137,21 @@ def encode_prompts(
     message_lists: Sequence[Conversation],
     *,
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
 ) -> list[list[int]]:
-    """Token ids of each conversation rendered for generation (no roles, no truncation)."""
+    """Token ids of each conversation rendered for generation (no roles, no truncation).
+    With `continue_final_message` the last message is left open (no end-of-turn after it), so
+    that generation continues it; `add_generation_prompt` must then be False."""
     conversations = [_as_conversation(item, i) for i, item in enumerate(message_lists)]
     out: list[list[int]] = []
     for start in range(0, len(conversations), _CHUNK):
         chunk = conversations[start : start + _CHUNK]
-        texts = _render(tokenizer, chunk, add_generation_prompt=add_generation_prompt)
+        texts = _render(
+            tokenizer,
+            chunk,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
         out.extend(tokenizer(texts, add_special_tokens=False)["input_ids"])
     return out
 
@@ -186,10 +194,12 @@ def _render(
     conversations: list[list[dict[str, str]]],
     *,
     add_generation_prompt: bool,
+    continue_final_message: bool = False,
 ) -> list[str]:
     # One call for the whole chunk: most of apply_chat_template's cost is per call.
+    extra = {"continue_final_message": True} if continue_final_message else {}
     texts = tokenizer.apply_chat_template(
-        conversations, tokenize=False, add_generation_prompt=add_generation_prompt
+        conversations, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
     )
     return [texts] if isinstance(texts, str) else list(texts)
 

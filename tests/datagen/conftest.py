@@ -64,9 +64,11 @@ class CountingProxy:
         self._host, self._port = parsed.hostname, parsed.port
         self.chats: list[dict] = []  # forwarded /v1/chat/completions bodies, in order
         self.answers: list[dict] = []  # the server's answers to them (in completion order)
+        self.answered: list[dict] = []  # the forwarded bodies the server answered with a 200
         self.paths: list[str] = []  # every request that reached the proxy, "METHOD /path"
-        self.failed = 0  # chat requests answered 503 by fail_next
+        self.failed = 0  # chat requests answered with an error by fail_next
         self._fail = 0
+        self._fail_status = 503
         self.refuse: set[str] = set()  # chat request fields answered with a 400
         self.refused: list[str] = []  # the field each refused request was refused for
         self._cond = threading.Condition()
@@ -106,7 +108,7 @@ class CountingProxy:
                     return
                 if chat and not proxy._admit(body):
                     try:  # its client is usually gone (killed) by now
-                        self.send_response(503)
+                        self.send_response(proxy._fail_status)
                         self.send_header("Content-Length", "0")
                         self.end_headers()
                     except OSError:
@@ -115,6 +117,7 @@ class CountingProxy:
                 data = proxy._forward(self, body)
                 if chat and data is not None:
                     proxy.answers.append(json.loads(data))
+                    proxy.answered.append(json.loads(body))
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
@@ -143,10 +146,12 @@ class CountingProxy:
         with self._cond:
             self._limit = len(self.chats) + n
 
-    def fail_next(self, k: int) -> None:
-        """Answer the next k chat requests with a 503 instead of forwarding them."""
+    def fail_next(self, k: int, status: int = 503) -> None:
+        """Answer the next k chat requests with `status` (503, 500, 429...) instead of
+        forwarding them."""
         with self._cond:
             self._fail = k
+            self._fail_status = status
 
     def release(self) -> None:
         """Stop holding; parked requests are dropped without being forwarded."""

@@ -304,6 +304,21 @@ ERRORS = [
     ({"steer_vector": [1.0, 2.0]}, 400, "steer_vector", "d_model is 64"),
     ({"custom": {"steer_vector": "x"}}, 400, "custom.steer_vector", "unknown steering vector"),
     ({"probe_token_scores": "yes"}, 400, "probe_token_scores", "true or false"),
+    # JSON modes are refused, never ignored: the engine does not constrain decoding
+    ({"response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
+    ({"response_format": "json"}, 400, "response_format", "must be an object"),
+    ({"continue_final_message": True}, 400, "continue_final_message", "assistant's"),
+    ({"continue_final_message": "yes"}, 400, "continue_final_message", "true or false"),
+    (
+        {
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "o"}],
+            "continue_final_message": True,
+            "add_generation_prompt": True,
+        },
+        400,
+        "continue_final_message",
+        "cannot both be true",
+    ),
     (
         {"messages": [{"role": "user", "content": "word " * 600}]},
         400,
@@ -340,6 +355,41 @@ def test_errors_through_the_client_and_server_keeps_serving(server, client):
         e.value.code == 400 and "not valid JSON" in json.loads(e.value.read())["error"]["message"]
     )
     assert _chat(client, CHATS[3], 0.0, 4).choices[0].message.content is not None
+
+
+def test_response_format_is_refused_not_ignored(client):
+    schema = {"name": "x", "schema": {"type": "object"}}
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": schema}):
+        with pytest.raises(openai.BadRequestError) as e:
+            _chat(client, CHATS[0], 0.0, 4, response_format=fmt)
+        err = e.value.body
+        assert err["param"] == "response_format" and err["code"] == "unsupported_parameter"
+        assert fmt["type"] in err["message"] and "supported: {'type': 'text'}" in err["message"]
+    text = _chat(client, CHATS[0], 0.0, 4, response_format={"type": "text"})
+    assert text.choices[0].message.content is not None
+
+
+def test_continue_final_message_continues_the_assistant_turn(client, reference):
+    """The continuation equals greedy completion of the template rendered up to the open
+    assistant message (no end-of-turn after it), sent as token ids to /v1/completions."""
+    _, tok, _ = reference
+    messages = [*CHATS[0], {"role": "assistant", "content": '{"prompt": "'}]
+    r = client.chat.completions.create(
+        model=NAME,
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False,
+                    "steer_multiplier": 0.0},
+    )  # fmt: skip
+    text = tok.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert text.endswith('{"prompt": "')
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    c = client.completions.create(
+        model=NAME, prompt=ids, max_tokens=8, temperature=0, extra_body={"steer_multiplier": 0.0}
+    )
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].message.content == c.choices[0].text
 
 
 def _good_with(field: str, raw_value: str, route: str = "chat") -> bytes:
