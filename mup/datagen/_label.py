@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -165,11 +165,17 @@ def conversation_text(record: Record, max_chars: int | None = None) -> str:
     """What the labeller reads: a lone user message as is, otherwise role-labelled turns. Past
     `max_chars` only the end is kept (the last turns say most about what is happening now),
     marked with "[...]"."""
-    messages = record.messages
-    if len(messages) == 1 and messages[0].role == "user":
-        text = messages[0].content
+    return messages_text([(m.role, m.content) for m in record.messages], max_chars)
+
+
+def messages_text(messages: Sequence[tuple[str, str]], max_chars: int | None = None) -> str:
+    """`conversation_text` of (role, content) pairs: any chat that a judge reads."""
+    if len(messages) == 1 and messages[0][0] == "user":
+        text = messages[0][1]
     else:
-        text = "\n\n".join(f"{_ROLE_NAMES[m.role]}: {m.content}" for m in messages)
+        text = "\n\n".join(
+            f"{_ROLE_NAMES.get(role, role.capitalize())}: {content}" for role, content in messages
+        )
     if max_chars is not None and len(text) > max_chars:
         return "[...]\n" + text[-max_chars:]
     return text
@@ -209,6 +215,15 @@ class Answer(BaseModel):
 def parse_answer(text: str) -> Answer:
     """The first JSON object in `text` that is a valid answer (models wrap JSON in prose and
     code fences); ValueError with a short reason otherwise."""
+    return parse_json_answer(text, Answer)
+
+
+AnswerT = TypeVar("AnswerT", bound=BaseModel)
+
+
+def parse_json_answer(text: str, model: type[AnswerT]) -> AnswerT:
+    """The first JSON object in `text` that validates as `model` (any JSON answer format: the
+    labeller's `Answer`, the steering judge's); ValueError with a short reason otherwise."""
     decoder = json.JSONDecoder()
     problem = "no JSON object in the answer"
     start = text.find("{")
@@ -224,7 +239,7 @@ def parse_answer(text: str) -> Answer:
         else:
             if isinstance(value, dict):
                 try:
-                    return Answer.model_validate(value)
+                    return model.model_validate(value)
                 except ValidationError as error:
                     problem = "; ".join(
                         f"{'.'.join(map(str, e['loc'])) or 'answer'}: {e['msg']}"
@@ -523,50 +538,67 @@ def rejects_path(out: Path) -> Path:
     return out.with_name(f"{out.stem if out.suffix == '.jsonl' else out.name}.rejects.jsonl")
 
 
-class Labeller:
-    """Requests one record's label; thread-safe (the endpoint's pool calls `__call__`)."""
+class RequestOptions:
+    """A chat request's settings, stepped down as the endpoint refuses them; thread-safe.
 
-    def __init__(self, endpoint, config: LabelConfig):
-        self.endpoint = endpoint
-        self.config = config
-        self._system = config.system_prompt
+    response_format "auto" starts at json_schema (with `schema`) and falls back to json_object,
+    then none; top_logprobs falls to 0 (parse only) when logprobs are refused. Every step is a
+    note (logged once). Shared by every tool that asks an endpoint for JSON answers (the
+    labeller here, the steering judge).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        top_logprobs: int,
+        response_format: ResponseFormat,
+        schema: Mapping[str, Any],
+        error: type[Exception] = LabelError,
+    ):
+        self.max_tokens, self.temperature, self.seed = max_tokens, temperature, seed
+        self.response_format = response_format
+        self.schema = schema
+        self.error = error  # raised when a format that was asked for by name is refused
         self._lock = threading.Lock()
-        self._format = "json_schema" if config.response_format == "auto" else config.response_format
-        self._top = config.top_logprobs
+        self._format = "json_schema" if response_format == "auto" else response_format
+        self._top = top_logprobs
         self.notes: list[str] = []
 
-    def _request_kwargs(self) -> tuple[dict[str, Any], tuple[str, int]]:
+    def kwargs(self) -> tuple[dict[str, Any], tuple[str, int]]:
         """The request's settings, and the (format, top_logprobs) they use."""
         with self._lock:
             fmt, top = self._format, self._top
         kwargs: dict[str, Any] = {
-            "max_tokens": self.config.max_tokens,
-            "temperature": self.config.temperature,
-            "seed": self.config.seed,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "seed": self.seed,
         }
         if top:
             kwargs.update(logprobs=True, top_logprobs=top)
         if fmt == "json_schema":
-            kwargs["response_format"] = {"type": "json_schema", "json_schema": ANSWER_SCHEMA}
+            kwargs["response_format"] = {"type": "json_schema", "json_schema": dict(self.schema)}
         elif fmt == "json_object":
             kwargs["response_format"] = {"type": "json_object"}
         return kwargs, (fmt, top)
 
-    def _downgrade(self, error, used: tuple[str, int]) -> bool:
+    def downgrade(self, error, used: tuple[str, int]) -> bool:
         """Drop what a 400 says the endpoint refuses (auto format, logprobs); False if nothing.
         `used` is what the refused request sent: requests in flight together are refused
         together, and only the first of them may step the format down."""
-        from mup.datagen._endpoint import _message
+        from mup.datagen._endpoint import error_message
 
-        text = f"{getattr(error, 'param', '') or ''} {_message(error)}".lower()
+        text = f"{getattr(error, 'param', '') or ''} {error_message(error)}".lower()
         with self._lock:
             if (self._format, self._top) != used:
                 return True  # another thread already dropped it: just ask again
             if "response_format" in text or "json_schema" in text:
-                if self.config.response_format != "auto":
-                    raise LabelError(
+                if self.response_format != "auto":
+                    raise self.error(
                         f"the endpoint refuses response_format {self._format}: "
-                        f"{_message(error)} (try --response-format auto)"
+                        f"{error_message(error)} (try --response-format auto)"
                     )
                 if self._format in _FORMAT_FALLBACK:
                     before, self._format = self._format, _FORMAT_FALLBACK[self._format]
@@ -585,43 +617,76 @@ class Labeller:
             self.notes.append(text)
             logger.warning(text)
 
-    def __call__(self, item: tuple[Record, dict[str, Any]]) -> Labelled | Rejected:
-        import openai
 
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    """The endpoint refused this one request for good (400, 409, 413, 422): a reject."""
+
+    error: str  # "<status>: <the endpoint's message>"
+
+
+def ask(endpoint, options: RequestOptions, messages: list[dict[str, str]], what: str):
+    """One chat completion with `options`, stepping them down while the endpoint refuses one
+    (`RequestOptions.downgrade`): the response, or `Refused` when the endpoint refuses this
+    request itself. Raises ``options.error`` (one line naming `what`, e.g. "record 'x'") when
+    the endpoint fails for good: any other status, or lost after the client's retries."""
+    import openai
+
+    from mup.datagen._endpoint import connection_reason
+
+    for _ in range(4):  # each pass drops one refused option; three can be refused
+        kwargs, used = options.kwargs()
+        try:
+            return endpoint.chat(messages, **kwargs)
+        except openai.BadRequestError as error:
+            if options.downgrade(error, used):
+                continue
+            return Refused(f"400: {_short_message(error)}")
+        except (openai.UnprocessableEntityError, openai.ConflictError) as error:
+            return Refused(f"{error.status_code}: {_short_message(error)}")
+        except openai.APIStatusError as error:
+            if error.status_code == 413:
+                return Refused(f"413: {_short_message(error)}")
+            raise options.error(
+                f"the endpoint {endpoint.where} answered {error.status_code} for {what}: "
+                f"{_short_message(error)}"
+            ) from None
+        except openai.APIConnectionError as error:  # after the client's retries
+            raise options.error(
+                f"lost the endpoint {endpoint.where} at {what}: {connection_reason(error)}"
+            ) from None
+    raise options.error("the endpoint refused every request format")
+
+
+class Labeller:
+    """Requests one record's label; thread-safe (the endpoint's pool calls `__call__`)."""
+
+    def __init__(self, endpoint, config: LabelConfig):
+        self.endpoint = endpoint
+        self.config = config
+        self._system = config.system_prompt
+        self.options = RequestOptions(
+            max_tokens=config.max_tokens,
+            temperature=config.temperature,
+            seed=config.seed,
+            top_logprobs=config.top_logprobs,
+            response_format=config.response_format,
+            schema=ANSWER_SCHEMA,
+        )
+
+    @property
+    def notes(self) -> list[str]:
+        return self.options.notes
+
+    def __call__(self, item: tuple[Record, dict[str, Any]]) -> Labelled | Rejected:
         record, raw = item
         messages = [
             {"role": "system", "content": self._system},
             {"role": "user", "content": user_message(record, self.config.max_input_chars)},
         ]
-        for _ in range(4):  # each pass drops one refused option; three can be refused
-            kwargs, used = self._request_kwargs()
-            try:
-                response = self.endpoint.chat(messages, **kwargs)
-                break
-            except openai.BadRequestError as error:
-                if self._downgrade(error, used):
-                    continue
-                return self._rejected(record, "request", f"400: {_short_message(error)}", None)
-            except (openai.UnprocessableEntityError, openai.ConflictError) as error:
-                return self._rejected(
-                    record, "request", f"{error.status_code}: {_short_message(error)}", None
-                )
-            except openai.APIStatusError as error:
-                if error.status_code == 413:
-                    return self._rejected(record, "request", f"413: {_short_message(error)}", None)
-                raise LabelError(
-                    f"the endpoint {self.endpoint.where} answered {error.status_code} for record "
-                    f"{record.id!r}: {_short_message(error)}"
-                ) from None
-            except openai.APIConnectionError as error:  # after the client's retries
-                from mup.datagen._endpoint import _reason
-
-                raise LabelError(
-                    f"lost the endpoint {self.endpoint.where} at record {record.id!r}: "
-                    f"{_reason(error)}"
-                ) from None
-        else:
-            raise LabelError("the endpoint refused every request format")
+        response = ask(self.endpoint, self.options, messages, f"record {record.id!r}")
+        if isinstance(response, Refused):
+            return self._rejected(record, "request", response.error, None)
         return self._answer(record, raw, response)
 
     def _answer(self, record: Record, raw: dict[str, Any], response) -> Labelled | Rejected:
@@ -688,14 +753,15 @@ class Labeller:
 
 
 def _short_message(error) -> str:
-    from mup.datagen._endpoint import _message
+    from mup.datagen._endpoint import error_message
 
-    text = _message(error)
+    text = error_message(error)
     return text if len(text) <= 300 else text[:280] + "..."
 
 
 class JsonlLog:
-    """An append-only jsonl file of finished records, keyed by their ``ids``.
+    """An append-only jsonl file of finished records, keyed by their ``ids`` (or the field
+    `key`: the steering judge keys its ratings by ``key``).
 
     `open` cuts an incomplete last line (a write that a killed process left half done) and
     returns the rows; `append` writes one complete line and flushes it, so that a process killed
@@ -704,9 +770,13 @@ class JsonlLog:
     again gets a second line) and its last line counts.
     """
 
-    def __init__(self, path: Path, *, unique: bool = True):
+    def __init__(
+        self, path: Path, *, unique: bool = True, key: str = "ids", writer: str = "mup data label"
+    ):
         self.path = path
         self.unique = unique
+        self.key = key
+        self.writer = writer  # named when a line is not one of ours
         self._file = None
 
     def open(self, *, lock: bool = False, create: bool = True) -> dict[str, dict[str, Any]]:
@@ -734,11 +804,11 @@ class JsonlLog:
                 continue
             try:
                 row = json.loads(line)
-                key = str(row["ids"])
+                key = str(row[self.key])
             except (ValueError, KeyError, TypeError) as error:
                 raise LabelError(
                     f"{self.path}:{number}: not a record line ({type(error).__name__}: {error}); "
-                    "was this file written by mup data label?"
+                    f"was this file written by {self.writer}?"
                 ) from None
             if key in rows and self.unique:
                 raise LabelError(f"{self.path}:{number}: the id {key!r} appears twice")
