@@ -23,6 +23,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+
 from _support.checkpoints import save_tiny_llama
 from _support.servers import Server
 
