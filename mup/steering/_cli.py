@@ -6,6 +6,7 @@
               --layers 5,10,15 trains one vector per layer (OUT/layer_L/ + OUT/summary.json)
   import      a torch .pt vector (the BiPO study's vec_ep{E}_layer{L}.pt) -> .safetensors,
               read without torch
+  judge       LLM judge ratings (and pairwise win rates vs m=0) of a sweep's answers
 
 --layer L is always the block whose output the vector is added to; the vector is measured at
 hidden_states[L + 1] (store layer L + 1).
@@ -22,6 +23,8 @@ from pathlib import Path
 from mup import _compile_cache
 from mup.steering import _import
 from mup.steering._bipo import LR_SCHEDULES
+from mup.steering._judge_cli import add_parser as add_judge_parser
+from mup.steering._judge_cli import run as run_judge
 from mup.steering._pairs import bundled_pairs_path, load_pairs
 
 
@@ -95,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true")
 
     _import.add_parser(sub)
+    add_judge_parser(sub)
     return p
 
 
@@ -126,6 +130,8 @@ def _pairs_path(arg: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "judge":
+        return run_judge(args)  # its own logging and errors; no JAX
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _compile_cache.enable()
     try:

@@ -440,9 +440,11 @@ def bradley_terry(
     axes are independent problems (bootstrap replicates).
 
     The maximum-likelihood fit by Hunter's (2004) MM iteration, p_i <- W_i / sum_j n_ij /
-    (p_i + p_j), which increases the likelihood every step. `prior` adds that many wins each way
-    to every pair that was compared (a clean sweep has no finite MLE otherwise). An item never
-    compared is nan; one with no wins at all (prior 0) is -inf.
+    (p_i + p_j), which increases the likelihood every step. The MLE exists when every item
+    reaches every other along "beat" edges (Zermelo's condition); a problem where it does not
+    (e.g. a multiplier that never lost) is all nan. `prior` adds that many wins each way to
+    every pair that was compared, which makes it exist whenever the comparisons connect the
+    items. An item never compared is nan.
     """
     w = np.asarray(wins, dtype=np.float64)
     if w.ndim < 2 or w.shape[-1] != w.shape[-2]:
@@ -455,6 +457,12 @@ def bradley_terry(
         n = w + np.swapaxes(w, -1, -2)
     total = w.sum(-1)  # [..., K]: each item's wins
     compared = n.sum(-1) > 0
+    reach = (w > 0) | np.eye(k, dtype=bool)
+    for _ in range(max(1, math.ceil(math.log2(k)))):  # transitive closure by squaring
+        reach = reach | (np.einsum("...ij,...jk->...ik", reach, reach) > 0)
+    pair_compared = compared[..., :, None] & compared[..., None, :]
+    exists = np.all(reach | ~pair_compared, axis=(-1, -2))  # [...]
+    compared = compared & exists[..., None]
     p = np.where(compared, 1.0, np.nan)
     for _ in range(max_iter):
         with np.errstate(divide="ignore", invalid="ignore"):
