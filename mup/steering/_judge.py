@@ -43,6 +43,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -904,7 +905,8 @@ def _add_bradley_terry(rows: list[dict], pairs: list[dict], config: JudgeConfig)
         groups.setdefault((p["vector"], p["layer"], p["epoch"], p["rubric"]), []).append(p)
     rng = np.random.default_rng(config.seed)
     for group, items in groups.items():
-        multipliers = sorted({0.0} | {float(p["multiplier"]) for p in items})
+        # The unsteered answer first: index 0 is the reference of the fit and of the wins.
+        multipliers = [0.0, *sorted({float(p["multiplier"]) for p in items} - {0.0})]
         index = {m: i for i, m in enumerate(multipliers)}
         prompts = sorted({(p["prompt_id"], p["sample"]) for p in items})
         pindex = {q: i for i, q in enumerate(prompts)}
@@ -923,7 +925,8 @@ def _add_bradley_terry(rows: list[dict], pairs: list[dict], config: JudgeConfig)
             replicates = bradley_terry(
                 np.einsum("bp,pij->bij", counts, per_prompt), prior=config.bt_prior
             )  # [B, K]
-            with np.errstate(invalid="ignore"):
+            with warnings.catch_warnings():  # a multiplier with no finite replicate: nan
+                warnings.simplefilter("ignore", RuntimeWarning)
                 low, high = np.nanpercentile(replicates, [2.5, 97.5], axis=0)
         for row in rows:
             if (row["vector"], row["layer"], row["epoch"], row["rubric"]) != group:
@@ -987,7 +990,10 @@ def plot_summary(rows: list[dict], path: Path) -> Path:
             err = np.array([[r["mean"] - r["ci_low"], r["ci_high"] - r["mean"]] for r in pts]).T
             ax.errorbar(x, mean, yerr=np.nan_to_num(err), marker="o", capsize=3, label=label)
             if pairwise:
+                # m=0 against itself is 1/2 by definition: drawn so the curve passes through it
                 steered = [r for r in pts if r["n_pairs"]]
+                steered += [{"multiplier": 0.0, "win_rate": 0.5, "win_low": 0.5, "win_high": 0.5}]
+                steered.sort(key=lambda r: r["multiplier"])
                 rate = np.array([r["win_rate"] for r in steered])
                 werr = np.array(
                     [[r["win_rate"] - r["win_low"], r["win_high"] - r["win_rate"]] for r in steered]

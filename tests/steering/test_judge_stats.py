@@ -209,6 +209,10 @@ def test_summary_win_rate_position_bias_and_bt_per_multiplier():
     for q, order, win in outcomes:
         judged.append({**head, "kind": "pair", "multiplier": 1.0, "prompt_id": f"p{q}",
                        "order": order, "m_wins": win, "p_m_better": win})  # fmt: skip
+    for q, order in [(q, o) for q in range(4) for o in ("m_first", "zero_first")]:
+        win = 0.0 if (q, order) == (2, "zero_first") else 1.0  # m=-1 (below 0) wins 7 of 8
+        judged.append({**head, "kind": "pair", "multiplier": -1.0, "prompt_id": f"p{q}",
+                       "order": order, "m_wins": win, "p_m_better": win})  # fmt: skip
     rejected = [{**head, "kind": "rating", "multiplier": 1.0, "prompt_id": "p9"}]
     rows = {r["multiplier"]: r for r in summarize(judged, rejected, config)}
     zero, one = rows[0.0], rows[1.0]
@@ -220,3 +224,7 @@ def test_summary_win_rate_position_bias_and_bt_per_multiplier():
     assert one["a_rate"] == 6 / 8
     assert one["bt"] == pytest.approx(math.log(2.5 / 6.5))  # logit((2 + 1/2) / (8 + 1))
     assert one["bt_low"] <= one["bt"] <= one["bt_high"] and one["bt_low"] < one["bt_high"]
+    # each multiplier against the unsteered answer, whatever its sign (0 is the reference)
+    below = rows[-1.0]
+    assert below["win_rate"] == 7 / 8 and below["bt"] == pytest.approx(math.log(7.5 / 1.5))
+    assert below["bt_low"] <= below["bt"] <= below["bt_high"] and below["bt_low"] > 0
