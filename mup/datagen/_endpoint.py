@@ -291,16 +291,19 @@ def _check(client, config: EndpointConfig, where: str) -> str:
     try:
         models = [m.id for m in quick.models.list()]
     except openai.APIConnectionError as error:  # includes timeouts
-        raise EndpointError(f"cannot reach the endpoint {where}: {_reason(error)}") from None
+        raise EndpointError(
+            f"cannot reach the endpoint {where}: {connection_reason(error)}"
+        ) from None
     except openai.AuthenticationError as error:
         raise EndpointError(
-            f"the endpoint {where} refused the API key{key_note}: {_message(error)}"
+            f"the endpoint {where} refused the API key{key_note}: {error_message(error)}"
         ) from None
     except openai.NotFoundError:
         models = []  # an endpoint without /v1/models: the first request will tell
     except openai.APIStatusError as error:
         raise EndpointError(
-            f"the endpoint {where} answered GET /models with {error.status_code}: {_message(error)}"
+            f"the endpoint {where} answered GET /models with {error.status_code}: "
+            f"{error_message(error)}"
         ) from None
     if config.model is None:
         if not models:
@@ -317,7 +320,7 @@ def _check(client, config: EndpointConfig, where: str) -> str:
     return config.model
 
 
-def _reason(error: BaseException) -> str:
+def connection_reason(error: BaseException) -> str:
     """The root cause of a connection failure, e.g. "[Errno 111] Connection refused"."""
     cause = error
     while cause.__cause__ is not None or cause.__context__ is not None:
@@ -326,7 +329,7 @@ def _reason(error: BaseException) -> str:
     return text if cause is error else f"{type(error).__name__}: {text}"
 
 
-def _message(error) -> str:
+def error_message(error) -> str:
     body = getattr(error, "body", None)
     if isinstance(body, dict):
         inner = body.get("error", body)

@@ -176,11 +176,17 @@ def conversation_text(record: Record, max_chars: int | None = None) -> str:
     """What the labeller reads: a lone user message as is, otherwise role-labelled turns. Past
     `max_chars` only the end is kept (the last turns say most about what is happening now),
     marked with "[...]"."""
-    messages = record.messages
-    if len(messages) == 1 and messages[0].role == "user":
-        text = messages[0].content
+    return messages_text([(m.role, m.content) for m in record.messages], max_chars)
+
+
+def messages_text(messages: Sequence[tuple[str, str]], max_chars: int | None = None) -> str:
+    """`conversation_text` of (role, content) pairs: any chat that a judge reads."""
+    if len(messages) == 1 and messages[0][0] == "user":
+        text = messages[0][1]
     else:
-        text = "\n\n".join(f"{_ROLE_NAMES[m.role]}: {m.content}" for m in messages)
+        text = "\n\n".join(
+            f"{_ROLE_NAMES.get(role, role.capitalize())}: {content}" for role, content in messages
+        )
     if max_chars is not None and len(text) > max_chars:
         return "[...]\n" + text[-max_chars:]
     return text
@@ -632,9 +638,13 @@ class JsonlLog:
     again gets a second line) and its last line counts.
     """
 
-    def __init__(self, path: Path, *, unique: bool = True):
+    def __init__(
+        self, path: Path, *, unique: bool = True, key: str = "ids", writer: str = "mup data label"
+    ):
         self.path = path
         self.unique = unique
+        self.key = key
+        self.writer = writer  # named when a line is not one of ours
         self._file = None
 
     def open(self, *, lock: bool = False, create: bool = True) -> dict[str, dict[str, Any]]:
@@ -662,11 +672,11 @@ class JsonlLog:
                 continue
             try:
                 row = json.loads(line)
-                key = str(row["ids"])
+                key = str(row[self.key])
             except (ValueError, KeyError, TypeError) as error:
                 raise LabelError(
                     f"{self.path}:{number}: not a record line ({type(error).__name__}: {error}); "
-                    "was this file written by mup data label?"
+                    f"was this file written by {self.writer}?"
                 ) from None
             if key in rows and self.unique:
                 raise LabelError(f"{self.path}:{number}: the id {key!r} appears twice")

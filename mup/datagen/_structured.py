@@ -73,9 +73,9 @@ class Negotiator:
         is what the refused request sent: requests in flight together are refused together,
         and only the first of them steps down. Raises `self.error` when the format refused was
         asked for by name."""
-        from mup.datagen._endpoint import _message
+        from mup.datagen._endpoint import error_message
 
-        text = f"{getattr(error, 'param', '') or ''} {_message(error)}".lower()
+        text = f"{getattr(error, 'param', '') or ''} {error_message(error)}".lower()
         with self._lock:
             if (self.format, self.top) != used:
                 return True  # another thread already stepped down: just ask again
@@ -86,7 +86,7 @@ class Negotiator:
                 refused = _describe(self.format)
                 if not self.auto:
                     raise self.error(
-                        f"the endpoint refuses {refused}: {_message(error)} "
+                        f"the endpoint refuses {refused}: {error_message(error)} "
                         "(try --response-format auto)"
                     )
                 following = self.chain[self.chain.index(self.format) + 1 :]
@@ -144,7 +144,7 @@ def send(
     item) when the endpoint fails after the client's retries."""
     import openai
 
-    from mup.datagen._endpoint import _reason
+    from mup.datagen._endpoint import connection_reason
 
     for _ in range(len(negotiator.chain) + 2):  # each pass drops one refused option
         used = negotiator.current()
@@ -165,14 +165,16 @@ def send(
                 f"{short_message(e)}"
             ) from None
         except openai.APIConnectionError as e:  # after the client's retries
-            raise error(f"lost the endpoint {endpoint.where} at {what}: {_reason(e)}") from None
+            raise error(
+                f"lost the endpoint {endpoint.where} at {what}: {connection_reason(e)}"
+            ) from None
     raise error("the endpoint refused every request format")
 
 
 def short_message(error) -> str:
-    from mup.datagen._endpoint import _message
+    from mup.datagen._endpoint import error_message
 
-    text = _message(error)
+    text = error_message(error)
     return text if len(text) <= 300 else text[:280] + "..."
 
 

@@ -1,4 +1,5 @@
-"""Steering vectors: difference of means (CAA) from stores or paired prompts, and BiPO training.
+"""Steering vectors: difference of means (CAA) from stores or paired prompts, BiPO training, and
+LLM judges of steered answers (`judge_sweep`: rubric ratings, pairwise win rates, Bradley-Terry).
 
 Layer convention: a vector "at layer L" is added to the OUTPUT of block L (as
 `mup.models.Steering(L, v)` does), which is transformers' ``hidden_states[L + 1]``; every vector
@@ -62,18 +63,43 @@ from mup.steering._bipo import (
 # torch .pt vector files (the BiPO study's), read without torch
 from mup.steering._import import import_pt, read_pt
 
+# isort: split
+# LLM judges of steered answers (`mup steering judge`)
+from mup.steering._judge import (
+    BUNDLED_RUBRICS,
+    JudgeConfig,
+    JudgeError,
+    JudgeSummary,
+    Rubric,
+    SweepError,
+    SweepRow,
+    bradley_terry,
+    judge_sweep,
+    load_rubric,
+    load_sweep,
+    wilson_interval,
+)
+
 __all__ = [
     "BUNDLED_PAIRS",
+    "BUNDLED_RUBRICS",
     "PAIR_METHODS",
     "REQUIRED_METADATA",
     "BiPOConfig",
     "BiPOResult",
     "DomResult",
     "EncodedPairs",
+    "JudgeConfig",
+    "JudgeError",
+    "JudgeSummary",
     "PairsError",
     "PreferencePair",
+    "Rubric",
     "SteeringVector",
+    "SweepError",
+    "SweepRow",
     "VectorFileError",
+    "bradley_terry",
     "bundled_pairs_path",
     "difference_vector",
     "dom_from_pairs",
@@ -81,7 +107,10 @@ __all__ = [
     "encode_pairs",
     "evaluate_vector",
     "import_pt",
+    "judge_sweep",
     "load_pairs",
+    "load_rubric",
+    "load_sweep",
     "load_vector",
     "pair_margins",
     "pooled_responses",
@@ -92,4 +121,5 @@ __all__ = [
     "train_bipo",
     "train_bipo_layers",
     "with_system_prompt",
+    "wilson_interval",
 ]

@@ -7,6 +7,7 @@
   import      a torch .pt vector (the BiPO study's vec_ep{E}_layer{L}.pt) -> .safetensors,
               read without torch
   sweep       generate across multipliers: perplexity, propensity, coherent range, summaries
+  judge       LLM judge ratings (and pairwise win rates vs m=0) of a sweep's answers
 
 --layer L is always the block whose output the vector is added to; the vector is measured at
 hidden_states[L + 1] (store layer L + 1).
@@ -23,6 +24,8 @@ from pathlib import Path
 from mup import _compile_cache
 from mup.steering import _import
 from mup.steering._bipo import LR_SCHEDULES
+from mup.steering._judge_cli import add_parser as add_judge_parser
+from mup.steering._judge_cli import run as run_judge
 from mup.steering._pairs import bundled_pairs_path, load_pairs
 
 
@@ -99,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mup.steering._sweep_cli import add_parser as add_sweep_parser
 
     add_sweep_parser(sub)
+    add_judge_parser(sub)
     return p
 
 
@@ -130,6 +134,8 @@ def _pairs_path(arg: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "judge":
+        return run_judge(args)  # its own logging and errors; no JAX
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _compile_cache.enable()
     try:

@@ -5,8 +5,9 @@ any fault. A store that says it is complete must be sound, whichever test wrote 
 Tests that damage complete stores on purpose (bit flips, deleted shards) are marked
 ``damages_stores``; stores under their tmp_path are left out (a marker file in that tmp_path
 says so, which also reaches the controller when pytest-xdist runs the tests in workers: the
-controller audits the whole base temp folder once, after every worker has finished). Stores that never completed
-(kill -9 mid-run, crash injection) do not vouch for anything and are not audited.
+controller audits the whole base temp folder once, after every worker has finished). Stores
+that never completed (kill -9 mid-run, crash injection) do not vouch for anything and are not
+audited.
 Set MUP_STORE_AUDIT=0 to skip the audit (e.g. when running a single test while editing).
 """
 
