@@ -66,7 +66,8 @@ def judge(proxy, sweep, out, *extra: str) -> int:  # noqa: F811
 
 
 def requested(proxy, sweep, *rubrics, pairwise=False, start=0) -> collections.Counter:  # noqa: F811
-    """How often each planned task (by key) was forwarded to the server."""
+    """How often each planned task (by key) was answered by the server (mup serve refuses
+    response_format with a 400, so a run on `auto` also sends refused requests first)."""
     config = JudgeConfig(rubrics=tuple(load_rubric(r) for r in rubrics), pairwise=pairwise)
     by_text = {}
     for t in plan(load_sweep(sweep), config):
@@ -78,7 +79,7 @@ def requested(proxy, sweep, *rubrics, pairwise=False, start=0) -> collections.Co
         by_text[(messages[0]["content"], messages[1]["content"])] = t.key
     return collections.Counter(
         by_text[(body["messages"][0]["content"], body["messages"][1]["content"])]
-        for body in proxy.chats[start:]
+        for body in proxy.answered[start:]
     )
 
 
@@ -108,15 +109,17 @@ def test_judge_end_to_end_ratings_pairs_summary_and_resume(proxy, sweep, tmp_pat
             assert 0 <= r["p_m_better"] <= 1 and r["m_wins"] in (0, 0.5, 1)
     for r in rejects:  # pairs whose junk names neither answer
         assert r["reject"] == "parse" and r["error"] and r["raw"] in answers
-    # what was sent: the rubric in the system prompt, logprobs, each kind's JSON schema
-    bodies = {b["response_format"]["json_schema"]["name"]: b for b in proxy.chats}
+    # what was sent: the rubric in the system prompt, logprobs, each kind's JSON schema (mup
+    # serve refuses it, and each kind steps down to json_object, then to the prompt alone)
+    asked = [b for b in proxy.chats if b.get("response_format", {}).get("type") == "json_schema"]
+    bodies = {b["response_format"]["json_schema"]["name"]: b for b in asked}
     assert bodies["rating"]["response_format"]["json_schema"] == RATING_SCHEMA
     assert bodies["comparison"]["response_format"]["json_schema"] == PAIR_SCHEMA
     for body in bodies.values():
         assert load_rubric("coherence").text in body["messages"][0]["content"]
         assert body["logprobs"] is True and body["top_logprobs"] == 20
     # both orders: the unsteered answer is shown first in half of the comparisons
-    texts = [b["messages"][1]["content"] for b in proxy.chats]
+    texts = [b["messages"][1]["content"] for b in proxy.answered]
     shown_first = [t.split("<answer_B>")[0] for t in texts if "<answer_A>" in t]
     assert collections.Counter("+0 was" in t for t in shown_first) == {True: 6, False: 6}
 
@@ -140,9 +143,10 @@ def test_judge_end_to_end_ratings_pairs_summary_and_resume(proxy, sweep, tmp_pat
     assert f"tokens: {prompt_tokens} prompt + " in printed and "21 requests" in printed
 
     # a rerun asks for nothing; a second rubric (a file) asks only for its own ratings
-    before = len(proxy.chats)
+    before = len(proxy.answered)
+    asked_before = len(proxy.chats)
     assert judge(proxy, sweep, out, "--pairwise") == 0
-    assert len(proxy.chats) == before
+    assert len(proxy.chats) == asked_before
     own = tmp_path / "warmth.md"
     own.write_text("# Warmth\nRate how warm the answer is: 1 cold, 10 very warm.\n")
     assert judge(proxy, sweep, out, "--rubric", "coherence", str(own)) == 0
@@ -159,6 +163,7 @@ def test_resume_after_sigkill_never_requests_a_finished_rating_again(proxy, swee
     out = tmp_path / "killed.jsonl"
     args = [sys.executable, "-m", "mup", "steering", "judge", "--sweep", str(sweep)]
     args += ["--out", str(out), "--base-url", proxy.url, "--concurrency", "2", *FAST]
+    args += ["--response-format", "none"]  # every request is answered: hold_after counts them
     proxy.hold_after(3)  # three ratings are answered, then requests are parked
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -178,7 +183,7 @@ def test_resume_after_sigkill_never_requests_a_finished_rating_again(proxy, swee
     with open(out, "ab") as f:  # and a line that the kill cut short
         f.write(b'{"key": "rating|coherence|caa_L3.safe')
 
-    assert judge(proxy, sweep, out, "--concurrency", "2") == 0
+    assert judge(proxy, sweep, out, "--concurrency", "2", "--response-format", "none") == 0
     counts = requested(proxy, sweep, "coherence")
     assert counts == {k: 1 for k in counts} and len(counts) == 9, "a rating was asked twice"
     assert not set(requested(proxy, sweep, "coherence", start=3)) & first
