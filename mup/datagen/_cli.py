@@ -305,7 +305,7 @@ def _output_paths(inputs: list[str], out: Path) -> list[Path]:
 
 
 def _label(args) -> int:
-    from mup.datagen._endpoint import open_endpoint
+    from mup.datagen._endpoint import open_endpoint, quiet_http_logs
     from mup.datagen._label import (
         LabelConfig,
         LabelError,
@@ -314,7 +314,7 @@ def _label(args) -> int:
         resolve_context,
     )
 
-    _quiet_http_logs()
+    quiet_http_logs()
     # Everything that needs no request first: a bad input costs nothing.
     if (args.base_url is None) == (args.serve is None):
         raise LabelError("give exactly one of --base-url URL or --serve SPEC")
@@ -383,12 +383,6 @@ def _endpoint_config(args):
     )
 
 
-def _quiet_http_logs() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("httpx", "httpx2", "openai"):  # a line per request would bury the progress bar
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def _relabel(args) -> int:
     """`label` of one labelled input: the labeller keeps the old labels in labels_before."""
     from mup.datagen._label import LabelError
@@ -404,7 +398,7 @@ def _relabel(args) -> int:
 
 def _generate(args) -> int:
     """Exit 2 for bad input (one line, before any request), 1 when the endpoint fails."""
-    from mup.datagen._endpoint import open_endpoint
+    from mup.datagen._endpoint import open_endpoint, quiet_http_logs
     from mup.datagen._generate import (
         GenerateConfig,
         GenerateError,
@@ -413,7 +407,7 @@ def _generate(args) -> int:
         load_variations,
     )
 
-    _quiet_http_logs()
+    quiet_http_logs()
     prog = "mup data generate"
     try:
         if (args.base_url is None) == (args.serve is None):

@@ -38,6 +38,15 @@ from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
+
+def quiet_http_logs() -> None:
+    """INFO logging for a command, without the HTTP clients' line per request (it would bury
+    the progress bar); the openai client logs through httpx, and some builds through httpx2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("httpx", "httpx2", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 T = TypeVar("T")
 R = TypeVar("R")
 

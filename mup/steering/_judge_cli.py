@@ -180,12 +180,10 @@ def _prepare(args):
 
 
 def _judge(args, rows, config) -> int:
-    from mup.datagen._endpoint import EndpointConfig, open_endpoint
+    from mup.datagen._endpoint import EndpointConfig, open_endpoint, quiet_http_logs
     from mup.steering._judge import judge_sweep
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("httpx", "openai"):  # a line per request would bury the progress bar
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_http_logs()
     endpoint_config = EndpointConfig(
         base_url=args.base_url,
         model=args.model,
