@@ -45,14 +45,8 @@ from mup.evals._sandbox import RunResult, run_contained
 # isort: split
 # Suites (configs/benchmarks.yaml) and the OpenAI route for deployed servers
 from mup.evals._deployments import Deployment, read_deployments
-from mup.evals._suite import (
-    BenchmarkSpec,
-    SuiteConfig,
-    SuiteError,
-    TaskUnavailable,
-    build_task,
-    load_suites,
-)
+from mup.evals._errors import SuiteError, TaskUnavailable
+from mup.evals._suite import BenchmarkSpec, SuiteConfig, build_task, load_suites
 
 # isort: split
 # Running across multipliers and aggregating

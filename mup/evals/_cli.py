@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _compile_cache.enable()
     from mup.evals import _aggregate, _runner, _suite
+    from mup.evals._errors import SuiteError
 
     try:
         if args.command == "list":
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{len(failed)} run(s) did not succeed; rerun to retry them", file=sys.stderr)
             return 1
         return 0
-    except (_suite.SuiteError, ValueError, FileNotFoundError) as error:
+    except (SuiteError, ValueError, FileNotFoundError) as error:
         print(f"mup evals: error: {error}", file=sys.stderr)
         return 2
 

@@ -22,7 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mup.evals._suite import BenchmarkSpec, TaskUnavailable, build_task, load_suites
+from mup.evals._errors import TaskUnavailable
+from mup.evals._suite import BenchmarkSpec, build_task, load_suites
 
 logger = logging.getLogger(__name__)
 

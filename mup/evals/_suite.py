@@ -17,18 +17,11 @@ from typing import Any
 import yaml
 from inspect_ai.model import GenerateConfig
 
+from mup.evals._errors import SuiteError
+
 CONFIG_NAME = "benchmarks.yaml"
 _KEY = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 _ENTRY_FIELDS = {"task", "category", "benchmark", "subset", "args", "generate"}
-
-
-class SuiteError(ValueError):
-    """A malformed benchmarks config, an unknown suite, or a task that cannot be built."""
-
-
-class TaskUnavailable(SuiteError):
-    """A well-formed entry that cannot run on this machine (no inspect_evals, no hub access):
-    the runner skips it with this message and runs the rest of the suite."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -365,7 +365,7 @@ def hub_mc_ll(benchmark: str = "arc_easy", template: str = LL_TEMPLATE) -> Task:
     the runner skips it with the reason (`TaskUnavailable`)."""
     import importlib
 
-    from mup.evals._suite import TaskUnavailable
+    from mup.evals._errors import TaskUnavailable
 
     if benchmark not in HUB_MC:
         raise ValueError(f"hub_mc_ll: benchmark must be one of {sorted(HUB_MC)}, got {benchmark!r}")

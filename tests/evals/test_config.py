@@ -51,7 +51,7 @@ def test_offline_entries_build_with_their_settings(suites, shared_data, name):
 
 
 def test_offline_mc_suite_skips_hub_sets_with_the_reason(suites):
-    from mup.evals._suite import TaskUnavailable
+    from mup.evals import TaskUnavailable
 
     specs = suites.suite("offline-mc")
     assert [s.name for s in specs][:2] == ["mc_easy_ll", "mc_general_ll"]
