@@ -263,10 +263,10 @@ def main(argv=None) -> int:
         model, layer, d_model = str(_tiny_checkpoint(tmp / "tiny")), 1, 64
     else:
         from mup._resolve import resolve_spec
-        from mup.models import ModelConfig, read_hf_config
+        from mup.models import config_from_hf, read_hf_config
 
         model, layer = args.model, args.layer
-        d_model = ModelConfig.from_hf_config(read_hf_config(resolve_spec(model))).d_model
+        d_model = config_from_hf(read_hf_config(resolve_spec(model))).d_model
     v = np.random.default_rng(0).normal(size=d_model).astype(np.float32)
     np.save(tmp / "vector.npy", v / np.linalg.norm(v) * 4.0)
     probe = _probe_file(tmp / "probe.safetensors", d_model, layer + 1)

@@ -142,10 +142,10 @@ def run(config: ExtractConfig, *, out=None) -> Summary:
     store.preflight(config.out)  # one clear line about S3 access before any model work
     resolved = resolve_spec(config.model)
 
-    from mup.models import ModelConfig, load_params
+    from mup.models import config_from_hf, load_params
 
     identity = model_identity(resolved)
-    model_config = ModelConfig.from_hf_config(read_model_config(resolved, identity[1]))
+    model_config = config_from_hf(read_model_config(resolved, identity[1]))
     if config.layers is None:
         config = dataclasses.replace(config, layers=default_layers(config.model))
     too_deep = [layer for layer in config.layers if layer > model_config.n_layers]

@@ -8,6 +8,7 @@ gen = generate(model, [[{"role": "user", "content": "Hi"}]] * 3,
 
 # Configs
 from mup.models._config import ModelConfig, UnsupportedConfigError
+from mup.models._families import config_from_hf
 from mup.models._presets import NAMED_CONFIGS
 
 # isort: split
@@ -58,6 +59,7 @@ __all__ = [
     "KVCache",
     "Model",
     "ModelConfig",
+    "config_from_hf",
     "Sampler",
     "Steering",
     "SteeringSpec",

@@ -3,8 +3,8 @@
 Axis letters used across mup.models: B batch, T tokens (query), S cache slots, D model,
 N heads, K kv heads, H head dim, F MLP hidden, V vocab, L layers.
 
-`ModelConfig.from_hf_config` reads a transformers ``config.json`` dict through the per-family
-translators of `mup.models._families` and refuses, by name, every attribute whose value would
+`mup.models.config_from_hf` (in `mup.models._families`) reads a transformers ``config.json``
+dict through the per-family translators and refuses, by name, every attribute whose value would
 change the math in a way this port does not implement. Named sizes live in
 `mup.models._presets`, rotary frequencies in `mup.models._rope`.
 """
@@ -12,8 +12,7 @@ change the math in a way this port does not implement. Named sizes live in
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 LayerType = Literal["full_attention", "sliding_attention"]
 
@@ -149,13 +148,3 @@ class ModelConfig:
                 keys = min(keys, self.sliding_window)
             attn += 4 * N * H * keys
         return float(matmul + attn)
-
-    # ---- reading HF configs --------------------------------------------------------------
-
-    @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any]) -> ModelConfig:
-        """Build from a transformers config dict; raise `UnsupportedConfigError` naming every
-        attribute (or value) that would change the math and is not implemented."""
-        from mup.models._families import from_hf
-
-        return from_hf(dict(hf))

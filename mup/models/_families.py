@@ -2,16 +2,16 @@
 
 Every supported HF ``model_type`` is a `Family`: the HF attributes it reads beyond those every
 family reads (`COMMON`), whether it follows the Gemma conventions, and how it derives which layers
-attend in a sliding window. `from_hf` reads every family the same way and refuses, by name, each
-attribute that is neither read nor listed in `HARMLESS`, and each value that would change the
-math in a way this port does not implement (all problems at once). Both HF rope formats are read
-by `mup.models._rope.read_hf_rope`.
+attend in a sliding window. `config_from_hf` reads every family the same way and refuses, by
+name, each attribute that is neither read nor listed in `HARMLESS`, and each value that would
+change the math in a way this port does not implement (all problems at once). Both HF rope
+formats are read by `mup.models._rope.read_hf_rope`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mup.models._config import ModelConfig, UnsupportedConfigError, interleaved_layer_types
@@ -55,7 +55,7 @@ HARMLESS = frozenset(
     }
 )
 
-# Attributes `from_hf` reads for every family; a value a family does not implement is refused
+# Attributes `config_from_hf` reads for every family; a value a family does not implement is refused
 # there (soft-capping outside Gemma, biases, sliding windows on Llama, ...).
 COMMON = ROPE_ATTRIBUTES | {
     "hidden_size",
@@ -209,12 +209,13 @@ WRAPPERS: dict[str, Wrapper] = {
 }
 
 
-def from_hf(hf: dict[str, Any]) -> ModelConfig:
+def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     """`ModelConfig` of a transformers config dict; `UnsupportedConfigError` names every
-    problem."""
+    attribute (or value) that would change the math and is not implemented."""
+    hf = dict(hf)
     model_type = hf.get("model_type")
     if model_type in WRAPPERS:
-        return from_hf(_unwrap(WRAPPERS[model_type], hf))
+        return config_from_hf(_unwrap(WRAPPERS[model_type], hf))
     family = FAMILIES.get(model_type)
     if family is None:
         raise UnsupportedConfigError(

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from mup._resolve import DEFAULT_MODEL, ResolvedSpec, resolve_spec
 from mup.models._checkpoint import iter_hf_tensors, read_hf_config
 from mup.models._config import ModelConfig
+from mup.models._families import config_from_hf
 from mup.models._params import params_from_hf
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -61,7 +62,7 @@ def load_model(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     resolved = resolve_spec(spec)
-    config = ModelConfig.from_hf_config(read_hf_config(resolved))
+    config = config_from_hf(read_hf_config(resolved))
     params = load_params(resolved, config, dtype=dtype, mesh=mesh)
     tokenizer = _load_tokenizer(resolved)
     return Model(config=config, params=params, tokenizer=tokenizer, spec=resolved, dtype=dtype)

@@ -173,7 +173,7 @@ def _prompted(args) -> int:
     kinds = [*templates, *(["generative"] if args.generative else [])]
 
     from mup._resolve import resolve_spec
-    from mup.models import ModelConfig, read_hf_config
+    from mup.models import config_from_hf, read_hf_config
     from mup.text import load_tokenizer
 
     client = served = model = scorer = None
@@ -181,7 +181,7 @@ def _prompted(args) -> int:
         client, served = _client(args)
         scorer = prompted.EchoScorer(client, served)
     resolved = resolve_spec(args.model)
-    config = ModelConfig.from_hf_config(read_hf_config(resolved))
+    config = config_from_hf(read_hf_config(resolved))
     tokenizer = load_tokenizer(resolved.path)
     if not args.base_url:
         from mup.models import load_model

@@ -337,11 +337,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from mup._resolve import resolve_spec
-    from mup.models import ModelConfig, read_hf_config
+    from mup.models import config_from_hf, read_hf_config
     from mup.steering._vector import save_vector
 
     resolved = resolve_spec(args.model)
-    config = ModelConfig.from_hf_config(read_hf_config(resolved))  # the config only, no weights
+    config = config_from_hf(read_hf_config(resolved))  # the config only, no weights
     sv = import_pt(args.path, layer=args.layer, model=resolved.name, d_model=config.d_model)
     if sv.layer >= config.n_layers:
         raise ValueError(

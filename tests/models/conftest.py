@@ -131,7 +131,7 @@ def _build(name: str, tmp_root: str) -> Case:
     import torch
     import transformers as tf
 
-    from mup.models._config import ModelConfig
+    from mup.models import config_from_hf
     from mup.models._params import params_from_hf
 
     hf_config = _hf_config(name)
@@ -142,7 +142,7 @@ def _build(name: str, tmp_root: str) -> Case:
     _randomize(model, gemma=name.startswith("gemma"), seed=sum(map(ord, name)))
     path = Path(tmp_root) / name
     model.save_pretrained(path)
-    config = ModelConfig.from_hf_config(hf_config.to_dict())
+    config = config_from_hf(hf_config.to_dict())
     params = params_from_hf(config, _read_safetensors(path))
     return Case(name=name, hf_model=model, config=config, params=params)
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mup.models import NAMED_CONFIGS, ModelConfig, UnsupportedConfigError
+from mup.models import NAMED_CONFIGS, UnsupportedConfigError, config_from_hf
 from mup.models._config import RopeScaling
 from mup.models._params import init_params, param_shapes
 from mup.models._rope import rope_inv_freq
@@ -155,7 +155,7 @@ def _gemma3_text_defaults(cfg: dict) -> dict:
     ],
 )
 def test_published_config_json_gives_named_config(name, hf):
-    cfg = ModelConfig.from_hf_config(hf)
+    cfg = config_from_hf(hf)
     named = NAMED_CONFIGS[name]
     # max_position_embeddings is informational; the gemma3 file leaves it to the default.
     assert dataclasses.replace(cfg, max_position_embeddings=0) == dataclasses.replace(
@@ -190,7 +190,7 @@ def test_transformers5_config_dicts_read():
         (tf.Qwen2Config(), lambda c: c.attention_bias and c.sliding_window is None),
         (tf.MistralConfig(), lambda c: c.sliding_window == 4096 and all(c.local_layers)),
     ]:
-        cfg = ModelConfig.from_hf_config(hf.to_dict())
+        cfg = config_from_hf(hf.to_dict())
         assert check(cfg), (type(hf).__name__, cfg)
 
 
@@ -215,13 +215,13 @@ def test_transformers5_config_dicts_read():
 )
 def test_unhandled_attributes_are_refused_by_name(patch, message):
     with pytest.raises(UnsupportedConfigError, match=message.replace("(", r"\(")):
-        ModelConfig.from_hf_config({**SMOLLM2_135M, **patch})
+        config_from_hf({**SMOLLM2_135M, **patch})
 
 
 def test_every_problem_is_named_at_once():
     bad = {**SMOLLM2_135M, "mlp_bias": True, "foo": 1, "rope_scaling": {"rope_type": "yarn"}}
     with pytest.raises(UnsupportedConfigError) as err:
-        ModelConfig.from_hf_config(bad)
+        config_from_hf(bad)
     text = str(err.value)
     assert "mlp_bias" in text and "foo" in text and "yarn" in text
 

@@ -98,10 +98,10 @@ def tiny_dir(tmp_path_factory) -> Path:
     import jax
     from safetensors.numpy import save_file
 
-    from mup.models import ModelConfig, init_params
+    from mup.models import config_from_hf, init_params
     from mup.models._params import hf_tensors_from_params
 
-    config = ModelConfig.from_hf_config(HF_CONFIG)
+    config = config_from_hf(HF_CONFIG)
     shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     rng = np.random.default_rng(0)
 
