@@ -224,6 +224,14 @@ class Usage:
         }
 
 
+def usage_line(usage: dict[str, int]) -> str:
+    """The tokens line of a run's summary, from `Usage.as_dict`."""
+    return (
+        f"tokens: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion in "
+        f"{usage['requests']} requests ({usage['attempts']} HTTP attempts)"
+    )
+
+
 class Endpoint:
     """A checked chat endpoint: `chat` sends one request, `map` runs work over a thread pool."""
 

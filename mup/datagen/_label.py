@@ -36,6 +36,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mup.data import AMBIGUOUS, HIGH_STAKES, LOW_STAKES, Dataset, Record
+from mup.datagen._endpoint import usage_line
 from mup.datagen._structured import (
     Negotiator,
     Refused,
@@ -484,11 +485,7 @@ class LabelSummary:
                 f"{self.n_rejected_total} rejected records (with the raw answers): {self.rejects}"
             )
         if self.usage:
-            u = self.usage
-            out.append(
-                f"tokens: {u['prompt_tokens']} prompt + {u['completion_tokens']} completion in "
-                f"{u['requests']} requests ({u['attempts']} HTTP attempts)"
-            )
+            out.append(usage_line(self.usage))
         return out + self.notes
 
 

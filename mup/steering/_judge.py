@@ -50,6 +50,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mup.datagen._endpoint import usage_line
 from mup.datagen._label import (
     FORMAT_CHAIN,
     JsonlLog,
@@ -720,11 +721,7 @@ class JudgeSummary:
         if self.n_rejected_total:
             out.append(f"rejected judgements (with the raw answers): {self.rejects}")
         if self.usage:
-            u = self.usage
-            out.append(
-                f"tokens: {u['prompt_tokens']} prompt + {u['completion_tokens']} completion in "
-                f"{u['requests']} requests ({u['attempts']} HTTP attempts)"
-            )
+            out.append(usage_line(self.usage))
         out += [f"wrote {path}" for path in self.files]
         return out + self.notes
 
