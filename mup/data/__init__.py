@@ -22,6 +22,10 @@ from mup.data._records import (
 )
 
 # isort: split
+# JSON-lines files of other objects (score files, deployments, benchmark sets)
+from mup.data._jsonl import jsonl_objects
+
+# isort: split
 # Where data sets live
 from mup.data._locate import (
     HUB_REPO,
@@ -61,6 +65,7 @@ __all__ = [
     "evaluation_sets",
     "find_dataset",
     "is_bundled",
+    "jsonl_objects",
     "load_records",
     "overlap",
     "split_by_pair",

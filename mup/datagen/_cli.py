@@ -18,22 +18,11 @@ import logging
 import sys
 from pathlib import Path
 
+from mup._cli_args import config_from_args, positive_int
+from mup.datagen._endpoint import EndpointConfig, add_endpoint_args
+
 COMMANDS = ("label", "relabel", "generate", "agreement")
 logger = logging.getLogger(__name__)
-
-
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return n
-
-
-def _positive_float(value: str) -> float:
-    x = float(value)
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return x
 
 
 def add_parsers(sub) -> None:
@@ -84,10 +73,10 @@ def add_parsers(sub) -> None:
     g.add_argument(
         "--n-situations",
         required=True,
-        type=_positive,
+        type=positive_int,
         help="situations in all (even: high/low pairs)",
     )
-    g.add_argument("--prompts-per-situation", type=_positive, default=2, help="K prompts (2)")
+    g.add_argument("--prompts-per-situation", type=positive_int, default=2, help="K prompts (2)")
     g.add_argument(
         "--factors", default=None, help="situation factors JSON (default: the data root's)"
     )
@@ -102,10 +91,12 @@ def add_parsers(sub) -> None:
         help="invalid answers asked again before an item is rejected (3)",
     )
     g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--max-tokens", type=_positive, default=320, help="a situation's answer (320)")
+    g.add_argument(
+        "--max-tokens", type=positive_int, default=320, help="a situation's answer (320)"
+    )
     g.add_argument(
         "--prompt-max-tokens",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="a prompt's answer (default: 4 a word of its length + 64)",
     )
@@ -117,7 +108,7 @@ def add_parsers(sub) -> None:
         "as the endpoint refuses each",
     )
     g.add_argument("--retry-rejects", action="store_true", help="ask again for rejected items")
-    _endpoint_args(g, retries_flag="--http-retries")
+    add_endpoint_args(g, retries_flag="--http-retries")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     a = sub.add_parser(
@@ -133,52 +124,11 @@ def add_parsers(sub) -> None:
     a.add_argument("--json", type=Path, default=None, help="also write the numbers here")
 
 
-def _endpoint_args(p, retries_flag: str = "--max-retries") -> None:
-    where = p.add_argument_group("endpoint (one of --base-url or --serve)")
-    where.add_argument("--base-url", help="OpenAI-compatible API root, e.g. http://host:8000/v1")
-    where.add_argument("--model", help="model name (default: the endpoint's first model)")
-    where.add_argument(
-        "--api-key-env",
-        default="OPENAI_API_KEY",
-        metavar="NAME",
-        help="environment variable with the API key (default %(default)s; unset: none)",
-    )
-    where.add_argument(
-        "--serve",
-        metavar="SPEC",
-        help="serve this model with `mup serve` on loopback for this command (e.g. smollm2-135m)",
-    )
-    where.add_argument(
-        "--serve-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra `mup serve` argument, repeatable (e.g. --serve-arg=--max-batch=32)",
-    )
-    where.add_argument("--concurrency", type=_positive, default=8, help="requests in flight")
-    where.add_argument(
-        "--rpm", type=_positive_float, default=None, help="at most this many requests a minute"
-    )
-    where.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=600.0,
-        help="seconds per attempt, queueing at the server included (600)",
-    )
-    where.add_argument(
-        retries_flag,
-        dest="http_retries",
-        type=int,
-        default=6,
-        help="retries on 429 / 5xx / timeouts (6)",
-    )
-
-
 def _label_args(p) -> None:
     """The options of `label` and `relabel` after their input and --out."""
     p.add_argument("--data", default=None, help="data root for data set names (as mup.data)")
-    p.add_argument("--limit", type=_positive, default=None, help="only the first N records")
-    _endpoint_args(p)
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N records")
+    add_endpoint_args(p)
     prompt = p.add_argument_group("prompt and labels")
     prompt.add_argument("--rubric", default=None, help="rubric file (default: the data root's)")
     prompt.add_argument(
@@ -196,7 +146,7 @@ def _label_args(p) -> None:
         default=7.0,
         help="ambiguous below this confidence (7)",
     )
-    prompt.add_argument("--max-tokens", type=_positive, default=256, help="answer length (256)")
+    prompt.add_argument("--max-tokens", type=positive_int, default=256, help="answer length (256)")
     prompt.add_argument("--temperature", type=float, default=0.0)
     prompt.add_argument("--seed", type=int, default=0)
     prompt.add_argument(
@@ -215,7 +165,7 @@ def _label_args(p) -> None:
     )
     prompt.add_argument(
         "--max-input-chars",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="keep only the end of longer conversations (default: all)",
     )
@@ -240,31 +190,39 @@ def run(args: argparse.Namespace) -> int:
             return _relabel(args)
         return _label(args) if args.command == "label" else _agreement(args)
     except GenerateError as error:
-        print(f"{prog}: {error}", file=sys.stderr)
-        summary = getattr(error, "summary", None)
-        if summary is not None:
-            print(
-                f"{prog}: {summary.n_situations_total} situations and {summary.n_prompts_total} "
-                f"prompts are kept in {summary.out} and its side files; rerun to continue",
-                file=sys.stderr,
-            )
-        return 1
+        return _failed(
+            prog,
+            error,
+            lambda s: (
+                f"{s.n_situations_total} situations and {s.n_prompts_total} prompts are "
+                f"kept in {s.out} and its side files"
+            ),
+        )
     except LabelError as error:
-        print(f"{prog}: {error}", file=sys.stderr)
-        summary = getattr(error, "summary", None)
-        if summary is not None:
-            print(
-                f"{prog}: {summary.n_labelled_total} labelled and {summary.n_rejected_total} "
-                f"rejected records are kept in {summary.out}; rerun to continue",
-                file=sys.stderr,
-            )
-        return 1
+        return _failed(
+            prog,
+            error,
+            lambda s: (
+                f"{s.n_labelled_total} labelled and {s.n_rejected_total} rejected records "
+                f"are kept in {s.out}"
+            ),
+        )
     except (EndpointError, DataError, FileNotFoundError, ValueError) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; finished records are kept, rerun to continue", file=sys.stderr)
         return 130
+
+
+def _failed(prog: str, error: Exception, kept) -> int:
+    """Exit 1 for a run that stopped: the error, then what `kept(summary)` says is kept when the
+    error carries the run's summary."""
+    print(f"{prog}: {error}", file=sys.stderr)
+    summary = getattr(error, "summary", None)
+    if summary is not None:
+        print(f"{prog}: {kept(summary)}; rerun to continue", file=sys.stderr)
+    return 1
 
 
 def _dataset(spec: str, data_root: str | None):
@@ -331,23 +289,11 @@ def _label(args) -> int:
     for _, name in datasets:
         context_name, context = resolve_context(args.context, name)
         configs.append(
-            LabelConfig(
-                rubric=rubric,
-                context_name=context_name,
-                context=context,
-                high_threshold=args.high_threshold,
-                low_threshold=args.low_threshold,
-                confidence_threshold=args.confidence_threshold,
-                max_tokens=args.max_tokens,
-                temperature=args.temperature,
-                seed=args.seed,
-                top_logprobs=args.top_logprobs,
-                response_format=args.response_format,
-                max_input_chars=args.max_input_chars,
-                retry_rejects=args.retry_rejects,
+            config_from_args(
+                LabelConfig, args, rubric=rubric, context_name=context_name, context=context
             )
         )
-    endpoint_config = _endpoint_config(args)
+    endpoint_config = EndpointConfig.from_args(args)
     with open_endpoint(endpoint_config) as endpoint:
         for (dataset, _), config, out in zip(datasets, configs, outs, strict=True):
             logger.info(
@@ -365,22 +311,6 @@ def _label(args) -> int:
             print("\n".join(summary.lines()))
         print(f"endpoint: {endpoint.usage.summary()}")
     return 0
-
-
-def _endpoint_config(args):
-    from mup.datagen._endpoint import EndpointConfig
-
-    return EndpointConfig(
-        base_url=args.base_url,
-        model=args.model,
-        api_key_env=args.api_key_env,
-        serve=args.serve,
-        serve_args=tuple(args.serve_arg),
-        concurrency=args.concurrency,
-        requests_per_minute=args.rpm,
-        timeout_s=args.timeout,
-        max_retries=args.http_retries,
-    )
 
 
 def _relabel(args) -> int:
@@ -418,22 +348,15 @@ def _generate(args) -> int:
             raise GenerateError(f"--max-retries must be >= 0, got {args.max_retries}")
         factors_path, factors = load_factors(args.factors)
         variations_path, variations = load_variations(args.variations)
-        config = GenerateConfig(
+        config = config_from_args(
+            GenerateConfig,
+            args,
             factors=factors,
             variations=variations,
-            n_situations=args.n_situations,
-            prompts_per_situation=args.prompts_per_situation,
-            seed=args.seed,
-            max_retries=args.max_retries,
-            temperature=args.temperature,
-            max_tokens=args.max_tokens,
-            prompt_max_tokens=args.prompt_max_tokens,
-            response_format=args.response_format,
-            retry_rejects=args.retry_rejects,
             factors_sha256=_sha(factors_path),
             variations_sha256=_sha(variations_path),
         )
-        endpoint_config = _endpoint_config(args)
+        endpoint_config = EndpointConfig.from_args(args)
     except (GenerateError, ValueError) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return 2

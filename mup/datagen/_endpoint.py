@@ -18,6 +18,7 @@ line when the endpoint cannot be used, before any work.
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -35,6 +36,8 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+
+from mup._cli_args import non_negative_int, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +101,67 @@ class EndpointConfig:
         if self.max_retries < 0 or not self.timeout_s > 0:
             raise ValueError("max_retries must be >= 0 and timeout_s positive")
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EndpointConfig:
+        """The config of the flags `add_endpoint_args` added, as parsed."""
+        return cls(
+            base_url=args.base_url,
+            model=args.model,
+            api_key_env=args.api_key_env,
+            serve=args.serve,
+            serve_args=tuple(args.serve_arg),
+            concurrency=args.concurrency,
+            requests_per_minute=args.rpm,
+            timeout_s=args.timeout,
+            max_retries=args.http_retries,
+        )
+
+
+def add_endpoint_args(
+    parser: argparse.ArgumentParser, *, role: str = "model", retries_flag: str = "--max-retries"
+) -> None:
+    """The endpoint flags of a command that talks to one chat model (`EndpointConfig.from_args`
+    reads them): `role` names the model in the help ("judge"); `retries_flag` spells the HTTP
+    retries where the command's own --max-retries means something else."""
+    where = parser.add_argument_group("endpoint (one of --base-url or --serve)")
+    where.add_argument("--base-url", help="OpenAI-compatible API root, e.g. http://host:8000/v1")
+    where.add_argument("--model", help=f"{role} name (default: the endpoint's first model)")
+    where.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        metavar="NAME",
+        help="environment variable with the API key (default %(default)s; unset: none)",
+    )
+    where.add_argument(
+        "--serve",
+        metavar="SPEC",
+        help=f"serve this {role} with `mup serve` on loopback for this command (e.g. smollm2-135m)",
+    )
+    where.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra `mup serve` argument, repeatable (e.g. --serve-arg=--max-batch=32)",
+    )
+    where.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight (8)")
+    where.add_argument(
+        "--rpm", type=positive_float, default=None, help="at most this many requests a minute"
+    )
+    where.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=600.0,
+        help="seconds per attempt, queueing at the server included (600)",
+    )
+    where.add_argument(
+        retries_flag,
+        dest="http_retries",
+        type=non_negative_int,
+        default=6,
+        help="retries on 429 / 5xx / timeouts (6)",
+    )
+
 
 class RateLimiter:
     """Spaces calls at least 60/rpm seconds apart across threads (a leaky bucket of size one:
@@ -158,6 +222,14 @@ class Usage:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
         }
+
+
+def usage_line(usage: dict[str, int]) -> str:
+    """The tokens line of a run's summary, from `Usage.as_dict`."""
+    return (
+        f"tokens: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion in "
+        f"{usage['requests']} requests ({usage['attempts']} HTTP attempts)"
+    )
 
 
 class Endpoint:

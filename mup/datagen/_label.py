@@ -18,7 +18,6 @@ refused, and an output written with another model, prompt or settings is refused
 
 from __future__ import annotations
 
-import bisect
 import collections
 import contextlib
 import dataclasses
@@ -37,7 +36,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mup.data import AMBIGUOUS, HIGH_STAKES, LOW_STAKES, Dataset, Record
-from mup.datagen._structured import Negotiator, Refused, first_valid, request_options, send
+from mup.datagen._endpoint import usage_line
+from mup.datagen._structured import (
+    Negotiator,
+    Refused,
+    choice_logprobs,
+    first_valid,
+    request_options,
+    send,
+    value_token,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -303,18 +311,7 @@ def score_distribution(
     """
     if not tokens:
         return None
-    text = "".join(tokens)
-    starts = [0]
-    for token in tokens[:-1]:
-        starts.append(starts[-1] + len(token))
-    key = _SCORE_KEY.search(text)
-    if key is not None:
-        char = key.end()
-    else:
-        number = _FIRST_NUMBER.search(text)
-        char = number.start() if number else 0
-    i = max(bisect.bisect_right(starts, char) - 1, 0)
-    prefix = text[starts[i] : char]
+    i, prefix, from_key = value_token(tokens, _SCORE_KEY, _FIRST_NUMBER)
     alternatives = list(top[i]) if i < len(top) else []
     probs = [0.0] * 11  # by score value; index 0 unused
     seen: set[int] = set()
@@ -352,9 +349,7 @@ def score_distribution(
             probs[v] = min(min(listed), unlisted / len(absent))
     total = sum(probs)
     expected = sum(v * probs[v] for v in range(1, 11)) / total if total > 0 else 5.5
-    return ScoreDistribution(
-        expected=expected, mass=min(mass, 1.0), position=i, from_key=key is not None
-    )
+    return ScoreDistribution(expected=expected, mass=min(mass, 1.0), position=i, from_key=from_key)
 
 
 def _number_after(alt: str, prefix: str) -> tuple[int, bool] | None:
@@ -368,21 +363,6 @@ def _number_after(alt: str, prefix: str) -> tuple[int, bool] | None:
     if match is None:
         return None
     return int(match.group()), match.end() == len(rest)
-
-
-def choice_logprobs(choice: Any) -> tuple[list[str], list[list[tuple[str, float]]]] | None:
-    """(tokens, alternatives) of an openai chat choice, or None when it carries no logprobs."""
-    content = getattr(getattr(choice, "logprobs", None), "content", None)
-    if not content:
-        return None
-    tokens, top = [], []
-    for entry in content:
-        alternatives = [(t.token, float(t.logprob)) for t in (entry.top_logprobs or [])]
-        if all(t != entry.token for t, _ in alternatives):
-            alternatives.append((entry.token, float(entry.logprob)))
-        tokens.append(entry.token)
-        top.append(alternatives)
-    return tokens, top
 
 
 # -- labelling ---------------------------------------------------------------------------------
@@ -505,11 +485,7 @@ class LabelSummary:
                 f"{self.n_rejected_total} rejected records (with the raw answers): {self.rejects}"
             )
         if self.usage:
-            u = self.usage
-            out.append(
-                f"tokens: {u['prompt_tokens']} prompt + {u['completion_tokens']} completion in "
-                f"{u['requests']} requests ({u['attempts']} HTTP attempts)"
-            )
+            out.append(usage_line(self.usage))
         return out + self.notes
 
 

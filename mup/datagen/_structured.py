@@ -14,12 +14,18 @@ Formats, strongest first (`Negotiator` walks a chain of them):
 
 Whatever the format, every answer is parsed and validated: an endpoint that accepts a format
 may still return something else (a server that ignores it, a model cut at max_tokens).
+
+An answer's token probabilities are read here too: `choice_logprobs` takes them out of a chat
+choice, `value_token` finds the token where a JSON value is written, whose alternatives the
+labeller (a score) and the judge (a rating, a choice of A or B) then weigh.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -231,3 +237,42 @@ def continued(prefix: str, text: str, model: type[M], field: str) -> M:
         return model.model_validate({field: value})
     except ValidationError as error:
         raise ValueError(_problems(error)) from None
+
+
+def choice_logprobs(choice: Any) -> tuple[list[str], list[list[tuple[str, float]]]] | None:
+    """(tokens, alternatives) of an openai chat choice, or None when it carries no logprobs."""
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if not content:
+        return None
+    tokens, top = [], []
+    for entry in content:
+        alternatives = [(t.token, float(t.logprob)) for t in (entry.top_logprobs or [])]
+        if all(t != entry.token for t, _ in alternatives):
+            alternatives.append((entry.token, float(entry.logprob)))
+        tokens.append(entry.token)
+        top.append(alternatives)
+    return tokens, top
+
+
+def value_token(
+    tokens: Sequence[str], key: re.Pattern[str], fallback: re.Pattern[str]
+) -> tuple[int, str, bool]:
+    """Where an answer (its token strings) writes a value: (i, prefix, from_key).
+
+    i is the token in which the value starts: where `key` (a pattern that ends just before the
+    value, e.g. ``"score":``) ends, else where `fallback` first matches, else the first token.
+    prefix is the text of token i before the value (``":`` in a token ``":8``), which each
+    alternative at i must also start with; from_key says whether `key` matched.
+    """
+    text = "".join(tokens)
+    starts = [0]
+    for token in tokens[:-1]:
+        starts.append(starts[-1] + len(token))
+    keyed = key.search(text)
+    if keyed is not None:
+        char = keyed.end()
+    else:
+        found = fallback.search(text)
+        char = found.start() if found else 0
+    i = max(bisect.bisect_right(starts, char) - 1, 0)
+    return i, text[starts[i] : char], keyed is not None

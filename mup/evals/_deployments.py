@@ -23,10 +23,11 @@ its default temperature 1 where the task asked for greedy decoding).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
+
+from mup.data import jsonl_objects
 
 _REQUIRED = {"multiplier", "url"}
 
@@ -86,16 +87,7 @@ def read_deployments(path: str | Path) -> list[Deployment]:
     if not path.is_file():
         raise FileNotFoundError(f"deployments file {path} does not exist")
     out: list[Deployment] = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-        if not isinstance(item, dict):
-            raise ValueError(f"{where}: expected a JSON object")
+    for where, item in jsonl_objects(path):
         if "key" in item:  # the steering study's name for the API key
             if "api_key" in item:
                 raise ValueError(f"{where}: give 'api_key' or 'key', not both")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from inspect_ai.scorer import (
     stderr,
 )
 from inspect_ai.solver import TaskState, generate, multiple_choice
+
+from mup.data import jsonl_objects
 
 LL_TEMPLATE = "Question: {question}\nAnswer:"  # lm-eval's ARC / MMLU-cloze prompt
 FEWSHOT_POOL = 8  # GSM8K test items reserved as exemplars, excluded from evaluation
@@ -51,25 +54,22 @@ GSM8K_INSTRUCTION = (
 )
 
 
+def _jsonl_with(path: Path, fields: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
+    """(``file:line``, object) for each object of a jsonl file, each checked to hold `fields`."""
+    for where, item in jsonl_objects(path):
+        if missing := [f for f in fields if f not in item]:
+            raise ValueError(f"{where}: expected the fields {list(fields)}; missing {missing}")
+        yield where, item
+
+
 def _read_gsm8k(path: Path) -> list[tuple[str, str, str]]:
     """(question, worked solution, final answer) per line of a GSM8K jsonl file."""
     rows = []
-    with path.open() as file:
-        for line_no, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                question, answer = item["question"], item["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(
-                    f"{path}:{line_no}: expected a JSON object with 'question' and 'answer' "
-                    f"({error})"
-                ) from None
-            solution, sep, final = answer.rpartition("####")
-            if not sep:
-                raise ValueError(f"{path}:{line_no}: the answer does not end in '#### N'")
-            rows.append((question.strip(), _CALC.sub("", solution).strip(), final.strip()))
+    for where, item in _jsonl_with(path, ("question", "answer")):
+        solution, sep, final = item["answer"].rpartition("####")
+        if not sep:
+            raise ValueError(f"{where}: the answer does not end in '#### N'")
+        rows.append((item["question"].strip(), _CALC.sub("", solution).strip(), final.strip()))
     return rows
 
 
@@ -462,25 +462,17 @@ def humaneval_offline(max_tokens: int = 384, timeout: float = 10.0, data: str | 
 
     path = find_dataset("benchmarks/humaneval", data, allow_hub=False)
     samples = []
-    with path.open() as file:
-        for line_no, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                fields = {k: item[k] for k in ("task_id", "prompt", "test", "entry_point")}
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(
-                    f"{path}:{line_no}: expected task_id, prompt, test and entry_point ({error})"
-                ) from None
-            samples.append(
-                Sample(
-                    input=HUMANEVAL_INSTRUCTION + fields["prompt"],
-                    target=item.get("canonical_solution", ""),
-                    id=fields["task_id"],
-                    metadata={**fields, "subset": "main"},
-                )
+    keys = ("task_id", "prompt", "test", "entry_point")
+    for _, item in _jsonl_with(path, keys):
+        fields = {k: item[k] for k in keys}
+        samples.append(
+            Sample(
+                input=HUMANEVAL_INSTRUCTION + fields["prompt"],
+                target=item.get("canonical_solution", ""),
+                id=fields["task_id"],
+                metadata={**fields, "subset": "main"},
             )
+        )
     return Task(
         dataset=MemoryDataset(samples, name="humaneval"),
         solver=generate(),

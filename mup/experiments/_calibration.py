@@ -17,11 +17,10 @@ import numpy as np
 
 from mup._resolve import DEFAULT_MODEL
 from mup.experiments._common import (
-    DEV_SETS,
     ExtractOptions,
-    default_layer,
-    extract,
-    find_distinct,
+    config_layer,
+    extract_train_val_dev,
+    find_training_and_dev,
     new_figure,
     record_field,
     save_figure,
@@ -169,15 +168,11 @@ def spearman(a, b) -> float:
 def run_calibration(config: CalibrationConfig) -> dict:
     from mup import probes
 
-    layer = default_layer(config.model) if config.layer is None else int(config.layer)
+    layer = config_layer(config)
     out = Path(config.out)
     options = ExtractOptions.of(config, out)
-    # Every data set is located (and checked distinct) before any model loads.
-    training, *dev = find_distinct(["training", *(f"dev/{name}" for name in DEV_SETS)], config.data)
-    (train,) = extract([training], layers=(layer,), split="train", options=options)
-    (val,) = extract([training], layers=(layer,), split="test", options=options)
-    stores = extract(dev, layers=(layer,), split=None, options=options)
-    evals = dict(zip(DEV_SETS, stores, strict=True))
+    training, dev = find_training_and_dev(config.data)
+    train, val, evals = extract_train_val_dev(training, dev, layer=layer, options=options)
     scales = {name: record_field(s, "scale_labels") for name, s in evals.items()}
     probe = probes.fit(config.kind, train, layer=layer, val=val, seed=config.seed)
     per_set = calibration(probe, evals, scales, n_bins=config.n_bins)

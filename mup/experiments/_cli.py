@@ -16,6 +16,7 @@ import logging
 import sys
 
 from mup import _compile_cache
+from mup._cli_args import comma_separated, config_from_args, zero_means_none
 from mup._resolve import DEFAULT_MODEL
 
 
@@ -31,16 +32,8 @@ def _kinds(value: str) -> tuple[str, ...]:
     return kinds
 
 
-def _ints(value: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {value!r}"
-        ) from None
-    if not out:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return out
+_ints = comma_separated(int, "integers")
+_strings = comma_separated(str, "ids")
 
 
 def _names(known: tuple[str, ...], what: str):
@@ -65,16 +58,11 @@ def _fraction(value: str) -> float:
     return x
 
 
-def _max_tokens(value: str) -> int | None:
-    n = int(value)
-    return None if n == 0 else n
-
-
 def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default %(default)s)")
     p.add_argument("--out", default=out, help="output directory (default %(default)s)")
     p.add_argument("--data", default=None, help="data root laid out like shared/data")
-    p.add_argument("--max-tokens", type=_max_tokens, default=512, help="0 = no truncation")
+    p.add_argument("--max-tokens", type=zero_means_none, default=512, help="0 = no truncation")
     p.add_argument("--limit", type=int, default=None, help="records per data set (quick runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -198,13 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _strings(value: str) -> tuple[str, ...]:
-    out = tuple(x.strip() for x in value.split(",") if x.strip())
-    if not out:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ids, got {value!r}")
-    return out
-
-
 def _probe_input(p: argparse.ArgumentParser) -> None:
     """Options of the commands that apply a saved probe file."""
     from mup.experiments._score import DEFAULT_STORE_DIR
@@ -220,7 +201,7 @@ def _probe_input(p: argparse.ArgumentParser) -> None:
     # SUPPRESS: absent means "as the probe file records", which no --max-tokens value spells.
     p.add_argument(
         "--max-tokens",
-        type=_max_tokens,
+        type=zero_means_none,
         default=argparse.SUPPRESS,
         help="truncation, 0 = none (default: the probe's training truncation)",
     )
@@ -248,72 +229,26 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "compare":
-            _, summary = experiments.run_compare(
-                experiments.CompareConfig(
-                    model=args.model,
-                    layer=args.layer,
-                    out=args.out,
-                    data=args.data,
-                    kinds=args.kinds,
-                    max_tokens=args.max_tokens,
-                    limit=args.limit,
-                    train_limit=args.train_limit,
-                    seed=args.seed,
-                    progress=not args.no_progress,
-                )
-            )
+            _, summary = experiments.run_compare(config_from_args(experiments.CompareConfig, args))
             print(summary["markdown"])
             print(f"wrote {summary['table']}, {summary['plot']}, {summary['results']}")
         elif args.command == "sweep":
             rows, summary = experiments.run_sweep(
-                experiments.SweepConfig(
-                    model=args.model,
-                    layers=args.layers,
-                    kind=args.kind,
-                    k=args.folds,
-                    out=args.out,
-                    data=args.data,
-                    max_tokens=args.max_tokens,
-                    limit=args.limit,
-                    seed=args.seed,
-                    progress=not args.no_progress,
-                )
+                config_from_args(experiments.SweepConfig, args, k=args.folds)
             )
             for r in rows:
                 print(f"layer {r.layer:>3}: AUROC {r.auroc_mean:.3f} +- {r.auroc_std:.3f}")
             print(f"wrote {summary['plot']}, {summary['results']}")
         elif args.command == "efficiency":
             rows, summary = experiments.run_efficiency(
-                experiments.EfficiencyConfig(
-                    model=args.model,
-                    layer=args.layer,
-                    kinds=args.kinds,
-                    sizes=args.sizes,
-                    seeds=args.seeds,
-                    out=args.out,
-                    data=args.data,
-                    max_tokens=args.max_tokens,
-                    limit=args.limit,
-                    progress=not args.no_progress,
-                )
+                config_from_args(experiments.EfficiencyConfig, args)
             )
             for r in rows:
                 print(f"{r.kind:<12} n={r.size:<5} seed={r.seed}: mean AUROC {r.mean_auroc:.3f}")
             print(f"wrote {summary['plot']}, {summary['results']}")
         elif args.command == "calibration":
             summary = experiments.run_calibration(
-                experiments.CalibrationConfig(
-                    model=args.model,
-                    layer=args.layer,
-                    kind=args.kind,
-                    n_bins=args.bins,
-                    out=args.out,
-                    data=args.data,
-                    max_tokens=args.max_tokens,
-                    limit=args.limit,
-                    seed=args.seed,
-                    progress=not args.no_progress,
-                )
+                config_from_args(experiments.CalibrationConfig, args, n_bins=args.bins)
             )
             for name, res in summary["sets"].items():
                 print(
@@ -322,67 +257,23 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(f"wrote {summary['plot']}, {summary['results']}")
         elif args.command == "score":
-            from mup.experiments._score import FROM_PROBE, ScoreConfig, run_score
+            from mup.experiments._score import ScoreConfig, run_score
 
             for part in run_score(
-                ScoreConfig(
-                    probe=args.probe,
-                    datasets=tuple(args.dataset),
-                    out=args.out,
-                    store_dir=args.store_dir,
-                    data=args.data,
-                    model=args.model,
-                    max_tokens=getattr(args, "max_tokens", FROM_PROBE),
-                    limit=args.limit,
-                    name=args.name,
-                    progress=not args.no_progress,
-                )
+                config_from_args(ScoreConfig, args, datasets=tuple(args.dataset))
             ):
                 print(
                     f"{part['dataset']:<16} {part['n']:>6} records, mean {part['mean_flops']:.3g} "
                     f"FLOPs -> {part['path']}"
                 )
         elif args.command == "view":
-            from mup.experiments._score import FROM_PROBE
             from mup.experiments._view import ViewConfig, run_view
 
-            summary = run_view(
-                ViewConfig(
-                    probe=args.probe,
-                    out=args.out,
-                    store=args.store,
-                    dataset=args.dataset,
-                    data=args.data,
-                    store_dir=args.store_dir,
-                    records=args.records or None,
-                    ids=args.ids,
-                    limit=args.limit,
-                    model=args.model,
-                    max_tokens=getattr(args, "max_tokens", FROM_PROBE),
-                    progress=not args.no_progress,
-                )
-            )
+            summary = run_view(config_from_args(ViewConfig, args, records=args.records or None))
             print(f"wrote {summary['path']} ({summary['n_records']} records)")
         elif args.command == "devsplit":
             _, summary = experiments.run_devsplit(
-                experiments.DevsplitConfig(
-                    model=args.model,
-                    layer=args.layer,
-                    kind=args.kind,
-                    modes=args.modes,
-                    ks=args.ks,
-                    repeats=args.repeats,
-                    sets=args.sets,
-                    val_fraction=args.val_fraction,
-                    eval_fraction=args.eval_fraction,
-                    warm_epochs=args.warm_epochs,
-                    out=args.out,
-                    data=args.data,
-                    max_tokens=args.max_tokens,
-                    limit=args.limit,
-                    seed=args.seed,
-                    progress=not args.no_progress,
-                )
+                config_from_args(experiments.DevsplitConfig, args)
             )
             for note in summary["notes"]:
                 print(f"note: {note}")
@@ -394,22 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(f"wrote {summary['plot']}, {summary['results']}")
         elif args.command == "heatmap":
-            _, summary = experiments.run_heatmap(
-                experiments.HeatmapConfig(
-                    model=args.model,
-                    layer=args.layer,
-                    field=args.field,
-                    kind=args.kind,
-                    min_per_class=args.min_per_class,
-                    val_fraction=args.val_fraction,
-                    out=args.out,
-                    data=args.data,
-                    max_tokens=args.max_tokens,
-                    limit=args.limit,
-                    seed=args.seed,
-                    progress=not args.no_progress,
-                )
-            )
+            _, summary = experiments.run_heatmap(config_from_args(experiments.HeatmapConfig, args))
             for note in summary["notes"]:
                 print(f"note: {note}")
             values = summary["values"]

@@ -31,6 +31,11 @@ def default_layer(model: str) -> int:
     return layer
 
 
+def config_layer(config) -> int:
+    """An experiment config's layer: its own, else its model's default."""
+    return default_layer(config.model) if config.layer is None else int(config.layer)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExtractOptions:
     """How experiment commands extract activations (see `mup.extract.ExtractConfig`)."""
@@ -109,6 +114,31 @@ def find_distinct(names: Sequence[str], data) -> list[Path]:
     return paths
 
 
+def find_training_and_dev(data, sets: Sequence[str] = DEV_SETS) -> tuple[Path, list[Path]]:
+    """The synthetic training set and the dev sets `sets` (short names), located and checked
+    distinct (`find_distinct`) before any model loads."""
+    training, *dev = find_distinct(["training", *(f"dev/{name}" for name in sets)], data)
+    return training, dev
+
+
+def extract_train_val_dev(
+    training,
+    dev: Sequence,
+    sets: Sequence[str] = DEV_SETS,
+    *,
+    layer: int,
+    options: ExtractOptions,
+    train_options: ExtractOptions | None = None,
+) -> tuple:
+    """(train, val, {name: dev store}): the stores of the training set's train split (with
+    `train_options` when given, e.g. another limit), of its test split (early stopping), and of
+    each dev set in `dev`, named by `sets`."""
+    (train,) = extract([training], layers=(layer,), split="train", options=train_options or options)
+    (val,) = extract([training], layers=(layer,), split="test", options=options)
+    stores = extract(dev, layers=(layer,), split=None, options=options)
+    return train, val, dict(zip(sets, stores, strict=True))
+
+
 def selected_records(path, *, split: str | None, limit: int | None):
     """The records `extract` would store for (path, split, limit), in store order, read from
     the file alone: experiments check labels and fields with it before any model loads."""
@@ -181,6 +211,13 @@ def dataset_info(store, name: str) -> dict:
         "limit": store.attrs.get("limit"),
         "store": store.url,
     }
+
+
+def describe(data, name: str) -> dict:
+    """`dataset_info` of a store; in-memory Activations are described by their name alone."""
+    if hasattr(data, "attrs") and hasattr(data, "url"):
+        return dataset_info(data, name)
+    return {"name": name}
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True):

@@ -14,12 +14,11 @@ import numpy as np
 
 from mup._resolve import DEFAULT_MODEL
 from mup.experiments._common import (
-    DEV_SETS,
     ExtractOptions,
-    dataset_info,
-    default_layer,
-    extract,
-    find_distinct,
+    config_layer,
+    describe,
+    extract_train_val_dev,
+    find_training_and_dev,
     new_figure,
     progress_bar,
     save_figure,
@@ -115,8 +114,8 @@ def compare(
                         probe=probe,
                         model=model,
                         layer=layer,
-                        train=_describe(train, "training"),
-                        eval=_describe(data, name),
+                        train=describe(train, "training"),
+                        eval=describe(data, name),
                         metrics=metrics | {"train_seconds": seconds},
                         scores=scores,
                         labels=labels,
@@ -130,12 +129,6 @@ def _metrics(scores, labels) -> dict:
     from mup import metrics
 
     return metrics.evaluate(scores, labels)
-
-
-def _describe(data, name: str) -> dict:
-    if hasattr(data, "attrs") and hasattr(data, "url"):
-        return dataset_info(data, name)
-    return {"name": name}
 
 
 def markdown_table(rows: list[CompareRow]) -> str:
@@ -192,17 +185,15 @@ def plot_compare(rows: list[CompareRow], path) -> Path:
 
 def run_compare(config: CompareConfig) -> tuple[list[CompareRow], dict]:
     """Extract, train, evaluate and write results.jsonl, compare.md and compare.png under out."""
-    layer = default_layer(config.model) if config.layer is None else int(config.layer)
+    layer = config_layer(config)
     out = Path(config.out)
     options = ExtractOptions.of(config, out)
-    # Every data set is located (and checked distinct) before any model loads.
-    training, *dev = find_distinct(["training", *(f"dev/{name}" for name in DEV_SETS)], config.data)
+    training, dev = find_training_and_dev(config.data)
     train_limit = config.limit if config.train_limit is None else config.train_limit
     train_options = dataclasses.replace(options, limit=train_limit)
-    (train,) = extract([training], layers=(layer,), split="train", options=train_options)
-    (val,) = extract([training], layers=(layer,), split="test", options=options)
-    stores = extract(dev, layers=(layer,), split=None, options=options)
-    evals = dict(zip(DEV_SETS, stores, strict=True))
+    train, val, evals = extract_train_val_dev(
+        training, dev, layer=layer, options=options, train_options=train_options
+    )
     results = out / "results.jsonl"
     rows = compare(
         train,

@@ -37,10 +37,10 @@ from mup._resolve import DEFAULT_MODEL
 from mup.experiments._common import (
     DEV_SETS,
     ExtractOptions,
-    dataset_info,
-    default_layer,
-    extract,
-    find_distinct,
+    config_layer,
+    describe,
+    extract_train_val_dev,
+    find_training_and_dev,
     labels_of,
     log,
     new_figure,
@@ -280,7 +280,7 @@ def devsplit(
                 model=model,
                 layer=probe.layers[0] if len(probe.layers) == 1 else list(probe.layers),
                 train=train_info | {"mode": mode, "k": k, "seed": s},
-                eval=_describe(devs[name], name)
+                eval=describe(devs[name], name)
                 | {"part": "held-out evaluation", "seed": s, "n": data.n_records},
                 metrics=m,
                 scores=scores,
@@ -295,15 +295,15 @@ def devsplit(
                 parts = dev_parts(labels[name], s, name=name, **fractions)
                 held_out = read_rows(dev, layer, parts.eval)
                 val_part = read_rows(dev, layer, parts.val)
-                reference = _describe(train, "training (train split)") | {
-                    "val": None if val is None else _describe(val, "training (test split)")
+                reference = describe(train, "training (train split)") | {
+                    "val": None if val is None else describe(val, "training (test split)")
                 }
                 record(base, REFERENCE, name, 0, s, held_out, n_base, n_base_val, reference)
                 bar.update(1)
                 for k in plan[name]:
                     drawn = parts.draw(k)
                     few = read_rows(dev, layer, drawn)
-                    info = _describe(dev, f"{name} (training pool)") | {
+                    info = describe(dev, f"{name} (training pool)") | {
                         "dev_ids": _ids(dev, drawn),
                         "val_ids": _ids(dev, parts.val),
                     }
@@ -313,10 +313,10 @@ def devsplit(
                             data, extra, start = few, {}, None
                         elif mode == "combined":
                             data = probes.concat([synthetic, few])
-                            extra, start = {"synthetic": _describe(train, "training")}, None
+                            extra, start = {"synthetic": describe(train, "training")}, None
                         else:
                             data, start = few, base
-                            extra = {"init": REFERENCE, "synthetic": _describe(train, "training")}
+                            extra = {"init": REFERENCE, "synthetic": describe(train, "training")}
                         hyper = overrides | ({"epochs": warm_epochs} if start is not None else {})
                         probe = probes.fit(kind, data, val=val_part, seed=s, init=start, **hyper)
                         n_fit = int(probe.history.get("n_train", data.n_records))
@@ -338,12 +338,6 @@ def devsplit(
 def _ids(data, rows) -> list[str] | None:
     ids = getattr(data, "ids", None)
     return None if ids is None else [str(ids[int(i)]) for i in rows]
-
-
-def _describe(data, name):
-    if hasattr(data, "attrs") and hasattr(data, "url"):
-        return dataset_info(data, name)
-    return {"name": name}
 
 
 def summarise(rows: list[DevsplitRow]) -> list[dict]:
@@ -453,10 +447,10 @@ def run_devsplit(config: DevsplitConfig) -> tuple[list[DevsplitRow], dict]:
         raise ValueError(f"unknown dev set(s) {unknown or []}; known: {', '.join(DEV_SETS)}")
     if config.repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {config.repeats}")
-    layer = default_layer(config.model) if config.layer is None else int(config.layer)
+    layer = config_layer(config)
     out = Path(config.out)
     sets = tuple(dict.fromkeys(config.sets))
-    training, *dev_paths = find_distinct(["training", *(f"dev/{s}" for s in sets)], config.data)
+    training, dev_paths = find_training_and_dev(config.data, sets)
     fractions = dict(val_fraction=config.val_fraction, eval_fraction=config.eval_fraction)
     # Labels from the files: a k no set can provide is an error before the model loads.
     file_labels = {
@@ -465,10 +459,9 @@ def run_devsplit(config: DevsplitConfig) -> tuple[list[DevsplitRow], dict]:
     }
     plan, notes = plan_ks(file_labels, config.ks, **fractions)
     options = ExtractOptions.of(config, out)
-    (train,) = extract([training], layers=(layer,), split="train", options=options)
-    (val,) = extract([training], layers=(layer,), split="test", options=options)
-    stores = extract(dev_paths, layers=(layer,), split=None, options=options)
-    devs = dict(zip(sets, stores, strict=True))
+    train, val, devs = extract_train_val_dev(
+        training, dev_paths, sets, layer=layer, options=options
+    )
     results = out / "devsplit.jsonl"
     rows = devsplit(
         train,

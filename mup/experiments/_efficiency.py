@@ -13,12 +13,11 @@ import numpy as np
 
 from mup._resolve import DEFAULT_MODEL
 from mup.experiments._common import (
-    DEV_SETS,
     ExtractOptions,
-    dataset_info,
-    default_layer,
-    extract,
-    find_distinct,
+    config_layer,
+    describe,
+    extract_train_val_dev,
+    find_training_and_dev,
     new_figure,
     progress_bar,
     save_figure,
@@ -110,9 +109,9 @@ def efficiency(
                                 layer=probe.layers[0]
                                 if len(probe.layers) == 1
                                 else list(probe.layers),
-                                train=_describe(train, "training")
+                                train=describe(train, "training")
                                 | {"subset_size": int(size), "subset_seed": seed},
-                                eval=_describe(evals[name], name),
+                                eval=describe(evals[name], name),
                                 metrics=m,
                                 scores=scores,
                                 labels=data.labels,
@@ -129,12 +128,6 @@ def efficiency(
                     )
                     bar.update(1)
     return rows
-
-
-def _describe(data, name):
-    if hasattr(data, "attrs") and hasattr(data, "url"):
-        return dataset_info(data, name)
-    return {"name": name}
 
 
 def plot_efficiency(rows: list[EfficiencyRow], path) -> Path:
@@ -175,15 +168,11 @@ class EfficiencyConfig:
 
 
 def run_efficiency(config: EfficiencyConfig) -> tuple[list[EfficiencyRow], dict]:
-    layer = default_layer(config.model) if config.layer is None else int(config.layer)
+    layer = config_layer(config)
     out = Path(config.out)
     options = ExtractOptions.of(config, out)
-    # Every data set is located (and checked distinct) before any model loads.
-    training, *dev = find_distinct(["training", *(f"dev/{name}" for name in DEV_SETS)], config.data)
-    (train,) = extract([training], layers=(layer,), split="train", options=options)
-    (val,) = extract([training], layers=(layer,), split="test", options=options)
-    stores = extract(dev, layers=(layer,), split=None, options=options)
-    evals = dict(zip(DEV_SETS, stores, strict=True))
+    training, dev = find_training_and_dev(config.data)
+    train, val, evals = extract_train_val_dev(training, dev, layer=layer, options=options)
     labelled = int((np.asarray(train.labels) != -1).sum())
     sizes = tuple(s for s in config.sizes if s <= labelled)
     if not sizes:

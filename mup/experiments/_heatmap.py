@@ -26,8 +26,8 @@ import numpy as np
 from mup._resolve import DEFAULT_MODEL
 from mup.experiments._common import (
     ExtractOptions,
-    dataset_info,
-    default_layer,
+    config_layer,
+    describe,
     extract,
     find,
     labels_of,
@@ -225,10 +225,10 @@ def heatmap(
                         probe=probe,
                         model=model,
                         layer=list(probe.layers) if len(probe.layers) != 1 else probe.layers[0],
-                        train=_describe(train, "training (train split)")
+                        train=describe(train, "training (train split)")
                         | {"field": field, "value": v, "n": int(fit_rows.size)}
                         | {"val_ids": _ids(val_data)},
-                        eval=_describe(test, "training (test split)")
+                        eval=describe(test, "training (test split)")
                         | {"field": field, "value": w, "n": data.n_records},
                         metrics=m,
                         scores=scores,
@@ -253,12 +253,6 @@ def heatmap(
 
 def _ids(data):
     return None if data is None or data.ids is None else [str(i) for i in data.ids]
-
-
-def _describe(data, name):
-    if hasattr(data, "attrs") and hasattr(data, "url"):
-        return dataset_info(data, name)
-    return {"name": name}
 
 
 def plot_heatmap(result: Heatmap, path, *, title: str | None = None) -> Path:
@@ -315,7 +309,7 @@ def run_heatmap(config: HeatmapConfig) -> tuple[list[HeatmapRow], dict]:
         raise ValueError(f"unknown variation field {config.field!r}; known: {', '.join(FIELDS)}")
     if config.min_per_class < 1:
         raise ValueError(f"min_per_class must be >= 1, got {config.min_per_class}")
-    layer = default_layer(config.model) if config.layer is None else int(config.layer)
+    layer = config_layer(config)
     out = Path(config.out)
     training = find("training", config.data)
     # The field and its class counts come from the file: a missing field or a split with no

@@ -17,7 +17,7 @@ import numpy as np
 from mup._resolve import DEFAULT_MODEL
 from mup.experiments._common import (
     ExtractOptions,
-    dataset_info,
+    describe,
     extract,
     find,
     new_figure,
@@ -122,8 +122,8 @@ def sweep(
                     probe={"kind": kind, "overrides": overrides, "cv_folds": k, "seed": seed},
                     model=model,
                     layer=int(layer),
-                    train=_describe(data, "training (k-fold, grouped by pair_id)"),
-                    eval=_describe(data, "training (out-of-fold)"),
+                    train=describe(data, "training (k-fold, grouped by pair_id)"),
+                    eval=describe(data, "training (out-of-fold)"),
                     metrics=metrics.evaluate(scores[keep], labels[keep])
                     | {
                         "fold_aurocs": list(row.fold_aurocs),
@@ -137,12 +137,6 @@ def sweep(
                     else [i for i, m in zip(acts.ids, keep, strict=True) if m],
                 )
     return rows
-
-
-def _describe(data, name):
-    if hasattr(data, "attrs") and hasattr(data, "url"):
-        return dataset_info(data, name)
-    return {"name": name}
 
 
 def plot_sweep(rows: list[SweepRow], path) -> Path:

@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mup._cli_args import comma_separated
 from mup.monitors._cascade import (
     DEFAULT_FRACTIONS,
     MERGES,
@@ -28,14 +29,7 @@ from mup.monitors._scores import Scores, read_scores
 
 
 def _fractions(value: str) -> tuple[float, ...]:
-    try:
-        out = tuple(float(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers in [0, 1], got {value!r}"
-        ) from None
-    if not out:
-        raise argparse.ArgumentTypeError("expected at least one fraction")
+    out = comma_separated(float, "numbers in [0, 1]")(value)
     bad = [x for x in out if not 0.0 <= x <= 1.0]  # nan fails too
     if bad:
         raise argparse.ArgumentTypeError(f"fractions must be in [0, 1], got {bad}")

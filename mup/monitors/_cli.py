@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from mup import _compile_cache
+from mup._cli_args import positive_int, zero_means_none
 from mup._resolve import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
@@ -38,20 +39,6 @@ def _templates(value: str) -> tuple[str, ...]:
             f"{','.join(LIKELIHOOD_TEMPLATES)} (or all)"
         )
     return names
-
-
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return n
-
-
-def _max_tokens(value: str) -> int | None:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 (no limit) or a positive integer, got {n}")
-    return None if n == 0 else n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,14 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluation sets: dev, test, or comma-separated names / files (default dev)",
     )
     p.add_argument("--data", default=None, help="data root laid out like shared/data")
-    p.add_argument("--limit", type=_positive, default=None, help="records per set (quick runs)")
+    p.add_argument("--limit", type=positive_int, default=None, help="records per set (quick runs)")
     p.add_argument(
         "--max-conversation-tokens",
-        type=_max_tokens,
+        type=zero_means_none,
         default=1024,
         help="keep the end of longer conversations (0 = no limit; default %(default)s)",
     )
-    p.add_argument("--token-budget", type=_positive, default=8192, help="padded tokens a batch")
+    p.add_argument("--token-budget", type=positive_int, default=8192, help="padded tokens a batch")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", default="runs/baselines", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mup._cli_args import config_from_args
+
 log = logging.getLogger("mup.monitors.finetune")
 
 COMMANDS = ("finetune", "score")
@@ -189,22 +191,7 @@ def _finetune(args) -> int:
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
         alpha = 2.0 * args.lora_rank if args.lora_alpha is None else args.lora_alpha
         lora = LoraConfig(rank=args.lora_rank, alpha=alpha, targets=targets)
-    cfg = FinetuneConfig(
-        lora=lora,
-        epochs=args.epochs,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_ratio=args.warmup_ratio,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        eval_batch_size=args.eval_batch_size,
-        max_tokens=args.max_tokens,
-        min_bucket=args.min_bucket,
-        eval_every=args.eval_every,
-        patience=args.patience,
-        dtype=args.dtype,
-        seed=args.seed,
-    )
+    cfg = config_from_args(FinetuneConfig, args, lora=lora)
     # Every data problem is reported before the model loads.
     train_all, train_name = _load(args.train, args.data)
     train = _cap(_split(train_all, args.train_split, "train"), args.max_records, args.seed)

@@ -29,6 +29,7 @@ import numpy as np
 import pydantic
 
 from mup import metrics
+from mup.data import jsonl_objects
 
 __all__ = [
     "ScoreFileError",
@@ -235,22 +236,12 @@ def read_scores(*paths: str | os.PathLike) -> Scores:
 def validated_lines(path: Path, schema: type[pydantic.BaseModel], error: type[Exception]):
     """(``file:line``, object) for every non-blank line of a jsonl file, each checked against
     `schema`; `error` names the file, the line and the field of the first bad one."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise error(f"{where}: not JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            try:
-                schema.model_validate(obj)
-            except pydantic.ValidationError as err:
-                raise error(f"{where}: {_describe(err)}") from None
-            yield where, obj
+    for where, obj in jsonl_objects(path, error):
+        try:
+            schema.model_validate(obj)
+        except pydantic.ValidationError as err:
+            raise error(f"{where}: {_describe(err)}") from None
+        yield where, obj
 
 
 def write_scores(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:

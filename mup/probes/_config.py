@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, get_args
 
 from mup import _configs
 
@@ -19,18 +19,7 @@ ProbeKind = Literal[
     "lda",
     "logreg",
 ]
-PROBE_KINDS: tuple[str, ...] = (
-    "mean",
-    "max",
-    "last",
-    "softmax",
-    "rolling",
-    "attention",
-    "linear_mean",
-    "dom",
-    "lda",
-    "logreg",
-)
+PROBE_KINDS: tuple[str, ...] = get_args(ProbeKind)
 # Kinds whose score is a linear function of one pooled vector per record: activations are
 # pooled ONCE (mup.native.pool) and training runs on [N, D]. The value is the pooling method.
 POOLED_KINDS = {

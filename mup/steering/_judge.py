@@ -30,7 +30,6 @@ prompt or settings is refused (`mup.datagen.JsonlLog`).
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import csv
 import dataclasses
@@ -51,17 +50,25 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mup.datagen._endpoint import usage_line
 from mup.datagen._label import (
     FORMAT_CHAIN,
     JsonlLog,
     LabelError,
     ResponseFormat,
-    choice_logprobs,
     messages_text,
     rejects_path,
     score_distribution,
 )
-from mup.datagen._structured import Negotiator, Refused, first_valid, request_options, send
+from mup.datagen._structured import (
+    Negotiator,
+    Refused,
+    choice_logprobs,
+    first_valid,
+    request_options,
+    send,
+    value_token,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -342,18 +349,8 @@ def option_distribution(
     empty answer or when no alternative there is A or B."""
     if not tokens:
         return None
-    text = "".join(tokens)
-    starts = [0]
-    for token in tokens[:-1]:
-        starts.append(starts[-1] + len(token))
-    key = _BETTER_KEY.search(text)
-    if key is not None:
-        char = key.end()
-    else:
-        letter = _LONE_LETTER.search(text)
-        char = letter.start() if letter else 0
-    i = max(bisect.bisect_right(starts, char) - 1, 0)
-    prefix = text[starts[i] : char].lstrip()
+    i, prefix, from_key = value_token(tokens, _BETTER_KEY, _LONE_LETTER)
+    prefix = prefix.lstrip()
     p = {"A": 0.0, "B": 0.0}
     for alt, logprob in top[i] if i < len(top) else ():
         a = alt.lstrip()
@@ -365,9 +362,7 @@ def option_distribution(
     mass = p["A"] + p["B"]
     if mass <= 0:
         return None
-    return OptionDistribution(
-        p_a=p["A"] / mass, mass=min(mass, 1.0), position=i, from_key=key is not None
-    )
+    return OptionDistribution(p_a=p["A"] / mass, mass=min(mass, 1.0), position=i, from_key=from_key)
 
 
 def read_rating(text: str, logprobs) -> dict[str, Any] | None:
@@ -726,11 +721,7 @@ class JudgeSummary:
         if self.n_rejected_total:
             out.append(f"rejected judgements (with the raw answers): {self.rejects}")
         if self.usage:
-            u = self.usage
-            out.append(
-                f"tokens: {u['prompt_tokens']} prompt + {u['completion_tokens']} completion in "
-                f"{u['requests']} requests ({u['attempts']} HTTP attempts)"
-            )
+            out.append(usage_line(self.usage))
         out += [f"wrote {path}" for path in self.files]
         return out + self.notes
 

@@ -19,32 +19,14 @@ import logging
 import sys
 from pathlib import Path
 
+from mup._cli_args import non_negative_int, positive_int
+
 logger = logging.getLogger(__name__)
-
-
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return n
-
-
-def _positive_float(value: str) -> float:
-    x = float(value)
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return x
-
-
-def _count(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return n
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add `judge` to the subparsers `sub` of `mup steering`."""
+    from mup.datagen._endpoint import add_endpoint_args
     from mup.steering._judge import BUNDLED_RUBRICS
 
     p = sub.add_parser(
@@ -68,32 +50,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "(default: coherence)",
     )
     p.add_argument("--pairwise", action="store_true", help="also compare with multiplier 0")
-    p.add_argument("--limit", type=_positive, default=None, help="only the first N judgements")
-    where = p.add_argument_group("endpoint (one of --base-url or --serve)")
-    where.add_argument("--base-url", help="OpenAI-compatible API root, e.g. http://host:8000/v1")
-    where.add_argument("--model", help="judge model name (default: the endpoint's first model)")
-    where.add_argument(
-        "--api-key-env",
-        default="OPENAI_API_KEY",
-        metavar="NAME",
-        help="environment variable with the API key (default %(default)s; unset: none)",
-    )
-    where.add_argument("--serve", metavar="SPEC", help="serve this judge with `mup serve`")
-    where.add_argument(
-        "--serve-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra `mup serve` argument, repeatable (e.g. --serve-arg=--max-batch=32)",
-    )
-    where.add_argument("--concurrency", type=_positive, default=8, help="requests in flight (8)")
-    where.add_argument(
-        "--rpm", type=_positive_float, default=None, help="at most this many requests a minute"
-    )
-    where.add_argument("--timeout", type=_positive_float, default=600.0, help="s per attempt")
-    where.add_argument("--max-retries", type=_count, default=6, help="retries (429/5xx; 6)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N judgements")
+    add_endpoint_args(p, role="judge")
     ask = p.add_argument_group("requests and statistics")
-    ask.add_argument("--max-tokens", type=_positive, default=96, help="answer length (96)")
+    ask.add_argument("--max-tokens", type=positive_int, default=96, help="answer length (96)")
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--seed", type=int, default=0, help="request and bootstrap seed")
     ask.add_argument(
@@ -110,8 +70,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         choices=("auto", "json_schema", "json_object", "none"),
         help="auto: json_schema, falling back to json_object and none when refused",
     )
-    ask.add_argument("--max-input-chars", type=_positive, default=None, help="conversation cap")
-    ask.add_argument("--bootstrap", type=_count, default=1000, help="BT resamples (1000)")
+    ask.add_argument("--max-input-chars", type=positive_int, default=None, help="conversation cap")
+    ask.add_argument("--bootstrap", type=non_negative_int, default=1000, help="BT resamples (1000)")
     ask.add_argument(
         "--bt-prior", type=float, default=0.5, help="BT pseudo-wins each way per pair (0.5)"
     )
@@ -184,18 +144,7 @@ def _judge(args, rows, config) -> int:
     from mup.steering._judge import judge_sweep
 
     quiet_http_logs()
-    endpoint_config = EndpointConfig(
-        base_url=args.base_url,
-        model=args.model,
-        api_key_env=args.api_key_env,
-        serve=args.serve,
-        serve_args=tuple(args.serve_arg),
-        concurrency=args.concurrency,
-        requests_per_minute=args.rpm,
-        timeout_s=args.timeout,
-        max_retries=args.max_retries,
-    )
-    with open_endpoint(endpoint_config) as endpoint:
+    with open_endpoint(EndpointConfig.from_args(args)) as endpoint:
         logger.info(
             "judging %s (%d answers; rubrics %s%s) with %s into %s",
             args.sweep,

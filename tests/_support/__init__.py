@@ -5,6 +5,7 @@ checkout's `mup/` stays off it, so the suite can test an installed wheel). Under
 `--import-mode=importlib` test modules cannot import a conftest.py; what they need lives here.
 
 checkpoints   tiny random llama checkpoints (transformers, safetensors) and a word tokenizer
+configs       tiny model configs for models built in memory
 servers       free loopback ports and `python -m mup.serve` subprocesses
 stores        synthetic stakes data sets and activation stores with a planted signal
 activations   synthetic in-memory ragged activations for probe tests

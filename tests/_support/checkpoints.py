@@ -7,6 +7,17 @@ from pathlib import Path
 
 import pytest
 
+# transformers config kwargs of the tiny reference models of the parity and generation tests.
+TINY_HF = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
 SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"]
 TEMPLATE = (
     "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
@@ -17,17 +28,18 @@ TEMPLATE = (
 def save_tiny_llama(
     path: Path,
     *,
-    d_model: int,
-    d_ff: int,
-    n_heads: int,
-    n_kv_heads: int,
-    max_positions: int,
+    d_model: int = 32,
+    d_ff: int | None = None,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    max_positions: int = 4096,
     std: float | None = None,
     embed_std: float | None = None,
     special_tokens: bool = True,
 ) -> Path:
     """A random 2-block llama with SmolLM2's vocabulary and tokenizer, saved in `path`.
 
+    d_ff: the MLP width, 2 * d_model by default.
     std: re-draw every non-norm weight from N(0, std) (embeddings from N(0, embed_std), default
       std), so that greedy choices are far from ties and steering visibly changes them; None
       keeps transformers' 0.02 init.
@@ -47,7 +59,7 @@ def save_tiny_llama(
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=d_model,
-        intermediate_size=d_ff,
+        intermediate_size=2 * d_model if d_ff is None else d_ff,
         num_hidden_layers=2,
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv_heads,

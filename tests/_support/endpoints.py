@@ -5,10 +5,10 @@ client (labelling, judging) asked for, across processes.
 
 The proxy can also hold requests: after `hold_after(n)` it forwards n more chat requests and
 parks the rest unanswered (never forwarded), which lets a test kill a client process at a
-moment when exactly n requests have been made and answered. `fail_next(k)` answers the next
-k chat requests with a 503 itself (a failing network element in front of a real server), for
-the client's retries; `refuse` names request fields that it answers with an OpenAI-style 400,
-as servers that lack them do.
+moment when exactly n requests have been made and answered (`kill_after_lines`).
+`fail_next(k)` answers the next k chat requests with a 503 itself (a failing network element in
+front of a real server), for the client's retries; `refuse` names request fields that it answers
+with an OpenAI-style 400, as servers that lack them do.
 
 In a conftest: ``from _support.endpoints import proxy, server, tiny_dir  # noqa: F401``.
 """
@@ -18,7 +18,10 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
+import signal
+import subprocess
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -34,14 +37,7 @@ MAX_CONTEXT = 2048
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """2 blocks, d=32, SmolLM2's tokenizer; transformers' default init: junk answers."""
-    return save_tiny_llama(
-        tmp_path_factory.mktemp("tiny_llama"),
-        d_model=32,
-        d_ff=64,
-        n_heads=4,
-        n_kv_heads=2,
-        max_positions=4096,
-    )
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="session")
@@ -203,3 +199,23 @@ def proxy(server):
     p = CountingProxy(server.url)
     yield p
     p.close()
+
+
+def kill_after_lines(proxy: CountingProxy, args: list[str], out: Path, n: int, what: str) -> int:
+    """Run the client command `args` with the proxy answering n chat requests, and SIGKILL it
+    once `out` holds n complete lines and the requests it then makes are parked (unanswered,
+    never forwarded); its exit status. `what` names the process in a failure ("labelling")."""
+    proxy.hold_after(n)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.read_bytes().count(b"\n") >= n):
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, f"the {what} process wrote nothing"
+            time.sleep(0.05)
+        time.sleep(0.3)  # let the parked requests reach the proxy
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    return proc.returncode

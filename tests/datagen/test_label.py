@@ -8,11 +8,11 @@ import collections
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
+from _support.endpoints import kill_after_lines
 from _support.servers import free_port
 
 from mup.data import bundled_path, load_records
@@ -115,20 +115,8 @@ def test_resume_after_sigkill_never_requests_a_finished_record_again(proxy, tmp_
     out = tmp_path / "killed.jsonl"
     args = [sys.executable, "-m", "mup", "data", "label", "mini", "--base-url", proxy.url]
     args += ["--out", str(out), "--limit", "8", "--concurrency", "2", *FAST]
-    proxy.hold_after(3)  # three records are answered, then requests are parked
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out.exists() and out.read_bytes().count(b"\n") >= 3):
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "the labelling process wrote nothing"
-            time.sleep(0.05)
-        time.sleep(0.3)  # let the parked requests reach the proxy
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    # three records are answered, then requests are parked and the process is killed
+    assert kill_after_lines(proxy, args, out, 3, "labelling") == -signal.SIGKILL
     first = {row["ids"] for row in iter_jsonl(out)}
     assert len(first) == 3 and len(proxy.chats) == 3
     proxy.release()

@@ -47,7 +47,6 @@ def tiny_dir(tmp_path_factory) -> Path:
     return save_tiny_llama(
         tmp_path_factory.mktemp("tiny_llama"),
         d_model=D_MODEL,
-        d_ff=64,
         n_heads=2,
         n_kv_heads=1,
         max_positions=2048,

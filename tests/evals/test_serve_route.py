@@ -42,6 +42,24 @@ def server_url(tiny_dir, vector_file, tmp_path_factory):
         srv.stop()
 
 
+def _served_and_local(deployments, tiny_dir, vector_file, tmp_path, **common):
+    """The suite's reports through the deployments file and in process at the same multipliers."""
+    served = run_suite(
+        RunConfig(deployments=str(deployments), log_dir=tmp_path / "served", **common)
+    )
+    local = run_suite(
+        RunConfig(
+            model=f"mup/{tiny_dir}",
+            vector=str(vector_file),
+            layer=1,
+            multipliers=MULTIPLIERS,
+            log_dir=tmp_path / "local",
+            **common,
+        )
+    )
+    return served, local
+
+
 def _completions(report) -> dict[tuple[float, str], str]:
     out = {}
     for rec in report:
@@ -65,19 +83,7 @@ def test_deployments_route_matches_in_process_provider(
         )
     )
     common = dict(suite="mc_general", limit=LIMIT, config=small_config)
-    served = run_suite(
-        RunConfig(deployments=str(deployments), log_dir=tmp_path / "served", **common)
-    )
-    local = run_suite(
-        RunConfig(
-            model=f"mup/{tiny_dir}",
-            vector=str(vector_file),
-            layer=1,
-            multipliers=MULTIPLIERS,
-            log_dir=tmp_path / "local",
-            **common,
-        )
-    )
+    served, local = _served_and_local(deployments, tiny_dir, vector_file, tmp_path, **common)
     assert sorted(r["multiplier"] for r in served) == list(MULTIPLIERS)
     for rec in served:
         log = read_eval_log(rec["log"], header_only=True)
@@ -124,19 +130,7 @@ def test_loglik_mc_echo_route_matches_in_process_with_a_study_format_file(
     config = tmp_path / "benchmarks.yaml"
     config.write_text(LL_CONFIG)
     common = dict(suite="ll", limit=LIMIT + 1, config=config)
-    served = run_suite(
-        RunConfig(deployments=str(deployments), log_dir=tmp_path / "served", **common)
-    )
-    local = run_suite(
-        RunConfig(
-            model=f"mup/{tiny_dir}",
-            vector=str(vector_file),
-            layer=1,
-            multipliers=MULTIPLIERS,
-            log_dir=tmp_path / "local",
-            **common,
-        )
-    )
+    served, local = _served_and_local(deployments, tiny_dir, vector_file, tmp_path, **common)
     for rec in served:
         assert read_eval_log(rec["log"], header_only=True).eval.model == "openai-api/mup/tiny"
     got, want = _logliks(served), _logliks(local)

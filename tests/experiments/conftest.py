@@ -26,7 +26,6 @@ def tiny_dir(tmp_path_factory) -> Path:
     return save_tiny_llama(
         tmp_path_factory.mktemp("tiny_llama"),
         d_model=16,
-        d_ff=32,
         n_heads=2,
         n_kv_heads=1,
         max_positions=512,

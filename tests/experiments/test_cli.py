@@ -21,26 +21,17 @@ pytestmark = pytest.mark.slow
 QUICK = ["--limit", "24", "--max-tokens", "48", "--no-progress"]
 
 
+def _args(tiny_dir, data_root, out) -> list[str]:
+    """The arguments every command here shares: the tiny model at layer 1, the data root, out."""
+    model = ["--model", str(tiny_dir), "--layer", "1"]
+    return [*model, "--data", str(data_root), "--out", str(out), *QUICK]
+
+
 @pytest.fixture(scope="module")
 def compare_run(tiny_dir, data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "out"
-    args = [
-        sys.executable,
-        "-m",
-        "mup.probes",
-        "compare",
-        "--model",
-        str(tiny_dir),
-        "--layer",
-        "1",
-        "--data",
-        str(data_root),
-        "--out",
-        str(out),
-        "--kinds",
-        "logreg,dom",
-        *QUICK,
-    ]
+    args = [sys.executable, "-m", "mup.probes", "compare", *_args(tiny_dir, data_root, out)]
+    args += ["--kinds", "logreg,dom"]
     result = subprocess.run(args, cwd=out.parent, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
@@ -62,17 +53,7 @@ def test_compare_writes_table_plot_and_results(compare_run):
 def test_efficiency_and_calibration_reuse_the_stores(compare_run, tiny_dir, data_root, capsys):
     out, _ = compare_run
     n_stores = len(list((out / "stores").rglob("zarr.json")))
-    common = [
-        "--model",
-        str(tiny_dir),
-        "--layer",
-        "1",
-        "--data",
-        str(data_root),
-        "--out",
-        str(out),
-        *QUICK,
-    ]
+    common = _args(tiny_dir, data_root, out)
     assert main(["efficiency", *common, "--sizes", "4,12", "--seeds", "0"]) == 0
     assert main(["calibration", *common, "--kind", "logreg"]) == 0
     assert len(list((out / "stores").rglob("zarr.json"))) == n_stores  # nothing re-extracted
@@ -148,17 +129,7 @@ def variation_root(data_root, tmp_path_factory):
 def test_devsplit_and_heatmap_write_results_and_plots(tiny_dir, variation_root, tmp_path, capsys):
     import matplotlib.image
 
-    common = [
-        "--model",
-        str(tiny_dir),
-        "--layer",
-        "1",
-        "--data",
-        str(variation_root),
-        "--out",
-        str(tmp_path),
-        *QUICK,
-    ]
+    common = _args(tiny_dir, variation_root, tmp_path)
     args = ["--kind", "mean", "--ks", "2,4,64", "--repeats", "2", "--warm-epochs", "3"]
     assert main(["devsplit", *common, *args]) == 0
     printed = capsys.readouterr().out

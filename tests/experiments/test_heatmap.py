@@ -18,21 +18,25 @@ def _field(store, name):
     return experiments.record_field(store, name)
 
 
+def _heatmap(stores, field: str, **kwargs):
+    """The heatmap of `field` trained on the train store and scored on the validation store."""
+    train, test = stores.train, stores.val
+    return experiments.heatmap(
+        train,
+        _field(train, field),
+        test,
+        _field(test, field),
+        field=field,
+        layer=2,
+        progress=False,
+        **kwargs,
+    )
+
+
 def test_matrix_cells_equal_a_direct_fit(stores, tmp_path):
     train, test = stores.train, stores.val
     results = tmp_path / "h.jsonl"
-    result = experiments.heatmap(
-        train,
-        _field(train, "tone"),
-        test,
-        _field(test, "tone"),
-        field="tone",
-        layer=2,
-        kind="logreg",
-        min_per_class=2,
-        results=results,
-        progress=False,
-    )
+    result = _heatmap(stores, "tone", kind="logreg", min_per_class=2, results=results)
     assert result.values == tuple(sorted(TONES))
     assert result.auroc.shape == (3, 3) and np.isfinite(result.auroc).all()
     assert not result.skipped_train and not result.skipped_eval
@@ -63,18 +67,7 @@ def test_matrix_cells_equal_a_direct_fit(stores, tmp_path):
 
 
 def test_values_with_one_class_are_reported_and_skipped(stores, tmp_path):
-    train, test = stores.train, stores.val
-    result = experiments.heatmap(
-        train,
-        _field(train, "language"),
-        test,
-        _field(test, "language"),
-        field="language",
-        layer=2,
-        kind="logreg",
-        min_per_class=2,
-        progress=False,
-    )
+    result = _heatmap(stores, "language", kind="logreg", min_per_class=2)
     assert result.values == ("English", "French")
     # "French" is every 16th record: high-stakes only, in both stores.
     assert set(result.skipped_train) == {"French"} == set(result.skipped_eval)
@@ -87,34 +80,20 @@ def test_values_with_one_class_are_reported_and_skipped(stores, tmp_path):
     png = experiments.plot_heatmap(result, tmp_path / "skip.png")
     assert png.stat().st_size > 1000
     with pytest.raises(ValueError, match="no value can be trained and scored"):
-        experiments.heatmap(
-            train,
-            _field(train, "language"),
-            test,
-            _field(test, "language"),
-            layer=2,
-            kind="logreg",
-            min_per_class=100,
-            progress=False,
-        )
+        _heatmap(stores, "language", kind="logreg", min_per_class=100)
 
 
 def test_gradient_kinds_stop_on_a_grouped_validation_part(stores, tmp_path):
     import matplotlib.image
 
-    train, test = stores.train, stores.val
+    train = stores.train
     groups = _field(train, "pair_id")
-    result = experiments.heatmap(
-        train,
-        _field(train, "length"),
-        test,
-        _field(test, "length"),
-        field="length",
-        layer=2,
+    result = _heatmap(
+        stores,
+        "length",
         kind="mean",
         groups=groups,
         val_fraction=0.25,
-        progress=False,
         results=tmp_path / "m.jsonl",
         **FAST,
     )

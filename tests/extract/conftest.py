@@ -13,15 +13,7 @@ from _support.checkpoints import save_tiny_llama
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A random 2-block llama (d_model 64, 4 heads, 2 kv heads) saved as safetensors."""
-    return save_tiny_llama(
-        tmp_path_factory.mktemp("tiny-llama"),
-        d_model=64,
-        d_ff=128,
-        n_heads=4,
-        n_kv_heads=2,
-        max_positions=4096,
-        special_tokens=False,
-    )
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), d_model=64, special_tokens=False)
 
 
 @pytest.fixture(scope="session")

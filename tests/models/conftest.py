@@ -13,8 +13,9 @@ import functools
 from pathlib import Path
 
 import pytest
+from _support.checkpoints import TINY_HF
 
-VOCAB, D_MODEL = 128, 64
+VOCAB, D_MODEL = TINY_HF["vocab_size"], TINY_HF["hidden_size"]
 WINDOW = 8  # sliding window of the local-layer cases; tests use 24 tokens, three windows
 
 
@@ -27,18 +28,7 @@ class Case:
 
 
 def _llama_kwargs(**overrides):
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=D_MODEL,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-    )
-    kw.update(overrides)
-    return kw
+    return TINY_HF | overrides
 
 
 def _hf_config(name: str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _support.checkpoints import SPECIALS, word_tokenizer
+from _support.checkpoints import SPECIALS, TINY_HF, word_tokenizer
 
 from mup.models import (
     Greedy,
@@ -25,7 +25,7 @@ from mup.models import (
 torch = pytest.importorskip("torch", reason="torch is the parity reference")
 transformers = pytest.importorskip("transformers", reason="transformers builds the tiny model")
 
-VOCAB = 128
+VOCAB = TINY_HF["vocab_size"]
 WORDS = [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
 PROMPTS = [
     [{"role": "user", "content": "w1 w2 w3"}],
@@ -40,19 +40,10 @@ def tiny(tmp_path_factory):
     """(mup Model, HF model) of one tiny llama, saved and re-loaded from disk."""
     path = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        eos_token_id=2,
-        pad_token_id=2,
-        bos_token_id=1,
-    )
+    # Three blocks and an untied head; rms_norm_eps stays transformers' default (1e-6).
+    own = dict(num_hidden_layers=3, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    ids = dict(eos_token_id=2, pad_token_id=2, bos_token_id=1)
+    config = transformers.LlamaConfig(**(TINY_HF | own | ids))
     hf = transformers.LlamaForCausalLM(config).eval()
     # Re-draw the weights large: at the default 0.02 init the logits are nearly uniform and
     # greedy decoding would hinge on float rounding.

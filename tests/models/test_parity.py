@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _support.checkpoints import TINY_HF
 
 from mup.models._transformer import KVCache, SteeringSpec, forward, jit_forward
 
@@ -20,7 +21,7 @@ torch = pytest.importorskip("torch", reason="torch is the parity reference")
 
 TOL = 1e-4
 SEQ = 24  # three sliding windows of the Gemma / Mistral cases (conftest.WINDOW = 8)
-VOCAB = 128  # conftest.VOCAB
+VOCAB = TINY_HF["vocab_size"]
 CASES = (
     "llama_mha",
     "llama_gqa_tied",

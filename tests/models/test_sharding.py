@@ -15,24 +15,14 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from _support.configs import tiny_config
 from jax.sharding import PartitionSpec as P
 
-from mup.models import NAMED_CONFIGS, ModelConfig
+from mup.models import NAMED_CONFIGS
 from mup.models._params import hf_tensors_from_params, init_params, params_from_hf
 from mup.models._sharding import param_partition_specs
 
-TINY = ModelConfig(
-    vocab_size=128,
-    d_model=64,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=16,
-    d_ff=128,
-    rope_theta=10_000.0,
-    rms_norm_eps=1e-5,
-    tie_embeddings=False,
-)
+TINY = tiny_config(vocab_size=128, d_model=64, head_dim=16, d_ff=128)
 
 
 def test_specs_split_heads_mlp_and_vocab_over_model():

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from _support.configs import tiny_config
 
-from mup.models import ModelConfig
 from mup.monitors import block_matmul_params, llm_flops, probe_flops
 
 # D=8, N=2 query heads, K=1 kv head (MQA), H=4, F=16, L=2 blocks, V=32.
-TINY = ModelConfig(
-    vocab_size=32,
-    d_model=8,
-    n_layers=2,
-    n_heads=2,
-    n_kv_heads=1,
-    head_dim=4,
-    d_ff=16,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-6,
-    tie_embeddings=True,
+TINY = tiny_config(
+    vocab_size=32, d_model=8, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=16, tie_embeddings=True
 )
 
 # One block's matmul weights, by hand:

@@ -24,15 +24,7 @@ torch = pytest.importorskip("torch", reason="transformers/torch are the numerica
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """Weights drawn large (std 0.2): the two completions' log-likelihoods are far apart."""
-    return save_tiny_llama(
-        tmp_path_factory.mktemp("tiny_llama"),
-        d_model=32,
-        d_ff=64,
-        n_heads=4,
-        n_kv_heads=2,
-        max_positions=4096,
-        std=0.2,
-    )
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), std=0.2)
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,6 @@ def tiny_dir(tmp_path_factory) -> Path:
     return save_tiny_llama(
         tmp_path_factory.mktemp("tiny_llama"),
         d_model=D_MODEL,
-        d_ff=128,
-        n_heads=4,
-        n_kv_heads=2,
         max_positions=512,
         std=0.25,
         embed_std=1.0,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _support.checkpoints import word_tokenizer
+from _support.configs import tiny_config
 
 WORDS = [f"q{i}" for i in range(30)] + [f"a{i}" for i in range(14)] + [f"b{i}" for i in range(14)]
 
@@ -22,20 +23,9 @@ WORDS = [f"q{i}" for i in range(30)] + [f"a{i}" for i in range(14)] + [f"b{i}" f
 @pytest.fixture(scope="session")
 def tiny_model():
     from mup._resolve import ResolvedSpec
-    from mup.models import Model, ModelConfig, init_params
+    from mup.models import Model, init_params
 
-    config = ModelConfig(
-        vocab_size=64,
-        d_model=32,
-        n_layers=3,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=8,
-        d_ff=64,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_embeddings=False,
-    )
+    config = tiny_config(n_layers=3)
     # Shapes from `init_params` without running it (one small compile per leaf otherwise);
     # values drawn in numpy: std 0.3 gives the model preferences to steer against (at the
     # default 0.02 the logits are nearly uniform). Norm weights stay at 1.

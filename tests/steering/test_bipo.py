@@ -274,15 +274,7 @@ def test_multi_turn_prompt_scores_only_the_final_response(tiny_model):
 def tiny_checkpoint(tmp_path_factory):
     from _support.checkpoints import save_tiny_llama
 
-    return save_tiny_llama(
-        tmp_path_factory.mktemp("tiny_bipo"),
-        d_model=32,
-        d_ff=64,
-        n_heads=4,
-        n_kv_heads=2,
-        max_positions=256,
-        std=0.2,
-    )
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_bipo"), max_positions=256, std=0.2)
 
 
 def test_cli_train_bipo_layers_with_study_recipe(tiny_checkpoint, tmp_path, capfd):

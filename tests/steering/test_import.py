@@ -141,39 +141,13 @@ def test_cli_import_runs_without_torch(tmp_path, capfd):
     from mup.steering._cli import main
 
     # usage errors exit 2 (in this process: one fresh process is enough for the torch check)
-    assert (
-        main(
-            [
-                "import",
-                str(src),
-                "--model",
-                "smollm2-135m",
-                "--layer",
-                "40",
-                "--out",
-                str(tmp_path / "b.safetensors"),
-            ]
-        )
-        == 2
-    )
+    unwritten = tmp_path / "b.safetensors"
+    at_layer_40 = ["--model", "smollm2-135m", "--layer", "40", "--out", str(unwritten)]
+    assert main(["import", str(src), *at_layer_40]) == 2
     capsys_err = capfd.readouterr().err
     assert "file name says layer 12" in capsys_err
     plain = tmp_path / "steer.pt"
     torch.save(t, plain)
-    assert (
-        main(
-            [
-                "import",
-                str(plain),
-                "--model",
-                "smollm2-135m",
-                "--layer",
-                "40",
-                "--out",
-                str(tmp_path / "b.safetensors"),
-            ]
-        )
-        == 2
-    )
+    assert main(["import", str(plain), *at_layer_40]) == 2
     assert "--layer 40 is out of range" in capfd.readouterr().err
-    assert not (tmp_path / "b.safetensors").exists()
+    assert not unwritten.exists()

@@ -8,13 +8,10 @@ from __future__ import annotations
 import collections
 import csv
 import json
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
-from _support.endpoints import proxy, server, tiny_dir  # noqa: F401 (fixtures)
+from _support.endpoints import kill_after_lines, proxy, server, tiny_dir  # noqa: F401 (fixtures)
 from _support.servers import free_port
 
 from mup.datagen._label import iter_jsonl
@@ -164,19 +161,8 @@ def test_resume_after_sigkill_never_requests_a_finished_rating_again(proxy, swee
     args = [sys.executable, "-m", "mup", "steering", "judge", "--sweep", str(sweep)]
     args += ["--out", str(out), "--base-url", proxy.url, "--concurrency", "2", *FAST]
     args += ["--response-format", "none"]  # every request is answered: hold_after counts them
-    proxy.hold_after(3)  # three ratings are answered, then requests are parked
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out.exists() and out.read_bytes().count(b"\n") >= 3):
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "the judging process wrote nothing"
-            time.sleep(0.05)
-        time.sleep(0.3)  # let the parked requests reach the proxy
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    # three ratings are answered, then requests are parked and the process is killed
+    kill_after_lines(proxy, args, out, 3, "judging")
     first = {row["key"] for row in iter_jsonl(out)}
     assert len(first) == 3 and len(proxy.chats) == 3
     proxy.release()

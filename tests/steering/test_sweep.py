@@ -212,14 +212,7 @@ def tiny_dir(tmp_path_factory):
     from _support.checkpoints import save_tiny_llama
 
     return save_tiny_llama(
-        tmp_path_factory.mktemp("tiny_llama"),
-        d_model=32,
-        d_ff=64,
-        n_heads=4,
-        n_kv_heads=2,
-        max_positions=512,
-        std=0.25,
-        embed_std=1.0,
+        tmp_path_factory.mktemp("tiny_llama"), max_positions=512, std=0.25, embed_std=1.0
     )
 
 

@@ -66,15 +66,7 @@ def _start(url: str, mode: str, tmp_path: Path, part: str | None = None) -> subp
 
 
 def _run(url: str, mode: str, tmp_path: Path, kill=None, part: str | None = None) -> str:
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), url, str(SEED), "0.04", mode] + ([part] if part else []),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # A SIGKILLed boto3-mode writer cannot remove its staging dir: keep it under tmp_path.
-        env={**os.environ, "TMPDIR": str(tmp_path)},
-    )
+    proc = _start(url, mode, tmp_path, part)
     lines = []
     try:
         if kill is not None:
