@@ -14,7 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mup.demo", "run the end-to-end demo on the embedded default model"),
     "data": (
-        "mup.data._cli",
+        "mup.datagen._cli",
         "download, inspect, balance, split and compare stakes data sets; label them with an LLM",
     ),
     "extract": ("mup.extract._cli", "extract residual-stream activations into a zarr store"),

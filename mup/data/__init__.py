@@ -28,9 +28,12 @@ from mup.data._jsonl import jsonl_objects
 # isort: split
 # Where data sets live
 from mup.data._locate import (
+    DEFAULT_DOWNLOADS,
     HUB_REPO,
+    SOURCES,
     HubUnavailable,
     bundled_path,
+    data_roots,
     dataset_names,
     download,
     evaluation_sets,
@@ -40,18 +43,20 @@ from mup.data._locate import (
 
 # isort: split
 # Data set tools (`mup data stats|balance|split|overlap`)
-from mup.data._overlap import overlap
-from mup.data._stats import dataset_stats
+from mup.data._overlap import format_overlap, overlap
+from mup.data._stats import dataset_stats, format_stats
 from mup.data._transform import SampleError, balance, split_by_pair
 
 __all__ = [
     "AMBIGUOUS",
+    "DEFAULT_DOWNLOADS",
     "HIGH_STAKES",
     "HUB_REPO",
     "HubUnavailable",
     "LABEL_NAMES",
     "LOW_STAKES",
     "ROLES",
+    "SOURCES",
     "DataError",
     "Dataset",
     "Message",
@@ -59,9 +64,12 @@ __all__ = [
     "SampleError",
     "balance",
     "bundled_path",
+    "data_roots",
     "dataset_names",
     "dataset_stats",
     "download",
+    "format_overlap",
+    "format_stats",
     "evaluation_sets",
     "find_dataset",
     "is_bundled",

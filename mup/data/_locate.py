@@ -172,7 +172,7 @@ def find_dataset(
         logger.info("data set 'mini': using the bundled %s", BUNDLED)
         return bundled_path()
 
-    for label, root in _roots():
+    for label, root in data_roots():
         found = _in_root(source, root)
         if found is not None:
             logger.info("data set %r: using %s (%s)", name, found.resolve(), label)
@@ -236,7 +236,8 @@ def _source(name: str) -> Source | None:
     return SOURCES[name]
 
 
-def _roots() -> Iterator[tuple[str, Path]]:
+def data_roots() -> Iterator[tuple[str, Path]]:
+    """The data roots searched in order, each with how it was found (for messages)."""
     if os.environ.get("MUP_DATA"):
         yield "$MUP_DATA", Path(os.environ["MUP_DATA"]).expanduser()
     yield "../shared/data from the current directory", Path.cwd() / "../shared/data"

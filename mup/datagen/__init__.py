@@ -5,7 +5,8 @@ with open_endpoint(EndpointConfig(serve="smollm2-135m")) as endpoint:
                             LabelConfig(rubric=find_rubric().read_text()))
 print(agreement(load_records("labelled.jsonl"), load_records(path)).kappa)
 
-On the command line: `mup data label` and `mup data agreement` (mup.datagen._cli).
+On the command line: `mup data` (mup.datagen._cli; `python -m mup.datagen`), whose label,
+relabel, generate and agreement subcommands are in mup.datagen._llm_cli.
 """
 
 # Endpoints: the openai client, a rate limit, accounting, a local `mup serve`

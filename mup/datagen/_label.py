@@ -126,10 +126,10 @@ def find_input(
         if not path.is_file():
             raise error(f"the {what} file {path} does not exist")
         return path
-    from mup.data._locate import _roots  # the one list of data roots, shared with find_dataset
+    from mup.data import data_roots  # the one list of data roots, shared with find_dataset
 
     tried = []
-    for label, root in _roots():
+    for label, root in data_roots():
         path = root / relative
         if path.is_file():
             return path

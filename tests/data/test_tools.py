@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from mup.data import DataError, Message, Record, load_records
-from mup.data._cli import main
 from mup.data._overlap import normalise, overlap, rendered
 from mup.data._records import write_records
 from mup.data._stats import MAX_LEVELS, dataset_stats, format_stats
 from mup.data._transform import SampleError, balance, group_key, split_by_pair
+from mup.datagen._cli import main
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mup"
 LABEL = {1: "high-stakes", 0: "low-stakes", 2: "ambiguous"}

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mup.data import bundled_path, load_records
-from mup.data._cli import main
 from mup.datagen import agreement, cohen_kappa, confusion_matrix, pooled_agreement, spearman
+from mup.datagen._cli import main
 
 metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn is the reference")
 stats = pytest.importorskip("scipy.stats", reason="scipy is the reference")

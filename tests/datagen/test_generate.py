@@ -20,7 +20,7 @@ import time
 import pytest
 
 from mup.data import load_records
-from mup.data._cli import main
+from mup.datagen._cli import main
 from mup.datagen._generate import pair_specs, sidecar, variation
 from mup.datagen._label import iter_jsonl
 

@@ -16,7 +16,6 @@ from _support.endpoints import kill_after_lines
 from _support.servers import free_port
 
 from mup.data import bundled_path, load_records
-from mup.data._cli import main
 from mup.datagen import (
     EndpointConfig,
     LabelConfig,
@@ -25,6 +24,7 @@ from mup.datagen import (
     open_endpoint,
     rejects_path,
 )
+from mup.datagen._cli import main
 from mup.datagen._label import iter_jsonl, user_message
 
 pytest.importorskip("openai")
