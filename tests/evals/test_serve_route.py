@@ -72,7 +72,7 @@ def test_deployments_route_matches_in_process_provider(
         RunConfig(
             model=f"mup/{tiny_dir}",
             vector=str(vector_file),
-            layer=1,
+            block=1,
             multipliers=MULTIPLIERS,
             log_dir=tmp_path / "local",
             **common,
@@ -131,7 +131,7 @@ def test_loglik_mc_echo_route_matches_in_process_with_a_study_format_file(
         RunConfig(
             model=f"mup/{tiny_dir}",
             vector=str(vector_file),
-            layer=1,
+            layer=1,  # the old name of block=
             multipliers=MULTIPLIERS,
             log_dir=tmp_path / "local",
             **common,

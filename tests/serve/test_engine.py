@@ -48,7 +48,7 @@ def engine(model, vectors, probe_file):
     eng = Engine(
         model,
         vectors=vectors,
-        custom_layer=STEER_LAYER,
+        custom_block=STEER_LAYER,
         probe=probes.load(probe_file),
         config=EngineConfig(max_slots=4, max_len=160, prefill_chunk=32, prefill_rows=(1, 4)),
     ).start()
