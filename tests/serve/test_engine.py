@@ -56,6 +56,14 @@ def engine(model, vectors, probe_file):
     eng.close()
 
 
+def test_custom_layer_is_the_old_name_of_custom_block(model):
+    from mup.engine import Engine
+
+    with pytest.warns(DeprecationWarning, match="Engine: the keyword custom_layer= is deprecated"):
+        eng = Engine(model, custom_layer=1)  # not started: nothing compiles
+    assert eng.custom_block == 1
+
+
 @pytest.fixture(scope="module")
 def prompts(model):
     from mup.text import encode_prompts
