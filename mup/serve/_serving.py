@@ -1,4 +1,4 @@
-"""The serving layer under the routes: what the chat and completions bodies share.
+"""The serving code under the routes: what the chat and completions bodies share.
 
 A validated request becomes engine rows (`rows`), the rows handles (`Serving.submit`), the
 handles results (`Serving.wait_all`) or a merged token stream (`merge`). Every /v1 response

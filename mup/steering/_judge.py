@@ -1,5 +1,5 @@
 """LLM judges of steered answers: rubric ratings 1-10 and pairwise comparisons against the
-unsteered answer, through any OpenAI-compatible endpoint (`mup.datagen`'s client layer).
+unsteered answer, through any OpenAI-compatible endpoint (`mup.datagen`'s client).
 
 rows = load_sweep("runs/sweep/sweep.jsonl")
 with open_endpoint(EndpointConfig(serve="smollm2-135m", concurrency=16)) as endpoint:
