@@ -1,7 +1,8 @@
 """Steered generation: one jitted prefill + `lax.while_loop` decode, and a Python reference.
 
-Axis letters: B batch, P prompt bucket length, G generated-token buffer, S cache slots (P + G),
-D model, V vocab, J steering entries. (N is the heads axis in `_layers` and `_transformer`.)
+Axis letters: B batch, P prompt bucket length, E emitted (new) token buffer, S cache slots
+(P + E), D model, V vocab, J steering entries. (N and G are taken: heads and heads per kv head
+in `_layers` and `_transformer`.)
 
 Prompts are LEFT-padded to a bucket length P so that every row's last prompt token sits in the
 same column and the loop writes one column of the KV cache per step for all rows; padding slots
@@ -413,8 +414,8 @@ def _finish(tokenizer, batch: _Batch, tokens: np.ndarray) -> Generation:
 
 @flax.struct.dataclass
 class _LoopState:
-    tokens: jax.Array  # [B, G] new tokens so far (pad_id after a row's stop token)
-    cache: KVCache  # S = P + G slots
+    tokens: jax.Array  # [B, E] new tokens so far (pad_id after a row's stop token)
+    cache: KVCache  # S = P + E slots
     done: jax.Array  # [B] bool: row emitted a stop token
     step: jax.Array  # int32 scalar: number of new tokens written
 
