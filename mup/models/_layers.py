@@ -38,7 +38,7 @@ def project(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float, plus_one: bool) -> jax.Array:
-    """x [..., E] -> [..., E]; E is D, or H for per-head q/k norms."""
+    """x [..., D] -> [..., D] (or [..., H] -> [..., H] for per-head q/k norms)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     if plus_one:
