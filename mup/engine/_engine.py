@@ -56,8 +56,8 @@ from mup.models import STEER_PHASES, KVCache, default_stop_tokens, pad_tokens
 log = logging.getLogger("mup.engine")
 
 # Slot columns a decode step reads: the smallest bucket holding every live row (each bucket is
-# one compiled decode program). Reading all max_len columns made a batched SmolLM2 step with
-# 8 rows of ~100 tokens 3x slower at max_len 2048.
+# one compiled decode program). Reading all max_len columns would make every step cost the
+# whole slot length, however short the live rows (benchmarks/bench_serve.py).
 _ATTEND_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 # Request groups whose last admission is remembered before the gone ones are forgotten.

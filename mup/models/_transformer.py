@@ -404,8 +404,8 @@ def _write_rows(valid: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array
 def _write_layers_rows(buf, new, first: int, index: jax.Array) -> jax.Array:
     """Cache stack buf [L, B, K, S, H] with new [n, B, K, T, H] written at layers first..,
     slots index[b].. of row b: one scatter, in place under donation. (A vmap of
-    dynamic_update_slice lowered to a copy of the whole stack per step: 339 ms vs 0.2 ms for
-    SmolLM2's 8 x 2048 slots on CPU.)"""
+    dynamic_update_slice lowered to a copy of the whole stack per step, which then dominated
+    the decode step; benchmarks/bench_serve.py.)"""
     n, B, _, T, _ = new.shape
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
     cols = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
