@@ -50,7 +50,7 @@ from mup.steering._dom import (
 )
 
 # isort: split
-# BiPO training and margin evaluation
+# BiPO training and margin evaluation (train_bipo_layers: the old name of train_bipo_blocks)
 from mup.steering._bipo import (
     BiPOConfig,
     BiPOResult,
