@@ -1,6 +1,7 @@
 """Steered generation throughput on the embedded default (SmolLM2-135M-Instruct), CPU.
 
-Seven steering strengths (-1.5 ... 1.5) of one vector at the middle layer, one chat prompt:
+Seven steering strengths (-1.5 ... 1.5) of one vector added to the middle block's output, one
+chat prompt:
 
   mup batched   one `generate` call, one row per multiplier (per-row multipliers)
   mup separate  seven `generate` calls, one multiplier each
@@ -8,8 +9,8 @@ Seven steering strengths (-1.5 ... 1.5) of one vector at the middle layer, one c
                 layer adding multiplier * vector to its output (what users write by hand)
 
 Every run generates exactly --new-tokens tokens per row (no stop token, HF forced with
-min_new_tokens). The vector is a random unit vector scaled to the mean residual norm at the
-middle layer on the prompt. Prints tokens/s and the ratios batched/separate (target >= 3x)
+min_new_tokens). The vector is a random unit vector scaled to the mean residual norm of the
+middle block's output on the prompt. Prints tokens/s and the ratios batched/separate (target >= 3x)
 and batched/HF (target >= 2x).
 
     python benchmarks/bench_generate.py            # 64 new tokens, best of 2 repeats
@@ -56,20 +57,20 @@ def main() -> None:
 
     model = load_model("smollm2-135m")
     config = model.config
-    layer = config.n_layers // 2
+    block = config.n_layers // 2
     prompt_ids = encode_prompts(model.tokenizer, [PROMPT])[0]
 
-    # A random direction at the typical residual norm of the steered layer's output
-    # (layer + 1 = the residual stream after block `layer`).
+    # A random direction at the typical residual norm of the steered block's output
+    # (layer block + 1: the residual stream after the block).
     tokens = jnp.asarray([prompt_ids], jnp.int32)
     positions = jnp.arange(len(prompt_ids), dtype=jnp.int32)[None]
     hidden = jit_forward(
-        model.params, tokens, positions, config=config, capture=(layer + 1,), logits=False
-    ).hidden[layer + 1]
+        model.params, tokens, positions, config=config, capture=(block + 1,), logits=False
+    ).hidden[block + 1]
     norm = float(jnp.linalg.norm(hidden[0, 1:], axis=-1).mean())  # skip the outlier first token
     direction = np.random.default_rng(0).normal(size=config.d_model).astype(np.float32)
     vector = direction / np.linalg.norm(direction) * norm
-    steering = Steering(layer, vector)
+    steering = Steering(block, vector)
     n_rows = len(MULTIPLIERS)
     total = n_rows * new_tokens
 
@@ -103,7 +104,7 @@ def main() -> None:
     hf_vector = torch.from_numpy(vector)
     strength = {"m": 0.0}
     # Our "steer block L" adds to block L's output, which is HF decoder layer L's output.
-    hf.model.layers[layer].register_forward_hook(
+    hf.model.layers[block].register_forward_hook(
         lambda module, inputs, output: output + strength["m"] * hf_vector
     )
     hf_input = torch.tensor([prompt_ids])
@@ -139,7 +140,7 @@ def main() -> None:
 
     print(
         f"model smollm2-135m float32, CPU ({jax.device_count()} jax device, "
-        f"{torch.get_num_threads()} torch threads); steer layer {layer}, |v| = {norm:.1f}"
+        f"{torch.get_num_threads()} torch threads); steered block {block}, |v| = {norm:.1f}"
     )
     print(
         f"{n_rows} multipliers x {new_tokens} new tokens, prompt {len(prompt_ids)} tokens, "

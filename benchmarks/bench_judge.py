@@ -32,7 +32,7 @@ def _sweep(path: Path, n: int) -> None:
         rows.append(
             {
                 "vector": "bench.safetensors",
-                "layer": 12,
+                "block": 12,
                 "epoch": 0,
                 "multiplier": [-1.0, 0.0, 1.0, 2.0][i % 4],
                 "prompt_id": f"p{i // 4}",

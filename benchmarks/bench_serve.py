@@ -2,7 +2,7 @@
 time vs the same engine limited to static batches, plus transformers' own continuous-batching
 server at multiplier 0, and the cost of probe scoring.
 
-python benchmarks/bench_serve.py            # embedded default SmolLM2-135M, layer 12
+python benchmarks/bench_serve.py            # embedded default SmolLM2-135M, steered block 12
 python benchmarks/bench_serve.py --quick    # tiny random llama, smoke run
 
 The load (one fixed draw, identical for every server): N chat requests (prompts from the stakes
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random model, small load")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--layer", type=int, default=12)
+    p.add_argument("--block", "--layer", dest="block", type=int, default=12, help="steered block")
     p.add_argument("--requests", type=int, default=None, help="requests in the load (32)")
     p.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second")
     p.add_argument("--slots", type=int, default=None, help="engine slots (16; --quick: 8)")
@@ -260,16 +260,16 @@ def main(argv=None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     if args.quick:
-        model, layer, d_model = str(_tiny_checkpoint(tmp / "tiny")), 1, 64
+        model, block, d_model = str(_tiny_checkpoint(tmp / "tiny")), 1, 64
     else:
         from mup._resolve import resolve_spec
         from mup.models import config_from_hf, read_hf_config
 
-        model, layer = args.model, args.layer
+        model, block = args.model, args.block
         d_model = config_from_hf(read_hf_config(resolve_spec(model))).d_model
     v = np.random.default_rng(0).normal(size=d_model).astype(np.float32)
     np.save(tmp / "vector.npy", v / np.linalg.norm(v) * 4.0)
-    probe = _probe_file(tmp / "probe.safetensors", d_model, layer + 1)
+    probe = _probe_file(tmp / "probe.safetensors", d_model, block + 1)  # the block's output
 
     from mup.text import load_tokenizer
 
@@ -286,13 +286,13 @@ def main(argv=None) -> int:
     ]  # fmt: skip
     print(
         f"load: {n} requests, Poisson {rate:g}/s, max_tokens {lo}..{hi}, "
-        f"{len(MULTIPLIERS)} multipliers; model {model}, steered block {layer}"
+        f"{len(MULTIPLIERS)} multipliers; model {model}, steered block {block}"
     )
 
     def mup_cmd(port, *extra):
         return [
             sys.executable, "-m", "mup.serve", "--model", model, "--vector",
-            f"v={tmp / 'vector.npy'}", "--layer", str(layer), "--port", str(port),
+            f"v={tmp / 'vector.npy'}", "--block", str(block), "--port", str(port),
             "--served-name", "bench", "--max-tokens-per-request", str(hi),
             "--default-max-tokens", str(lo), "--max-context", str(MAX_CONTEXT), *extra,
         ]  # fmt: skip

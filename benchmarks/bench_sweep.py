@@ -1,7 +1,7 @@
 """Generation stage of a steering sweep on the embedded default (SmolLM2-135M-Instruct), CPU.
 
 21 raw multipliers (-20 ... 20, step 2) x 32 prompts (the bundled pairs' prompts) x 64 new
-tokens, greedy, one random unit-norm vector at the middle layer:
+tokens, greedy, one random unit-norm vector added to the middle block's output:
 
   mup sweep   `generate` calls of --prompts-per-call prompts x all multipliers (per-row
               multipliers), what `mup steering sweep` runs
@@ -120,7 +120,8 @@ def main() -> None:
     )
     print(
         f"model smollm2-135m float32, CPU ({jax.device_count()} jax device, "
-        f"{torch.get_num_threads()} torch threads); layer {layer}, |v| = 1 (raw multipliers)"
+        f"{torch.get_num_threads()} torch threads); steered block {layer}, |v| = 1 (raw "
+        "multipliers)"
     )
     print(
         f"{len(multipliers)} multipliers x {n_prompts} prompts x {new_tokens} new tokens; "

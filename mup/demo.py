@@ -173,14 +173,15 @@ def _steer(train_store, layer: int, multiplier: float, out: Path) -> None:
     from mup.models import Steering, generate, load_model
     from mup.steering import dom_from_store, save_vector
 
-    # The store holds hidden_states[layer] = the output of block layer - 1, so the high-stakes
-    # direction steers block layer - 1 (mup.steering's convention). The multiplier is in units
-    # of the difference of means itself: its norm differs several-fold between data sources,
-    # and a fixed L2 norm that moves the text with one vector does nothing with another.
+    # The store holds layer `layer` (hidden_states[layer]) = the output of block layer - 1, so
+    # the high-stakes direction steers block layer - 1 (mup.steering's convention). The
+    # multiplier is in units of the difference of means itself: its norm differs several-fold
+    # between data sources, and a fixed L2 norm that moves the text with one vector does
+    # nothing with another.
     result = dom_from_store(train_store, layer - 1)
     print(f"  {result.summary()}")
     # Kept for `mup serve --vector` / `mup evals run --vector` (multiplier 1 = the mean difference).
-    path = save_vector(out / f"steering-dom-layer{layer - 1}.safetensors", result.vector)
+    path = save_vector(out / f"steering-dom-block{layer - 1}.safetensors", result.vector)
     print(f"  saved {path}")
     print(f"  multiplier m adds m x the difference of means (L2 norm {result.norm:.3g})")
     direction = result.vector.vector

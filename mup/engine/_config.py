@@ -65,7 +65,7 @@ class Request:
     prompt_ids: the prompt's token ids (chat template already applied for chats).
     max_tokens: new-token budget; 0 generates nothing (prompt logprobs only).
     multiplier: steering strength of this row.
-    vector: the name of a loaded vector, an own vector [D] (steers the engine's custom layer),
+    vector: the name of a loaded vector, an own vector [D] (steers the engine's custom block),
       or None (no steering: the plain model).
     temperature: 0 = greedy; top_p: nucleus mass (1 = off); seed: the row's PRNG seed (its
       samples do not depend on its batch-mates).

@@ -20,7 +20,7 @@ A row's tokens depend only on its own prompt, steering, sampler and seed: attent
 per row, rope positions are per row, and sampling uses per-row parameters and keys, so its
 batch-mates, their number and their arrival times never change its output.
 
-Steering: J = (loaded vectors) + (one custom entry per row when a custom layer is set). A row
+Steering: J = (loaded vectors) + (one custom entry per row when a custom block is set). A row
 that picked loaded vector j gets multiplier m in entry j, one with its own vector gets it in its
 custom entry; every other entry is 0 for that row, so one program serves every mix.
 """
@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mup._renamed import old_keywords
 from mup.engine._config import (
     MAX_TOP_LOGPROBS,
     EngineConfig,
@@ -55,8 +56,8 @@ from mup.models import STEER_PHASES, KVCache, default_stop_tokens, pad_tokens
 log = logging.getLogger("mup.engine")
 
 # Slot columns a decode step reads: the smallest bucket holding every live row (each bucket is
-# one compiled decode program). Reading all max_len columns made a batched SmolLM2 step with
-# 8 rows of ~100 tokens 3x slower at max_len 2048.
+# one compiled decode program). Reading all max_len columns would make every step cost the
+# whole slot length, however short the live rows (benchmarks/bench_serve.py).
 _ATTEND_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 # Request groups whose last admission is remembered before the gone ones are forgotten.
@@ -280,19 +281,20 @@ class Engine:
 
     model: a `mup.models.Model`.
     vectors: name -> (vector [D], steered block); any number, each request picks one by name.
-    custom_layer: the block a request's own vector (`Request.vector` as an array) steers;
-      None refuses own vectors.
+    custom_block: the block a request's own vector (`Request.vector` as an array) steers;
+      None refuses own vectors. (``custom_layer=`` is its old name.)
     probe: a `mup.probes.Probe`, or a sequence of them; their layers are captured in the same
       prefill (prompt scores, one per probe) and, for the first probe, in the decode steps
       (per-token scores).
     """
 
+    @old_keywords(custom_layer="custom_block")
     def __init__(
         self,
         model,
         *,
         vectors: Mapping[str, tuple[np.ndarray, int]] | None = None,
-        custom_layer: int | None = None,
+        custom_block: int | None = None,
         probe=None,
         config: EngineConfig = EngineConfig(),  # noqa: B008 - frozen
     ):
@@ -301,22 +303,22 @@ class Engine:
         mc = model.config
         self.d_model = int(mc.d_model)
         self.vector_names = list(vectors or {})
-        self.vector_layers: dict[str, int] = {}
+        self.vector_blocks: dict[str, int] = {}
         rows = []
-        for name, (vec, layer) in (vectors or {}).items():
+        for name, (vec, block) in (vectors or {}).items():
             vec = np.asarray(vec, np.float32)
             if vec.shape != (self.d_model,):
                 raise ValueError(f"vector {name!r} has shape {vec.shape}, need [{self.d_model}]")
-            if not 0 <= int(layer) < mc.n_layers:
+            if not 0 <= int(block) < mc.n_layers:
                 raise ValueError(
-                    f"vector {name!r} steers block {layer}, outside 0..{mc.n_layers - 1}"
+                    f"vector {name!r} steers block {block}, outside 0..{mc.n_layers - 1}"
                 )
-            self.vector_layers[name] = int(layer)
+            self.vector_blocks[name] = int(block)
             rows.append(vec)
         self._loaded = np.stack(rows) if rows else np.zeros((0, self.d_model), np.float32)
-        if custom_layer is not None and not 0 <= int(custom_layer) < mc.n_layers:
-            raise ValueError(f"custom_layer {custom_layer} outside 0..{mc.n_layers - 1}")
-        self.custom_layer = None if custom_layer is None else int(custom_layer)
+        if custom_block is not None and not 0 <= int(custom_block) < mc.n_layers:
+            raise ValueError(f"custom_block {custom_block} outside 0..{mc.n_layers - 1}")
+        self.custom_block = None if custom_block is None else int(custom_block)
         if probe is None:
             self.probes = []
         elif isinstance(probe, list | tuple):
@@ -375,8 +377,8 @@ class Engine:
     # -- public ----------------------------------------------------------------------------
 
     @property
-    def steering_layers(self) -> dict[str, int]:
-        return dict(self.vector_layers)
+    def steering_blocks(self) -> dict[str, int]:
+        return dict(self.vector_blocks)
 
     def start(self) -> Engine:
         if not self._thread.is_alive():
@@ -496,11 +498,11 @@ class Engine:
         if r.vector is None:
             return None, None
         if isinstance(r.vector, str):
-            if r.vector not in self.vector_layers:
+            if r.vector not in self.vector_blocks:
                 raise ValueError(f"unknown steering vector {r.vector!r}")
             return self.vector_names.index(r.vector), None
-        if self.custom_layer is None:
-            raise ValueError("this engine has no layer for request-supplied vectors")
+        if self.custom_block is None:
+            raise ValueError("this engine has no steered block for request-supplied vectors")
         vec = np.asarray(r.vector, np.float32)
         if vec.shape != (self.d_model,) or not np.all(np.isfinite(vec)):
             raise ValueError(f"a request vector must be {self.d_model} finite floats")
@@ -625,13 +627,13 @@ class Engine:
             self._admitted_at = {g: t for g, t in self._admitted_at.items() if g in live}
 
     def _n_entries(self, rows: int) -> int:
-        return len(self._loaded) + (rows if self.custom_layer is not None else 0)
+        return len(self._loaded) + (rows if self.custom_block is not None else 0)
 
-    def _steer_layers(self, rows: int) -> tuple[int, ...]:
-        layers = tuple(self.vector_layers[n] for n in self.vector_names)
-        if self.custom_layer is not None:
-            layers += (self.custom_layer,) * rows
-        return layers
+    def _steer_blocks(self, rows: int) -> tuple[int, ...]:
+        blocks = tuple(self.vector_blocks[n] for n in self.vector_names)
+        if self.custom_block is not None:
+            blocks += (self.custom_block,) * rows
+        return blocks
 
     def _new_prefill(self, rows: list[_Row], P: int, echo: bool) -> _Prefill:
         cfg = self.config
@@ -708,7 +710,7 @@ class Engine:
             None if not entries else jnp.asarray(job.vectors, self._dtype),
             None if not entries else jnp.asarray(job.multipliers, self._dtype),
             config=self.model.config,
-            steer_layers=self._steer_layers(job.R) if entries else (),
+            steer_blocks=self._steer_blocks(job.R) if entries else (),
             captures=self.captures,
             top_k=MAX_TOP_LOGPROBS if any(r.req.top_logprobs for r in job.rows) else 1,
             all_logprobs=job.echo,
@@ -840,7 +842,7 @@ class Engine:
             None if not entries else jnp.asarray(self._vec, self._dtype),
             None if not entries else jnp.asarray(self._mult, self._dtype),
             config=self.model.config,
-            steer_layers=self._steer_layers(self.config.max_slots) if entries else (),
+            steer_blocks=self._steer_blocks(self.config.max_slots) if entries else (),
             # the probes' layers only while a row wants per-token scores (another program)
             captures=self.captures if any(r.req.probe_token_scores for r in live) else (),
             # XLA CPU's top-k over the vocabulary took 40% of a SmolLM2 step: only when asked.

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from mup.models import (
+    ForwardSteering,
     KVCache,
     ModelConfig,
-    SteeringSpec,
     forward,
     lm_head,
     site_activation,
@@ -38,8 +38,8 @@ def sample_rows(logits, temperature, top_p, keys, top_k: int = 1):
     draw), as vLLM and the OpenAI API report them. A row's draw depends only on its own logits,
     parameters and key: greedy rows take the top-k's first id (ties: the lowest, as argmax);
     sampled rows invert the CDF of their tempered, nucleus-cut distribution at one uniform draw.
-    Why not `jax.random.categorical`: it draws V Gumbel variates per row, 12 ms of a SmolLM2
-    decode step for 8 rows on CPU; the sampling branch is skipped when every row is greedy.
+    Why not `jax.random.categorical`: it draws V Gumbel variates per row, a large share of a
+    small model's decode step on CPU; the sampling branch is skipped when every row is greedy.
     """
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B]
     if top_k > 1:
@@ -77,10 +77,10 @@ def sample_rows(logits, temperature, top_p, keys, top_k: int = 1):
     return tokens, chosen, top_ids.astype(jnp.int32), top_vals - lse[:, None]
 
 
-def _steering(steer_layers, vectors, multipliers):
-    if not steer_layers:
+def _steering(steer_blocks, vectors, multipliers):
+    if not steer_blocks:
         return None
-    return SteeringSpec(layers=steer_layers, vectors=vectors, multipliers=multipliers)
+    return ForwardSteering(blocks=steer_blocks, vectors=vectors, multipliers=multipliers)
 
 
 def _captures(config: ModelConfig, params, out, captures):
@@ -92,7 +92,7 @@ def _captures(config: ModelConfig, params, out, captures):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "steer_layers", "captures", "top_k", "all_logprobs"),
+    static_argnames=("config", "steer_blocks", "captures", "top_k", "all_logprobs"),
     donate_argnames=("cache",),
 )
 def prefill_chunk(
@@ -109,7 +109,7 @@ def prefill_chunk(
     multipliers,  # [J, R] or None
     *,
     config: ModelConfig,
-    steer_layers: tuple[int, ...],
+    steer_blocks: tuple[int, ...],
     captures: tuple[tuple[int, str], ...],
     top_k: int,
     all_logprobs: bool,
@@ -127,7 +127,7 @@ def prefill_chunk(
         valid=valid,
         cache=cache,
         capture=tuple(sorted({c for c, _ in captures} | {L})),
-        steering=_steering(steer_layers, vectors, multipliers),
+        steering=_steering(steer_blocks, vectors, multipliers),
         logits=False,
     )
     final = out.hidden[L]  # [R, C, D] normed
@@ -176,7 +176,7 @@ def insert_rows(cache: KVCache, k, v, valid, slots, lengths) -> KVCache:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "config", "steer_layers", "captures", "top_k", "n_steps", "attend_len"
+        "config", "steer_blocks", "captures", "top_k", "n_steps", "attend_len"
     ),
     donate_argnames=("cache",),
 )  # fmt: skip
@@ -192,7 +192,7 @@ def decode_steps(
     multipliers,  # [J, B] or None
     *,
     config: ModelConfig,
-    steer_layers: tuple[int, ...],
+    steer_blocks: tuple[int, ...],
     captures: tuple[tuple[int, str], ...],
     top_k: int,
     n_steps: int,
@@ -203,7 +203,7 @@ def decode_steps(
     row). Returns the cache and per-step tokens [B, n], logprobs [B, n], top-k ids / values
     [B, n, X] and probe-layer activations of the fed tokens, each [B, n, D]."""
     L = config.n_layers
-    steering = _steering(steer_layers, vectors, multipliers)
+    steering = _steering(steer_blocks, vectors, multipliers)
 
     def one(carry, _):
         cache, tok, step = carry

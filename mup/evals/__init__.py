@@ -1,6 +1,6 @@
 """The inspect-ai capability harness across steering multipliers.
 
-    python -m mup.evals run --suite offline --model mup/smollm2-135m --vector v.npy --layer 12 \
+    python -m mup.evals run --suite offline --model mup/smollm2-135m --vector v.npy --block 12 \
         --multipliers -1,0,1 --limit 20 --log-dir logs
     python -m mup.evals aggregate --log-dir logs --out results.csv --plot scores.png
 

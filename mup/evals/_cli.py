@@ -24,8 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a suite across steering multipliers")
     run.add_argument("--suite", required=True, help="suite name (offline, reference) or entry")
     run.add_argument("--model", default="mup/smollm2-135m", help="mup/SPEC (in-process model)")
-    run.add_argument("--vector", help="steering vector file (.safetensors, or .npy + --layer)")
-    run.add_argument("--layer", type=int, help="block whose output is steered")
+    run.add_argument("--vector", help="steering vector file (.safetensors, or .npy + --block)")
+    run.add_argument(
+        "--block",
+        "--layer",
+        dest="block",
+        type=int,
+        help="block whose output is steered (--layer: its old name)",
+    )
     run.add_argument(
         "--multipliers",
         default=None,
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             suite=args.suite,
             model=args.model,
             vector=args.vector,
-            layer=args.layer,
+            block=args.block,
             multipliers=multipliers,
             limit=args.limit,
             deployments=args.deployments,

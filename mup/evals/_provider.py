@@ -1,10 +1,10 @@
 """The inspect-ai model provider `mup/<spec>`: in-process steered generation on `mup.engine`.
 
-    inspect eval TASK --model mup/smollm2-135m -M vector=v.npy -M layer=12 -M multiplier=1.0
+    inspect eval TASK --model mup/smollm2-135m -M vector=v.npy -M block=12 -M multiplier=1.0
 
 inspect calls `generate` once per sample, concurrently (up to max_connections per model, and
 for several models at once when one `eval()` runs tasks x models). Every provider instance
-that shares (model, dtype, vector, layer) also shares one `mup.engine.Engine`: each sample is
+that shares (model, dtype, vector, block) also shares one `mup.engine.Engine`: each sample is
 one row submitted to it, with its own multiplier, sampler and seed, so the seven multipliers
 of a sweep decode together in the engine's slots, and a sample never waits for a batch to
 finish. With ``GenerateConfig(logprobs=True, top_logprobs=k)`` the completion carries each
@@ -38,6 +38,8 @@ from inspect_ai.model import (
 )
 from inspect_ai.tool import ToolChoice, ToolInfo
 
+from mup._renamed import old_keywords
+
 PROVIDER = "mup"
 DEFAULT_MAX_TOKENS = 256
 MAX_SLOTS = 64
@@ -45,18 +47,21 @@ MAX_CONTEXT = 2048  # each slot's KV cache length (prompt + completion), at most
 VECTOR = "vector"  # the engine's name for the provider's one vector
 
 
+@old_keywords(layer="block")
 def load_vector(
-    path: str | os.PathLike, layer: int | None = None, d_model: int | None = None
+    path: str | os.PathLike, block: int | None = None, d_model: int | None = None
 ) -> tuple[np.ndarray, int]:
-    """A steering vector file -> (vector [D] float32, layer), via `mup.steering.load_vector`.
+    """A steering vector file -> (vector [D] float32, steered block), via
+    `mup.steering.load_vector`.
 
-    `.safetensors` files from mup.steering carry their layer (an explicit `layer` must agree);
-    a plain `.npy` array [D] needs `layer`. With `d_model`, the shape is checked too.
+    `.safetensors` files from mup.steering carry their block (an explicit `block` must agree);
+    a plain `.npy` array [D] needs `block`. With `d_model`, the shape is checked too.
+    ``layer=`` is the old name of ``block=``.
     """
     from mup.steering import load_vector as read_vector
 
-    loaded = read_vector(path, layer=None if layer is None else int(layer), d_model=d_model)
-    return np.asarray(loaded.vector, np.float32), int(loaded.layer)
+    loaded = read_vector(path, block=None if block is None else int(block), d_model=d_model)
+    return np.asarray(loaded.vector, np.float32), int(loaded.block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,12 +83,12 @@ def _load(spec: str, dtype: str):
         return _MODELS[key]
 
 
-def _engine(spec: str, dtype: str, vector: str | None, layer: int | None, max_batch: int):
-    """The started engine of (model, dtype, vector, layer); the first caller's max_batch sets
+def _engine(spec: str, dtype: str, vector: str | None, block: int | None, max_batch: int):
+    """The started engine of (model, dtype, vector, block); the first caller's max_batch sets
     its slot count."""
     from mup.engine import Engine, EngineConfig
 
-    key = (spec, dtype, None if vector is None else str(Path(vector).resolve()), layer)
+    key = (spec, dtype, None if vector is None else str(Path(vector).resolve()), block)
     with _LOCK:
         found = _ENGINES.get(key)
     if found is not None:
@@ -91,8 +96,8 @@ def _engine(spec: str, dtype: str, vector: str | None, layer: int | None, max_ba
     model = _load(spec, dtype)
     vectors = {}
     if vector is not None:
-        values, layer = load_vector(vector, layer, d_model=model.config.d_model)
-        vectors[VECTOR] = (values, layer)
+        values, block = load_vector(vector, block, d_model=model.config.d_model)
+        vectors[VECTOR] = (values, block)
     engine = Engine(
         model,
         vectors=vectors,
@@ -129,8 +134,9 @@ class MupModelAPI(ModelAPI):
     Model args (``-M`` on inspect's command line, ``model_args`` in Python):
       multiplier: strength of the steering vector for this model's samples (default 1.0 with a
                   vector, 0 without);
-      vector:     steering vector file (.safetensors, or .npy with `layer`);
-      layer:      the block whose output is steered (overrides / must match the file's);
+      vector:     steering vector file (.safetensors, or .npy with `block`);
+      block:      the block whose output is steered (must match a .safetensors file's);
+                  ``layer`` is its old name;
       dtype:      "float32" (default) | "bfloat16" | "float16";
       max_batch:  the engine's slots, rows decoded together (default 16).
     """
@@ -144,16 +150,19 @@ class MupModelAPI(ModelAPI):
         **model_args: Any,
     ):
         super().__init__(model_name=model_name, base_url=base_url, api_key=api_key, config=config)
-        known = {"multiplier", "vector", "layer", "dtype", "max_batch"}
+        known = {"multiplier", "vector", "block", "layer", "dtype", "max_batch"}
         if unknown := sorted(set(model_args) - known):
             raise ValueError(f"mup provider: unknown model args {unknown}; known: {sorted(known)}")
+        if "block" in model_args and "layer" in model_args:
+            raise ValueError("mup provider: give block (or its old name layer), not both")
         vector = model_args.get("vector")
-        layer = model_args.get("layer")
-        if layer is not None:
+        name = "block" if "block" in model_args else "layer"  # layer: the old name
+        block = model_args.get(name)
+        if block is not None:
             try:
-                layer = int(layer)
+                block = int(block)
             except (TypeError, ValueError):
-                raise ValueError(f"mup provider: layer must be an int, got {layer!r}") from None
+                raise ValueError(f"mup provider: {name} must be an int, got {block!r}") from None
         default_multiplier = 1.0 if vector is not None else 0.0
         self.multiplier = _parse_bool_free_float(
             "multiplier", model_args.get("multiplier", default_multiplier)
@@ -167,7 +176,7 @@ class MupModelAPI(ModelAPI):
         max_batch = int(model_args.get("max_batch", 16))
         if not 1 <= max_batch <= MAX_SLOTS:
             raise ValueError(f"mup provider: max_batch must be in 1..{MAX_SLOTS}")
-        self.engine = _engine(model_name, dtype, vector, layer, max_batch)
+        self.engine = _engine(model_name, dtype, vector, block, max_batch)
         self._seed = 0
 
     def max_tokens(self) -> int | None:

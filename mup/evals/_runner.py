@@ -3,8 +3,8 @@
 Layout: one inspect log per (benchmark, multiplier) under
 ``{log_dir}/{category}/multiplier_{m}/``. A (benchmark, multiplier) is skipped only when that
 folder holds a log with status "success" whose run identity (benchmark entry, task arguments,
-model, vector file hash, layer, limit) matches the requested run; error and cancelled logs are
-left in place and the run is repeated.
+model, vector file hash, steered block, limit) matches the requested run; error and cancelled
+logs are left in place and the run is repeated.
 
 All pending multipliers of one benchmark go to ONE `inspect_ai.eval` call (tasks x models,
 run concurrently), so the in-process `mup/...` provider batches the multipliers' samples
@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mup._renamed import old_keywords
 from mup.evals._errors import TaskUnavailable
 from mup.evals._suite import BenchmarkSpec, build_task, load_suites
 
@@ -30,12 +31,14 @@ logger = logging.getLogger(__name__)
 STAGING = ".staging"  # under log_dir; holds logs of a call until they are moved into place
 
 
+@old_keywords(layer="block")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """What `python -m mup.evals run` runs.
 
     model:       "mup/<spec>" (in-process steered model); ignored with `deployments`.
-    vector/layer: steering vector file and block (mup route only).
+    vector/block: steering vector file and steered block (mup route only; ``layer=`` is the
+                 old name of ``block=``).
     multipliers: strengths to evaluate (empty = 0 only); with `deployments`, a filter on the
                  file's lines (empty = every line).
     limit:       samples per task (None = all).
@@ -46,7 +49,7 @@ class RunConfig:
     suite: str
     model: str | None = "mup/smollm2-135m"
     vector: str | None = None
-    layer: int | None = None
+    block: int | None = None
     multipliers: tuple[float, ...] = ()
     limit: int | None = None
     deployments: str | None = None
@@ -107,14 +110,15 @@ def _targets(cfg: RunConfig) -> list[_Target]:
     if cfg.vector is not None:
         from mup.steering import load_vector
 
-        load_vector(
-            cfg.vector, layer=cfg.layer
-        )  # a missing or unreadable file fails here, before any model loads
+        # a missing or unreadable file fails here, before any model loads
+        load_vector(cfg.vector, block=cfg.block)
     identity = {
         "model": model,
         "dtype": cfg.dtype,
         "vector_sha256": None if cfg.vector is None else _file_sha256(cfg.vector),
-        "layer": cfg.layer,
+        # the steered block, under the key that logs written before the rename carry, so that
+        # they still count as this run's
+        "layer": cfg.block,
     }
     targets = []
     for m in multipliers:
@@ -122,8 +126,8 @@ def _targets(cfg: RunConfig) -> list[_Target]:
         args["max_batch"] = cfg.max_batch
         if cfg.vector is not None:
             args["vector"] = str(Path(cfg.vector).resolve())
-        if cfg.layer is not None:
-            args["layer"] = int(cfg.layer)
+        if cfg.block is not None:
+            args["block"] = int(cfg.block)
 
         def make(args=args):
             return get_model(model, memoize=False, **args)

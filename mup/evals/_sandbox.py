@@ -14,7 +14,7 @@ offer without privileges:
   (subprocess, os.system, exec, fork, spawn), network sockets, ctypes and os.kill (audit hooks
   cannot be removed once added).
 
-The audit hook is a containment layer for code that misbehaves by accident or clumsily, as
+The audit hook is a containment measure for code that misbehaves by accident or clumsily, as
 OpenAI's human-eval `reliability_guard` is; it is not a boundary against an adversary that
 targets CPython. Use Docker (inspect_evals' own humaneval) for that.
 """

@@ -15,8 +15,8 @@ from mup import native
 # Smallest padded length: shorter rows share one program.
 MIN_BUCKET = 32
 # Padded lengths grow by this factor (rounded to multiples of 8). Growth 2 pads a uniform length
-# mix by ~33% on average, 1.5 by ~20%, for a few more programs (each ~2 s of CPU compile for
-# SmolLM2-135M, while a batch of 8192 tokens computes for ~25 s of CPU).
+# mix by ~33% on average, 1.5 by ~20%, for a few more programs, each compiled once: a compile
+# costs far less than the padding it saves over a run (benchmarks/bench_extract.py).
 BUCKET_GROWTH = 1.5
 
 
@@ -31,7 +31,7 @@ def _row_bucket(n: int) -> int:
     return power * 3 // 2 if power >= 2 and n <= power * 3 // 2 else power * 2
 
 
-class Batcher:
+class BatchPlanner:
     """Padded batches from ragged token ids: B rows x P tokens from two small sets of sizes.
 
     P comes from geometric length buckets; B is the batch's row count rounded up to the next

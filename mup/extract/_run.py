@@ -18,7 +18,7 @@ import numpy as np
 
 from mup import native, store
 from mup._resolve import resolve_spec
-from mup.extract._capture import Batcher, Capture
+from mup.extract._capture import BatchPlanner, Capture
 from mup.extract._config import ExtractConfig
 from mup.extract._identity import model_identity, read_model_config
 from mup.extract._plan import Job, default_layers, describe_plan, plan_jobs
@@ -65,7 +65,7 @@ def run_job(
     # reproduces the uninterrupted single-process run bit for bit (XLA's float sums depend on
     # the program's shapes). Batches without a pending row are skipped.
     todo = np.arange(lengths.size)
-    batcher = Batcher(config.batch_tokens, int(lengths.max()), row_multiple)
+    planner = BatchPlanner(config.batch_tokens, int(lengths.max()), row_multiple)
     window_tokens = max(WINDOW_SHARDS * writer.shard_tokens, config.batch_tokens)
     tokens_done = bytes_done = 0
     in_flight = None  # (rows, hidden) of the batch dispatched last
@@ -100,10 +100,10 @@ def run_job(
             pool = np.concatenate([carry, window])
             last = w == len(windows) - 1
             carry_parts = []
-            for batch in batcher.plan(lengths[pool]):
+            for batch in planner.plan(lengths[pool]):
                 if (
                     last
-                    or batch.rows.size >= batcher.rows_for(batch.padded_len)
+                    or batch.rows.size >= planner.rows_for(batch.padded_len)
                     or (
                         batch.rows.min() < carry.size  # holds carried rows: they go now
                     )
@@ -116,7 +116,7 @@ def run_job(
     for rows, padded_len in batches():
         if not pending[rows].any():
             continue
-        n_rows = batcher.padded_rows(rows.size, padded_len)
+        n_rows = planner.padded_rows(rows.size, padded_len)
         tokens = np.zeros((n_rows, padded_len), np.int32)  # [B, P]
         valid = np.zeros((n_rows, padded_len), bool)  # [B, P]
         for i, row in enumerate(rows):

@@ -3,7 +3,7 @@
 model = load_model("smollm2-135m")                          # or a .gguf, HF dir or hub id
 out = forward(model.params, tokens, positions, config=model.config, capture=(12,))
 gen = generate(model, [[{"role": "user", "content": "Hi"}]] * 3,
-               steering=Steering(12, vector), multipliers=[-1.0, 0.0, 1.0])
+               steering=Steering(12, vector), multipliers=[-1.0, 0.0, 1.0])  # block 12's output
 """
 
 # Configs
@@ -15,8 +15,8 @@ from mup.models._presets import NAMED_CONFIGS
 # The forward pass, KV cache and steering hook
 from mup.models._transformer import (
     ForwardOutput,
+    ForwardSteering,
     KVCache,
-    SteeringSpec,
     forward,
     jit_forward,
     lm_head,
@@ -61,8 +61,8 @@ __all__ = [
     "ModelConfig",
     "config_from_hf",
     "Sampler",
+    "ForwardSteering",
     "Steering",
-    "SteeringSpec",
     "Temperature",
     "TopP",
     "UnsupportedConfigError",

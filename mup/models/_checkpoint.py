@@ -272,7 +272,7 @@ _GGUF_LLAMA_KEYS = {
 
 
 def _open_gguf(path: Path):
-    # GGUFReader walks every metadata field (the whole vocabulary) in Python, ~5 s for SmolLM2:
+    # GGUFReader walks every metadata field (the whole vocabulary) in Python, seconds per file:
     # load_model reads the config and then the tensors, so parse each file version once.
     try:
         stat = Path(path).stat()

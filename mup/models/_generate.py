@@ -1,7 +1,8 @@
 """Steered generation: one jitted prefill + `lax.while_loop` decode, and a Python reference.
 
-Axis letters: B batch, P prompt bucket length, N new-token buffer, S cache slots (P + N),
-D model, V vocab, J steering entries.
+Axis letters: B batch, P prompt bucket length, E emitted (new) token buffer, S cache slots
+(P + E), D model, V vocab, J steering entries. (N and G are taken: heads and heads per kv head
+in `_layers` and `_transformer`.)
 
 Prompts are LEFT-padded to a bucket length P so that every row's last prompt token sits in the
 same column and the loop writes one column of the KV cache per step for all rows; padding slots
@@ -9,7 +10,7 @@ are marked invalid in the cache and never attended to, and rope positions are pe
 row's tokens do not depend on the padding (or the other rows) around it. Prompt lengths and
 the new-token budget are rounded up to buckets so that XLA compiles few programs.
 
-Steering adds ``multiplier[j, b] * vector[j]`` to the output of block ``layer[j]``. With
+Steering adds ``multiplier[j, b] * vector[j]`` to the output of block ``blocks[j]``. With
 ``steer_positions`` "prompt" only prefill is steered, with "generated" only the decode steps
 (the first new token is predicted from the unsteered prompt), with "all" both.
 """
@@ -26,10 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mup._renamed import old_keywords
 from mup.models._config import ModelConfig
 from mup.models._padding import pad_tokens, token_positions
 from mup.models._sampling import Greedy, Sampler
-from mup.models._transformer import KVCache, SteeringSpec, forward, jit_forward, lm_head
+from mup.models._transformer import ForwardSteering, KVCache, forward, jit_forward, lm_head
 
 GREEDY = Greedy()  # the default sampler (frozen, so one shared instance is safe)
 SteerPositions = Literal["all", "prompt", "generated"]
@@ -55,27 +57,34 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<
 class Steering:
     """Steering vectors and the blocks whose output they are added to.
 
-    ``Steering(12, v)`` steers block 12 with v [D]; ``Steering((10, 12), [v10, v12])`` steers
-    several blocks (vectors [J, D]). The strength per row comes from `generate(multipliers=)`.
+    ``Steering(12, v)`` steers block 12 (the residual stream that becomes layer 13) with v [D];
+    ``Steering((10, 12), [v10, v12])`` steers several blocks (vectors [J, D]). The strength per
+    row comes from `generate(multipliers=)`. ``layers=`` is the old name of ``blocks=``.
     """
 
-    layers: tuple[int, ...]
+    blocks: tuple[int, ...]
     vectors: np.ndarray  # [J, D] float32
 
-    def __init__(self, layers: int | Sequence[int], vectors: Any):
-        layers = (int(layers),) if np.ndim(layers) == 0 else tuple(int(x) for x in layers)
+    @old_keywords(layers="blocks")
+    def __init__(self, blocks: int | Sequence[int], vectors: Any):
+        blocks = (int(blocks),) if np.ndim(blocks) == 0 else tuple(int(x) for x in blocks)
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim == 1:
             vectors = vectors[None]
-        if vectors.ndim != 2 or vectors.shape[0] != len(layers):
+        if vectors.ndim != 2 or vectors.shape[0] != len(blocks):
             raise ValueError(
-                f"Steering: {len(layers)} layers need vectors of shape [{len(layers)}, D], "
+                f"Steering: {len(blocks)} blocks need vectors of shape [{len(blocks)}, D], "
                 f"got {vectors.shape}"
             )
         if not np.all(np.isfinite(vectors)):
             raise ValueError("Steering: vectors contain NaN or inf")
-        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "blocks", blocks)
         object.__setattr__(self, "vectors", vectors)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The old name of `blocks` (deprecated; read-only)."""
+        return self.blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,45 +163,23 @@ def generate(
         jnp.float32(steer_decode),
         config=model.config,
         sampler=sampler,
-        steer_layers=batch.steer_layers,
+        steer_blocks=batch.steer_blocks,
         buffer_len=buffer_len,
     )
     tokens = np.asarray(tokens)[:, : int(steps)]  # [B, steps]
     return _finish(model.tokenizer, batch, tokens)
 
 
-def generate_reference(
-    model,
-    prompts: Sequence[Any],
-    *,
-    max_new_tokens: int = 64,
-    sampler: Sampler = GREEDY,
-    stop_tokens: Sequence[int] | None = None,
-    steering: Steering | None = None,
-    multipliers: Any = None,
-    steer_positions: SteerPositions = "all",
-    seed: int | Sequence[int] = 0,
-    chat: bool = True,
-) -> Generation:
-    """The same generation as `generate`, as a plain Python loop without a KV cache.
+def generate_reference(model, prompts: Sequence[Any], **options) -> Generation:
+    """The same generation as `generate` (the same keyword `options`, checked by
+    `GenerationRequest`), as a plain Python loop without a KV cache.
 
     Every step runs the uncached forward over the whole sequence so far and steers through the
-    `SteeringSpec` gate; slow, for tests and debugging only.
+    `ForwardSteering` gate; slow, for tests and debugging only.
     """
-    batch = _prepare(
-        model,
-        GenerationRequest(
-            prompts=prompts,
-            max_new_tokens=max_new_tokens,
-            sampler=sampler,
-            stop_tokens=stop_tokens,
-            steering=steering,
-            multipliers=multipliers,
-            steer_positions=steer_positions,
-            seed=seed,
-            chat=chat,
-        ),
-    )
+    request = GenerationRequest(prompts=prompts, **options)
+    max_new_tokens, sampler = request.max_new_tokens, request.sampler
+    batch = _prepare(model, request)
     # The sequence lives in a buffer of P + max_new_tokens columns whose unused tail is marked
     # invalid (causal attention never looks right of the current token anyway): every step
     # runs the same uncached program, compiled once, instead of one program per length.
@@ -206,11 +193,11 @@ def generate_reference(
     if batch.vectors is not None:
         is_prompt = np.arange(T) < P
         gate = {"all": np.ones(T, bool), "prompt": is_prompt, "generated": ~is_prompt}
-        spec = SteeringSpec(
-            layers=batch.steer_layers,
+        spec = ForwardSteering(
+            blocks=batch.steer_blocks,
             vectors=batch.vectors,
             multipliers=batch.multipliers,
-            gate=jnp.asarray(np.broadcast_to(gate[steer_positions], (B, T)), jnp.float32),
+            gate=jnp.asarray(np.broadcast_to(gate[request.steer_positions], (B, T)), jnp.float32),
         )
     stop = np.asarray(batch.stop_ids)
     done = np.zeros(B, bool)
@@ -280,7 +267,7 @@ class _Batch:
     keys: jax.Array  # [B] PRNG keys, one per row
     stop_ids: jax.Array  # [MAX_STOP_TOKENS] int32, padded with -1
     pad_id: int
-    steer_layers: tuple[int, ...]
+    steer_blocks: tuple[int, ...]
     vectors: jax.Array | None  # [J, D]
     multipliers: jax.Array | None  # [J, B]
 
@@ -319,7 +306,7 @@ def _prepare(model, request: GenerationRequest) -> _Batch:
         keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in r.seed])
 
     dtype = jnp.dtype(model.params["embed"].dtype)
-    layers: tuple[int, ...] = ()
+    blocks: tuple[int, ...] = ()
     vectors = mults = None
     steering, multipliers = r.steering, r.multipliers
     if steering is None:
@@ -328,15 +315,15 @@ def _prepare(model, request: GenerationRequest) -> _Batch:
     else:
         if not isinstance(steering, Steering):
             raise TypeError(f"steering must be a mup.models.Steering, got {type(steering)}")
-        J = len(steering.layers)
+        J = len(steering.blocks)
         if steering.vectors.shape[1] != config.d_model:
             raise ValueError(
                 f"steering vectors have size {steering.vectors.shape[1]}, the model's d_model "
                 f"is {config.d_model}"
             )
-        bad = [x for x in steering.layers if not 0 <= x < config.n_layers]
+        bad = [x for x in steering.blocks if not 0 <= x < config.n_layers]
         if bad:
-            raise ValueError(f"steering layers {bad} out of range 0..{config.n_layers - 1}")
+            raise ValueError(f"steering blocks {bad} out of range 0..{config.n_layers - 1}")
         m = np.ones(B, np.float32) if multipliers is None else np.asarray(multipliers, np.float32)
         if m.shape == (B,):
             m = np.broadcast_to(m, (J, B))
@@ -344,7 +331,7 @@ def _prepare(model, request: GenerationRequest) -> _Batch:
             raise ValueError(f"multipliers must have shape [{B}] or [{J}, {B}], got {m.shape}")
         if not np.all(np.isfinite(m)):
             raise ValueError("multipliers contain NaN or inf")
-        layers = steering.layers
+        blocks = steering.blocks
         vectors = jnp.asarray(steering.vectors, dtype)
         mults = jnp.asarray(m, dtype)
     return _Batch(
@@ -354,7 +341,7 @@ def _prepare(model, request: GenerationRequest) -> _Batch:
         keys=keys,
         stop_ids=jnp.asarray(stop_ids),
         pad_id=pad_id,
-        steer_layers=layers,
+        steer_blocks=blocks,
         vectors=vectors,
         multipliers=mults,
     )
@@ -427,8 +414,8 @@ def _finish(tokenizer, batch: _Batch, tokens: np.ndarray) -> Generation:
 
 @flax.struct.dataclass
 class _LoopState:
-    tokens: jax.Array  # [B, N] new tokens so far (pad_id after a row's stop token)
-    cache: KVCache  # S = P + N slots
+    tokens: jax.Array  # [B, E] new tokens so far (pad_id after a row's stop token)
+    cache: KVCache  # S = P + E slots
     done: jax.Array  # [B] bool: row emitted a stop token
     step: jax.Array  # int32 scalar: number of new tokens written
 
@@ -446,7 +433,7 @@ def _step_keys(keys: jax.Array, step) -> jax.Array:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "sampler", "steer_layers", "buffer_len"),
+    static_argnames=("config", "sampler", "steer_blocks", "buffer_len"),
 )
 def _generate_loop(
     params,
@@ -463,7 +450,7 @@ def _generate_loop(
     *,
     config: ModelConfig,
     sampler: Sampler,
-    steer_layers: tuple[int, ...],
+    steer_blocks: tuple[int, ...],
     buffer_len: int,
 ):
     B, P = prompt.shape
@@ -471,11 +458,11 @@ def _generate_loop(
     lengths = valid.sum(axis=1).astype(jnp.int32)  # [B]
     positions = token_positions(valid)  # [B, P]
 
-    def steering(factor) -> SteeringSpec | None:
+    def steering(factor) -> ForwardSteering | None:
         if vectors is None:
             return None
         scaled = multipliers * factor.astype(multipliers.dtype)  # [J, B]
-        return SteeringSpec(layers=steer_layers, vectors=vectors, multipliers=scaled)
+        return ForwardSteering(blocks=steer_blocks, vectors=vectors, multipliers=scaled)
 
     def next_token(out, step):
         logits = lm_head(config, params, out.hidden[L][:, -1])  # [B, V]

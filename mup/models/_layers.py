@@ -26,10 +26,9 @@ def project(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """``jnp.einsum(spec, x, w)`` in its usual result dtype; half-precision operands accumulate
     in float32 and round once at the end (as torch and cuBLAS do).
 
-    Why: XLA CPU (jax 0.10, AVX512-BF16) runs a bfloat16 dot with a bfloat16 result at 124
-    GFLOP/s, but one with a float32 result at 243 (float32 dots: ~145); a SmolLM2-135M bfloat16
-    forward of [8, 256] tokens went from 940 to 1656 tokens/s. float32 operands take the plain
-    einsum, unchanged.
+    Why: XLA CPU (AVX512-BF16) runs a bfloat16 dot with a bfloat16 result at about half the rate
+    of one with a float32 result, which is faster than a float32 dot; the bfloat16 forward gains
+    as much (benchmarks/bench_capture.py). float32 operands take the plain einsum, unchanged.
     """
     dtype = jnp.result_type(x, w)
     if jnp.finfo(dtype).bits >= 32:
@@ -38,7 +37,7 @@ def project(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float, plus_one: bool) -> jax.Array:
-    """x [..., E] -> [..., E]; E is D, or H for per-head q/k norms."""
+    """x [..., D] -> [..., D] (or [..., H] -> [..., H] for per-head q/k norms)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     if plus_one:
@@ -180,8 +179,8 @@ def attention_cache_and_new(
 
 CAUSAL_CHUNK = 128
 """Query block of `causal_attention`: longer inputs skip the key blocks a block's queries
-cannot see (causal), about half of the score work at long lengths. Measured on SmolLM2-135M
-(CPU, 8192-token batches): 1.17x tokens/s at 512 tokens, 1.67x at 1024."""
+cannot see (causal), about half of the score work at long lengths, a gain that grows with the
+length (benchmarks/bench_capture.py)."""
 
 
 def causal_attention(

@@ -10,8 +10,9 @@ block L (0 = embeddings, n_layers = the final normed output).
 
 Capture never copies forward code: the stack is cut at the captured layers and each segment is
 one `lax.scan`, so ``capture=(12,)`` with ``logits=False`` runs blocks 0..11 and nothing else.
-Steering adds ``multiplier[b] * vector`` to the output of block L inside the scan body through a
-dense per-layer delta (zero where nothing is steered).
+Steering (`ForwardSteering`) adds ``multiplier[b] * vector`` to the output of block L, i.e. to
+layer L + 1, inside the scan body through a dense per-block delta (zero where nothing is
+steered).
 """
 
 from __future__ import annotations
@@ -64,16 +65,17 @@ class KVCache:
 
 
 @flax.struct.dataclass
-class SteeringSpec:
-    """Add ``multipliers[j, b] * vectors[j]`` to the output of block ``layers[j]``.
+class ForwardSteering:
+    """What `forward` adds: ``multipliers[j, b] * vectors[j]`` to the output of block
+    ``blocks[j]`` (the residual stream that becomes layer ``blocks[j] + 1``).
 
-    layers:      static tuple of J block indices (0 <= L < n_layers); repeats add up.
+    blocks:      static tuple of J block indices (0 <= L < n_layers); repeats add up.
     vectors:     [J, D]
     multipliers: [J, B] per-row strength, so one batch serves many strengths.
     gate:        [B, T] float 0/1, which positions are steered; None = every position.
     """
 
-    layers: tuple[int, ...] = flax.struct.field(pytree_node=False)
+    blocks: tuple[int, ...] = flax.struct.field(pytree_node=False)
     vectors: jax.Array
     multipliers: jax.Array
     gate: jax.Array | None = None
@@ -96,7 +98,7 @@ def forward(
     cache: KVCache | None = None,
     capture: tuple[int, ...] = (),
     site: Site = "residual",
-    steering: SteeringSpec | None = None,
+    steering: ForwardSteering | None = None,
     logits: bool = True,
     attend_len: int | None = None,
 ) -> ForwardOutput:
@@ -178,13 +180,13 @@ def forward(
             local = causal & (t[None, :] > t[:, None] - config.sliding_window)[None]
         ctx = ctx.replace(mask_new=causal, mask_new_local=local)
 
-    # Dense per-layer steering delta [L, B, D]; zero rows for unsteered layers.
+    # Dense per-block steering delta [L, B, D]; zero rows for unsteered blocks.
     delta = None
     gate = None
     if steering is not None:
         contrib = steering.multipliers[:, :, None] * steering.vectors[:, None, :]  # [J, B, D]
         delta = jnp.zeros((L, B, config.d_model), jnp.float32)
-        delta = delta.at[jnp.asarray(steering.layers)].add(contrib.astype(jnp.float32))
+        delta = delta.at[jnp.asarray(steering.blocks)].add(contrib.astype(jnp.float32))
         delta = delta.astype(x.dtype)
         if steering.gate is not None:
             gate = steering.gate.astype(x.dtype)  # [B, T]
@@ -402,8 +404,8 @@ def _write_rows(valid: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array
 def _write_layers_rows(buf, new, first: int, index: jax.Array) -> jax.Array:
     """Cache stack buf [L, B, K, S, H] with new [n, B, K, T, H] written at layers first..,
     slots index[b].. of row b: one scatter, in place under donation. (A vmap of
-    dynamic_update_slice lowered to a copy of the whole stack per step: 339 ms vs 0.2 ms for
-    SmolLM2's 8 x 2048 slots on CPU.)"""
+    dynamic_update_slice lowered to a copy of the whole stack per step, which then dominated
+    the decode step; benchmarks/bench_serve.py.)"""
     n, B, _, T, _ = new.shape
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
     cols = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
@@ -454,10 +456,10 @@ def _check_args(config, tokens, positions, valid, capture, site, steering, logit
     if not logits and not capture:
         raise ValueError("logits=False with nothing to capture computes nothing")
     if steering is not None:
-        J = len(steering.layers)
-        bad = [s for s in steering.layers if not 0 <= s < config.n_layers]
+        J = len(steering.blocks)
+        bad = [s for s in steering.blocks if not 0 <= s < config.n_layers]
         if bad:
-            raise ValueError(f"steering layers {bad} out of range 0..{config.n_layers - 1}")
+            raise ValueError(f"steering blocks {bad} out of range 0..{config.n_layers - 1}")
         if steering.vectors.shape != (J, config.d_model):
             raise ValueError(
                 f"steering.vectors shape {steering.vectors.shape}, expected {(J, config.d_model)}"

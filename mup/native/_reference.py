@@ -71,8 +71,8 @@ def pool_many(
     return out
 
 
-# ufunc.reduceat along axis 0 runs ~10x slower than slicing out a row and reducing it; the
-# Python loop over rows only pays off when rows are long enough to amortise its overhead.
+# ufunc.reduceat along axis 0 runs far slower than slicing out a row and reducing it; the Python
+# loop over rows only pays off when rows are long enough to amortise its overhead.
 _LOOP_MIN_AVG_LEN = 16
 _REDUCE = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}
 

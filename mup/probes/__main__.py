@@ -1,19 +1,10 @@
-"""`python -m mup.probes` == `mup probes`: the probe experiments.
-
-Their command line lives with them in `mup.experiments._cli`; `mup.cli` dispatches to it by
-name, so no module of `mup.probes` imports the experiments that sit above it.
-"""
-
-from __future__ import annotations
+"""`python -m mup.probes` == `mup probes`; the command lives with the experiments it runs
+(`mup.experiments._cli`), reached through `mup.cli` by name so that `mup.probes` imports nothing
+above it."""
 
 import sys
 
-
-def main(argv: list[str] | None = None) -> int:
-    from mup import cli
-
-    return cli.main(["probes", *(sys.argv[1:] if argv is None else argv)])
-
+from mup import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(cli.main(["probes", *sys.argv[1:]]))

@@ -43,7 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="steering vector (.safetensors with metadata, or .npy); repeat for several; "
         "none serves the plain model",
     )
-    add("--layer", type=int, help="steered block of .npy vectors and request-supplied vectors")
+    add(
+        "--block",
+        "--layer",
+        dest="block",
+        type=int,
+        help="steered block of .npy vectors and request-supplied vectors (--layer: its old name)",
+    )
     add(
         "--probe",
         action="append",
@@ -100,7 +106,7 @@ def parse_args(argv: Sequence[str] | None) -> ServeConfig:
         return ServeConfig(
             model=args.model,
             vectors=tuple(parse_vector_arg(v) for v in args.vector),
-            layer=args.layer,
+            block=args.block,
             probes=tuple(args.probe),
             probe_mask=args.probe_mask,
             served_name=args.served_name,
@@ -161,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine.start()
     app = create_app(engine, config, name)
     steer = (
-        ", ".join(f"{n} (layer {engine.vector_layers[n]})" for n in engine.vector_names)
+        ", ".join(f"{n} (block {engine.vector_blocks[n]})" for n in engine.vector_names)
         or "none (plain model)"
     )
     print(

@@ -13,10 +13,10 @@ class ServeConfig:
     """Everything `mup serve` is told on its command line.
 
     model: model spec (short name, .gguf file, HF checkpoint dir or hub id).
-    vectors: steering vectors as (name, file) pairs: safetensors (with a ``layer`` metadata
-      entry) or .npy [D]; none serves the plain model. A request picks one by name
-      (`steer_vector`); the first is the default.
-    layer: block a .npy vector steers (must match a safetensors file's), and the block that
+    vectors: steering vectors as (name, file) pairs: safetensors (with a ``block`` metadata
+      entry, ``layer`` in older files) or .npy [D]; none serves the plain model. A request picks
+      one by name (`steer_vector`); the first is the default.
+    block: block a .npy vector steers (must match a safetensors file's), and the block that
       request-supplied vectors (`steer_vector: [floats]`) steer; default: the first vector's.
     probes: probe files (`mup.probes.Probe.save`); every response then carries the first one's
       score (`probe_score`) and, with several, every one's (`probe_scores_by_probe`).
@@ -49,7 +49,7 @@ class ServeConfig:
 
     model: str
     vectors: tuple[tuple[str, str], ...] = ()
-    layer: int | None = None
+    block: int | None = None
     probes: tuple[str, ...] = ()
     probe_mask: str = "all"
     served_name: str | None = None

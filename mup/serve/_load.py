@@ -16,7 +16,7 @@ from mup.serve._config import DEFAULT_MAX_CONTEXT, ServeConfig
 class _Files:
     """What the command line's files hold, read before the model loads."""
 
-    vectors: dict  # name -> (vector [D] float32, layer)
+    vectors: dict  # name -> (vector [D] float32, steered block)
     probes: list  # loaded probes, in command-line order
 
 
@@ -27,7 +27,7 @@ def check_files(config: ServeConfig) -> _Files:
     for name, path in config.vectors:
         where = f"--vector {name}={path}"
         try:
-            vectors[name] = _read_vector(path, config.layer)
+            vectors[name] = _read_vector(path, config.block)
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"{where}: {_one_line(e)}") from None
     probes = []
@@ -54,14 +54,14 @@ def _one_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def _read_vector(path: str, layer: int | None):
+def _read_vector(path: str, block: int | None):
     from mup.steering import load_vector
 
     # load_vector says "vector file ... does not exist"; the flag already names the file.
     if not Path(path).is_file():
         raise ValueError("file not found")
-    sv = load_vector(path, layer=layer)  # a finite float32 [D] vector, or VectorFileError
-    return sv.vector, sv.layer
+    sv = load_vector(path, block=block)  # a finite float32 [D] vector, or VectorFileError
+    return sv.vector, sv.block
 
 
 def bind_port(host: str, port: int) -> socket.socket:
@@ -92,15 +92,15 @@ def build_engine(config: ServeConfig, files: _Files | None = None):
     files = check_files(config) if files is None else files
     model = load_model(config.model, dtype=config.dtype)
     mc = model.config
-    for name, (vec, layer) in files.vectors.items():
+    for name, (vec, block) in files.vectors.items():
         path = dict(config.vectors)[name]
         if vec.shape != (mc.d_model,):
             raise ValueError(
                 f"--vector {name}={path}: shape {vec.shape}, the model needs [{mc.d_model}]"
             )
-        if not 0 <= layer < mc.n_layers:
+        if not 0 <= block < mc.n_layers:
             raise ValueError(
-                f"--vector {name}={path}: steering layer {layer} is outside the model's blocks "
+                f"--vector {name}={path}: steered block {block} is outside the model's blocks "
                 f"0..{mc.n_layers - 1}"
             )
     for path, probe in zip(config.probes, files.probes, strict=True):
@@ -108,15 +108,15 @@ def build_engine(config: ServeConfig, files: _Files | None = None):
             check_probe(probe, mc)
         except ValueError as e:
             raise ValueError(f"--probe {path}: {e}") from None
-    custom = config.layer
+    custom = config.block
     if custom is None and files.vectors:
         custom = next(iter(files.vectors.values()))[1]
     if custom is not None and not 0 <= custom < mc.n_layers:
-        raise ValueError(f"--layer {custom} is outside the model's blocks 0..{mc.n_layers - 1}")
+        raise ValueError(f"--block {custom} is outside the model's blocks 0..{mc.n_layers - 1}")
     return Engine(
         model,
         vectors=files.vectors,
-        custom_layer=custom,
+        custom_block=custom,
         probe=files.probes or None,
         config=EngineConfig(
             max_slots=config.max_batch,

@@ -69,7 +69,7 @@ class Steer:
 
     vector: str | np.ndarray | None  # what the engine gets
     name: str | None  # the loaded vector's name, "custom" for an own vector, None for none
-    layer: int | None
+    block: int | None  # the steered block
     multiplier: float
 
 
@@ -218,17 +218,17 @@ def parse_steer(body: dict, config: ServeConfig, engine) -> Steer:
                     "steer_vector as a list of floats, or no steer_multiplier",
                     "steer_multiplier",
                 )
-            return Steer(vector=None, name=None, layer=None, multiplier=0.0)
+            return Steer(vector=None, name=None, block=None, multiplier=0.0)
         name = names[0]
         return Steer(
             vector=name,
             name=name,
-            layer=engine.vector_layers[name],
+            block=engine.vector_blocks[name],
             multiplier=parse_multiplier(body, config),
         )
     param, value = found[0]
     if isinstance(value, str):
-        if value not in engine.vector_layers:
+        if value not in engine.vector_blocks:
             raise invalid_request(
                 f"'{param}': unknown steering vector {show(value)}; this server has "
                 f"{names or 'none'}",
@@ -238,14 +238,15 @@ def parse_steer(body: dict, config: ServeConfig, engine) -> Steer:
         return Steer(
             vector=value,
             name=value,
-            layer=engine.vector_layers[value],
+            block=engine.vector_blocks[value],
             multiplier=parse_multiplier(body, config),
         )
     if not isinstance(value, list) or not all(_is_number(x) for x in value):
         raise invalid_request(f"'{param}' must be a vector name or a list of numbers", param)
-    if engine.custom_layer is None:
+    if engine.custom_block is None:
         raise invalid_request(
-            "this server has no layer for request-supplied vectors (start it with --layer)", param
+            "this server has no steered block for request-supplied vectors (start it with --block)",
+            param,
         )
     d = engine.d_model
     if len(value) != d:
@@ -266,7 +267,7 @@ def parse_steer(body: dict, config: ServeConfig, engine) -> Steer:
     return Steer(
         vector=vec.astype(np.float32),
         name="custom",
-        layer=engine.custom_layer,
+        block=engine.custom_block,
         multiplier=parse_multiplier(body, config, default=1.0),
     )
 
@@ -533,10 +534,11 @@ def parse_completion_prompts(body: dict) -> list[str | list[int]]:
 
 
 def fingerprint(steer: Steer) -> str:
-    """`system_fingerprint` value: says which steering produced the response."""
+    """`system_fingerprint` value: says which steering produced the response (its "l" is the
+    steered block, the letter kept from before the rename so that fingerprints stay stable)."""
     if steer.vector is None:
         return "mup-plain"
-    return f"mup-steer-l{steer.layer}-m{steer.multiplier:+g}"
+    return f"mup-steer-l{steer.block}-m{steer.multiplier:+g}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

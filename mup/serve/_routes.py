@@ -1,5 +1,5 @@
-"""The FastAPI application: thin routes over the serving layer, plus authentication, errors and
-the engine's lifetime.
+"""The FastAPI application: thin routes over the serving code (`_serving`), plus authentication,
+errors and the engine's lifetime.
 
 Each /v1 route checks the key, reads the JSON body (a 413 past `MAX_BODY_BYTES`, a 400 unless it
 is a valid JSON object: `parse_body`) and its `model`, and hands the rest to `ChatServing` /

@@ -1,14 +1,19 @@
-"""The serving layer under the routes: what the chat and completions bodies share.
+"""The serving code under the routes: what the chat and completions bodies share.
 
 A validated request becomes engine rows (`rows`), the rows handles (`Serving.submit`), the
 handles results (`Serving.wait_all`) or a merged token stream (`merge`). Every /v1 response
 carries, next to the OpenAI fields, the steering actually applied: ``steer_multiplier``
-(float), ``steer_layer`` (int, null unsteered), ``steer_vector`` (the vector's name, "custom"
-for a request's own, null unsteered), ``system_fingerprint`` ("mup-steer-l<layer>-m<multiplier>",
+(float), ``steer_block`` (int, the steered block; null unsteered), ``steer_vector`` (the vector's
+name, "custom" for a request's own, null unsteered), ``system_fingerprint``
+("mup-steer-l<block>-m<multiplier>",
 "mup-plain" unsteered), ``batch_rows`` (most rows the engine ran in one step with this request's
 rows; non-streamed responses) and, with a probe, ``probe_score`` (the probe's probability for
 the prompt, from the generation's own prefill). The official client keeps such extra fields
 (``model_extra``).
+
+Deprecated duplicates, kept for one release: ``steer_layer`` (= ``steer_block``) in responses
+and /health, a vector's ``layer`` (= ``block``) and ``custom_vector_layer`` (=
+``custom_vector_block``) in /v1/models.
 """
 
 from __future__ import annotations
@@ -140,7 +145,8 @@ class Serving:
         return {
             "system_fingerprint": fingerprint(steer),
             "steer_multiplier": steer.multiplier,
-            "steer_layer": steer.layer,
+            "steer_block": steer.block,
+            "steer_layer": steer.block,  # deprecated duplicate of steer_block
             "steer_vector": steer.name,
         }
 
@@ -189,19 +195,23 @@ class Serving:
 
     def health(self) -> dict:
         engine = self.engine
+        block = engine.vector_blocks[engine.vector_names[0]] if engine.vector_names else None
         return {
             "status": "ok",
             "model": self.served_name,
-            "steer_layer": engine.vector_layers[engine.vector_names[0]]
-            if engine.vector_names
-            else None,
+            "steer_block": block,
+            "steer_layer": block,  # deprecated duplicate of steer_block
             "probe": engine.probe is not None,
-            "vectors": engine.steering_layers,
+            "vectors": engine.steering_blocks,
         }
 
     def models(self) -> dict:
         engine = self.engine
-        vectors = [{"name": n, "layer": engine.vector_layers[n]} for n in engine.vector_names]
+        # "layer": a deprecated duplicate of "block"
+        vectors = [
+            {"name": n, "block": engine.vector_blocks[n], "layer": engine.vector_blocks[n]}
+            for n in engine.vector_names
+        ]
         return {
             "object": "list",
             "data": [
@@ -212,7 +222,8 @@ class Serving:
                     "owned_by": "mup",
                     "max_model_len": self.max_context,
                     "vectors": vectors,
-                    "custom_vector_layer": engine.custom_layer,
+                    "custom_vector_block": engine.custom_block,
+                    "custom_vector_layer": engine.custom_block,  # deprecated duplicate
                     "probe": engine.probe is not None,
                 }
             ],

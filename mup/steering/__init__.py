@@ -1,16 +1,18 @@
 """Steering vectors: difference of means (CAA) from stores or paired prompts, BiPO training, and
 LLM judges of steered answers (`judge_sweep`: rubric ratings, pairwise win rates, Bradley-Terry).
 
-Layer convention: a vector "at layer L" is added to the OUTPUT of block L (as
-`mup.models.Steering(L, v)` does), which is transformers' ``hidden_states[L + 1]``; every vector
-built here for layer L is measured there (store layer L + 1, forward capture L + 1).
+Words: a `block` is the decoder block whose OUTPUT a vector is added to (as
+`mup.models.Steering(L, v)` does); a `layer` is a hidden_states index, as in stores and probes.
+Block L's output is layer L + 1 (transformers' ``hidden_states[L + 1]``), so every vector built
+here for block L is measured there (store layer L + 1, forward capture L + 1). The old keyword
+``layer=`` (meaning the block) still works, with a DeprecationWarning.
 
-res = dom_from_store("runs/stakes", layer=11)             # reads store layer 12
+res = dom_from_store("runs/stakes", block=11)             # reads store layer 12
 res = dom_from_pairs(model, load_pairs(bundled_pairs_path()), 11, method="pca")
 save_vector("v.safetensors", res.vector); v = load_vector("v.safetensors")
-out = train_bipo(model, pairs_train, BiPOConfig(layer=11), eval_pairs=pairs_test, out_dir="bipo")
-by_layer = train_bipo_layers(model, pairs_train, BiPOConfig(layer=0), [9, 11], out_dir="sweep")
-sv = import_pt("vec_ep10_layer31.pt", layer=31, model="llama-70b")    # the study's .pt files
+out = train_bipo(model, pairs_train, BiPOConfig(block=11), eval_pairs=pairs_test, out_dir="bipo")
+by_block = train_bipo_blocks(model, pairs_train, BiPOConfig(block=0), [9, 11], out_dir="sweep")
+sv = import_pt("vec_ep10_layer31.pt", block=31, model="llama-70b")    # the study's .pt files
 """
 
 # Vector files
@@ -48,7 +50,7 @@ from mup.steering._dom import (
 )
 
 # isort: split
-# BiPO training and margin evaluation
+# BiPO training and margin evaluation (train_bipo_layers: the old name of train_bipo_blocks)
 from mup.steering._bipo import (
     BiPOConfig,
     BiPOResult,
@@ -56,6 +58,7 @@ from mup.steering._bipo import (
     pair_margins,
     response_logprobs,
     train_bipo,
+    train_bipo_blocks,
     train_bipo_layers,
 )
 
@@ -119,6 +122,7 @@ __all__ = [
     "save_vector",
     "split_pairs",
     "train_bipo",
+    "train_bipo_blocks",
     "train_bipo_layers",
     "with_system_prompt",
     "wilson_interval",

@@ -4,7 +4,7 @@ Axis letters: P pairs in a batch, R rows (2P: chosen rows then rejected rows), T
 V vocab, D model width.
 
 The recipe (Cao et al. 2024, "Personalized Steering of LLMs via Bi-directional Preference
-Optimization"): a vector v is added to the output of block `layer` at every position. Each step
+Optimization"): a vector v is added to the output of one block at every position. Each step
 draws d in {-1, +1} and minimises
 
     -log sigmoid(beta * d * [(log p_{d v}(chosen) - log p_{d v}(rejected))
@@ -23,10 +23,10 @@ log p_{x v}(rejected):
   margin_neg mean of m_{-1} - m_0 (should be negative)
   accuracy  share of pairs with m_{+1} > m_0; accuracy_neg: share with m_{-1} < m_0.
 
-Several layers (`train_bipo_layers`): the pairs are encoded once, the reference log-probs
-(multiplier 0, the same for every layer) are computed once, and one compiled step and one
-compiled evaluation serve every layer: the forward steers all swept layers with a one-hot
-per-layer multiplier, so a layer that is not being trained gets exactly 0 added. Each layer
+Several blocks (`train_bipo_blocks`): the pairs are encoded once, the reference log-probs
+(multiplier 0, the same for every block) are computed once, and one compiled step and one
+compiled evaluation serve every block: the forward steers all swept blocks with a one-hot
+per-block multiplier, so a block that is not being trained gets exactly 0 added. Each block
 then trains from zero with the same seed (same batches and d draws), as separate runs would.
 """
 
@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mup._renamed import old_keywords, old_name
 from mup.steering._pairs import EncodedPairs, PreferencePair, encode_pairs, with_system_prompt
 from mup.steering._vector import SteeringVector, save_vector
 
@@ -56,11 +57,13 @@ logger = logging.getLogger(__name__)
 LR_SCHEDULES = ("cosine", "linear", "constant")
 
 
+@old_keywords(layer="block")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BiPOConfig:
     """BiPO hyper-parameters (defaults follow the reference recipe).
 
-    layer:          the block whose output the vector is added to.
+    block:          the block whose output the vector is added to (``layer=`` is its old
+                    name, and ``config.layer`` reads it).
     epochs:         passes over the training pairs; the vector is saved after each.
     batch_size:     pairs per step (2 * batch_size rows per forward pass).
     beta:           the DPO temperature.
@@ -80,7 +83,7 @@ class BiPOConfig:
                     study's TRL recipe scores the EOS it appends); default: content tokens only.
     """
 
-    layer: int
+    block: int
     epochs: int = 10
     batch_size: int = 4
     beta: float = 0.1
@@ -96,7 +99,7 @@ class BiPOConfig:
 
     def __post_init__(self):
         checks = [
-            (self.layer >= 0, f"layer must be >= 0, got {self.layer}"),
+            (self.block >= 0, f"block must be >= 0, got {self.block}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.beta > 0, f"beta must be > 0, got {self.beta}"),
@@ -127,6 +130,11 @@ class BiPOConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"BiPOConfig: {msg}")
+
+    @property
+    def layer(self) -> int:
+        """The old name of `block` (deprecated; read-only)."""
+        return self.block
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup steps out of `total_steps` (at least 1, at most total_steps)."""
@@ -165,21 +173,21 @@ class BiPOResult:
 
 
 def _response_logprobs(
-    params, vector, select, multiplier, tokens, valid, response, *, config, layers
+    params, vector, select, multiplier, tokens, valid, response, *, config, blocks
 ):
     """Sum of log p(token) over response tokens per row: [R] float32.
 
-    vector [D]; select [J] (one-hot over the static `layers`: which one `vector` steers);
+    vector [D]; select [J] (one-hot over the static `blocks`: which one `vector` steers);
     multiplier scalar or [R]; tokens/valid/response [R, T].
     """
-    from mup.models import SteeringSpec, forward
+    from mup.models import ForwardSteering, forward
 
     r, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (r, t))
     mult = jnp.broadcast_to(jnp.asarray(multiplier, jnp.float32), (r,))
-    j = len(layers)
-    spec = SteeringSpec(
-        layers=layers,
+    j = len(blocks)
+    spec = ForwardSteering(
+        blocks=blocks,
         vectors=jnp.broadcast_to(vector.astype(jnp.float32), (j, vector.shape[0])),  # [J, D]
         multipliers=select.astype(jnp.float32)[:, None] * mult[None],  # [J, R]
     )
@@ -196,18 +204,18 @@ def _response_logprobs(
     return jnp.sum(jnp.where(response[:, 1:], picked, 0.0), axis=1)  # [R]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layers"))
-def _jit_logprobs(params, vector, select, multiplier, tokens, valid, response, *, config, layers):
+@functools.partial(jax.jit, static_argnames=("config", "blocks"))
+def _jit_logprobs(params, vector, select, multiplier, tokens, valid, response, *, config, blocks):
     return _response_logprobs(
-        params, vector, select, multiplier, tokens, valid, response, config=config, layers=layers
+        params, vector, select, multiplier, tokens, valid, response, config=config, blocks=blocks
     )
 
 
 def _bipo_loss(
-    vector, params, select, d, ref_margin, weight, tokens, valid, response, config, layers, beta
+    vector, params, select, d, ref_margin, weight, tokens, valid, response, config, blocks, beta
 ):
     logp = _response_logprobs(
-        params, vector, select, d, tokens, valid, response, config=config, layers=layers
+        params, vector, select, d, tokens, valid, response, config=config, blocks=blocks
     )  # [R]
     p = ref_margin.shape[0]
     margin = logp[:p] - logp[p:]  # [P] chosen - rejected under the steered model
@@ -216,7 +224,7 @@ def _bipo_loss(
     return loss, margin
 
 
-def _make_step(config, layers: tuple[int, ...], beta: float, optimizer):
+def _make_step(config, blocks: tuple[int, ...], beta: float, optimizer):
     grad_fn = jax.value_and_grad(_bipo_loss, has_aux=True)
 
     @jax.jit
@@ -232,7 +240,7 @@ def _make_step(config, layers: tuple[int, ...], beta: float, optimizer):
             valid,
             response,
             config,
-            layers,
+            blocks,
             beta,
         )
         updates, opt_state = optimizer.update(grad, opt_state, vector)
@@ -241,14 +249,14 @@ def _make_step(config, layers: tuple[int, ...], beta: float, optimizer):
     return step
 
 
-def _steer_layers(
-    layer: int, steer_layers: Sequence[int] | None
+def _steer_blocks(
+    block: int, steer_blocks: Sequence[int] | None
 ) -> tuple[tuple[int, ...], np.ndarray]:
-    """The static layer tuple and the one-hot [J] selecting `layer` in it."""
-    layers = (int(layer),) if steer_layers is None else tuple(int(x) for x in steer_layers)
-    if int(layer) not in layers:
-        raise ValueError(f"layer {layer} is not among the compiled layers {layers}")
-    return layers, (np.asarray(layers) == int(layer)).astype(np.float32)
+    """The static block tuple and the one-hot [J] selecting `block` in it."""
+    blocks = (int(block),) if steer_blocks is None else tuple(int(x) for x in steer_blocks)
+    if int(block) not in blocks:
+        raise ValueError(f"block {block} is not among the compiled blocks {blocks}")
+    return blocks, (np.asarray(blocks) == int(block)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,29 +264,32 @@ def _steer_layers(
 # ---------------------------------------------------------------------------------------------
 
 
+@old_keywords(layer="block", steer_layers="steer_blocks")
 def response_logprobs(
     model,
     encoded: EncodedPairs,
     vector,
-    layer: int,
+    block: int,
     multiplier: float,
     *,
     batch_size: int = 4,
-    steer_layers: Sequence[int] | None = None,
+    steer_blocks: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Summed response log-probs of every row of `encoded` with ``multiplier * vector`` added to
-    block `layer`'s output: float32 [2P] (chosen rows, then rejected rows).
+    the output of `block`: float32 [2P] (chosen rows, then rejected rows).
 
     Rows run in batches of 2 * batch_size (the last one padded), the shape the trainer uses.
-    steer_layers: compile one program for all these layers (`layer` among them; the others get
-    0 added), so that evaluating many layers compiles once.
+    steer_blocks: compile one program for all these blocks (`block` among them; the others get
+    0 added), so that evaluating many blocks compiles once. (``layer=`` and ``steer_layers=``
+    are the old names of ``block=`` and ``steer_blocks=``, here and in `pair_margins` and
+    `evaluate_vector`.)
     """
     vector = jnp.asarray(vector, jnp.float32)
     if vector.shape != (model.config.d_model,):
         raise ValueError(
             f"vector has shape {tuple(vector.shape)}, the model needs ({model.config.d_model},)"
         )
-    layers, select = _steer_layers(layer, steer_layers)
+    blocks, select = _steer_blocks(block, steer_blocks)
     p = len(encoded)
     out = np.zeros(2 * p, np.float32)
     for idx, n_real in _batches(np.arange(p), batch_size):
@@ -293,7 +304,7 @@ def response_logprobs(
                 jnp.asarray(encoded.valid[rows]),
                 jnp.asarray(encoded.response[rows]),
                 config=model.config,
-                layers=layers,
+                blocks=blocks,
             )
         )
         b = len(idx)
@@ -304,41 +315,43 @@ def response_logprobs(
     return out
 
 
+@old_keywords(layer="block", steer_layers="steer_blocks")
 def pair_margins(
     model,
     encoded: EncodedPairs,
     vector,
-    layer: int,
+    block: int,
     multiplier: float,
     *,
     batch_size: int = 4,
-    steer_layers: Sequence[int] | None = None,
+    steer_blocks: Sequence[int] | None = None,
 ) -> np.ndarray:
     """log p(chosen) - log p(rejected) per pair under ``multiplier * vector``: float32 [P]."""
     logp = response_logprobs(
-        model, encoded, vector, layer, multiplier, batch_size=batch_size, steer_layers=steer_layers
+        model, encoded, vector, block, multiplier, batch_size=batch_size, steer_blocks=steer_blocks
     )
     p = len(encoded)
     return logp[:p] - logp[p:]
 
 
+@old_keywords(layer="block", steer_layers="steer_blocks")
 def evaluate_vector(
     model,
     encoded: EncodedPairs,
     vector,
-    layer: int,
+    block: int,
     *,
     beta: float = 0.1,
     ref_margin: np.ndarray | None = None,
     batch_size: int = 4,
-    steer_layers: Sequence[int] | None = None,
+    steer_blocks: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """BiPO metrics of `vector` on `encoded` pairs (see the module docstring)."""
-    kw = dict(batch_size=batch_size, steer_layers=steer_layers)
+    kw = dict(batch_size=batch_size, steer_blocks=steer_blocks)
     if ref_margin is None:
-        ref_margin = pair_margins(model, encoded, vector, layer, 0.0, **kw)
-    plus = pair_margins(model, encoded, vector, layer, 1.0, **kw) - ref_margin
-    minus = pair_margins(model, encoded, vector, layer, -1.0, **kw) - ref_margin
+        ref_margin = pair_margins(model, encoded, vector, block, 0.0, **kw)
+    plus = pair_margins(model, encoded, vector, block, 1.0, **kw) - ref_margin
+    minus = pair_margins(model, encoded, vector, block, -1.0, **kw) - ref_margin
     loss = 0.5 * (_softplus(-beta * plus) + _softplus(beta * minus))  # [P]
     return {
         "loss": float(loss.mean()),
@@ -359,55 +372,59 @@ def train_bipo(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> BiPOResult:
-    """Train a BiPO vector for `model` at ``config.layer`` on `train_pairs`; evaluate on both
+    """Train a BiPO vector for `model` at ``config.block`` on `train_pairs`; evaluate on both
     sets every epoch.
 
     With `out_dir`, writes ``epoch_{E:03d}.safetensors`` (the vector with the epoch's metrics in
     its metadata) and appends the metrics to ``metrics.jsonl`` after every epoch.
     """
-    prep = _prepare(model, train_pairs, eval_pairs, config, (config.layer,), progress)
-    return _train_layer(model, prep, config, (config.layer,), out_dir, progress)
+    prep = _prepare(model, train_pairs, eval_pairs, config, (config.block,), progress)
+    return _train_block(model, prep, config, (config.block,), out_dir, progress)
 
 
-def train_bipo_layers(
+@old_keywords(layers="blocks")
+def train_bipo_blocks(
     model,
     train_pairs: Sequence[PreferencePair],
     config: BiPOConfig,
-    layers: Sequence[int],
+    blocks: Sequence[int],
     *,
     eval_pairs: Sequence[PreferencePair] = (),
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict[int, BiPOResult]:
-    """One BiPO vector per layer in `layers` (``config.layer`` is replaced by each), sharing the
+    """One BiPO vector per block in `blocks` (``config.block`` is replaced by each), sharing the
     encoding, the reference log-probs and the compiled programs (see the module docstring).
 
-    With `out_dir`: ``out_dir/layer_{L}/`` holds what `train_bipo` writes for layer L, and
-    ``out_dir/summary.json`` the final metrics of every layer (written after each layer).
+    With `out_dir`: ``out_dir/block_{L}/`` holds what `train_bipo` writes for block L, and
+    ``out_dir/summary.json`` the final metrics of every block (written after each block).
     """
-    layers = tuple(int(x) for x in layers)
-    if not layers:
-        raise ValueError("train_bipo_layers: no layers")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"train_bipo_layers: layers repeat: {list(layers)}")
-    prep = _prepare(model, train_pairs, eval_pairs, config, layers, progress)
+    blocks = tuple(int(x) for x in blocks)
+    if not blocks:
+        raise ValueError("train_bipo_blocks: no blocks")
+    if len(set(blocks)) != len(blocks):
+        raise ValueError(f"train_bipo_blocks: blocks repeat: {list(blocks)}")
+    prep = _prepare(model, train_pairs, eval_pairs, config, blocks, progress)
     out_path = Path(out_dir) if out_dir is not None else None
     results: dict[int, BiPOResult] = {}
-    for layer in layers:
-        cfg = dataclasses.replace(config, layer=layer)
-        sub = out_path / f"layer_{layer}" if out_path is not None else None
-        results[layer] = _train_layer(model, prep, cfg, layers, sub, progress)
+    for block in blocks:
+        cfg = dataclasses.replace(config, block=block)
+        sub = out_path / f"block_{block}" if out_path is not None else None
+        results[block] = _train_block(model, prep, cfg, blocks, sub, progress)
         if out_path is not None:
-            _write_json(out_path / "summary.json", layer_summary(model, results, prep, config))
+            _write_json(out_path / "summary.json", block_summary(model, results, prep, config))
     return results
 
 
-def layer_summary(model, results: dict[int, BiPOResult], prep, config: BiPOConfig) -> dict:
-    """The summary.json content: per layer, the last epoch's norm and margins."""
+train_bipo_layers = old_name(train_bipo_blocks, "train_bipo_layers")
+
+
+def block_summary(model, results: dict[int, BiPOResult], prep, config: BiPOConfig) -> dict:
+    """The summary.json content: per block, the last epoch's norm and margins."""
     rows = []
-    for layer, res in results.items():
+    for block, res in results.items():
         last = res.history[-1]
-        row = {"layer": layer, "epoch": last["epoch"], "norm": last["norm"]}
+        row = {"block": block, "epoch": last["epoch"], "norm": last["norm"]}
         for key in ("loss", "margin", "margin_neg", "accuracy", "accuracy_neg"):
             for split in ("train", "test"):
                 if f"{split}_{key}" in last:
@@ -418,7 +435,7 @@ def layer_summary(model, results: dict[int, BiPOResult], prep, config: BiPOConfi
         row["files"] = [str(f) for f in res.files]
         rows.append(row)
     cfg = dataclasses.asdict(config)
-    cfg.pop("layer")
+    cfg.pop("block")
     return {
         "model": model.spec.name,
         "method": "bipo",
@@ -427,13 +444,13 @@ def layer_summary(model, results: dict[int, BiPOResult], prep, config: BiPOConfi
         "n_truncated": prep.n_truncated,
         "padded_length": prep.length,
         "config": cfg,
-        "layers": rows,
+        "blocks": rows,
     }
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class _Prepared:
-    """What every layer's training shares: encoded pairs and their reference margins."""
+    """What every block's training shares: encoded pairs and their reference margins."""
 
     train: EncodedPairs
     held: EncodedPairs | None
@@ -446,16 +463,16 @@ class _Prepared:
     batch_size: int
     steps_per_epoch: int
     optimizer: optax.GradientTransformation
-    step: object  # the jitted step, one for every layer (the layer is the `select` input)
+    step: object  # the jitted step, one for every block (the block is the `select` input)
 
 
-def _prepare(model, train_pairs, eval_pairs, config: BiPOConfig, layers, progress) -> _Prepared:
+def _prepare(model, train_pairs, eval_pairs, config: BiPOConfig, blocks, progress) -> _Prepared:
     if not train_pairs:
         raise ValueError("train_bipo: no training pairs")
-    for layer in layers:
-        if not 0 <= layer < model.config.n_layers:
+    for block in blocks:
+        if not 0 <= block < model.config.n_layers:
             raise ValueError(
-                f"BiPOConfig.layer={layer} is out of range: the model has "
+                f"BiPOConfig.block={block} is out of range: the model has "
                 f"{model.config.n_layers} blocks (0..{model.config.n_layers - 1})"
             )
     all_pairs = [*train_pairs, *eval_pairs]
@@ -482,10 +499,10 @@ def _prepare(model, train_pairs, eval_pairs, config: BiPOConfig, layers, progres
     bs = min(config.batch_size, n_train)
     t0 = time.perf_counter()
     zero = np.zeros(model.config.d_model, np.float32)
-    # Multiplier 0 adds nothing at any layer: one reference serves every layer.
-    kw = dict(batch_size=bs, steer_layers=layers)
-    ref_train = pair_margins(model, train, zero, layers[0], 0.0, **kw)
-    ref_held = pair_margins(model, held, zero, layers[0], 0.0, **kw) if held else None
+    # Multiplier 0 adds nothing at any block: one reference serves every block.
+    kw = dict(batch_size=bs, steer_blocks=blocks)
+    ref_train = pair_margins(model, train, zero, blocks[0], 0.0, **kw)
+    ref_held = pair_margins(model, held, zero, blocks[0], 0.0, **kw) if held else None
     logger.info(
         "reference log-probs of %d pairs in %.1fs", len(all_pairs), time.perf_counter() - t0
     )
@@ -505,12 +522,12 @@ def _prepare(model, train_pairs, eval_pairs, config: BiPOConfig, layers, progres
         batch_size=bs,
         steps_per_epoch=steps_per_epoch,
         optimizer=optimizer,
-        step=_make_step(model.config, tuple(layers), config.beta, optimizer),
+        step=_make_step(model.config, tuple(blocks), config.beta, optimizer),
     )
 
 
-def _train_layer(
-    model, prep: _Prepared, config: BiPOConfig, layers, out_dir, progress
+def _train_block(
+    model, prep: _Prepared, config: BiPOConfig, blocks, out_dir, progress
 ) -> BiPOResult:
     bs = prep.batch_size
     train, held = prep.train, prep.held
@@ -518,7 +535,7 @@ def _train_layer(
     steps_per_epoch = prep.steps_per_epoch
     total = steps_per_epoch * config.epochs
     optimizer, step = prep.optimizer, prep.step
-    _, select = _steer_layers(config.layer, layers)
+    _, select = _steer_blocks(config.block, blocks)
     select = jnp.asarray(select)
 
     vector = jnp.zeros((model.config.d_model,), jnp.float32)
@@ -535,7 +552,7 @@ def _train_layer(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=f"BiPO layer {config.layer}", unit="step")
+        bar = tqdm(total=total, desc=f"BiPO block {config.block}", unit="step")
     sv = None
     for epoch in range(1, config.epochs + 1):
         order = rng.permutation(n_train)
@@ -559,7 +576,7 @@ def _train_layer(
             loss = float(loss)
             if not math.isfinite(loss):
                 raise FloatingPointError(
-                    f"BiPO loss is {loss} at epoch {epoch} (layer {config.layer})"
+                    f"BiPO loss is {loss} at epoch {epoch} (block {config.block})"
                 )
             losses.append(loss)
             if bar is not None:
@@ -569,21 +586,21 @@ def _train_layer(
         record: dict = {
             "epoch": epoch,
             "step": epoch * steps_per_epoch,
-            "layer": config.layer,
+            "block": config.block,
             "train_step_loss": float(np.mean(losses)),
             "norm": float(np.linalg.norm(v)),
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        ev = dict(beta=config.beta, batch_size=bs, steer_layers=layers)
-        train_m = evaluate_vector(model, train, v, config.layer, ref_margin=prep.ref_train, **ev)
+        ev = dict(beta=config.beta, batch_size=bs, steer_blocks=blocks)
+        train_m = evaluate_vector(model, train, v, config.block, ref_margin=prep.ref_train, **ev)
         record.update({f"train_{k}": val for k, val in train_m.items()})
         if held is not None:
-            held_m = evaluate_vector(model, held, v, config.layer, ref_margin=prep.ref_held, **ev)
+            held_m = evaluate_vector(model, held, v, config.block, ref_margin=prep.ref_held, **ev)
             record.update({f"test_{k}": val for k, val in held_m.items()})
         history.append(record)
         sv = SteeringVector(
             vector=v,
-            layer=config.layer,
+            block=config.block,
             model=model.spec.name,
             method="bipo",
             epoch=epoch,
@@ -618,7 +635,7 @@ def _write_json(path: Path, obj) -> None:
 def format_epoch(record: dict) -> str:
     """One summary line per epoch."""
     line = (
-        (f"layer {record['layer']} " if "layer" in record else "")
+        (f"block {record['block']} " if "block" in record else "")
         + f"epoch {record['epoch']}: step loss {record['train_step_loss']:.4f}, "
         f"norm {record['norm']:.4g}, train margin {record['train_margin']:+.3f} / "
         f"{record['train_margin_neg']:+.3f} (acc {record['train_accuracy']:.2f} / "

@@ -3,14 +3,15 @@
   vector      difference of means, from a labelled store (--store URL) or from paired prompts
               (--pairs FILE --model SPEC, --method mean|last|pca)
   train-bipo  BiPO training on preference pairs; one vector file per epoch + metrics.jsonl;
-              --layers 5,10,15 trains one vector per layer (OUT/layer_L/ + OUT/summary.json)
+              --blocks 5,10,15 trains one vector per block (OUT/block_L/ + OUT/summary.json)
   import      a torch .pt vector (the BiPO study's vec_ep{E}_layer{L}.pt) -> .safetensors,
               read without torch
   sweep       generate across multipliers: perplexity, propensity, coherent range, summaries
   judge       LLM judge ratings (and pairwise win rates vs m=0) of a sweep's answers
 
---layer L is always the block whose output the vector is added to; the vector is measured at
-hidden_states[L + 1] (store layer L + 1).
+--block L is always the block whose output the vector is added to; the vector is measured at
+layer L + 1, hidden_states[L + 1] (store layer L + 1). --layer / --layers are the old names of
+--block / --blocks and still work.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from mup.steering._judge_cli import add_parser as add_judge_parser
 from mup.steering._judge_cli import run as run_judge
 from mup.steering._pairs import bundled_pairs_path, load_pairs
 
+BLOCK_HELP = "steered block L: the vector is added to its output (--layer is the old name)"
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mup steering", description=__doc__.split("\n")[0])
@@ -37,7 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     src = v.add_mutually_exclusive_group(required=True)
     src.add_argument("--store", help="activation store URL (local dir or s3://) with labels")
     src.add_argument("--pairs", help="pairs jsonl ('bundled' = the set shipped with mup)")
-    v.add_argument("--layer", type=int, required=True, help="steered block L (reads L + 1)")
+    v.add_argument(
+        "--block",
+        "--layer",
+        dest="block",
+        type=int,
+        required=True,
+        help=BLOCK_HELP + "; reads layer L + 1",
+    )
     v.add_argument("--out", required=True, help="output .safetensors or .npy")
     v.add_argument("--model", default="smollm2-135m", help="model spec (with --pairs)")
     v.add_argument("--method", choices=("mean", "last", "pca"), default="mean")
@@ -48,11 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("train-bipo", help="train BiPO vectors on preference pairs")
     b.add_argument("--model", default="smollm2-135m", help="model spec")
     where = b.add_mutually_exclusive_group(required=True)
-    where.add_argument("--layer", type=int, help="steered block L (files in OUT/)")
     where.add_argument(
+        "--block", "--layer", dest="block", type=int, help=BLOCK_HELP + "; files in OUT/"
+    )
+    where.add_argument(
+        "--blocks",
         "--layers",
-        type=_layer_list,
-        help="comma-separated blocks, e.g. 5,10,15 or 9-41 (one vector per layer in OUT/layer_L/)",
+        dest="blocks",
+        type=_block_list,
+        help="comma-separated blocks, e.g. 5,10,15 or 9-41 (one vector per block in "
+        "OUT/block_L/; --layers is the old name)",
     )
     b.add_argument(
         "--pairs",
@@ -106,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _layer_list(text: str) -> list[int]:
+def _block_list(text: str) -> list[int]:
     """ "5,10,15" or "9-41" (inclusive) or a mix -> sorted unique block indices."""
     out: list[int] = []
     for part in text.split(","):
@@ -121,10 +136,10 @@ def _layer_list(text: str) -> list[int]:
                 out.append(int(part))
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"--layers: {part!r} is not a layer or a range lo-hi"
+                f"--blocks: {part!r} is not a block or a range lo-hi"
             ) from None
     if any(x < 0 for x in out):
-        raise argparse.ArgumentTypeError("--layers: layers must be >= 0")
+        raise argparse.ArgumentTypeError("--blocks: blocks must be >= 0")
     return sorted(set(out))
 
 
@@ -158,7 +173,7 @@ def _vector(args) -> int:
     from mup.steering._vector import save_vector
 
     if args.store is not None:
-        res = dom_from_store(args.store, args.layer)
+        res = dom_from_store(args.store, args.block)
     else:
         from mup.models import load_model
 
@@ -168,7 +183,7 @@ def _vector(args) -> int:
         res = dom_from_pairs(
             model,
             pairs,
-            args.layer,
+            args.block,
             method=args.method,
             batch_size=args.batch_size,
             progress=not args.no_progress,
@@ -181,11 +196,11 @@ def _vector(args) -> int:
 
 def _train(args) -> int:
     from mup.models import load_model
-    from mup.steering._bipo import BiPOConfig, train_bipo, train_bipo_layers
+    from mup.steering._bipo import BiPOConfig, train_bipo, train_bipo_blocks
 
-    layers = args.layers if args.layers is not None else [args.layer]
+    blocks = args.blocks if args.blocks is not None else [args.block]
     config = BiPOConfig(
-        layer=layers[0],
+        block=blocks[0],
         epochs=args.epochs,
         batch_size=args.batch_size,
         beta=args.beta,
@@ -203,18 +218,18 @@ def _train(args) -> int:
     if not train:
         raise ValueError(f"{args.pairs}: no pairs with split 'train'")
     model = load_model(args.model)
-    for layer in layers:  # before any work: a typo in --layers should not cost a run
-        if layer >= model.config.n_layers:
+    for block in blocks:  # before any work: a typo in --blocks should not cost a run
+        if block >= model.config.n_layers:
             raise ValueError(
-                f"layer {layer} is out of range: {model.spec.name} has {model.config.n_layers} "
+                f"block {block} is out of range: {model.spec.name} has {model.config.n_layers} "
                 f"blocks (0..{model.config.n_layers - 1})"
             )
     print(
-        f"BiPO on {model.spec.name}, layer{'s' if len(layers) > 1 else ''} "
-        f"{','.join(map(str, layers))}: {len(train)} train, {len(test)} test"
+        f"BiPO on {model.spec.name}, steered block{'s' if len(blocks) > 1 else ''} "
+        f"{','.join(map(str, blocks))}: {len(train)} train, {len(test)} test"
     )
     progress = not args.no_progress
-    if args.layers is None:
+    if args.blocks is None:
         res = train_bipo(model, train, config, eval_pairs=test, out_dir=args.out, progress=progress)
         last = res.history[-1]
         print(
@@ -223,15 +238,15 @@ def _train(args) -> int:
             + (f", held-out margin {last['test_margin']:+.3f}" if "test_margin" in last else "")
         )
         return 0
-    train_bipo_layers(
-        model, train, config, layers, eval_pairs=test, out_dir=args.out, progress=progress
+    train_bipo_blocks(
+        model, train, config, blocks, eval_pairs=test, out_dir=args.out, progress=progress
     )
-    print(f"done: {len(layers)} layers x {args.epochs} epochs in {args.out}/layer_L/")
-    print(f"{'layer':>5} {'norm':>9} {'train margin':>13} {'held-out margin':>16}")
+    print(f"done: {len(blocks)} blocks x {args.epochs} epochs in {args.out}/block_L/")
+    print(f"{'block':>5} {'norm':>9} {'train margin':>13} {'held-out margin':>16}")
     summary = json.loads((Path(args.out) / "summary.json").read_text())
-    for row in summary["layers"]:
+    for row in summary["blocks"]:
         held = f"{row['test_margin']:+16.3f}" if "test_margin" in row else f"{'-':>16}"
-        print(f"{row['layer']:>5} {row['norm']:>9.4g} {row['train_margin']:+13.3f} {held}")
+        print(f"{row['block']:>5} {row['norm']:>9.4g} {row['train_margin']:+13.3f} {held}")
     print(f"summary: {args.out}/summary.json")
     return 0
 

@@ -2,9 +2,9 @@
 
 Axis letters: N records, T tokens, D model width, P pairs, R rows (2P), B batch rows.
 
-Layer convention (see `mup.steering._vector`): the vector for layer L (added to the output of
-block L) is measured at ``hidden_states[L + 1]``, i.e. store layer L + 1 or forward capture
-L + 1, because that residual stream IS block L's output.
+Block convention (see `mup.steering._vector`): the vector for block L (added to the output of
+block L) is measured at layer L + 1, ``hidden_states[L + 1]``, i.e. store layer L + 1 or
+forward capture L + 1, because that residual stream IS block L's output.
 
 From a store: each record with a label in {0, 1} and at least one masked token is pooled to the
 mean of its masked tokens; the vector is mean(positive records) - mean(negative records).
@@ -27,6 +27,7 @@ from typing import Literal
 import jax.numpy as jnp
 import numpy as np
 
+from mup._renamed import old_keywords
 from mup.steering._pairs import PreferencePair, encode_pairs
 from mup.steering._vector import SteeringVector
 
@@ -52,7 +53,7 @@ class DomResult:
     def summary(self) -> str:
         v = self.vector
         parts = [
-            f"{v.method} vector at layer {v.layer} (hidden_states[{v.layer + 1}])",
+            f"{v.method} vector for block {v.block} (measured at hidden_states[{v.block + 1}])",
             f"norm {v.norm:.4g}",
             f"d_model {v.d_model}",
             f"positive {self.n_positive}, negative {self.n_negative}",
@@ -64,29 +65,30 @@ class DomResult:
         return "; ".join(parts)
 
 
-def dom_from_store(store, layer: int, *, max_bytes: int | None = None) -> DomResult:
+@old_keywords(layer="block")
+def dom_from_store(store, block: int, *, max_bytes: int | None = None) -> DomResult:
     """Difference of means between label-1 and label-0 records of an activation store.
 
-    store: an `ActivationStore` or its URL. layer: the steered block L; the store must hold
+    store: an `ActivationStore` or its URL. block: the steered block L; the store must hold
     layer L + 1. Activations stream chunk by chunk (`iter_row_chunks`, at most `max_bytes`
     each, default `mup.store.READ_CHUNK_BYTES`), so a store larger than memory works; sums
-    accumulate in float64.
+    accumulate in float64. ``layer=`` is the old name of ``block=``.
     """
     from mup import native
     from mup import store as store_mod
     from mup.probes import ClassMeans
 
+    block = int(block)
     st = store_mod.open(store) if not isinstance(store, store_mod.ActivationStore) else store
-    layer = int(layer)
-    source = layer + 1
+    source = block + 1
     if source not in st.layers:
         hint = (
-            f"; to steer with store layer S use layer S-1 (available: {[s - 1 for s in st.layers]})"
+            f"; to steer with store layer S use block S-1 (available: {[s - 1 for s in st.layers]})"
             if st.layers
             else ""
         )
         raise ValueError(
-            f"steering at layer {layer} (output of block {layer}) needs hidden_states"
+            f"steering block {block} (its output) needs hidden_states"
             f"[{source}], but store {st.url} holds layers {st.layers}{hint}"
         )
     labels = st.labels
@@ -128,7 +130,7 @@ def dom_from_store(store, layer: int, *, max_bytes: int | None = None) -> DomRes
     vec = means_by_class.difference()  # [D]
     sv = SteeringVector(
         vector=vec.astype(np.float32),
-        layer=layer,
+        block=block,
         model=str(st.attrs.get("model", "")),
         method="dom-store",
         extra={
@@ -148,25 +150,27 @@ def dom_from_store(store, layer: int, *, max_bytes: int | None = None) -> DomRes
     )
 
 
+@old_keywords(layer="block")
 def pooled_responses(
     model,
     pairs: Sequence[PreferencePair],
-    layer: int,
+    block: int,
     *,
     pool: Literal["mean", "last"] = "mean",
     batch_size: int = 16,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(chosen [P, D], rejected [P, D]): responses pooled at hidden_states[layer + 1].
+    """(chosen [P, D], rejected [P, D]): responses pooled at the output of `block`, i.e. at
+    hidden_states[block + 1].
 
     One forward capture per batch of rows; the last batch is padded with copies of its first
-    row so every batch has one shape (one compile).
+    row so every batch has one shape (one compile). ``layer=`` is the old name of ``block=``.
     """
     from mup.models import jit_forward
 
-    layer = int(layer)
-    if not 0 <= layer < model.config.n_layers:
-        raise ValueError(f"layer must be in 0..{model.config.n_layers - 1}, got {layer}")
+    block = int(block)
+    if not 0 <= block < model.config.n_layers:
+        raise ValueError(f"block must be in 0..{model.config.n_layers - 1}, got {block}")
     if pool not in ("mean", "last"):
         raise ValueError(f"pool must be 'mean' or 'last', got {pool!r}")
     enc = encode_pairs(model.tokenizer, pairs)
@@ -178,7 +182,7 @@ def pooled_responses(
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc=f"capture hidden_states[{layer + 1}]", unit="batch")
+        starts = tqdm(starts, desc=f"capture hidden_states[{block + 1}]", unit="batch")
     for s in starts:
         idx = np.arange(s, s + b)
         idx = np.where(idx < n_rows, idx, s)  # pad the tail with row s
@@ -188,10 +192,10 @@ def pooled_responses(
             jnp.asarray(positions),
             config=model.config,
             valid=jnp.asarray(enc.valid[idx]),
-            capture=(layer + 1,),
+            capture=(block + 1,),
             logits=False,
         )
-        h = np.asarray(got.hidden[layer + 1], np.float32)  # [B, T, D]
+        h = np.asarray(got.hidden[block + 1], np.float32)  # [B, T, D]
         resp = enc.response[idx]  # [B, T]
         if pool == "mean":
             pooled = (h * resp[:, :, None]).sum(1) / resp.sum(1, keepdims=True)  # [B, D]
@@ -204,31 +208,34 @@ def pooled_responses(
     return out[:p], out[p:]
 
 
+@old_keywords(layer="block")
 def dom_from_pairs(
     model,
     pairs: Sequence[PreferencePair],
-    layer: int,
+    block: int,
     *,
     method: PairMethod = "mean",
     batch_size: int = 16,
     progress: bool = False,
 ) -> DomResult:
-    """Difference of means over paired completions (see the module docstring for `method`)."""
+    """Difference of means over paired completions (see the module docstring for `method`),
+    for steering `block`. ``layer=`` is the old name of ``block=``."""
+    block = int(block)
     if method not in PAIR_METHODS:
         raise ValueError(f"method must be one of {PAIR_METHODS}, got {method!r}")
     if not pairs:
         raise ValueError("dom_from_pairs: no pairs")
     pool = "last" if method == "last" else "mean"
     chosen, rejected = pooled_responses(
-        model, pairs, layer, pool=pool, batch_size=batch_size, progress=progress
+        model, pairs, block, pool=pool, batch_size=batch_size, progress=progress
     )
     vec, explained = difference_vector(chosen - rejected, method)
     sv = SteeringVector(
         vector=vec,
-        layer=int(layer),
+        block=block,
         model=model.spec.name,
         method=f"dom-{method}",
-        extra={"source_hidden_state": int(layer) + 1, "n_pairs": len(pairs)},
+        extra={"source_hidden_state": block + 1, "n_pairs": len(pairs)},
     )
     return DomResult(vector=sv, n_positive=len(pairs), n_negative=len(pairs), explained=explained)
 

@@ -2,14 +2,16 @@
 
 Axis letters: D model width.
 
-The BiPO steering study saves one vector per epoch as ``vec_ep{E}_layer{L}[_gpu{R}].pt``: a
-bfloat16 tensor [D] (``torch.save(vec.detach().cpu(), path)``). A ``.pt`` file is a pickle, and
-unpickling runs whatever callables the file names, so ``pickle.load`` on an untrusted file is
-arbitrary code execution. `read_pt` instead uses an unpickler whose ``find_class`` knows a
-fixed table of names (torch's tensor and parameter rebuild functions, the typed storage classes
-float32 / float16 / bfloat16 / float64, ``collections.OrderedDict`` for the empty backward-hook
-dict) and maps each to a small numpy function here; any other global is refused before it is
-looked up. Storages are read as raw little-endian bytes and viewed as numpy arrays.
+The BiPO steering study saves one vector per epoch as ``vec_ep{E}_layer{L}[_gpu{R}].pt`` (its L
+is the steered block, mup's `block`): a bfloat16 tensor [D]
+(``torch.save(vec.detach().cpu(), path)``). A ``.pt`` file is a pickle, and unpickling runs
+whatever callables the file names, so ``pickle.load`` on an untrusted file is arbitrary code
+execution. `read_pt` instead uses an
+unpickler whose ``find_class`` knows a fixed table of names (torch's tensor and parameter
+rebuild functions, the typed storage classes float32 / float16 / bfloat16 / float64,
+``collections.OrderedDict`` for the empty backward-hook dict) and maps each to a small numpy
+function here; any other global is refused before it is looked up. Storages are read as raw
+little-endian bytes and viewed as numpy arrays.
 
 Layouts read:
 - zip (torch >= 1.6): ``ARCHIVE/data.pkl`` plus one raw file per storage ``ARCHIVE/data/KEY``;
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mup._renamed import old_keywords
 from mup.steering._vector import SteeringVector, VectorFileError
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -263,35 +266,39 @@ def _one_vector(obj, path: Path) -> tuple[np.ndarray, str]:
     return np.ascontiguousarray(arr, dtype=np.float32), obj.dtype
 
 
-_NAME = re.compile(r"vec_ep(?P<epoch>\d+)_layer(?P<layer>\d+)")
+# The study's file names call the steered block "layer".
+_NAME = re.compile(r"vec_ep(?P<epoch>\d+)_layer(?P<block>\d+)")
 
 
+@old_keywords(layer="block")
 def import_pt(
     path: str | Path,
     *,
-    layer: int | None = None,
+    block: int | None = None,
     model: str = "",
     d_model: int | None = None,
 ) -> SteeringVector:
     """A `SteeringVector` from a ``.pt`` file (see `read_pt`).
 
-    layer: the steered block; default: parsed from a ``vec_ep{E}_layer{L}`` file name (and an
-      explicit layer must agree with it). The epoch comes from the name too (0 otherwise).
+    block: the steered block; default: parsed from a ``vec_ep{E}_layer{L}`` file name (and an
+      explicit block must agree with it). The epoch comes from the name too (0 otherwise).
+      ``layer=`` is its old name.
     d_model: when given, the vector must have this many entries.
     """
     path = Path(path)
     vec, dtype = read_pt(path)
     m = _NAME.search(path.name)
-    if layer is None:
+    if block is None:
         if m is None:
             raise VectorFileError(
-                f"{path}: the layer is not in the file name (vec_ep{{E}}_layer{{L}}.pt); pass it "
-                "(--layer L, the block whose output the vector is added to)"
+                f"{path}: the block is not in the file name (vec_ep{{E}}_layer{{L}}.pt); pass it "
+                "(--block L, the block whose output the vector is added to)"
             )
-        layer = int(m["layer"])
-    elif m is not None and int(m["layer"]) != int(layer):
+        block = int(m["block"])
+    elif m is not None and int(m["block"]) != int(block):
         raise VectorFileError(
-            f"{path}: the file name says layer {m['layer']}, but layer {layer} was given"
+            f"{path}: the file name says block {m['block']} (its _layer{m['block']}), but block "
+            f"{block} was given"
         )
     if d_model is not None and vec.shape[0] != int(d_model):
         raise VectorFileError(
@@ -300,7 +307,7 @@ def import_pt(
     try:
         return SteeringVector(
             vector=vec,
-            layer=int(layer),
+            block=int(block),
             model=model,
             method="bipo-pt",
             epoch=int(m["epoch"]) if m is not None else 0,
@@ -324,12 +331,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("path", metavar="VEC.pt", help="the torch vector file")
     p.add_argument(
-        "--layer", type=int, default=None, help="steered block L (default: from vec_ep*_layerL)"
+        "--block",
+        "--layer",
+        dest="block",
+        type=int,
+        default=None,
+        help="steered block L (default: from vec_ep*_layerL; --layer is its old name)",
     )
     p.add_argument(
         "--model",
         required=True,
-        help="model spec the vector belongs to (its config checks d_model and the layer)",
+        help="model spec the vector belongs to (its config checks d_model and the block)",
     )
     p.add_argument("--out", required=True, help="output .safetensors (or .npy)")
     return p
@@ -342,14 +354,14 @@ def run(args) -> int:
 
     resolved = resolve_spec(args.model)
     config = config_from_hf(read_hf_config(resolved))  # the config only, no weights
-    sv = import_pt(args.path, layer=args.layer, model=resolved.name, d_model=config.d_model)
-    if sv.layer >= config.n_layers:
+    sv = import_pt(args.path, block=args.block, model=resolved.name, d_model=config.d_model)
+    if sv.block >= config.n_layers:
         raise ValueError(
-            f"--layer {sv.layer} is out of range: {resolved.name} has {config.n_layers} blocks"
+            f"--block {sv.block} is out of range: {resolved.name} has {config.n_layers} blocks"
         )
     out = save_vector(args.out, sv)
     print(
         f"imported {args.path} ({sv.extra['source_dtype']}, d={sv.d_model}, norm {sv.norm:.4g}) "
-        f"as layer {sv.layer} of {resolved.name}, epoch {sv.epoch}: wrote {out}"
+        f"as steered block {sv.block} of {resolved.name}, epoch {sv.epoch}: wrote {out}"
     )
     return 0

@@ -1,5 +1,5 @@
 """LLM judges of steered answers: rubric ratings 1-10 and pairwise comparisons against the
-unsteered answer, through any OpenAI-compatible endpoint (`mup.datagen`'s client layer).
+unsteered answer, through any OpenAI-compatible endpoint (`mup.datagen`'s client).
 
 rows = load_sweep("runs/sweep/sweep.jsonl")
 with open_endpoint(EndpointConfig(serve="smollm2-135m", concurrency=16)) as endpoint:
@@ -14,7 +14,7 @@ parsed score. ``valid`` says whether the answer parsed; an answer with neither a
 logprobs to read is a reject (kept, with the raw text, in ``<out>.rejects.jsonl``).
 
 Pairwise: for every answer at multiplier m != 0 the judge sees it beside the answer at 0 for
-the same prompt (vector, layer, epoch), in both orders (A/B and B/A), and says which deserves
+the same prompt (vector, block, epoch), in both orders (A/B and B/A), and says which deserves
 the higher rating by the rubric. The m answer's win is P(its letter) normalised over A and B
 when logprobs are returned, the parsed choice otherwise; it is a win above 1/2, a tie at 1/2.
 Per multiplier: the win rate with a Wilson 95% interval, and a Bradley-Terry score with the
@@ -23,7 +23,7 @@ prompts. Both orders averaged cancel a judge's position bias; its size is report
 (``a_rate``: how often the first answer was chosen).
 
 Resumable: every finished rating is one line of the output, keyed by ``key`` (the sweep row's
-vector, layer, epoch, multiplier, prompt and sample, plus the rubric, and for pairs the order);
+vector, block, epoch, multiplier, prompt and sample, plus the rubric, and for pairs the order);
 a rerun never asks for a finished key again, and an output written by another judge model,
 prompt or settings is refused (`mup.datagen.JsonlLog`).
 """
@@ -48,8 +48,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mup._renamed import renamed_field
 from mup.datagen._endpoint import usage_line
 from mup.datagen._label import (
     FORMAT_CHAIN,
@@ -102,7 +103,8 @@ class SweepRow(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     vector: str
-    layer: int
+    # the steered block; sweeps written before the rename call it "layer"
+    block: int = Field(validation_alias=AliasChoices("block", "layer"))
     epoch: int | None = None
     multiplier: float
     prompt_id: str
@@ -124,14 +126,15 @@ class SweepRow(BaseModel):
 
     @property
     def group(self) -> tuple[str, int, int | None]:
-        """What one curve of multipliers shares: the vector file, its layer and epoch."""
-        return (self.vector, self.layer, self.epoch)
+        """What one curve of multipliers shares: the vector file, its block and epoch."""
+        return (self.vector, self.block, self.epoch)
 
     @property
     def key(self) -> str:
-        """The sweep row's identity in judge outputs (multipliers written exactly)."""
+        """The sweep row's identity in judge outputs (multipliers written exactly). It still
+        says ``layer=`` for the block: judge outputs written before the rename stay resumable."""
         return (
-            f"{self.vector}|layer={self.layer}|epoch={self.epoch}|m={self.multiplier!r}|"
+            f"{self.vector}|layer={self.block}|epoch={self.epoch}|m={self.multiplier!r}|"
             f"prompt={self.prompt_id}|sample={self.sample}"
         )
 
@@ -547,7 +550,7 @@ class Task:
             "kind": self.kind,
             "rubric": self.rubric.name,
             "vector": r.vector,
-            "layer": r.layer,
+            "block": r.block,
             "epoch": r.epoch,
             "multiplier": r.multiplier,
             "prompt_id": r.prompt_id,
@@ -824,7 +827,7 @@ def _check_provenance(log_rows: Mapping[str, dict], tasks: Mapping[str, Task], j
 # -- summaries ---------------------------------------------------------------------------------
 
 SUMMARY_FIELDS = (
-    "vector", "layer", "epoch", "multiplier", "rubric",
+    "vector", "block", "epoch", "multiplier", "rubric",
     "n", "n_valid", "n_rejected", "mean", "ci_low", "ci_high", "std", "mean_mass",
     "n_pairs", "n_pairs_rejected", "win_rate", "win_low", "win_high", "a_rate",
     "bt", "bt_low", "bt_high",
@@ -834,16 +837,18 @@ SUMMARY_FIELDS = (
 def summarize(
     judged: Iterable[dict[str, Any]], rejected: Iterable[dict[str, Any]], config: JudgeConfig
 ) -> list[dict[str, Any]]:
-    """One row per (vector, layer, epoch, multiplier, rubric): the mean rating with a 95%
+    """One row per (vector, block, epoch, multiplier, rubric): the mean rating with a 95%
     t interval over answers, and with pairwise comparisons the win rate against multiplier 0
     (Wilson 95%), how often the first-shown answer was chosen, and the Bradley-Terry score
-    (0 at multiplier 0) with a 95% bootstrap interval over prompts."""
+    (0 at multiplier 0) with a 95% bootstrap interval over prompts. Judge rows written before
+    the rename name the block ``layer``; they are read as ``block``."""
     from scipy import stats  # a dependency of jax
 
-    judged, rejected = list(judged), list(rejected)
+    judged = [renamed_field(r, "layer", "block") for r in judged]
+    rejected = [renamed_field(r, "layer", "block") for r in rejected]
 
     def cell(r):
-        return (r["vector"], r["layer"], r["epoch"], r["multiplier"], r["rubric"])
+        return (r["vector"], r["block"], r["epoch"], r["multiplier"], r["rubric"])
 
     cells: dict[tuple, dict[str, Any]] = {}
     for r in judged + rejected:
@@ -866,7 +871,7 @@ def summarize(
         c = cells[key]
         scores = np.asarray(c["scores"], dtype=np.float64)
         n = len(scores)
-        row = dict(zip(("vector", "layer", "epoch", "multiplier", "rubric"), key, strict=True))
+        row = dict(zip(("vector", "block", "epoch", "multiplier", "rubric"), key, strict=True))
         row.update(n=n, n_valid=c["valid"], n_rejected=c["rejected"])
         mean = float(scores.mean()) if n else math.nan
         std = float(scores.std(ddof=1)) if n > 1 else math.nan
@@ -901,12 +906,12 @@ def summarize(
 
 
 def _add_bradley_terry(rows: list[dict], pairs: list[dict], config: JudgeConfig) -> None:
-    """Fill bt, bt_low, bt_high of `rows`: one fit per (vector, layer, epoch, rubric) over its
+    """Fill bt, bt_low, bt_high of `rows`: one fit per (vector, block, epoch, rubric) over its
     multipliers, multiplier 0 the reference; bootstrap replicates resample prompts (with their
     samples and both orders together: a prompt's comparisons are not independent)."""
     groups: dict[tuple, list[dict]] = {}
     for p in pairs:
-        groups.setdefault((p["vector"], p["layer"], p["epoch"], p["rubric"]), []).append(p)
+        groups.setdefault((p["vector"], p["block"], p["epoch"], p["rubric"]), []).append(p)
     rng = np.random.default_rng(config.seed)
     for group, items in groups.items():
         # The unsteered answer first: index 0 is the reference of the fit and of the wins.
@@ -933,7 +938,7 @@ def _add_bradley_terry(rows: list[dict], pairs: list[dict], config: JudgeConfig)
                 warnings.simplefilter("ignore", RuntimeWarning)
                 low, high = np.nanpercentile(replicates, [2.5, 97.5], axis=0)
         for row in rows:
-            if (row["vector"], row["layer"], row["epoch"], row["rubric"]) != group:
+            if (row["vector"], row["block"], row["epoch"], row["rubric"]) != group:
                 continue
             i = index.get(float(row["multiplier"]))
             if i is not None:
@@ -983,11 +988,11 @@ def plot_summary(rows: list[dict], path: Path) -> Path:
     )
     for i, rubric in enumerate(rubrics):
         mine = [r for r in rows if r["rubric"] == rubric]
-        curves = sorted({(r["vector"], r["layer"], r["epoch"]) for r in mine}, key=str)
+        curves = sorted({(r["vector"], r["block"], r["epoch"]) for r in mine}, key=str)
         for curve in curves:
-            pts = sorted((r for r in mine if (r["vector"], r["layer"], r["epoch"]) == curve),
+            pts = sorted((r for r in mine if (r["vector"], r["block"], r["epoch"]) == curve),
                          key=lambda r: r["multiplier"])  # fmt: skip
-            label = f"{curve[0]} L{curve[1]}" + (f" e{curve[2]}" if curve[2] is not None else "")
+            label = f"{curve[0]} B{curve[1]}" + (f" e{curve[2]}" if curve[2] is not None else "")
             x = [r["multiplier"] for r in pts]
             ax = axes[i][0]
             mean = np.array([r["mean"] for r in pts])

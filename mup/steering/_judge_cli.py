@@ -6,7 +6,7 @@
                      [--concurrency N] [--limit N]
 
 Writes DIR/judge.jsonl (one line per judgement, resumable), judge.rejects.jsonl (answers that
-gave no judgement, with the raw text), judge.summary.csv / .json (per vector, layer, epoch,
+gave no judgement, with the raw text), judge.summary.csv / .json (per vector, block, epoch,
 multiplier and rubric) and judge.png. Every check that needs no request (sweep file, rubrics,
 pairwise baselines) is made before the endpoint is touched: a usage error exits 2, a failing
 endpoint 1, each with one line on stderr.

@@ -2,7 +2,7 @@
 
 Axis letters: B prompts in a generate call, M multipliers, R rows (B * M), T tokens, D width.
 
-Multiplier convention: RAW. Row multiplier m adds ``m * v`` to the output of block `layer`, v
+Multiplier convention: RAW. Row multiplier m adds ``m * v`` to the output of block `block`, v
 being the vector exactly as stored in its file (the convention of the steering study, whose
 BiPO vectors were swept over -20..+20). The file's norm is recorded in every row
 (`vector_norm`, `added_norm` = |m| * norm, `unit` = "raw") so that sweeps of vectors with
@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mup._renamed import renamed_field
 from mup.steering._pairs import PreferencePair
 from mup.steering._vector import SteeringVector
 
@@ -131,7 +132,8 @@ def row_key(vector: str, multiplier: float, prompt_id: str) -> tuple[str, float,
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Rows of an existing sweep.jsonl; a torn last line (a killed run) is dropped."""
+    """Rows of an existing sweep.jsonl; a torn last line (a killed run) is dropped. Rows written
+    before the rename name the steered block ``layer``; they are read as ``block``."""
     if not path.is_file():
         return []
     rows = []
@@ -140,7 +142,7 @@ def read_rows(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append(renamed_field(json.loads(line), "layer", "block"))
         except json.JSONDecodeError:
             if i >= len(lines) - 2:  # the last line, cut by a kill: it is redone
                 continue
@@ -205,7 +207,7 @@ def propensities(model, pairs, vector: SteeringVector, multipliers, *, batch_siz
     encoded = encode_pairs(model.tokenizer, pairs)
     bs = min(batch_size, len(pairs))
     return {
-        float(m): pair_margins(model, encoded, vector.vector, vector.layer, m, batch_size=bs)
+        float(m): pair_margins(model, encoded, vector.vector, vector.block, m, batch_size=bs)
         for m in multipliers
     }
 
@@ -264,7 +266,7 @@ def run_sweep(
             if has_pairs:
                 margins = propensities(model, pairs, sv.vector, grid, batch_size=batch_size)
                 pair_index = {p.id: i for i, p in enumerate(prompts)}
-            steering = Steering(sv.vector.layer, sv.vector.vector)
+            steering = Steering(sv.vector.block, sv.vector.vector)
             # Whole prompts per call (all their missing multipliers together); fixed row count
             # per call (padded by repeating the first row) so generate compiles once.
             calls = [
@@ -292,7 +294,7 @@ def run_sweep(
                 for r, (p, m) in enumerate(call):
                     row: dict[str, Any] = {
                         "vector": sv.name,
-                        "layer": sv.vector.layer,
+                        "block": sv.vector.block,
                         "epoch": sv.vector.epoch,
                         "method": sv.vector.method,
                         "multiplier": float(m),
@@ -350,7 +352,7 @@ def summarise(rows: Sequence[dict], *, coherence_factor: float = 2.0) -> list[di
         ppl = np.asarray([r["perplexity"] for r in rs if r["perplexity"] is not None], float)
         s: dict[str, Any] = {
             "vector": name,
-            "layer": rs[0]["layer"],
+            "block": rs[0]["block"],
             "epoch": rs[0]["epoch"],
             "multiplier": m,
             "unit": rs[0].get("unit", UNIT),
@@ -421,7 +423,7 @@ def best_vectors(summary: Sequence[dict]) -> list[dict]:
         out.append(
             {
                 "vector": name,
-                "layer": rows[0]["layer"],
+                "block": rows[0]["block"],
                 "epoch": rows[0]["epoch"],
                 "coherent_low": lo_hi[0] if lo_hi else None,
                 "coherent_high": lo_hi[1] if lo_hi else None,
@@ -493,7 +495,7 @@ def plot_vector(summary: Sequence[dict], vector: str, path) -> Path:
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="best", fontsize=8)
-    ax.set_title(f"{vector} (layer {rows[0]['layer']}, epoch {rows[0]['epoch']})", fontsize=9)
+    ax.set_title(f"{vector} (block {rows[0]['block']}, epoch {rows[0]['epoch']})", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -503,7 +505,7 @@ def plot_best(best: Sequence[dict], path) -> Path:
 
     rows = [b for b in best if b["best_gain"] is not None]
     fig, ax = new_figure(figsize=(max(4, 0.5 * len(rows) + 2), 4))
-    labels = [f"L{b['layer']} e{b['epoch']}\n{b['vector']}" for b in rows]
+    labels = [f"B{b['block']} e{b['epoch']}\n{b['vector']}" for b in rows]
     gains = [b["best_gain"] for b in rows]
     err = [
         [
@@ -528,7 +530,7 @@ def format_best(best: Sequence[dict]) -> str:
         return "-" if x is None else format(x, fmt)
 
     lines = [
-        f"{'vector':<32} {'layer':>5} {'epoch':>5} {'coherent':>15} {'best m':>7} "
+        f"{'vector':<32} {'block':>5} {'epoch':>5} {'coherent':>15} {'best m':>7} "
         f"{'gain':>8} {'95% CI':>19} {'ppl':>7}"
     ]
     for b in best:
@@ -541,7 +543,7 @@ def format_best(best: Sequence[dict]) -> str:
             else f"[{b['best_gain_ci_low']:+.3f}, {b['best_gain_ci_high']:+.3f}]"
         )
         lines.append(
-            f"{b['vector'][:32]:<32} {b['layer']:>5} {b['epoch']:>5} {rng:>15} "
+            f"{b['vector'][:32]:<32} {b['block']:>5} {b['epoch']:>5} {rng:>15} "
             f"{f(b['best_multiplier'], 'g'):>7} {f(b['best_gain'], '+.3f'):>8} {ci:>19} "
             f"{f(b['median_perplexity'], '.3g'):>7}"
         )

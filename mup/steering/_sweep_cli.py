@@ -28,9 +28,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     s.add_argument("--model", default="smollm2-135m", help="model spec")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--vector", help="one vector file (.safetensors, or .npy with --layer)")
-    src.add_argument("--vectors", help="a directory: every *.safetensors in it")
-    s.add_argument("--layer", type=int, default=None, help="steered block (overrides the file's)")
+    src.add_argument("--vector", help="one vector file (.safetensors, or .npy with --block)")
+    src.add_argument(
+        "--vectors",
+        help="a directory: every *.safetensors in it (e.g. one train-bipo block_L/ folder, or "
+        "layer_L/ from before the rename)",
+    )
+    s.add_argument(
+        "--block",
+        "--layer",
+        dest="block",
+        type=int,
+        default=None,
+        help="steered block (overrides the file's; --layer is the old name)",
+    )
     s.add_argument("--multipliers", default="-20:20:2", help=HELP_MULTIPLIERS)
     s.add_argument(
         "--pairs",
@@ -98,11 +109,11 @@ def run(args) -> int:
             raise FileNotFoundError(f"--vectors {d}: no *.safetensors files")
     vectors = []
     for f in files:
-        sv = load_vector(f, layer=args.layer if f.suffix == ".npy" else None)
-        if args.layer is not None and args.layer != sv.layer:
+        sv = load_vector(f, block=args.block if f.suffix == ".npy" else None)
+        if args.block is not None and args.block != sv.block:
             import dataclasses
 
-            sv = dataclasses.replace(sv, layer=args.layer)
+            sv = dataclasses.replace(sv, block=args.block)
         vectors.append(SweepVector(name=f.name, vector=sv))
     path = bundled_pairs_path() if args.pairs == "bundled" else Path(args.pairs)
     if not path.is_file():
@@ -125,9 +136,10 @@ def run(args) -> int:
                 f"{v.name}: vector has width {v.vector.d_model}, the model "
                 f"{model.spec.name} has d_model={model.config.d_model}"
             )
-        if not 0 <= v.vector.layer < model.config.n_layers:
+        if not 0 <= v.vector.block < model.config.n_layers:
             raise ValueError(
-                f"{v.name}: layer {v.vector.layer} out of range 0..{model.config.n_layers - 1}"
+                f"{v.name}: steered block {v.vector.block} out of range "
+                f"0..{model.config.n_layers - 1}"
             )
     print(
         f"sweep on {model.spec.name}: {len(vectors)} vector(s) x {len(grid)} multipliers x "

@@ -2,15 +2,18 @@
 
 Axis letters: D model width.
 
-Layer convention (the one `mup.models.Steering` uses): a vector "at layer L" is added to the
-OUTPUT of block L, which is transformers' ``hidden_states[L + 1]``. Every vector mup builds
-for layer L is therefore measured at ``hidden_states[L + 1]`` (the residual stream that block
-L's output is), so that adding it moves the activations along the direction it was measured
-in. The file's ``layer`` field is always the steered block; ``source_hidden_state`` records
-where a difference of means was measured.
+Block convention (the one `mup.models.Steering` uses): a vector for block L is added to the
+OUTPUT of block L, which is transformers' ``hidden_states[L + 1]``, i.e. layer L + 1 (a
+`layer` is always a hidden_states index in mup). Every vector mup builds for block L is
+therefore measured at layer L + 1 (the residual stream that block L's output is), so that
+adding it moves the activations along the direction it was measured in. The file's ``block``
+field is the steered block; ``source_hidden_state`` records where a difference of means was
+measured.
 
-A safetensors file holds one tensor ``vector`` float32 [D] and string metadata: model, layer,
-method, epoch, norm, created, plus any extra fields the builder adds (metrics as JSON).
+A safetensors file holds one tensor ``vector`` float32 [D] and string metadata: model, block,
+method, epoch, norm, created, plus any extra fields the builder adds (metrics as JSON). Files
+written before the rename carry ``layer`` (the same number: the steered block) instead of
+``block``; they are read as well.
 """
 
 from __future__ import annotations
@@ -24,21 +27,27 @@ from typing import Any
 
 import numpy as np
 
+from mup._renamed import old_keywords
+
 TENSOR_KEY = "vector"
 # Metadata keys every mup vector file carries (values are strings in safetensors).
-REQUIRED_METADATA = ("model", "layer", "method", "epoch", "norm", "created")
+REQUIRED_METADATA = ("model", "block", "method", "epoch", "norm", "created")
+# What older files call the steered block (the same number, written before the rename).
+OLD_BLOCK_KEY = "layer"
 
 
 class VectorFileError(ValueError):
     """A vector file that cannot be read as a steering vector (names the file and the field)."""
 
 
+@old_keywords(layer="block")
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class SteeringVector:
     """One steering vector and where it applies.
 
     vector:  float32 [D].
-    layer:   the block whose output it is added to (see the module docstring).
+    block:   the block whose output it is added to (see the module docstring); `layer` is its
+             old name, kept as a read-only property.
     model:   the model it was built on (a readable name or spec); "" when unknown (.npy files).
     method:  how it was built: "dom-store", "dom-mean", "dom-last", "dom-pca", "bipo", "npy".
     epoch:   BiPO epoch (1-based) that produced it; 0 for closed-form vectors.
@@ -47,7 +56,7 @@ class SteeringVector:
     """
 
     vector: np.ndarray
-    layer: int
+    block: int
     model: str = ""
     method: str = ""
     epoch: int = 0
@@ -61,12 +70,17 @@ class SteeringVector:
         if not np.all(np.isfinite(v)):
             bad = int(np.argmax(~np.isfinite(v)))
             raise ValueError(f"steering vector has a non-finite value at index {bad}: {v[bad]}")
-        if int(self.layer) < 0:
-            raise ValueError(f"layer must be >= 0, got {self.layer}")
+        if int(self.block) < 0:
+            raise ValueError(f"block must be >= 0, got {self.block}")
         object.__setattr__(self, "vector", v)
-        object.__setattr__(self, "layer", int(self.layer))
+        object.__setattr__(self, "block", int(self.block))
         if not self.created:
             object.__setattr__(self, "created", now_iso())
+
+    @property
+    def layer(self) -> int:
+        """The old name of `block` (deprecated; read-only): the steered block, not a layer."""
+        return self.block
 
     @property
     def norm(self) -> float:
@@ -80,7 +94,7 @@ class SteeringVector:
         """The safetensors metadata (every value a string)."""
         meta = {
             "model": str(self.model),
-            "layer": str(self.layer),
+            "block": str(self.block),
             "method": str(self.method),
             "epoch": str(int(self.epoch)),
             "norm": repr(self.norm),
@@ -115,25 +129,27 @@ def save_vector(path: str | os.PathLike, vector: SteeringVector) -> Path:
     return path
 
 
+@old_keywords(layer="block")
 def load_vector(
     path: str | os.PathLike,
     *,
-    layer: int | None = None,
+    block: int | None = None,
     d_model: int | None = None,
 ) -> SteeringVector:
     """Read a vector file (``.safetensors`` from mup, or a plain ``.npy`` [D] array).
 
-    layer: required for ``.npy`` files (they carry no metadata); for safetensors files it
-      overrides nothing and must equal the stored layer when given.
+    block: the steered block; required for ``.npy`` files (they carry no metadata); for
+      safetensors files it overrides nothing and must equal the stored block when given.
     d_model: when given, the vector must have shape [d_model] (the model it will steer).
+    ``layer=`` is the old name of ``block=``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"vector file {path} does not exist")
     if path.suffix == ".npy":
-        sv = _load_npy(path, layer)
+        sv = _load_npy(path, block)
     elif path.suffix == ".safetensors":
-        sv = _load_safetensors(path, layer)
+        sv = _load_safetensors(path, block)
     else:
         raise VectorFileError(f"{path}: a vector file must end in .safetensors or .npy")
     if d_model is not None and sv.d_model != int(d_model):
@@ -144,10 +160,10 @@ def load_vector(
     return sv
 
 
-def _load_npy(path: Path, layer: int | None) -> SteeringVector:
-    if layer is None:
+def _load_npy(path: Path, block: int | None) -> SteeringVector:
+    if block is None:
         raise VectorFileError(
-            f"{path}: a .npy vector carries no layer; pass the layer (--layer L, the block whose "
+            f"{path}: a .npy vector carries no block; pass the block (--block L, the block whose "
             "output it is added to)"
         )
     if path.stat().st_size == 0:
@@ -164,12 +180,12 @@ def _load_npy(path: Path, layer: int | None) -> SteeringVector:
     if not np.issubdtype(arr.dtype, np.floating):
         raise VectorFileError(f"{path}: expected a float array, got dtype {arr.dtype}")
     try:
-        return SteeringVector(vector=arr, layer=layer, method="npy", model="")
+        return SteeringVector(vector=arr, block=block, method="npy", model="")
     except ValueError as e:
         raise VectorFileError(f"{path}: {e}") from None
 
 
-def _load_safetensors(path: Path, layer: int | None) -> SteeringVector:
+def _load_safetensors(path: Path, block: int | None) -> SteeringVector:
     from safetensors import safe_open
 
     if path.stat().st_size == 0:
@@ -192,26 +208,28 @@ def _load_safetensors(path: Path, layer: int | None) -> SteeringVector:
         raise VectorFileError(
             f"{path}: tensor {TENSOR_KEY!r} has shape {arr.shape}, expected [d_model]"
         )
+    if "block" not in meta and OLD_BLOCK_KEY in meta:  # a file from before the rename
+        meta["block"] = meta.pop(OLD_BLOCK_KEY)
     missing = [k for k in REQUIRED_METADATA if k not in meta]
     if missing:
         raise VectorFileError(f"{path}: metadata is missing {missing} (have {sorted(meta)})")
     try:
-        stored_layer = int(meta["layer"])
+        stored_block = int(meta["block"])
         epoch = int(meta["epoch"])
     except ValueError:
         raise VectorFileError(
-            f"{path}: metadata layer={meta['layer']!r} / epoch={meta['epoch']!r} are not ints"
+            f"{path}: metadata block={meta['block']!r} / epoch={meta['epoch']!r} are not ints"
         ) from None
-    if layer is not None and int(layer) != stored_layer:
+    if block is not None and int(block) != stored_block:
         raise VectorFileError(
-            f"{path}: the file was built for layer {stored_layer}, but layer {layer} was asked "
-            "for; a vector only makes sense at the layer it was measured at"
+            f"{path}: the file was built for block {stored_block}, but block {block} was asked "
+            "for; a vector only makes sense at the block it was measured at"
         )
     extra = {k: _maybe_json(v) for k, v in meta.items() if k not in REQUIRED_METADATA}
     try:
         return SteeringVector(
             vector=arr,
-            layer=stored_layer,
+            block=stored_block,
             model=meta["model"],
             method=meta["method"],
             epoch=epoch,

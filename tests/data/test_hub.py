@@ -1,6 +1,6 @@
 """The hub step of find_dataset and `mup data download`, against a loopback hub endpoint.
 
-The endpoint (`conftest.py`) serves a folder laid out like the published dataset repo, with its
+The endpoint (`_support.hub`) serves a folder laid out like the published dataset repo, with its
 real file list, through huggingface_hub's real client (`HF_ENDPOINT`). Each case runs in a
 subprocess, as a user's command would: huggingface_hub reads its environment at import.
 """
@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from _support.hub import COMMIT, hub_server
 
 from mup.data import HUB_REPO, bundled_path
-
-COMMIT = "0" * 39 + "1"  # the loopback hub's revision (conftest.py)
 
 # The published repository's files (its README and the upstream code's hub-to-local table).
 HUB_FILES = [
@@ -82,7 +81,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]  # closed again when the block ends: connections are refused
 
 
-def test_download_lays_out_a_data_root(hub_repo, hub_server, tmp_path):
+def test_download_lays_out_a_data_root(hub_repo, tmp_path):
     dest = tmp_path / "data"
     with hub_server(hub_repo, HUB_REPO) as (endpoint, requests):
         done = subprocess.run(
@@ -125,7 +124,7 @@ def test_download_lays_out_a_data_root(hub_repo, hub_server, tmp_path):
     ]
 
 
-def test_hub_download_then_offline_cache(hub_repo, hub_server, tmp_path):
+def test_hub_download_then_offline_cache(hub_repo, tmp_path):
     with hub_server(hub_repo, HUB_REPO) as (endpoint, _):
         path, log, _ = _find("test/mts", _env(tmp_path, endpoint), tmp_path)
     assert path.parts[-3:] == (COMMIT, "mts_balanced", "test.jsonl")
@@ -153,7 +152,7 @@ def test_unreachable_hub_falls_back_in_one_line(tmp_path):
     assert path == bundled_path() and len(log.strip().splitlines()) == 1, log
 
 
-def test_missing_file_on_the_hub(hub_repo, hub_server, tmp_path):
+def test_missing_file_on_the_hub(hub_repo, tmp_path):
     (hub_repo / "scratch").mkdir(exist_ok=True)
     with hub_server(hub_repo / "scratch", HUB_REPO) as (endpoint, _):  # an empty repo: 404s
         path, log, _ = _find("test/mt", _env(tmp_path, endpoint), tmp_path)

@@ -31,7 +31,7 @@ def first_run(tmp_path_factory, tiny_dir, vector_file, small_config, shared_data
     work = tmp_path_factory.mktemp("cli")
     args = [
         sys.executable, "-m", "mup.evals", "run", "--suite", "offline",
-        "--model", f"mup/{tiny_dir}", "--vector", str(vector_file), "--layer", "1",
+        "--model", f"mup/{tiny_dir}", "--vector", str(vector_file), "--block", "1",
         "--multipliers", MULTIPLIERS, "--limit", str(LIMIT), "--log-dir", "logs",
         "--config", str(small_config), "--out", "results.csv", "--plot", "scores.png",
     ]  # fmt: skip
@@ -85,6 +85,7 @@ def test_rerun_skips_successes_and_reruns_a_failed_log(
     monkeypatch.chdir(first_run)
     monkeypatch.setenv("MUP_DATA", str(shared_data))  # as in first_run: no ../shared beside it
     before = _logs(first_run / "logs")
+    # --layer, the old name of --block: the same run, so every log is reused
     argv = [
         "run", "--suite", "offline", "--model", f"mup/{tiny_dir}", "--vector", str(vector_file),
         "--layer", "1", "--multipliers", MULTIPLIERS, "--limit", str(LIMIT), "--log-dir", "logs",

@@ -26,7 +26,7 @@ STEER_LAYER = 1  # a block of the 2-block tiny model (conftest)
 
 def _model(tiny_dir, vector_file, m):
     return get_model(
-        f"mup/{tiny_dir}", memoize=False, multiplier=m, vector=str(vector_file), layer=STEER_LAYER
+        f"mup/{tiny_dir}", memoize=False, multiplier=m, vector=str(vector_file), block=STEER_LAYER
     )
 
 
@@ -65,13 +65,13 @@ def test_multipliers_batched_and_equal_direct_generate(tiny_dir, vector_file, tm
     assert engine.metrics.requests - requests == 8
 
     model = _load(str(tiny_dir), "float32")
-    vector, layer = load_vector(vector_file, STEER_LAYER)
+    vector, block = load_vector(vector_file, STEER_LAYER)
     rows = [(m, p) for m in multipliers for p in PROMPTS]
     direct = mup_generate(
         model,
         [[{"role": "user", "content": p}] for _, p in rows],
         max_new_tokens=MAX_TOKENS,
-        steering=Steering(layer, vector),
+        steering=Steering(block, vector),
         multipliers=[m for m, _ in rows],
         seed=list(range(len(rows))),
     )
@@ -104,24 +104,31 @@ def test_bad_model_args_are_refused(tiny_dir, vector_file):
         get_model(f"mup/{tiny_dir}", memoize=False, strength=1.0)
     with pytest.raises(ValueError, match="needs a steering vector"):
         get_model(f"mup/{tiny_dir}", memoize=False, multiplier=1.0)
+    # -M layer=: the old name of -M block=, still known (else "unknown model args ['layer']")
     with pytest.raises(ValueError, match="multiplier must be a number"):
         get_model(
             f"mup/{tiny_dir}", memoize=False, multiplier="big", vector=str(vector_file), layer=1
         )
+    with pytest.raises(ValueError, match="layer must be an int"):
+        get_model(f"mup/{tiny_dir}", memoize=False, vector=str(vector_file), layer="x")
+    with pytest.raises(ValueError, match="give block"):
+        get_model(f"mup/{tiny_dir}", memoize=False, vector=str(vector_file), block=1, layer=1)
 
 
 def test_vector_files(tmp_path):
     from mup.steering import SteeringVector, save_vector
 
     v = np.arange(1, 5, dtype=np.float32)
-    save_vector(tmp_path / "v.safetensors", SteeringVector(vector=v, layer=3, method="npy"))
-    got, layer = load_vector(tmp_path / "v.safetensors")
-    assert layer == 3 and np.array_equal(got, v)
+    save_vector(tmp_path / "v.safetensors", SteeringVector(vector=v, block=3, method="npy"))
+    got, block = load_vector(tmp_path / "v.safetensors")
+    assert block == 3 and np.array_equal(got, v)
     with pytest.raises(ValueError, match="3"):
         load_vector(tmp_path / "v.safetensors", 2)
     np.save(tmp_path / "v.npy", v)
     assert load_vector(tmp_path / "v.npy", 1)[1] == 1
-    with pytest.raises(ValueError, match="layer"):
+    with pytest.raises(ValueError, match="block"):
         load_vector(tmp_path / "v.npy")
+    with pytest.warns(DeprecationWarning, match="layer= is deprecated"):
+        assert load_vector(tmp_path / "v.npy", layer=2)[1] == 2
     with pytest.raises(ValueError, match="d_model=8"):
         load_vector(tmp_path / "v.npy", 1, d_model=8)

@@ -51,7 +51,7 @@ def _served_and_local(deployments, tiny_dir, vector_file, tmp_path, **common):
         RunConfig(
             model=f"mup/{tiny_dir}",
             vector=str(vector_file),
-            layer=1,
+            block=1,
             multipliers=MULTIPLIERS,
             log_dir=tmp_path / "local",
             **common,

@@ -13,6 +13,8 @@ import uuid
 
 import pytest
 from _support.extract import LAYERS, assert_same_store, cli_env, run_cli, store_dirs
+from _support.s3 import moto_process
+from _support.servers import free_port
 
 SHARD = "256"  # tokens per shard: ~80 shards over the big set, so a kill lands mid-run
 
@@ -143,7 +145,7 @@ def test_kill_and_resume_s3(tiny_model, big_path, baseline, tmp_path, moto_endpo
 
 @pytest.mark.slow
 def test_s3_errors_before_model_loading(tiny_model, mini_path, tmp_path, moto_endpoint,
-                                        s3_bucket, free_port):  # fmt: skip
+                                        s3_bucket):  # fmt: skip
     base = {k: v for k, v in cli_env().items() if not k.startswith(("AWS_", "R2_"))}
     s3 = {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "test",
           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
@@ -168,7 +170,7 @@ def test_s3_errors_before_model_loading(tiny_model, mini_path, tmp_path, moto_en
 
 @pytest.mark.s3
 @pytest.mark.slow
-def test_endpoint_dies_mid_run(tiny_model, mini_path, tmp_path, moto_process):
+def test_endpoint_dies_mid_run(tiny_model, mini_path, tmp_path):
     """The S3 server goes away once a shard is durable: the retries (--s3-retries 1) are shown,
     then one error line, well before tensorstore's silent 15 minutes."""
     import boto3
@@ -205,7 +207,7 @@ def test_endpoint_dies_mid_run(tiny_model, mini_path, tmp_path, moto_process):
     assert "Traceback" not in err
 
 
-def test_wrong_credentials(tiny_model, mini_path, tmp_path, moto_process):
+def test_wrong_credentials(tiny_model, mini_path, tmp_path):
     base = {k: v for k, v in cli_env().items() if not k.startswith(("AWS_", "R2_"))}
     # moto checks signatures once INITIAL_NO_AUTH_ACTION_COUNT requests have passed.
     with moto_process({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as endpoint:
@@ -236,7 +238,7 @@ def test_eight_devices_and_model_parallel(tiny_model, big_path, baseline, tmp_pa
 
 
 @pytest.mark.slow
-def test_two_processes(tiny_model, big_path, baseline, tmp_path, free_port):
+def test_two_processes(tiny_model, big_path, baseline, tmp_path):
     out = tmp_path / "out"
     port = free_port()
     env = cli_env(MUP_EXTRACT_SHARD_TOKENS=SHARD)

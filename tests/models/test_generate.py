@@ -194,7 +194,7 @@ def test_bad_arguments(tiny):
         generate(model, PROMPTS, multipliers=[1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="steer_positions"):
         generate(model, PROMPTS, steering=steer, steer_positions="middle")
-    with pytest.raises(ValueError, match=r"steering layers \[3\] out of range"):
+    with pytest.raises(ValueError, match=r"steering blocks \[3\] out of range"):
         generate(model, PROMPTS, steering=Steering(3, _steer_vector(model)))
     with pytest.raises(ValueError, match="d_model is 64"):
         generate(model, PROMPTS, steering=Steering(1, np.ones(65)))

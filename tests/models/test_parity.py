@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from _support.checkpoints import TINY_HF
 
-from mup.models._transformer import KVCache, SteeringSpec, forward, jit_forward
+from mup.models._transformer import ForwardSteering, KVCache, forward, jit_forward
 
 torch = pytest.importorskip("torch", reason="torch is the parity reference")
 
@@ -217,8 +217,8 @@ def steer_setup(tiny_models):
 
 
 def _steered_logits(case, tok, vec, mults, layer=1, gate=None) -> np.ndarray:
-    spec = SteeringSpec(
-        layers=(layer,),
+    spec = ForwardSteering(
+        blocks=(layer,),
         vectors=jnp.asarray(vec[None]),
         multipliers=jnp.asarray(np.asarray(mults, np.float32)[None]),
         gate=None if gate is None else jnp.asarray(gate),
@@ -329,6 +329,6 @@ def test_forward_rejects_bad_arguments(tiny_models):
         forward(case.params, tok, pos, config=case.config, capture=(9,))
     with pytest.raises(ValueError, match="positions shape"):
         forward(case.params, tok, pos[:, :3], config=case.config)
-    spec = SteeringSpec(layers=(0,), vectors=jnp.zeros((1, 5)), multipliers=jnp.zeros((1, 2)))
+    spec = ForwardSteering(blocks=(0,), vectors=jnp.zeros((1, 5)), multipliers=jnp.zeros((1, 2)))
     with pytest.raises(ValueError, match="steering.vectors shape"):
         forward(case.params, tok, pos, config=case.config, steering=spec)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _support.toy import toy_records
 
 from mup import metrics
 from mup.models import jit_forward
@@ -64,10 +65,10 @@ def _padded(rows, width, side):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_logits_are_the_head_on_the_last_real_tokens_final_hidden_state(tiny_model, side, toy):
+def test_logits_are_the_head_on_the_last_real_tokens_final_hidden_state(tiny_model, side):
     model = tiny_model
     head = _head(model)
-    rows = _rows(model, toy(3, seed=5))
+    rows = _rows(model, toy_records(3, seed=5))
     assert len({len(r) for r in rows}) > 1  # padding actually happens
     tokens, valid = _padded(rows, max(map(len, rows)) + 3, side)
     got = np.asarray(logits_of(model.params, head, tokens, valid, config=model.config))
@@ -89,7 +90,7 @@ def test_logits_are_the_head_on_the_last_real_tokens_final_hidden_state(tiny_mod
     np.testing.assert_array_equal(np.asarray(last_token_index(valid)), want_last)
 
 
-def test_lora_at_init_leaves_the_forward_unchanged(tiny_model, toy):
+def test_lora_at_init_leaves_the_forward_unchanged(tiny_model):
     model = tiny_model
     lora = LoraConfig(rank=4, alpha=8.0, targets=ALL)
     adapters = init_lora(model.config, lora, jax.random.key(0))
@@ -97,7 +98,7 @@ def test_lora_at_init_leaves_the_forward_unchanged(tiny_model, toy):
     for name in ALL:  # B = 0: W + scale * A @ 0 is W, bit for bit
         np.testing.assert_array_equal(merged["layers"][name], model.params["layers"][name])
         assert float(jnp.abs(adapters[name]["a"]).max()) > 0  # A itself is not zero
-    tokens, valid = _padded(_rows(model, toy(2, seed=1)), 14, "right")
+    tokens, valid = _padded(_rows(model, toy_records(2, seed=1)), 14, "right")
     head = _head(model)
     base = logits_of(model.params, head, tokens, valid, config=model.config)
     with_lora = logits_of(merged, head, tokens, valid, config=model.config)
@@ -149,11 +150,11 @@ def _one_step(model, cfg, records):
     return before, jax.tree.map(np.asarray, after)
 
 
-def test_one_lora_step_changes_only_the_adapters_and_the_head(tiny_model, toy):
+def test_one_lora_step_changes_only_the_adapters_and_the_head(tiny_model):
     model = tiny_model
     params_before = jax.tree.map(np.asarray, model.params)
     cfg = FinetuneConfig(lora=LoraConfig(rank=2, targets=("q", "v")), lr=1e-2, **SMALL)
-    before, after = _one_step(model, cfg, toy(8, seed=3))
+    before, after = _one_step(model, cfg, toy_records(8, seed=3))
     assert sorted(after) == ["head", "lora"]  # nothing else is trainable
     assert sorted(after["lora"]) == ["q", "v"]
     assert not np.array_equal(before["head"]["w"], after["head"]["w"])
@@ -167,10 +168,10 @@ def test_one_lora_step_changes_only_the_adapters_and_the_head(tiny_model, toy):
     )
 
 
-def test_one_full_step_changes_the_body(tiny_model, toy):
+def test_one_full_step_changes_the_body(tiny_model):
     model = tiny_model
     cfg = FinetuneConfig(lora=None, lr=1e-3, **SMALL)
-    before, after = _one_step(model, cfg, toy(8, seed=3))
+    before, after = _one_step(model, cfg, toy_records(8, seed=3))
     assert sorted(after) == ["head", "params"]
     for name in ALL:
         assert not np.array_equal(before["params"]["layers"][name], after["params"]["layers"][name])
@@ -178,11 +179,11 @@ def test_one_full_step_changes_the_body(tiny_model, toy):
     assert not np.array_equal(before["params"]["final_norm"], after["params"]["final_norm"])
 
 
-def test_gradient_accumulation_equals_the_whole_batch(tiny_model, toy):
+def test_gradient_accumulation_equals_the_whole_batch(tiny_model):
     """Two micro-batches of 4 summed into one step == one micro-batch of 8."""
     model = tiny_model
     cfg = FinetuneConfig(lora=LoraConfig(rank=2), lr=1e-2, **SMALL)
-    records = toy(8, seed=4)
+    records = toy_records(8, seed=4)
     tok = ft_impl._tokenize(model.tokenizer, records, cfg.max_tokens)
     labels = np.array([r.label for r in records], np.int32)
     trainable = {
@@ -207,10 +208,10 @@ def test_gradient_accumulation_equals_the_whole_batch(tiny_model, toy):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model, tmp_path_factory, toy):
+def trained(tiny_model, tmp_path_factory):
     """A LoRA finetune of the toy task (train 64, val 32 records)."""
     out = tmp_path_factory.mktemp("ft")
-    train, val = toy(64, seed=10), toy(32, seed=11, prefix="v")
+    train, val = toy_records(64, seed=10), toy_records(32, seed=11, prefix="v")
     cfg = FinetuneConfig(
         lora=LoraConfig(rank=4, alpha=8.0, targets=ALL),
         lr=1e-2,
@@ -244,14 +245,14 @@ def test_finetune_learns_a_separable_task(trained):
     assert mode == (out / "finetune.json").stat().st_mode & 0o777  # not left private
 
 
-def test_checkpoint_round_trip_and_score_files(trained, tiny_model, tiny_dir, tmp_path, toy):
+def test_checkpoint_round_trip_and_score_files(trained, tiny_model, tiny_dir, tmp_path):
     result, out, val, cfg = trained
     # The base model is found from the checkpoint's own metadata (the tiny checkpoint dir).
     loaded = load_finetuned(out)
     assert loaded.model.spec.path.resolve() == tiny_dir.resolve()
     assert loaded.monitor == finetuned_monitor_name(tiny_dir.name, cfg.lora)
     assert loaded.monitor == f"finetuned:{tiny_dir.name}/lora-r4"
-    unlabelled = toy(3, seed=12, prefix="u")
+    unlabelled = toy_records(3, seed=12, prefix="u")
     unlabelled = [type(r)(**{**r.__dict__, "label": None}) for r in unlabelled]
     records = [*val, *unlabelled]
     probs = score_records(loaded, records, dataset="toy/val", out=tmp_path / "s.jsonl")
@@ -285,10 +286,8 @@ def test_bfloat16_scoring_tracks_float32(trained, tiny_model):
     np.testing.assert_allclose(bf16.predict(val), f32, atol=0.05)
 
 
-def test_resume_after_a_crash_gives_the_uninterrupted_weights(
-    tiny_model, tmp_path, monkeypatch, toy
-):
-    train, val = toy(16, seed=20), toy(8, seed=21, prefix="v")
+def test_resume_after_a_crash_gives_the_uninterrupted_weights(tiny_model, tmp_path, monkeypatch):
+    train, val = toy_records(16, seed=20), toy_records(8, seed=21, prefix="v")
     cfg = FinetuneConfig(lora=LoraConfig(rank=2), lr=5e-3, epochs=3, patience=0, **SMALL)
     whole = finetune(tiny_model, train, val, tmp_path / "whole", cfg, progress=False)
 
@@ -317,7 +316,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
 
 
-def test_bad_inputs_give_clear_errors(tiny_model, tmp_path, trained, toy):
+def test_bad_inputs_give_clear_errors(tiny_model, tmp_path, trained):
     with pytest.raises(ValueError, match=r"unknown LoRA target module\(s\) \['qproj'\]"):
         LoraConfig(targets=("q", "qproj"))
     for rank in (0, -2):
@@ -327,15 +326,15 @@ def test_bad_inputs_give_clear_errors(tiny_model, tmp_path, trained, toy):
         LoraConfig(targets=())
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         FinetuneConfig(batch_size=0)
-    val = toy(8, seed=1)
+    val = toy_records(8, seed=1)
     with pytest.raises(ValueError, match="the train set is empty"):
         finetune(tiny_model, [], val, tmp_path / "a", progress=False)
-    high_only = toy(6, seed=2, label=1)
+    high_only = toy_records(6, seed=2, label=1)
     with pytest.raises(ValueError, match="the val set has only high-stakes records"):
         finetune(tiny_model, val, high_only, tmp_path / "b", progress=False)
     with pytest.raises(ValueError, match="the train set has only high-stakes records"):
         finetune(tiny_model, high_only, val, tmp_path / "c", progress=False)
-    ambiguous = [type(r)(**{**r.__dict__, "label": 2}) for r in toy(2, seed=3)]
+    ambiguous = [type(r)(**{**r.__dict__, "label": 2}) for r in toy_records(2, seed=3)]
     with pytest.raises(ValueError, match="2 records without a high/low-stakes label"):
         finetune(tiny_model, val + ambiguous, None, tmp_path / "d", progress=False)
     assert not any((tmp_path / n).exists() for n in "abcd")  # refused before any work
@@ -375,12 +374,12 @@ def _jsonl(path, records, split=None):
     return path
 
 
-def test_command_line_finetune_then_score(tiny_dir, tmp_path, capsys, monkeypatch, toy):
+def test_command_line_finetune_then_score(tiny_dir, tmp_path, capsys, monkeypatch):
     from mup.monitors._cli import main
 
     # `run` turns on the persistent XLA cache; a test must not write into the user's home.
     monkeypatch.setenv("MUP_COMPILATION_CACHE", "0")
-    records = toy(24, seed=30)
+    records = toy_records(24, seed=30)
     data = _jsonl(
         tmp_path / "toy.jsonl",
         records,
@@ -403,7 +402,7 @@ def test_command_line_finetune_then_score(tiny_dir, tmp_path, capsys, monkeypatc
     assert main(args) == 2
     assert "already holds a finetune checkpoint" in capsys.readouterr().err
 
-    dev_records = toy(10, seed=31, prefix="d")
+    dev_records = toy_records(10, seed=31, prefix="d")
     dev = _jsonl(tmp_path / "dev.jsonl", dev_records)
     scores = tmp_path / "scores"
     assert main(["score", "--checkpoint", str(out), "--dataset", str(dev), "--dataset", str(data),

@@ -77,7 +77,7 @@ def server(tiny_dir, vector_file, probe_file, tmp_path_factory):
         [
             "--model", str(tiny_dir),
             "--vector", str(vector_file),
-            "--layer", str(STEER_LAYER),
+            "--block", str(STEER_LAYER),
             "--probe", str(probe_file),
             "--served-name", NAME,
             "--api-key", API_KEY,

@@ -75,7 +75,7 @@ def _in_process_scores(tiny_dir, vector_file) -> list[list[float]]:
     import jax
     import jax.numpy as jnp
 
-    from mup.models import SteeringSpec, jit_forward, load_model
+    from mup.models import ForwardSteering, jit_forward, load_model
 
     model = load_model(str(tiny_dir))
     tok = model.tokenizer
@@ -88,8 +88,8 @@ def _in_process_scores(tiny_dir, vector_file) -> list[list[float]]:
             ctx = tok(context, add_special_tokens=False)["input_ids"]
             whole = tok(context + " " + choice, add_special_tokens=False)["input_ids"]
             cont = whole[len(ctx) :]
-            spec = SteeringSpec(
-                layers=(STEER_LAYER,),
+            spec = ForwardSteering(
+                blocks=(STEER_LAYER,),
                 vectors=jnp.asarray(v[None]),
                 multipliers=jnp.asarray([[MULTIPLIER]], jnp.float32),
             )

@@ -48,12 +48,20 @@ def engine(model, vectors, probe_file):
     eng = Engine(
         model,
         vectors=vectors,
-        custom_layer=STEER_LAYER,
+        custom_block=STEER_LAYER,
         probe=probes.load(probe_file),
         config=EngineConfig(max_slots=4, max_len=160, prefill_chunk=32, prefill_rows=(1, 4)),
     ).start()
     yield eng
     eng.close()
+
+
+def test_custom_layer_is_the_old_name_of_custom_block(model):
+    from mup.engine import Engine
+
+    with pytest.warns(DeprecationWarning, match="Engine: the keyword custom_layer= is deprecated"):
+        eng = Engine(model, custom_layer=1)  # not started: nothing compiles
+    assert eng.custom_block == 1
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,8 @@ def test_health_and_models(server, client):
     assert health == {
         "status": "ok",
         "model": NAME,
-        "steer_layer": 0,
+        "steer_block": 0,
+        "steer_layer": 0,  # the deprecated duplicate
         "probe": True,
         "vectors": {"vector": 0},
     }

@@ -63,7 +63,7 @@ def multi(
             "--vector", f"b={vector_b}",
             "--probe", str(probe_file),
             "--probe", str(embed_probe),
-            "--layer", "0",
+            "--layer", "0",  # the old name of --block: still accepted
             "--served-name", NAME,
             "--max-tokens-per-request", "400",
             "--max-batch", "4",
@@ -233,8 +233,13 @@ def test_named_vectors_and_request_vectors(client, vector_b):
         and by_floats.model_extra["steer_vector"] == "custom"
     )
     assert by_name.model_extra["steer_layer"] == 0
+    assert by_name.model_extra["steer_block"] == 0
     models = client.models.list().data
     assert [v["name"] for v in models[0].model_extra["vectors"]] == ["a", "b"]
+    # "layer" and custom_vector_layer: the deprecated duplicates of "block", custom_vector_block
+    assert [(v["block"], v["layer"]) for v in models[0].model_extra["vectors"]] == [(0, 0)] * 2
+    assert models[0].model_extra["custom_vector_block"] == 0
+    assert models[0].model_extra["custom_vector_layer"] == 0
     with pytest.raises(openai.BadRequestError, match="norm"):
         run(steer_vector=[1e4] * len(b))
 
@@ -317,6 +322,7 @@ def test_plain_server_and_files_checked_first(start_server, tiny_dir, client, tm
     plain = start_server(["--model", str(tiny_dir), "--served-name", NAME, "--no-warmup"], tmp_path)
     health = plain.wait_healthy()
     assert health["vectors"] == {} and health["steer_layer"] is None
+    assert health["steer_block"] is None
     c = openai.OpenAI(base_url=plain.url + "/v1", api_key="-", max_retries=0, timeout=120)
     r = c.chat.completions.create(model=NAME, messages=CHAT, max_tokens=10, temperature=0)
     assert r.system_fingerprint == "mup-plain" and r.model_extra["steer_vector"] is None
@@ -329,7 +335,7 @@ def test_plain_server_and_files_checked_first(start_server, tiny_dir, client, tm
         c.chat.completions.create(
             model=NAME, messages=CHAT, max_tokens=2, extra_body={"steer_multiplier": 1.0}
         )
-    with pytest.raises(openai.BadRequestError, match="--layer"):
+    with pytest.raises(openai.BadRequestError, match="--block"):
         c.chat.completions.create(
             model=NAME, messages=CHAT, max_tokens=2, extra_body={"steer_vector": [0.0] * 64}
         )

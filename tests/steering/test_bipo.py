@@ -58,7 +58,7 @@ def test_bipo_trains_and_moves_held_out_margin(tiny_model, tiny_pairs, tmp_path)
     train, test = tiny_pairs
     # A larger learning rate than the recipe's 5e-4 so that 12 steps on a random model move the
     # vector visibly; the embedded-default test below uses the recipe's defaults.
-    config = BiPOConfig(layer=1, epochs=3, batch_size=4, learning_rate=0.05, seed=0)
+    config = BiPOConfig(block=1, epochs=3, batch_size=4, learning_rate=0.05, seed=0)
     res = train_bipo(tiny_model, train, config, eval_pairs=test, out_dir=tmp_path, progress=False)
     hist = res.history
     assert len(hist) == 3
@@ -78,7 +78,7 @@ def test_bipo_trains_and_moves_held_out_margin(tiny_model, tiny_pairs, tmp_path)
     # One file per epoch, with metrics in the metadata, and metrics.jsonl.
     assert [f.name for f in res.files] == [f"epoch_{e:03d}.safetensors" for e in (1, 2, 3)]
     last = load_vector(res.files[-1], d_model=tiny_model.config.d_model)
-    assert (last.method, last.layer, last.epoch, last.model) == ("bipo", 1, 3, "tiny-random-llama")
+    assert (last.method, last.block, last.epoch, last.model) == ("bipo", 1, 3, "tiny-random-llama")
     np.testing.assert_array_equal(last.vector, res.vector.vector)
     assert last.extra["metrics"]["test_margin"] == pytest.approx(hist[-1]["test_margin"])
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -88,11 +88,11 @@ def test_bipo_trains_and_moves_held_out_margin(tiny_model, tiny_pairs, tmp_path)
 
 def test_bipo_config_and_input_errors(tiny_model, tiny_pairs):
     with pytest.raises(ValueError, match="beta must be > 0"):
-        BiPOConfig(layer=0, beta=0)
-    with pytest.raises(ValueError, match="layer=3 is out of range"):
-        train_bipo(tiny_model, tiny_pairs[0], BiPOConfig(layer=3), progress=False)
+        BiPOConfig(block=0, beta=0)
+    with pytest.raises(ValueError, match="block=3 is out of range"):
+        train_bipo(tiny_model, tiny_pairs[0], BiPOConfig(block=3), progress=False)
     with pytest.raises(ValueError, match="no training pairs"):
-        train_bipo(tiny_model, [], BiPOConfig(layer=0), progress=False)
+        train_bipo(tiny_model, [], BiPOConfig(block=0), progress=False)
     enc = encode_pairs(tiny_model.tokenizer, tiny_pairs[0][:2])
     with pytest.raises(ValueError, match=r"shape \(5,\), the model needs \(32,\)"):
         evaluate_vector(tiny_model, enc, np.zeros(5), 1)
@@ -115,49 +115,49 @@ def test_bipo_on_embedded_default_moves_held_out_margin(tmp_path):
     model = load_model("smollm2-135m")
     train = load_pairs(bundled_pairs_path(), split="train")[:8]
     test = load_pairs(bundled_pairs_path(), split="test")[:4]
-    config = BiPOConfig(layer=15, epochs=2, batch_size=4)
+    config = BiPOConfig(block=15, epochs=2, batch_size=4)
     res = train_bipo(model, train, config, eval_pairs=test, out_dir=tmp_path, progress=False)
     last = res.history[-1]
     assert last["train_loss"] < np.log(2)
     assert last["test_margin"] > 0 > last["test_margin_neg"]
 
 
-# ---- several layers, recipe options ------------------------------------------------------------
+# ---- several blocks, recipe options ------------------------------------------------------------
 
 
-def test_layers_share_work_and_match_single_layer_runs(tiny_model, tiny_pairs, tmp_path):
-    from mup.steering import train_bipo_layers
+def test_blocks_share_work_and_match_single_block_runs(tiny_model, tiny_pairs, tmp_path):
+    from mup.steering import train_bipo_blocks
 
     train, test = tiny_pairs[0][:8], tiny_pairs[1][:4]
-    config = BiPOConfig(layer=0, epochs=2, batch_size=4, learning_rate=0.05, warmup_steps=1)
-    res = train_bipo_layers(
+    config = BiPOConfig(block=0, epochs=2, batch_size=4, learning_rate=0.05, warmup_steps=1)
+    res = train_bipo_blocks(
         tiny_model, train, config, [1, 2], eval_pairs=test, out_dir=tmp_path, progress=False
     )
     assert sorted(res) == [1, 2]
     for layer in (1, 2):
-        files = sorted((tmp_path / f"layer_{layer}").glob("*.safetensors"))
+        files = sorted((tmp_path / f"block_{layer}").glob("*.safetensors"))
         assert [f.name for f in files] == ["epoch_001.safetensors", "epoch_002.safetensors"]
         for epoch, f in enumerate(files, 1):
             sv = load_vector(f, d_model=32)
-            assert (sv.layer, sv.epoch, sv.method) == (layer, epoch, "bipo")
-            assert sv.extra["config"]["layer"] == layer and sv.extra["config"]["warmup_steps"] == 1
-            assert sv.extra["metrics"]["layer"] == layer
-        lines = (tmp_path / f"layer_{layer}" / "metrics.jsonl").read_text().splitlines()
+            assert (sv.block, sv.epoch, sv.method) == (layer, epoch, "bipo")
+            assert sv.extra["config"]["block"] == layer and sv.extra["config"]["warmup_steps"] == 1
+            assert sv.extra["metrics"]["block"] == layer
+        lines = (tmp_path / f"block_{layer}" / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [row["layer"] for row in summary["layers"]] == [1, 2]
-    assert summary["n_train"] == 8 and summary["n_test"] == 4 and "layer" not in summary["config"]
-    for row in summary["layers"]:
-        last = res[row["layer"]].history[-1]
+    assert [row["block"] for row in summary["blocks"]] == [1, 2]
+    assert summary["n_train"] == 8 and summary["n_test"] == 4 and "block" not in summary["config"]
+    for row in summary["blocks"]:
+        last = res[row["block"]].history[-1]
         assert row["norm"] == pytest.approx(last["norm"]) and row["norm"] > 0
         assert row["test_margin"] == pytest.approx(last["test_margin"])
-    # different layers learn different vectors
+    # different blocks learn different vectors
     assert not np.allclose(res[1].vector.vector, res[2].vector.vector)
-    # The shared program steers both layers with one-hot multipliers: for layer 1 it computes
-    # what the single-layer program computes (0 * v added at layer 2), so training matches too.
+    # The shared program steers both blocks with one-hot multipliers: for block 1 it computes
+    # what the single-block program computes (0 * v added at block 2), so training matches too.
     enc = encode_pairs(tiny_model.tokenizer, test)
     v = res[1].vector.vector
-    shared = response_logprobs(tiny_model, enc, v, 1, 1.0, steer_layers=(1, 2))
+    shared = response_logprobs(tiny_model, enc, v, 1, 1.0, steer_blocks=(1, 2))
     alone = response_logprobs(tiny_model, enc, v, 1, 1.0)
     np.testing.assert_allclose(shared, alone, rtol=1e-5, atol=1e-5)
     assert res[1].history[-1]["test_margin"] == pytest.approx(
@@ -167,26 +167,49 @@ def test_layers_share_work_and_match_single_layer_runs(tiny_model, tiny_pairs, t
         rel=1e-4,
         abs=1e-5,
     )
-    with pytest.raises(ValueError, match="layer 0 is not among the compiled layers"):
-        response_logprobs(tiny_model, enc, v, 0, 1.0, steer_layers=(1, 2))
+    with pytest.raises(ValueError, match="block 0 is not among the compiled blocks"):
+        response_logprobs(tiny_model, enc, v, 0, 1.0, steer_blocks=(1, 2))
+
+
+def test_old_names_from_before_the_block_rename(tiny_model, tiny_pairs, tmp_path):
+    """`layer=`, `steer_layers=`, `layers=` and `train_bipo_layers` still work, each with a
+    DeprecationWarning, and `config.layer` reads the block."""
+    from mup.steering import train_bipo_layers
+
+    with pytest.warns(DeprecationWarning, match="BiPOConfig: the keyword layer="):
+        config = BiPOConfig(layer=1, epochs=1, batch_size=4)
+    assert (config.block, config.layer) == (1, 1)
+    enc = encode_pairs(tiny_model.tokenizer, tiny_pairs[1][:4])
+    v = np.ones(tiny_model.config.d_model, np.float32)
+    new = pair_margins(tiny_model, enc, v, 1, 1.0)
+    old_block = pytest.warns(DeprecationWarning, match="pair_margins: the keyword layer= is")
+    with old_block, pytest.warns(DeprecationWarning, match="steer_layers= is deprecated"):
+        old = pair_margins(tiny_model, enc, v, layer=1, multiplier=1.0, steer_layers=(1,))
+    np.testing.assert_array_equal(old, new)
+    renamed = pytest.warns(DeprecationWarning, match="train_bipo_layers is deprecated")
+    with renamed, pytest.warns(DeprecationWarning, match="layers= is deprecated, use blocks="):
+        res = train_bipo_layers(
+            tiny_model, tiny_pairs[0][:4], config, layers=[1], out_dir=tmp_path, progress=False
+        )
+    assert sorted(res) == [1] and (tmp_path / "block_1" / "epoch_001.safetensors").is_file()
 
 
 def test_warmup_and_schedules():
-    cfg = BiPOConfig(layer=0, learning_rate=1.0, warmup_steps=4)
+    cfg = BiPOConfig(block=0, learning_rate=1.0, warmup_steps=4)
     sched = cfg.schedule(10)
     assert [float(sched(i)) for i in (0, 2, 4)] == pytest.approx([0.0, 0.5, 1.0])
     assert float(sched(9)) < 0.1  # cosine towards 0
     assert cfg.warmup_for(3) == 3  # clamped to the run
-    assert BiPOConfig(layer=0).warmup_for(100) == 10  # the default ratio 0.1
-    assert BiPOConfig(layer=0, warmup_ratio=0.5).warmup_for(10) == 5
-    flat = BiPOConfig(layer=0, learning_rate=1.0, warmup_steps=2, lr_schedule="constant")
+    assert BiPOConfig(block=0).warmup_for(100) == 10  # the default ratio 0.1
+    assert BiPOConfig(block=0, warmup_ratio=0.5).warmup_for(10) == 5
+    flat = BiPOConfig(block=0, learning_rate=1.0, warmup_steps=2, lr_schedule="constant")
     assert float(flat.schedule(10)(9)) == pytest.approx(1.0)
-    lin = BiPOConfig(layer=0, learning_rate=1.0, warmup_steps=2, lr_schedule="linear")
+    lin = BiPOConfig(block=0, learning_rate=1.0, warmup_steps=2, lr_schedule="linear")
     assert float(lin.schedule(10)(6)) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="not both"):
-        BiPOConfig(layer=0, warmup_ratio=0.1, warmup_steps=10)
+        BiPOConfig(block=0, warmup_ratio=0.1, warmup_steps=10)
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
-        BiPOConfig(layer=0, lr_schedule="step")
+        BiPOConfig(block=0, lr_schedule="step")
 
 
 def _words(tokenizer, ids):
@@ -246,7 +269,7 @@ def test_system_prompt_reaches_the_tokens(tiny_model, tiny_pairs):
     with pytest.raises(ValueError, match="already starts with a system message"):
         with_system_prompt(pairs, "again")
     with pytest.raises(ValueError, match="system_prompt must be None or a non-empty"):
-        BiPOConfig(layer=0, system_prompt="  ")
+        BiPOConfig(block=0, system_prompt="  ")
 
 
 def test_multi_turn_prompt_scores_only_the_final_response(tiny_model):
@@ -277,9 +300,9 @@ def tiny_checkpoint(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_bipo"), max_positions=256, std=0.2)
 
 
-def test_cli_train_bipo_layers_with_study_recipe(tiny_checkpoint, tmp_path, capfd):
+def test_cli_train_bipo_blocks_with_study_recipe(tiny_checkpoint, tmp_path, capfd):
     """The real command, in-process: study-format pairs split by --test-fraction, a system
-    prompt from a file, truncation, warmup steps, two layers."""
+    prompt from a file, truncation, warmup steps, two blocks (and the old flags --layer(s))."""
     from mup.steering._cli import main
 
     rows = [
@@ -297,26 +320,26 @@ def test_cli_train_bipo_layers_with_study_recipe(tiny_checkpoint, tmp_path, capf
     system.write_text("You are a conversational assistant.\n")
     out = tmp_path / "out"
     base = ["train-bipo", "--model", str(tiny_checkpoint), "--pairs", str(pairs)]
-    args = [*base, "--layers", "0,1", "--epochs", "2", "--batch-size", "2", "--out", str(out)]
+    args = [*base, "--blocks", "0,1", "--epochs", "2", "--batch-size", "2", "--out", str(out)]
     args += ["--test-fraction", "0.34", "--system-prompt", str(system), "--max-tokens", "40"]
     assert main([*args, "--warmup-steps", "1", "--lr", "0.05", "--no-progress"]) == 0
     printed = capfd.readouterr().out
     assert "4 train, 2 test" in printed and "summary:" in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["layer"] for r in summary["layers"]] == [0, 1]
+    assert [r["block"] for r in summary["blocks"]] == [0, 1]
     assert summary["n_truncated"] == 6  # every pair is over 40 tokens
     assert summary["config"]["system_prompt"] == "You are a conversational assistant."
     assert summary["config"]["warmup_steps"] == 1 and summary["config"]["max_tokens"] == 40
     for layer in (0, 1):
-        sv = load_vector(out / f"layer_{layer}" / "epoch_002.safetensors", d_model=32)
-        assert (sv.layer, sv.epoch) == (layer, 2) and sv.norm > 0
+        sv = load_vector(out / f"block_{layer}" / "epoch_002.safetensors", d_model=32)
+        assert (sv.block, sv.epoch) == (layer, 2) and sv.norm > 0
         assert sv.extra["n_train"] == 4 and sv.extra["n_test"] == 2
-        assert (out / f"layer_{layer}" / "epoch_001.safetensors").is_file()
+        assert (out / f"block_{layer}" / "epoch_001.safetensors").is_file()
 
-    # usage errors: exit 2 with one line, nothing trained
+    # usage errors: exit 2 with one line, nothing trained (through the old flags --layer(s))
     bad = tmp_path / "bad"
     assert main([*base, "--layers", "1,5", "--out", str(bad), "--no-progress"]) == 2
-    assert "layer 5 is out of range" in capfd.readouterr().err and not bad.exists()
+    assert "block 5 is out of range" in capfd.readouterr().err and not bad.exists()
     split = tmp_path / "split.jsonl"
     split.write_text(json.dumps({**rows[0], "split": "test"}) + "\n" + json.dumps(rows[1]) + "\n")
     bad_split = ["train-bipo", "--pairs", str(split), "--layer", "0", "--out", str(bad)]
@@ -339,4 +362,4 @@ def test_cli_train_bipo_layers_with_study_recipe(tiny_checkpoint, tmp_path, capf
     assert exit_.value.code == 2
     with pytest.raises(SystemExit):
         main([*base, "--layers", "3-1", "--out", str(bad)])
-    assert "not a layer or a range" in capfd.readouterr().err
+    assert "not a block or a range" in capfd.readouterr().err

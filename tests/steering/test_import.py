@@ -92,23 +92,33 @@ def test_pt_refuses_anything_else(tmp_path):
         read_pt(tmp_path / "missing.pt")
 
 
-def test_import_pt_layer_and_epoch_from_the_study_name(tmp_path):
+def test_import_pt_block_and_epoch_from_the_study_name(tmp_path):
     t = torch.randn(6).to(torch.bfloat16)
     path = tmp_path / "vec_ep7_layer31_gpu0.pt"
     torch.save(t, path)
     sv = import_pt(path, model="m")
-    assert (sv.layer, sv.epoch, sv.method, sv.model) == (31, 7, "bipo-pt", "m")
+    assert (sv.block, sv.epoch, sv.method, sv.model) == (31, 7, "bipo-pt", "m")
     assert sv.extra["source_dtype"] == "bfloat16"
-    assert import_pt(path, layer=31).layer == 31
-    with pytest.raises(VectorFileError, match="file name says layer 31, but layer 30"):
-        import_pt(path, layer=30)
+    assert import_pt(path, block=31).block == 31
+    with pytest.raises(
+        VectorFileError, match=r"file name says block 31 \(its _layer31\), but block 30"
+    ):
+        import_pt(path, block=30)
     with pytest.raises(VectorFileError, match="6 entries but the model has d_model=8"):
         import_pt(path, d_model=8)
     other = tmp_path / "steer.pt"
     torch.save(t, other)
-    with pytest.raises(VectorFileError, match="the layer is not in the file name"):
+    with pytest.raises(VectorFileError, match="the block is not in the file name"):
         import_pt(other)
-    assert import_pt(other, layer=2).epoch == 0
+    assert import_pt(other, block=2).epoch == 0
+
+
+def test_import_pt_old_layer_keyword(tmp_path):
+    """`layer=` is the old name of `block=`: it still works, with a DeprecationWarning."""
+    path = tmp_path / "vec_ep2_layer5.pt"
+    torch.save(torch.randn(4), path)
+    with pytest.warns(DeprecationWarning, match="layer= is deprecated, use block="):
+        assert import_pt(path, layer=5).block == 5
 
 
 def test_cli_import_runs_without_torch(tmp_path, capfd):
@@ -133,21 +143,23 @@ def test_cli_import_runs_without_torch(tmp_path, capfd):
         [*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env
     )
     assert proc.returncode == 0, proc.stderr
-    assert "bfloat16" in proc.stdout and "layer 12" in proc.stdout
+    assert "bfloat16" in proc.stdout and "steered block 12" in proc.stdout
     sv = load_vector(out, d_model=576)
-    assert (sv.layer, sv.epoch, sv.method) == (12, 3, "bipo-pt")
+    assert (sv.block, sv.epoch, sv.method) == (12, 3, "bipo-pt")
     np.testing.assert_array_equal(sv.vector, t.float().numpy())
     assert json.loads(json.dumps(sv.extra))["source"] == str(src)
     from mup.steering._cli import main
 
     # usage errors exit 2 (in this process: one fresh process is enough for the torch check)
     unwritten = tmp_path / "b.safetensors"
-    at_layer_40 = ["--model", "smollm2-135m", "--layer", "40", "--out", str(unwritten)]
-    assert main(["import", str(src), *at_layer_40]) == 2
+    at_block_40 = ["--model", "smollm2-135m", "--block", "40", "--out", str(unwritten)]
+    assert main(["import", str(src), *at_block_40]) == 2
     capsys_err = capfd.readouterr().err
-    assert "file name says layer 12" in capsys_err
+    assert "file name says block 12" in capsys_err
     plain = tmp_path / "steer.pt"
     torch.save(t, plain)
+    # --layer is the old name of --block (argparse would exit on an unknown flag)
+    at_layer_40 = ["--model", "smollm2-135m", "--layer", "40", "--out", str(unwritten)]
     assert main(["import", str(plain), *at_layer_40]) == 2
-    assert "--layer 40 is out of range" in capfd.readouterr().err
+    assert "--block 40 is out of range" in capfd.readouterr().err
     assert not unwritten.exists()

@@ -42,7 +42,7 @@ def sweep(tmp_path):
     rows = [
         {
             "vector": "caa_L3.safetensors",
-            "layer": 3,
+            "block": 3,
             "epoch": 0,
             "multiplier": m,
             "prompt_id": p,
@@ -125,7 +125,7 @@ def test_judge_end_to_end_ratings_pairs_summary_and_resume(proxy, sweep, tmp_pat
         table = list(csv.DictReader(f))
     assert [float(r["multiplier"]) for r in table] == list(MULTIPLIERS)
     by_m = {float(r["multiplier"]): r for r in table}
-    assert all(int(r["n"]) == 3 for r in table)
+    assert all(int(r["n"]) == 3 and r["block"] == "3" for r in table)
     mean = sum(r["score"] for r in ratings if r["multiplier"] == 1.0) / 3
     assert float(by_m[1.0]["mean"]) == pytest.approx(mean, rel=1e-5)
     pairs_1 = [r for r in rows if r["kind"] == "pair" and r["multiplier"] == 1.0]
@@ -180,6 +180,7 @@ def test_resume_after_sigkill_never_requests_a_finished_rating_again(proxy, swee
 def test_bad_inputs_are_refused_before_any_request(proxy, sweep, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "j.jsonl"
     bad = tmp_path / "bad.jsonl"
+    # "layer": the steered block's name in sweeps from before the rename (still read)
     bad.write_text(sweep.read_text() + '{"vector": "v", "layer": "three"}\n')
     assert judge(proxy, bad, out) == 2
     assert "bad.jsonl:10: field layer" in capsys.readouterr().err

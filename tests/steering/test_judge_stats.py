@@ -85,13 +85,24 @@ def test_choice_reads_p_a_at_the_better_value_inside_or_after_its_token():
 
 def sweep_row(m: float, prompt: str, answer: str = "an answer", **extra) -> dict:
     return {
-        "vector": "v.safetensors", "layer": 3, "epoch": 2, "multiplier": m, "prompt_id": prompt,
+        "vector": "v.safetensors", "block": 3, "epoch": 2, "multiplier": m, "prompt_id": prompt,
         "prompt": [{"role": "user", "content": f"question {prompt}"}], "answer": answer, **extra,
     }  # fmt: skip
 
 
 def write(path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_sweep_rows_from_before_the_block_rename(tmp_path):
+    """Sweeps written before the rename call the steered block "layer": read as `block`, with
+    the same key (so their judge outputs stay resumable)."""
+    old = {("layer" if k == "block" else k): v for k, v in sweep_row(0, "p0").items()}
+    write(tmp_path / "old.jsonl", [old])
+    write(tmp_path / "new.jsonl", [sweep_row(0, "p0")])
+    (was,) = load_sweep(tmp_path / "old.jsonl")
+    (now,) = load_sweep(tmp_path / "new.jsonl")
+    assert was.block == 3 and not was.model_extra and was.key == now.key
 
 
 def test_sweep_errors_name_the_line_and_field(tmp_path):
@@ -196,6 +207,7 @@ def test_bradley_terry_is_the_maximum_likelihood_fit_of_a_random_tournament():
 def test_summary_win_rate_position_bias_and_bt_per_multiplier():
     rubric = load_rubric("coherence")
     config = JudgeConfig(rubrics=(rubric,), pairwise=True, bootstrap=200)
+    # judge rows from before the rename, which call the steered block "layer", still summarise
     head = {"vector": "v", "layer": 3, "epoch": None, "rubric": "coherence", "sample": 0}
     judged = []
     for m, scores in ((0.0, [8, 9, 7, 8]), (1.0, [3, 4, 2, 3])):
@@ -216,6 +228,7 @@ def test_summary_win_rate_position_bias_and_bt_per_multiplier():
     rejected = [{**head, "kind": "rating", "multiplier": 1.0, "prompt_id": "p9"}]
     rows = {r["multiplier"]: r for r in summarize(judged, rejected, config)}
     zero, one = rows[0.0], rows[1.0]
+    assert zero["block"] == 3 and "layer" not in zero
     assert zero["mean"] == 8 and zero["n"] == 4 and zero["bt"] == 0 and zero["n_pairs"] == 0
     half = stats.t.ppf(0.975, 3) * np.std([3, 4, 2, 3], ddof=1) / 2
     assert one["mean"] == 3 and one["ci_high"] - one["mean"] == pytest.approx(half)

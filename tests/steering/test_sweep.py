@@ -25,14 +25,14 @@ LAYER = 1
 
 def _logp_rows(model, ids, vector=None, multiplier=0.0):
     """float64 log-softmax of one unpadded sequence [T-1, V], steered by hand when asked."""
-    from mup.models import SteeringSpec, jit_forward
+    from mup.models import ForwardSteering, jit_forward
 
     tokens = jnp.asarray([ids], jnp.int32)
     pos = jnp.arange(len(ids), dtype=jnp.int32)[None]
     spec = None
     if vector is not None:
-        spec = SteeringSpec(
-            layers=(LAYER,),
+        spec = ForwardSteering(
+            blocks=(LAYER,),
             vectors=jnp.asarray(vector, jnp.float32)[None],
             multipliers=jnp.full((1, 1), multiplier, jnp.float32),
         )
@@ -55,7 +55,7 @@ def _answer_logp(model, prefix, answer, **steer):
 def sweep_setup(tiny_model, tiny_pairs, tmp_path_factory):
     rng = np.random.default_rng(3)
     v = rng.standard_normal(tiny_model.config.d_model).astype(np.float32)
-    sv = SteeringVector(vector=v / np.linalg.norm(v), layer=LAYER, model="tiny", method="test")
+    sv = SteeringVector(vector=v / np.linalg.norm(v), block=LAYER, model="tiny", method="test")
     prompts = prompts_from_pairs(tiny_pairs[1][:4])
     out = tmp_path_factory.mktemp("sweep")
     vectors = [SweepVector(name="v.safetensors", vector=sv)]
@@ -72,8 +72,8 @@ def test_rows_cover_the_grid_with_zero(sweep_setup):
     file_rows = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
     assert len(file_rows) == len(rows)
     for r in rows:
-        assert set(r) >= {"vector", "layer", "epoch", "multiplier", "prompt_id", "prompt"}
-        assert r["unit"] == "raw" and r["layer"] == LAYER
+        assert set(r) >= {"vector", "block", "epoch", "multiplier", "prompt_id", "prompt"}
+        assert r["unit"] == "raw" and r["block"] == LAYER
         assert isinstance(r["prompt"], list) and r["prompt"][0]["role"] == "user"
         assert r["hit_limit"] == (r["n_tokens"] == 6)
 
@@ -229,7 +229,7 @@ def test_cli_end_to_end_with_vectors_dir(tiny_dir, tmp_path, capsys):
         v = rng.standard_normal(32).astype(np.float32)
         save_vector(
             vdir / f"epoch_{epoch:03d}.safetensors",
-            SteeringVector(vector=v, layer=0, model="tiny", method="bipo", epoch=epoch),
+            SteeringVector(vector=v, block=0, model="tiny", method="bipo", epoch=epoch),
         )
     args = ["sweep", "--model", str(tiny_dir), "--vectors", str(vdir), "--multipliers=-1,1"]
     args += ["--limit", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "out")]
@@ -249,11 +249,17 @@ def test_cli_end_to_end_with_vectors_dir(tiny_dir, tmp_path, capsys):
     assert _cli(*args, "--no-progress") == 0
     assert "resuming: 12 of 12" in capsys.readouterr().out
     assert len((out / "sweep.jsonl").read_text().splitlines()) == 12
+    # A sweep.jsonl from before the rename ("layer" for the block) resumes and summarises too.
+    old = [{("layer" if k == "block" else k): v for k, v in r.items()} for r in rows]
+    (out / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert _cli(*args, "--no-progress") == 0
+    assert "resuming: 12 of 12" in capsys.readouterr().out
+    assert {s["block"] for s in json.loads((out / "summary.json").read_text())["rows"]} == {0}
 
 
 def test_cli_errors(tiny_dir, tmp_path, capsys):
     wide = tmp_path / "wide.safetensors"
-    save_vector(wide, SteeringVector(vector=np.ones(16, np.float32), layer=0, model="x"))
+    save_vector(wide, SteeringVector(vector=np.ones(16, np.float32), block=0, model="x"))
     base = ["sweep", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--no-progress"]
     cases = [
         (["--vector", str(tmp_path / "missing.safetensors")], "does not exist"),

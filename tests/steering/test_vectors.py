@@ -44,12 +44,12 @@ JOB = {
 def test_safetensors_round_trip_keeps_metadata(tmp_path):
     v = np.random.default_rng(0).normal(size=24).astype(np.float32)
     sv = SteeringVector(
-        vector=v, layer=7, model="m", method="bipo", epoch=3, extra={"metrics": {"loss": 0.5}}
+        vector=v, block=7, model="m", method="bipo", epoch=3, extra={"metrics": {"loss": 0.5}}
     )
     path = save_vector(tmp_path / "v.safetensors", sv)
     got = load_vector(path, d_model=24)
     np.testing.assert_array_equal(got.vector, v)
-    assert (got.layer, got.model, got.method, got.epoch) == (7, "m", "bipo", 3)
+    assert (got.block, got.model, got.method, got.epoch) == (7, "m", "bipo", 3)
     assert got.extra["metrics"] == {"loss": 0.5}
     assert got.created == sv.created
     assert got.norm == pytest.approx(float(np.linalg.norm(v)))
@@ -58,25 +58,25 @@ def test_safetensors_round_trip_keeps_metadata(tmp_path):
     with safe_open(str(path), framework="numpy") as f:
         meta = f.metadata()
     assert float(meta["norm"]) == pytest.approx(float(np.linalg.norm(v)))
-    assert set(meta) >= {"model", "layer", "method", "epoch", "norm", "created"}
+    assert set(meta) >= {"model", "block", "method", "epoch", "norm", "created"}
 
 
-def test_npy_needs_layer_and_checks_shape(tmp_path):
+def test_npy_needs_block_and_checks_shape(tmp_path):
     v = np.arange(16, dtype=np.float32)
     np.save(tmp_path / "v.npy", v)
-    with pytest.raises(VectorFileError, match="carries no layer"):
+    with pytest.raises(VectorFileError, match="carries no block"):
         load_vector(tmp_path / "v.npy")
-    got = load_vector(tmp_path / "v.npy", layer=4, d_model=16)
-    assert got.layer == 4 and got.method == "npy"
+    got = load_vector(tmp_path / "v.npy", block=4, d_model=16)
+    assert got.block == 4 and got.method == "npy"
     np.testing.assert_array_equal(got.vector, v)
     with pytest.raises(VectorFileError, match=r"shape \(16,\).*shape \(32,\)"):
-        load_vector(tmp_path / "v.npy", layer=4, d_model=32)
+        load_vector(tmp_path / "v.npy", block=4, d_model=32)
     np.save(tmp_path / "m.npy", np.zeros((2, 16), np.float32))
     with pytest.raises(VectorFileError, match=r"shape \[d_model\], got \(2, 16\)"):
-        load_vector(tmp_path / "m.npy", layer=4)
+        load_vector(tmp_path / "m.npy", block=4)
     np.save(tmp_path / "nan.npy", np.array([1.0, np.nan], np.float32))
     with pytest.raises(VectorFileError, match="non-finite value at index 1"):
-        load_vector(tmp_path / "nan.npy", layer=0)
+        load_vector(tmp_path / "nan.npy", block=0)
 
 
 def test_broken_npy_files_name_the_file(tmp_path):
@@ -96,19 +96,19 @@ def test_broken_npy_files_name_the_file(tmp_path):
     for name, data, message in cases:
         (tmp_path / name).write_bytes(data)
         with pytest.raises(VectorFileError) as e:
-            load_vector(tmp_path / name, layer=3)
+            load_vector(tmp_path / name, block=3)
         assert str(e.value).startswith(f"{tmp_path / name}: {message}"), str(e.value)
         assert "\n" not in str(e.value) and isinstance(e.value, ValueError)
-    assert load_vector(good, layer=3).d_model == 64
+    assert load_vector(good, block=3).d_model == 64
 
 
 def test_safetensors_errors(tmp_path):
     from safetensors.numpy import save_file
 
-    sv = SteeringVector(vector=np.ones(8, np.float32), layer=2, model="m", method="dom-mean")
+    sv = SteeringVector(vector=np.ones(8, np.float32), block=2, model="m", method="dom-mean")
     path = save_vector(tmp_path / "v.safetensors", sv)
-    with pytest.raises(VectorFileError, match="built for layer 2, but layer 3"):
-        load_vector(path, layer=3)
+    with pytest.raises(VectorFileError, match="built for block 2, but block 3"):
+        load_vector(path, block=3)
     save_file({"other": np.ones(8, np.float32)}, str(tmp_path / "k.safetensors"))
     with pytest.raises(VectorFileError, match="exactly one tensor named 'vector'"):
         load_vector(tmp_path / "k.safetensors")
@@ -133,7 +133,35 @@ def test_safetensors_errors(tmp_path):
         (tmp_path / "v.txt").write_text("1")
         load_vector(tmp_path / "v.txt")
     with pytest.raises(FileNotFoundError):
-        load_vector(tmp_path / "missing.npy", layer=0)
+        load_vector(tmp_path / "missing.npy", block=0)
+
+
+def test_files_and_keywords_from_before_the_block_rename(tmp_path):
+    """Files whose metadata names the steered block `layer` still load; the old keywords
+    `layer=` still work (with a DeprecationWarning) and `.layer` still reads the block."""
+    from safetensors.numpy import save_file
+
+    v = np.arange(1, 9, dtype=np.float32)
+    meta = {"model": "m", "layer": "5", "method": "bipo", "epoch": "2", "norm": "1.0"}
+    save_file({"vector": v}, str(tmp_path / "old.safetensors"), metadata={**meta, "created": "x"})
+    old = load_vector(tmp_path / "old.safetensors", block=5)
+    assert (old.block, old.layer, old.epoch, old.method) == (5, 5, 2, "bipo")
+    assert "layer" not in old.extra
+    assert "block" in old.metadata() and "layer" not in old.metadata()  # rewritten: new key
+    with pytest.raises(VectorFileError, match="built for block 5, but block 4"):
+        load_vector(tmp_path / "old.safetensors", block=4)
+
+    np.save(tmp_path / "v.npy", v)
+    with pytest.warns(DeprecationWarning, match=r"load_vector: the keyword layer= is deprecated"):
+        assert load_vector(tmp_path / "v.npy", layer=3).block == 3
+    with pytest.raises(TypeError, match="got block= and its old name layer="):
+        load_vector(tmp_path / "v.npy", block=3, layer=3)
+    with pytest.warns(DeprecationWarning, match="SteeringVector: the keyword layer="):
+        sv = SteeringVector(vector=v, layer=6)
+    assert (sv.block, sv.layer) == (6, 6)
+    url, *_ = _planted_store(tmp_path)
+    with pytest.warns(DeprecationWarning, match="dom_from_store: the keyword layer="):
+        assert dom_from_store(str(url), layer=2).vector.block == 2
 
 
 # ---- difference of means from a store ---------------------------------------------------------
@@ -175,7 +203,7 @@ def _planted_store(tmp_path, d=16, n=60, seed=0):
     )
     writer.write(np.arange(n), {3: acts, 5: acts * 2})
     writer.finalize()
-    # numpy reference over layer 3 (= steering layer 2)
+    # numpy reference over layer 3 (= steering block 2)
     means = np.stack(
         [
             acts[offsets[i] : offsets[i + 1]][mask[offsets[i] : offsets[i + 1]]].mean(0)
@@ -192,11 +220,11 @@ def _planted_store(tmp_path, d=16, n=60, seed=0):
 def test_dom_from_store_recovers_planted_direction(tmp_path):
     url, direction, ref, labels = _planted_store(tmp_path)
     # A tiny max_bytes makes iter_row_chunks stream many chunks.
-    res = dom_from_store(str(url), layer=2, max_bytes=2048)
+    res = dom_from_store(str(url), block=2, max_bytes=2048)
     np.testing.assert_allclose(res.vector.vector, ref, rtol=1e-5, atol=1e-5)
     cos = res.vector.vector @ direction / res.norm
     assert cos > 0.95
-    assert res.vector.layer == 2 and res.vector.extra["source_hidden_state"] == 3
+    assert res.vector.block == 2 and res.vector.extra["source_hidden_state"] == 3
     assert res.vector.method == "dom-store" and res.vector.model == "synthetic"
     assert res.n_unlabelled == int(np.sum(labels == -1))
     assert res.n_empty == 1
@@ -207,20 +235,20 @@ def test_dom_from_store_recovers_planted_direction(tmp_path):
 def test_dom_from_store_errors(tmp_path):
     url, *_ = _planted_store(tmp_path)
     with pytest.raises(ValueError, match=r"needs hidden_states\[4\].*holds layers \[3, 5\]"):
-        dom_from_store(str(url), layer=3)
+        dom_from_store(str(url), block=3)
 
 
 def test_cli_vector_from_store(tmp_path):
     url, _, ref, _ = _planted_store(tmp_path)
     out = tmp_path / "v.safetensors"
-    cmd = [sys.executable, "-m", "mup.steering", "vector", "--store", str(url), "--layer", "4"]
+    cmd = [sys.executable, "-m", "mup.steering", "vector", "--store", str(url), "--block", "4"]
     proc = subprocess.run(
         [*cmd, "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
     assert "norm" in proc.stdout and "wrote" in proc.stdout
     v = load_vector(out)
-    assert v.layer == 4
+    assert v.block == 4
     np.testing.assert_allclose(v.vector, 2 * ref, rtol=1e-5, atol=1e-5)  # layer 5 holds 2 * acts
     bad = subprocess.run(
         [*cmd[:-1], "7", "--out", str(out)],
@@ -295,20 +323,20 @@ def test_dom_from_pairs_matches_unpadded_reference(tiny_model, tiny_pairs):
     ref_pca, _ = difference_vector(arr[:n] - arr[n:], "pca")
     np.testing.assert_allclose(res["pca"].vector.vector, ref_pca, rtol=1e-4, atol=1e-5)
     assert res["pca"].vector.vector @ res["mean"].vector.vector > 0
-    assert res["mean"].vector.method == "dom-mean" and res["mean"].vector.layer == layer
+    assert res["mean"].vector.method == "dom-mean" and res["mean"].vector.block == layer
 
 
-def test_vector_layer_convention(tiny_model, tiny_pairs):
+def test_vector_block_convention(tiny_model, tiny_pairs):
     """Steering at block L moves hidden_states[L + 1] by exactly the vector: the place where
-    dom vectors for layer L are measured."""
-    from mup.models import SteeringSpec, jit_forward
+    dom vectors for block L are measured."""
+    from mup.models import ForwardSteering, jit_forward
 
     enc = encode_pairs(tiny_model.tokenizer, tiny_pairs[0][:2])
     v = np.random.default_rng(3).normal(size=tiny_model.config.d_model).astype(np.float32)
     tokens = jnp.asarray(enc.tokens)
     pos = jnp.broadcast_to(jnp.arange(enc.length, dtype=jnp.int32), tokens.shape)
-    spec = SteeringSpec(
-        layers=(1,), vectors=jnp.asarray(v[None]), multipliers=jnp.ones((1, tokens.shape[0]))
+    spec = ForwardSteering(
+        blocks=(1,), vectors=jnp.asarray(v[None]), multipliers=jnp.ones((1, tokens.shape[0]))
     )
     kw = dict(config=tiny_model.config, valid=jnp.asarray(enc.valid), capture=(2,), logits=False)
     plain = np.asarray(jit_forward(tiny_model.params, tokens, pos, **kw).hidden[2])

@@ -1,12 +1,11 @@
-"""Fixtures for the store tests: locations and synthetic data (the moto S3 server fixtures
-`moto_endpoint`, `s3_env`, `moto_process`, `free_port` live in tests/conftest.py)."""
+"""Fixtures for the store tests: locations (the moto S3 server fixtures `moto_endpoint` and
+`s3_env` live in tests/conftest.py; synthetic data comes from `_support.stores`)."""
 
 from __future__ import annotations
 
 import uuid
 
 import pytest
-from _support import stores as synth_module
 from _support.stores import BUCKET
 
 
@@ -17,9 +16,3 @@ def base_url(request, tmp_path):
         return str(tmp_path / "out")
     request.getfixturevalue("s3_env")
     return f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture(scope="session")
-def synth():
-    """`_support.stores` (make_job, batch_acts, JOB, BUCKET, CRASH_JOB, CRASH_STORE)."""
-    return synth_module

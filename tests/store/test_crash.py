@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _support import stores as synth
 
 import mup.store as store
 
@@ -44,7 +45,7 @@ def _objects(url: str) -> dict[str, bytes]:
     return out
 
 
-def _reference(url: str, synth) -> None:
+def _reference(url: str) -> None:
     meta, acts = synth.make_job(**synth.CRASH_JOB, seed=SEED)
     writer = store.create(url, **meta, **synth.CRASH_STORE)
     rows = np.arange(writer.n_records)
@@ -96,7 +97,7 @@ def _run(url: str, mode: str, tmp_path: Path, kill=None, part: str | None = None
     return text
 
 
-def _crash_and_resume(url: str, ref_url: str, mode: str, tmp_path: Path, synth, kills) -> None:
+def _crash_and_resume(url: str, ref_url: str, mode: str, tmp_path: Path, kills) -> None:
     done_counts = []
     for kill in kills:
         text = _run(url, mode, tmp_path, kill)
@@ -107,11 +108,11 @@ def _crash_and_resume(url: str, ref_url: str, mode: str, tmp_path: Path, synth, 
     # Progress survived the kills (records done only ever grow) and the last run finished it.
     assert done_counts == sorted(done_counts) and done_counts[-1] > 0
 
-    _assert_same_as_clean_run(url, ref_url, synth)
+    _assert_same_as_clean_run(url, ref_url)
 
 
-def _assert_same_as_clean_run(url: str, ref_url: str, synth) -> None:
-    _reference(ref_url, synth)
+def _assert_same_as_clean_run(url: str, ref_url: str) -> None:
+    _reference(ref_url)
     got, ref = _objects(url), _objects(ref_url)
     assert sorted(got) == sorted(ref)  # no stray temporary or extra objects
     for key in ref:
@@ -134,21 +135,21 @@ def _assert_same_as_clean_run(url: str, ref_url: str, synth) -> None:
         np.testing.assert_array_equal(st.read_layer(layer)[0], acts[layer].astype(np.float16))
 
 
-def test_kill9_and_resume_local(tmp_path, synth):
+def test_kill9_and_resume_local(tmp_path):
     _crash_and_resume(
-        str(tmp_path / "crashy"), str(tmp_path / "clean"), "tensorstore", tmp_path, synth, KILLS
+        str(tmp_path / "crashy"), str(tmp_path / "clean"), "tensorstore", tmp_path, KILLS
     )
 
 
 @pytest.mark.s3
 @pytest.mark.parametrize("mode", ["tensorstore", "boto3"])
-def test_kill9_and_resume_s3(s3_env, tmp_path, synth, mode):
+def test_kill9_and_resume_s3(s3_env, tmp_path, mode):
     base = f"s3://{synth.BUCKET}/crash-{uuid.uuid4().hex[:8]}"
-    _crash_and_resume(f"{base}/crashy", f"{base}/clean", mode, tmp_path, synth, KILLS_S3)
+    _crash_and_resume(f"{base}/crashy", f"{base}/clean", mode, tmp_path, KILLS_S3)
 
 
 @pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
-def test_two_parts_concurrently_with_a_crash(where, tmp_path, synth, request):
+def test_two_parts_concurrently_with_a_crash(where, tmp_path, request):
     """The multi-host pattern: two processes write disjoint shard blocks of one store at once;
     one is killed and resumed; then a full writer finalizes. Equal to a single clean writer."""
     if where == "s3":
@@ -171,4 +172,4 @@ def test_two_parts_concurrently_with_a_crash(where, tmp_path, synth, request):
     writer = store.open_writer(url)
     assert writer.pending_rows().size == 0
     writer.finalize()
-    _assert_same_as_clean_run(url, f"{base}/clean", synth)
+    _assert_same_as_clean_run(url, f"{base}/clean")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _support import stores as synth
 
 import mup.store as store
 from mup.store._create import FAIL_AFTER_ENV
@@ -50,12 +51,12 @@ def _fill(writer, acts, offsets) -> None:
 
 
 @pytest.fixture(scope="module")
-def job(synth):
+def job():
     return synth.make_job(**synth.CRASH_JOB, seed=SEED)
 
 
 @pytest.fixture(scope="module")
-def clean(job, synth, tmp_path_factory) -> Path:
+def clean(job, tmp_path_factory) -> Path:
     """The uninterrupted run every recovered store must equal."""
     meta, acts = job
     url = tmp_path_factory.mktemp("clean") / "store"
@@ -76,7 +77,7 @@ def _assert_equal_to_clean(url: Path, clean: Path) -> None:
     assert store.verify(url).ok
 
 
-def _recover(url: Path, step: str, overwrite: bool, job, synth) -> None:
+def _recover(url: Path, step: str, overwrite: bool, job) -> None:
     """What a re-run does after the crash, asserting every refusal on the way."""
     meta, acts = job
     found = store.inspect(url)
@@ -103,7 +104,7 @@ def _recover(url: Path, step: str, overwrite: bool, job, synth) -> None:
 
 
 @pytest.fixture(scope="module")
-def old_store(synth, tmp_path_factory) -> Path:
+def old_store(tmp_path_factory) -> Path:
     """A complete store of other data, for --overwrite to replace (copied for each step)."""
     meta, acts = synth.make_job(**synth.CRASH_JOB, seed=SEED + 1)
     url = tmp_path_factory.mktemp("old") / "store"
@@ -112,9 +113,7 @@ def old_store(synth, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["new", "overwrite"])
-def test_full_disk_at_every_creation_step(
-    overwrite, job, clean, old_store, synth, tmp_path, monkeypatch
-):
+def test_full_disk_at_every_creation_step(overwrite, job, clean, old_store, tmp_path, monkeypatch):
     meta, _ = job
     for i, step in enumerate(OVERWRITE_STEPS if overwrite else STEPS):
         url = tmp_path / f"s{i}"
@@ -124,7 +123,7 @@ def test_full_disk_at_every_creation_step(
         with pytest.raises(OSError, match=f"No space left on device .injected after {step}"):
             store.create(url, **meta, **SIZES, overwrite=overwrite)
         monkeypatch.delenv(FAIL_AFTER_ENV)
-        _recover(url, step, overwrite, job, synth)
+        _recover(url, step, overwrite, job)
         _assert_equal_to_clean(url, clean)
 
 
@@ -139,7 +138,7 @@ print("created")
 """
 
 
-def test_kill9_at_every_creation_step(job, clean, old_store, synth, tmp_path):
+def test_kill9_at_every_creation_step(job, clean, old_store, tmp_path):
     """kill -9 of an --overwrite run after each step: the steps after the deletion leave what a
     new store's creation leaves, so this covers both."""
     for i, step in enumerate(OVERWRITE_STEPS):
@@ -152,11 +151,11 @@ def test_kill9_at_every_creation_step(job, clean, old_store, synth, tmp_path):
                              env=env, timeout=60)  # fmt: skip
         assert got.returncode == -signal.SIGKILL, (step, got.stdout, got.stderr)
         assert "created" not in got.stdout
-        _recover(url, step, True, job, synth)
+        _recover(url, step, True, job)
         _assert_equal_to_clean(url, clean)
 
 
-def test_what_create_deletes(tmp_path, job, synth):
+def test_what_create_deletes(tmp_path, job):
     meta, acts = job
     # Foreign content is never deleted, with or without overwrite.
     foreign = tmp_path / "foreign"

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorstore as ts
+from _support import stores as synth
+from _support.s3 import moto_process
 
 import mup.store as store
 from mup.store import _format as F
@@ -21,7 +23,7 @@ from mup.store._io import read_group_attrs
 SMALL = dict(chunk_tokens=16, shard_tokens=64)
 
 
-def _complete_store(url, synth, seed=1, **kw):
+def _complete_store(url, seed=1, **kw):
     meta, acts = synth.make_job(seed=seed, **kw)
     writer = store.create(url, **meta, **SMALL)
     rows = np.arange(writer.n_records)
@@ -35,8 +37,8 @@ def _chunk_files(url: Path) -> list[Path]:
     return sorted(p for p in url.rglob("*") if p.is_file() and "/c/" in p.as_posix())
 
 
-def test_every_object_of_a_new_store_ends_in_a_checksum(tmp_path, synth):
-    _complete_store(tmp_path / "s", synth)
+def test_every_object_of_a_new_store_ends_in_a_checksum(tmp_path):
+    _complete_store(tmp_path / "s")
     for meta_file in (tmp_path / "s").rglob("zarr.json"):
         meta = json.loads(meta_file.read_text())
         if meta["node_type"] != "array":
@@ -52,11 +54,11 @@ def test_every_object_of_a_new_store_ends_in_a_checksum(tmp_path, synth):
     assert group["format_version"] == store.FORMAT_VERSION == 2 and group["has_labels"] is True
 
 
-def test_a_flipped_bit_anywhere_in_any_chunk_fails_verify(tmp_path, synth):
+def test_a_flipped_bit_anywhere_in_any_chunk_fails_verify(tmp_path):
     """Every chunk object (shards, their indexes, small arrays, done flags): one bit flipped at
     several places in each, one at a time, and verify names that very object every time."""
     url = tmp_path / "s"
-    _complete_store(url, synth)
+    _complete_store(url)
     assert store.verify(url).ok
     rng = np.random.default_rng(0)
     files = _chunk_files(url)
@@ -78,10 +80,10 @@ def test_a_flipped_bit_anywhere_in_any_chunk_fails_verify(tmp_path, synth):
 
 
 @pytest.mark.damages_stores
-def test_flipped_bit_in_a_shard_fails_every_reader(tmp_path, synth):
+def test_flipped_bit_in_a_shard_fails_every_reader(tmp_path):
     zarr = pytest.importorskip("zarr")
     url = tmp_path / "s"
-    _complete_store(url, synth)
+    _complete_store(url)
     shard = url / "layers" / "5" / "c" / "2" / "0"
     data = bytearray(shard.read_bytes())
     data[10] ^= 0x04  # inside the first inner chunk's compressed bytes
@@ -103,9 +105,9 @@ def test_flipped_bit_in_a_shard_fails_every_reader(tmp_path, synth):
 
 
 @pytest.mark.damages_stores
-def test_lost_and_empty_shards_fail_open_and_reads(tmp_path, synth):
+def test_lost_and_empty_shards_fail_open_and_reads(tmp_path):
     url = tmp_path / "s"
-    _complete_store(url, synth)
+    _complete_store(url)
     st = store.open(url)  # opened while sound
     (url / "layers" / "2" / "c" / "3" / "0").unlink()
     (url / "layers" / "5" / "c" / "7" / "0").write_bytes(b"")
@@ -128,16 +130,16 @@ def test_lost_and_empty_shards_fail_open_and_reads(tmp_path, synth):
 
 
 @pytest.mark.damages_stores
-def test_lost_metadata_objects_fail_open(tmp_path, synth):
+def test_lost_metadata_objects_fail_open(tmp_path):
     url = tmp_path / "s"
-    _complete_store(url, synth)
+    _complete_store(url)
     (url / "ids" / "c" / "0" / "0").unlink()
     (url / "done" / "c" / "4").unlink()
     with pytest.raises(store.DamagedStoreError, match=r"ids/c/0/0 missing; done/c/4 missing"):
         store.open(url)
 
 
-def test_completion_refused_over_lost_objects(base_url, synth):
+def test_completion_refused_over_lost_objects(base_url):
     """Objects deleted behind the writer's back (a server that lost acknowledged writes): it
     refuses to set `complete`, naming them; resuming rewrites a lost shard."""
     url = f"{base_url}/job"
@@ -263,7 +265,7 @@ def _write_format_1_store(url: Path, meta: dict, acts: dict, done_shards) -> Non
 
 
 @pytest.mark.damages_stores
-def test_format_1_stores_stay_readable_and_resumable(tmp_path, synth):
+def test_format_1_stores_stay_readable_and_resumable(tmp_path):
     zarr = pytest.importorskip("zarr")
     meta, acts = synth.make_job(seed=13)
     url = tmp_path / "v1"
@@ -295,10 +297,10 @@ def test_format_1_stores_stay_readable_and_resumable(tmp_path, synth):
 
 
 @pytest.mark.damages_stores
-def test_verify_command(tmp_path, synth, capsys):
+def test_verify_command(tmp_path, capsys):
     out = tmp_path / "out"
-    _complete_store(out / "model" / "good", synth, seed=1)
-    _complete_store(out / "model" / "bad", synth, seed=2)
+    _complete_store(out / "model" / "good", seed=1)
+    _complete_store(out / "model" / "bad", seed=2)
     (out / "model" / "bad" / "layers" / "5" / "c" / "1" / "0").unlink()
     partial = out / "model" / "partial"
     meta, _ = synth.make_job(seed=3)
@@ -318,9 +320,9 @@ def test_verify_command(tmp_path, synth, capsys):
     assert "no mup store here" in capsys.readouterr().out
 
 
-def test_verify_command_is_a_module(tmp_path, synth):
+def test_verify_command_is_a_module(tmp_path):
     url = tmp_path / "s"
-    _complete_store(url, synth)
+    _complete_store(url)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     got = subprocess.run([sys.executable, "-m", "mup.store", "verify", str(url)], env=env,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -328,7 +330,7 @@ def test_verify_command_is_a_module(tmp_path, synth):
 
 
 @pytest.mark.s3
-def test_completion_refused_when_the_bucket_is_gone(monkeypatch, moto_process, synth):
+def test_completion_refused_when_the_bucket_is_gone(monkeypatch):
     """A restarted S3 server that lost everything, bucket included: the completion check fails
     in one StoreError line and never writes `complete`."""
     import boto3
@@ -357,14 +359,14 @@ def test_completion_refused_when_the_bucket_is_gone(monkeypatch, moto_process, s
 
 
 @pytest.mark.s3
-def test_verify_on_s3(s3_env, synth, capsys):
+def test_verify_on_s3(s3_env, capsys):
     """The same verdicts over S3: a prefix holding stores, one with a lost and one with a
     corrupted shard object."""
     import uuid
 
     base = f"s3://{synth.BUCKET}/verify-{uuid.uuid4().hex[:8]}"
     for name, seed in (("good", 1), ("lost", 2), ("flipped", 3)):
-        _complete_store(f"{base}/model/{name}", synth, seed=seed)
+        _complete_store(f"{base}/model/{name}", seed=seed)
     loc = store.parse_location(base)
     client = loc.boto3_client()
     client.delete_object(Bucket=loc.bucket, Key=loc.key("model/lost/layers/2/c/4/0"))

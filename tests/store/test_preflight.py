@@ -7,6 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from _support import stores as synth
+from _support.s3 import moto_process
+from _support.servers import free_port
 
 import mup.store as store
 from mup.store._location import MULTIPART_CHUNKSIZE
@@ -14,14 +17,14 @@ from mup.store._location import MULTIPART_CHUNKSIZE
 pytestmark = pytest.mark.s3
 
 
-def test_missing_bucket(s3_env, synth):
+def test_missing_bucket(s3_env):
     assert store.preflight(f"s3://{synth.BUCKET}/x").kind == "s3"
     with pytest.raises(store.StoreAccessError, match="bucket 'no-such-bucket' does not exist") as e:
         store.preflight("s3://no-such-bucket/x")
     assert "\n" not in str(e.value)
 
 
-def test_unreachable_endpoint(monkeypatch, moto_process, free_port):
+def test_unreachable_endpoint(monkeypatch):
     port = free_port()  # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
@@ -33,13 +36,13 @@ def test_unreachable_endpoint(monkeypatch, moto_process, free_port):
     assert "\n" not in str(e.value)
 
 
-def test_missing_credentials(s3_env, monkeypatch, synth):
+def test_missing_credentials(s3_env, monkeypatch):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     with pytest.raises(store.StoreAccessError, match="no S3 credentials .* AWS_ACCESS_KEY_ID"):
         store.preflight(f"s3://{synth.BUCKET}/x")
 
 
-def test_wrong_credentials(monkeypatch, moto_process):
+def test_wrong_credentials(monkeypatch):
     """A second moto server with IAM authentication on: a real user passes, a wrong key fails."""
     import boto3
 
@@ -69,7 +72,7 @@ def test_wrong_credentials(monkeypatch, moto_process):
             store.preflight("s3://authed/x")
 
 
-def test_read_only_and_no_delete_credentials(monkeypatch, moto_process):
+def test_read_only_and_no_delete_credentials(monkeypatch):
     """moto with IAM on: credentials that may read but not write, or write but not delete, fail
     the preflight (which writes and deletes one object) in one line; full ones leave nothing."""
     import boto3
@@ -131,7 +134,7 @@ def test_r2_settings(monkeypatch):
     assert tc.multipart_chunksize == MULTIPART_CHUNKSIZE
 
 
-def test_unreachable_endpoint_mid_run(monkeypatch, moto_process, synth):
+def test_unreachable_endpoint_mid_run(monkeypatch):
     """The server goes away after some shards are durable: each retry of the next shard commit
     is reported (the extractor prints them above its progress bar), then a StoreError."""
     import boto3

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _support import stores as synth
 
 import mup.store as store
 
@@ -54,7 +55,7 @@ def _check_store(st, meta, acts, dtype="float16"):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_roundtrip_random_order_local(tmp_path, synth, dtype):
+def test_roundtrip_random_order_local(tmp_path, dtype):
     meta, acts = synth.make_job(seed=1)
     url = tmp_path / "store"
     writer = store.create(url, **meta, dtype=dtype, **SMALL)
@@ -63,7 +64,7 @@ def test_roundtrip_random_order_local(tmp_path, synth, dtype):
     _check_store(store.open(url), meta, acts, dtype)
 
 
-def test_roundtrip_random_order(base_url, synth):
+def test_roundtrip_random_order(base_url):
     meta, acts = synth.make_job(seed=2)
     url = f"{base_url}/job"
     writer = store.create(url, **meta, **SMALL)
@@ -90,7 +91,7 @@ def test_roundtrip_random_order(base_url, synth):
     assert seen == list(range(st.n_records))
 
 
-def test_resume_after_partial_write(base_url, synth):
+def test_resume_after_partial_write(base_url):
     meta, acts = synth.make_job(seed=3)
     url = f"{base_url}/job"
     off = meta["offsets"]
@@ -125,7 +126,7 @@ def test_resume_after_partial_write(base_url, synth):
     again.finalize()
 
 
-def test_finalize_refuses_missing_rows(tmp_path, synth):
+def test_finalize_refuses_missing_rows(tmp_path):
     meta, acts = synth.make_job(seed=4)
     writer = store.create(tmp_path / "s", **meta, **SMALL)
     rows = np.arange(10)
@@ -135,7 +136,7 @@ def test_finalize_refuses_missing_rows(tmp_path, synth):
     writer.close()
 
 
-def test_list_stores(base_url, synth):
+def test_list_stores(base_url):
     meta, acts = synth.make_job(n=6, seed=5)
     assert store.list_stores(base_url) == []
     keys = []
@@ -162,7 +163,7 @@ def test_list_stores(base_url, synth):
     assert store.open(by_key[keys[0]].url).n_records == 6
 
 
-def test_zarr_python_reads_every_array(tmp_path, synth):
+def test_zarr_python_reads_every_array(tmp_path):
     zarr = pytest.importorskip("zarr")
     meta, acts = synth.make_job(seed=6)
     url = tmp_path / "store"
@@ -183,7 +184,7 @@ def test_zarr_python_reads_every_array(tmp_path, synth):
         np.testing.assert_array_equal(group[f"layers/{layer}"][:], acts[layer].astype(np.float16))
 
 
-def test_bfloat16_zarr_python_workaround(tmp_path, synth):
+def test_bfloat16_zarr_python_workaround(tmp_path):
     """zarr-python 3 has no bfloat16 data type; tensorstore and register_zarr_bfloat16 read it."""
     zarr = pytest.importorskip("zarr")
     import ml_dtypes
@@ -227,7 +228,7 @@ def test_store_key_stability():
     assert store.store_key(**kw, compute_dtype="float32") == key  # the default: pinned key kept
 
 
-def test_create_validates_inputs(tmp_path, synth):
+def test_create_validates_inputs(tmp_path):
     meta, _ = synth.make_job(seed=8)
     t = int(meta["offsets"][-1])
     bad = [
@@ -247,7 +248,7 @@ def test_create_validates_inputs(tmp_path, synth):
     assert not (tmp_path / "s").exists()  # nothing written before validation passed
 
 
-def test_write_validates_inputs(tmp_path, synth):
+def test_write_validates_inputs(tmp_path):
     meta, acts = synth.make_job(seed=9)
     off = meta["offsets"]
     writer = store.create(tmp_path / "s", **meta, **SMALL)
@@ -274,7 +275,7 @@ def test_write_validates_inputs(tmp_path, synth):
     writer.close()
 
 
-def test_reader_errors(tmp_path, synth):
+def test_reader_errors(tmp_path):
     meta, acts = synth.make_job(n=5, seed=10)
     url = tmp_path / "s"
     w = store.create(url, **meta, **SMALL)
@@ -290,7 +291,7 @@ def test_reader_errors(tmp_path, synth):
         store.open_writer(tmp_path / "nothing")
 
 
-def test_create_refuses_to_clobber(tmp_path, synth):
+def test_create_refuses_to_clobber(tmp_path):
     meta, _ = synth.make_job(n=5, seed=11)
     url = tmp_path / "s"
     store.create(url, **meta, **SMALL).close()
@@ -312,7 +313,7 @@ def test_create_refuses_to_clobber(tmp_path, synth):
 
 
 @pytest.mark.s3
-def test_boto3_upload_matches_tensorstore(s3_env, synth):
+def test_boto3_upload_matches_tensorstore(s3_env):
     meta, acts = synth.make_job(seed=12)
     urls = {}
     for mode in ("tensorstore", "boto3"):

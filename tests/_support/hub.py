@@ -15,8 +15,6 @@ import threading
 import urllib.parse
 from pathlib import Path
 
-import pytest
-
 COMMIT = "0" * 39 + "1"
 
 
@@ -80,9 +78,3 @@ def hub_server(root: Path, repo: str):
     finally:
         server.shutdown()
         server.server_close()
-
-
-@pytest.fixture(name="hub_server")
-def _hub_server_fixture():
-    """The loopback hub context manager: `with hub_server(root, repo) as (endpoint, requests)`."""
-    return hub_server
