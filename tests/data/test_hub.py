@@ -85,7 +85,7 @@ def test_download_lays_out_a_data_root(hub_repo, tmp_path):
     dest = tmp_path / "data"
     with hub_server(hub_repo, HUB_REPO) as (endpoint, requests):
         done = subprocess.run(
-            [sys.executable, "-m", "mup.data", "download", "--dest", str(dest)],
+            [sys.executable, "-m", "mup", "data", "download", "--dest", str(dest)],
             env=_env(tmp_path, endpoint),
             cwd=tmp_path,
             capture_output=True,
