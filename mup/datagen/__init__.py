@@ -17,7 +17,24 @@ from mup.datagen._endpoint import (
     LocalServer,
     RateLimiter,
     Usage,
+    add_endpoint_args,
     open_endpoint,
+    quiet_http_logs,
+    usage_line,
+)
+
+# isort: split
+# The structured request layer every LLM call goes through (also the steering judge's):
+# response-format negotiation, validated answers, logprob reading, resumable JSONL logs
+from mup.datagen._label import FORMAT_CHAIN, JsonlLog, ResponseFormat, messages_text
+from mup.datagen._structured import (
+    Negotiator,
+    Refused,
+    choice_logprobs,
+    first_valid,
+    request_options,
+    send,
+    value_token,
 )
 
 # isort: split
@@ -51,29 +68,43 @@ from mup.datagen._agreement import (
 
 __all__ = [
     "CONTEXTS",
+    "FORMAT_CHAIN",
     "Agreement",
     "Answer",
     "Endpoint",
     "EndpointConfig",
     "EndpointError",
+    "JsonlLog",
     "LabelConfig",
     "LabelError",
     "LabelSummary",
     "LocalServer",
+    "Negotiator",
     "RateLimiter",
+    "Refused",
+    "ResponseFormat",
     "ScoreDistribution",
     "Usage",
+    "add_endpoint_args",
     "agreement",
+    "choice_logprobs",
     "cohen_kappa",
     "confusion_matrix",
     "find_rubric",
+    "first_valid",
     "label_dataset",
+    "messages_text",
     "open_endpoint",
     "parse_answer",
     "pooled_agreement",
+    "quiet_http_logs",
     "rejects_path",
+    "request_options",
     "resolve_context",
     "score_distribution",
+    "send",
     "spearman",
     "system_prompt",
+    "usage_line",
+    "value_token",
 ]

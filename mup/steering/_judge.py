@@ -51,23 +51,21 @@ import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mup._renamed import renamed_field
-from mup.datagen._endpoint import usage_line
-from mup.datagen._label import (
+from mup.datagen import (
     FORMAT_CHAIN,
     JsonlLog,
     LabelError,
-    ResponseFormat,
-    messages_text,
-    rejects_path,
-    score_distribution,
-)
-from mup.datagen._structured import (
     Negotiator,
     Refused,
+    ResponseFormat,
     choice_logprobs,
     first_valid,
+    messages_text,
+    rejects_path,
     request_options,
+    score_distribution,
     send,
+    usage_line,
     value_token,
 )
 

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add `judge` to the subparsers `sub` of `mup steering`."""
-    from mup.datagen._endpoint import add_endpoint_args
+    from mup.datagen import add_endpoint_args
     from mup.steering._judge import BUNDLED_RUBRICS
 
     p = sub.add_parser(
@@ -83,7 +83,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run `mup steering judge`: 0 done, 2 usage error, 1 endpoint failure, 130 interrupted."""
-    from mup.datagen._endpoint import EndpointError
+    from mup.datagen import EndpointError
     from mup.steering._judge import JudgeError, SweepError
 
     prog = "mup steering judge"
@@ -140,7 +140,7 @@ def _prepare(args):
 
 
 def _judge(args, rows, config) -> int:
-    from mup.datagen._endpoint import EndpointConfig, open_endpoint, quiet_http_logs
+    from mup.datagen import EndpointConfig, open_endpoint, quiet_http_logs
     from mup.steering._judge import judge_sweep
 
     quiet_http_logs()
