@@ -30,6 +30,7 @@ from mup.datagen._label import FORMAT_CHAIN, JsonlLog, ResponseFormat, messages_
 from mup.datagen._structured import (
     Negotiator,
     Refused,
+    add_answer_args,
     choice_logprobs,
     first_valid,
     request_options,
@@ -85,6 +86,7 @@ __all__ = [
     "ResponseFormat",
     "ScoreDistribution",
     "Usage",
+    "add_answer_args",
     "add_endpoint_args",
     "agreement",
     "choice_logprobs",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mup._cli_args import config_from_args, positive_int
 from mup.datagen._endpoint import EndpointConfig, add_endpoint_args
+from mup.datagen._structured import add_answer_args
 
 COMMANDS = ("label", "relabel", "generate", "agreement")
 logger = logging.getLogger(__name__)
@@ -146,23 +147,7 @@ def _label_args(p) -> None:
         default=7.0,
         help="ambiguous below this confidence (7)",
     )
-    prompt.add_argument("--max-tokens", type=positive_int, default=256, help="answer length (256)")
-    prompt.add_argument("--temperature", type=float, default=0.0)
-    prompt.add_argument("--seed", type=int, default=0)
-    prompt.add_argument(
-        "--top-logprobs",
-        type=int,
-        default=20,
-        choices=range(21),
-        metavar="K",
-        help="alternatives per answer token for the expected score (0: parse only; 20)",
-    )
-    prompt.add_argument(
-        "--response-format",
-        default="auto",
-        choices=("auto", "json_schema", "json_object", "none"),
-        help="auto: json_schema, falling back to json_object and none when refused",
-    )
+    add_answer_args(prompt, max_tokens=256, expected="the expected score")
     prompt.add_argument(
         "--max-input-chars",
         type=positive_int,

@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from mup._cli_args import positive_int
+
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
@@ -110,6 +112,31 @@ class Negotiator:
         if text not in self.notes:
             self.notes.append(text)
             logger.warning(text)
+
+
+def add_answer_args(group, *, max_tokens: int, expected: str, seed_help: str | None = None) -> None:
+    """The flags of a structured answer, shared by the labeller and the judge: its length,
+    sampling, how many alternatives per token score it (`expected`: what their expectation is,
+    for the help) and the response format to ask for."""
+    group.add_argument(
+        "--max-tokens", type=positive_int, default=max_tokens, help=f"answer length ({max_tokens})"
+    )
+    group.add_argument("--temperature", type=float, default=0.0)
+    group.add_argument("--seed", type=int, default=0, help=seed_help)
+    group.add_argument(
+        "--top-logprobs",
+        type=int,
+        default=20,
+        choices=range(21),
+        metavar="K",
+        help=f"alternatives per answer token for {expected} (0: parse only; 20)",
+    )
+    group.add_argument(
+        "--response-format",
+        default="auto",
+        choices=("auto", "json_schema", "json_object", "none"),
+        help="auto: json_schema, falling back to json_object and none when refused",
+    )
 
 
 def _describe(fmt: str) -> str:

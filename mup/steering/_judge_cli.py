@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add `judge` to the subparsers `sub` of `mup steering`."""
-    from mup.datagen import add_endpoint_args
+    from mup.datagen import add_answer_args, add_endpoint_args
     from mup.steering._judge import BUNDLED_RUBRICS
 
     p = sub.add_parser(
@@ -53,22 +53,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N judgements")
     add_endpoint_args(p, role="judge")
     ask = p.add_argument_group("requests and statistics")
-    ask.add_argument("--max-tokens", type=positive_int, default=96, help="answer length (96)")
-    ask.add_argument("--temperature", type=float, default=0.0)
-    ask.add_argument("--seed", type=int, default=0, help="request and bootstrap seed")
-    ask.add_argument(
-        "--top-logprobs",
-        type=int,
-        default=20,
-        choices=range(21),
-        metavar="K",
-        help="alternatives per answer token for expected ratings (0: parse only; 20)",
-    )
-    ask.add_argument(
-        "--response-format",
-        default="auto",
-        choices=("auto", "json_schema", "json_object", "none"),
-        help="auto: json_schema, falling back to json_object and none when refused",
+    add_answer_args(
+        ask, max_tokens=96, expected="expected ratings", seed_help="request and bootstrap seed"
     )
     ask.add_argument("--max-input-chars", type=positive_int, default=None, help="conversation cap")
     ask.add_argument("--bootstrap", type=non_negative_int, default=1000, help="BT resamples (1000)")
