@@ -76,10 +76,10 @@ def json_schema_grammar(schema: dict[str, Any]) -> Grammar:
     try:
         text = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
     except (ValueError, TypeError, RecursionError) as error:
-        raise GrammarError(f"not a usable JSON schema: {_first_line(error)}") from None
+        raise GrammarError(f"not a usable JSON schema: {_one_line(error)}") from None
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text)
     if is_error:
-        raise GrammarError(_first_line(messages[0]) if messages else "invalid schema")
+        raise GrammarError(_one_line(messages[0]) if messages else "invalid schema")
     return Grammar("json_schema", text)
 
 
@@ -89,9 +89,11 @@ def json_object_grammar() -> Grammar:
     return Grammar("json_object", grammar.text)
 
 
-def _first_line(error: object) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def _one_line(error: object, limit: int = 500) -> str:
+    """An llguidance message on one line (its regex errors span several, the reason last)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = text or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def mask_words(vocab_size: int) -> int:
@@ -138,7 +140,7 @@ class Constraints:
         llg = _llguidance()
         m = llg.LLMatcher(self._tokenizer, grammar.text, log_level=0)
         if m.is_error():
-            raise GrammarError(_first_line(m.get_error()))
+            raise GrammarError(_one_line(m.get_error()))
         return m
 
     def fill(self, rows: Sequence[tuple[Any, int]], masks: np.ndarray) -> None:
