@@ -370,6 +370,7 @@ class GenerateSummary:
     labels: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     usage: dict[str, int] = dataclasses.field(default_factory=dict)
     elapsed_s: float = 0.0
+    response_format: str = ""  # the format the run ended on (after any step-downs)
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -394,6 +395,8 @@ class GenerateSummary:
                 f"tokens: {u['prompt_tokens']} prompt + {u['completion_tokens']} completion in "
                 f"{u['requests']} requests ({u['attempts']} HTTP attempts)"
             )
+        if self.response_format:
+            out.append(f"response format: {self.response_format}")
         return out + self.notes
 
 
@@ -604,6 +607,8 @@ def generate_dataset(
             summary.elapsed_s = time.monotonic() - started
             summary.notes = list(generator.options.notes)
             summary.usage = {k: v - usage_before[k] for k, v in endpoint.usage.as_dict().items()}
+            if summary.usage.get("requests"):
+                summary.response_format = generator.options.current()[0]
             wanted_pairs = {p.pair_id for p in pairs}
             mine = [r for r in prompts.values() if r["pair_id"] in wanted_pairs]
             summary.n_prompts_total = len(mine)
