@@ -848,13 +848,16 @@ class Engine:
         self._update_masks(keep)
 
     def _update_masks(self, rows: Sequence[_Row]) -> None:
-        """Each row's mask row for its next token: its grammar's, after the tokens so far, or
-        every token (rows without a grammar, finished rows that still feed one token)."""
+        """Each constrained row's mask row for its next token: its grammar's after the tokens
+        so far, or every token once it is finished (it may still feed one token). Rows without
+        a grammar keep their slot's all-allowed row (`_free` resets it behind a grammar)."""
         constrained = []
         for r in rows:
-            if r.matcher is not None and r.finish is None:
+            if r.matcher is None:
+                continue
+            if r.finish is None:
                 constrained.append((r.matcher, r.slot))
-            elif r.matcher is not None or self._allowed[r.slot, 0] != ALL_ALLOWED:
+            else:
                 self._allowed[r.slot] = ALL_ALLOWED
                 self._allowed_dev = None
         if constrained:
@@ -946,7 +949,7 @@ class Engine:
             self._slots[s] = None
             self._mult[:, s] = 0.0
             self._temp[s], self._top_p[s] = 0.0, 1.0
-            if self._allowed[s, 0] != ALL_ALLOWED or r.matcher is not None:
+            if r.matcher is not None:
                 self._allowed[s] = ALL_ALLOWED
                 self._allowed_dev = None
         r.live = False
