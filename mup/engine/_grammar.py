@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 
 ALL_ALLOWED = -1  # a mask word with every bit set
+# A JSON grammar's mask takes microseconds per row; handing rows to llguidance's thread pool
+# costs more than that until the batch is large, and on a busy CPU far more.
+PARALLEL_ROWS = 32
 
 # JSON as `json.dumps` writes it ({"a": 1, "b": [2, 3]}): no free whitespace. A small model
 # given free whitespace between tokens can spend its whole budget on newlines and indentation,
@@ -115,9 +118,13 @@ class Constraints:
     vocab_size: V, the model's logits width (may exceed the tokenizer's vocabulary: the extra
       ids are never allowed).
     eos_ids: the tokens that end a row; a grammar allows them once it is complete.
+    threads: llguidance's mask threads for batches of `PARALLEL_ROWS` rows or more (None: half
+      the cores, at most 8; 1: always in this thread).
     """
 
-    def __init__(self, tokenizer, vocab_size: int, eos_ids: Sequence[int]):
+    def __init__(
+        self, tokenizer, vocab_size: int, eos_ids: Sequence[int], threads: int | None = None
+    ):
         llg = _llguidance()
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
@@ -130,7 +137,9 @@ class Constraints:
             backend.to_str(), n_vocab=self.vocab_size, eos_token=[int(t) for t in eos_ids]
         )
         # Masks of many rows are computed in parallel, off the GIL; a few threads are plenty.
-        self._executor = llg.LLExecutor(num_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))
+        if threads is None:
+            threads = max(1, min(8, (os.cpu_count() or 2) // 2))
+        self._executor = llg.LLExecutor(num_threads=threads) if threads > 1 else None
         self._fill_one = llg.numpy.fill_next_token_bitmask
         self._fill_many = llg.numpy.fill_next_token_bitmask_par
         self._lock = threading.Lock()
@@ -146,11 +155,9 @@ class Constraints:
     def fill(self, rows: Sequence[tuple[Any, int]], masks: np.ndarray) -> None:
         """Write each (matcher, row index)'s next-token mask into ``masks[index]`` ([N, W]
         int32, C-contiguous)."""
-        if not rows:
-            return
-        if len(rows) == 1:
-            matcher, i = rows[0]
-            self._fill_one(matcher, masks, i)
+        if self._executor is None or len(rows) < PARALLEL_ROWS:
+            for matcher, i in rows:
+                self._fill_one(matcher, masks, i)
             return
         with self._lock:  # one executor, one batch at a time
             self._fill_many(self._executor, list(rows), masks)

@@ -216,6 +216,30 @@ def test_free_rows_decode_as_alone_beside_constrained_rows(engine, prompts, gram
         jsonschema.validate(json.loads(r.text), SCHEMAS[name])
 
 
+def test_masks_of_many_rows_in_parallel_equal_one_by_one(model, grammars):
+    """llguidance's thread pool (batches of PARALLEL_ROWS rows and more) writes each row's mask
+    where the one-row fill does, rows at different states of different grammars."""
+    from mup.engine._grammar import PARALLEL_ROWS, Constraints, allowed_ids, mask_words
+
+    V = model.config.vocab_size
+    pool = Constraints(model.tokenizer, V, [model.tokenizer.eos_token_id], threads=2)
+    rng = np.random.default_rng(0)
+    names = list(grammars)
+    matchers = [pool.matcher(grammars[names[i % len(names)]]) for i in range(PARALLEL_ROWS + 8)]
+    one = np.zeros((1, mask_words(V)), np.int32)
+    for k, m in enumerate(matchers):  # advance row k by k % 5 allowed tokens
+        for _ in range(k % 5):
+            pool.fill([(m, 0)], one)
+            assert m.consume_token(int(rng.choice(allowed_ids(one[0], V))))
+    rows = [(m, k) for k, m in enumerate(matchers)]
+    together = np.zeros((len(rows), mask_words(V)), np.int32)
+    pool.fill(rows, together)
+    for m, k in rows:
+        pool.fill([(m, 0)], one)
+        np.testing.assert_array_equal(together[k], one[0])
+    assert len({together[k].tobytes() for k in range(len(rows))}) > len(names)
+
+
 def test_max_tokens_first_is_length_and_bad_grammars_are_refused(engine, prompts):
     from mup.engine import GrammarError, json_schema_grammar
 
