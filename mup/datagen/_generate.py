@@ -217,6 +217,9 @@ PROMPT_TEMPLATE = (
 )
 
 
+MIN_WORDS = {"situation": 5, "prompt": 3}  # fewer is not a situation / a prompt
+
+
 def _words(text: str, least: int, field: str) -> str:
     text = text.strip()
     if len(text.split()) < least:
@@ -231,7 +234,7 @@ class SituationAnswer(BaseModel):
     @field_validator("situation")
     @classmethod
     def _long_enough(cls, text: str) -> str:
-        return _words(text, 5, "situation")
+        return _words(text, MIN_WORDS["situation"], "situation")
 
 
 class PromptAnswer(BaseModel):
@@ -241,7 +244,15 @@ class PromptAnswer(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _long_enough(cls, text: str) -> str:
-        return _words(text, 3, "prompt")
+        return _words(text, MIN_WORDS["prompt"], "prompt")
+
+
+def words_pattern(least: int) -> str:
+    """A JSON Schema `pattern` of at least `least` whitespace-separated words: the validator's
+    rule, so that an endpoint that constrains decoding (mup serve, vLLM) cannot close the
+    string early (small models often stop after two or three words). Anchored: JSON Schema
+    searches a pattern, grammar engines match it whole, and both read this one the same way."""
+    return rf"^\s*\S+(\s+\S+){{{least - 1},}}\s*$"
 
 
 def _schema(name: str, field: str) -> dict[str, Any]:
@@ -250,7 +261,7 @@ def _schema(name: str, field: str) -> dict[str, Any]:
         "strict": True,
         "schema": {
             "type": "object",
-            "properties": {field: {"type": "string"}},
+            "properties": {field: {"type": "string", "pattern": words_pattern(MIN_WORDS[field])}},
             "required": [field],
             "additionalProperties": False,
         },

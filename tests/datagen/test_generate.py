@@ -23,7 +23,7 @@ import pytest
 
 from mup.data import load_records
 from mup.data._cli import main
-from mup.datagen._generate import pair_specs, sidecar, variation
+from mup.datagen._generate import MIN_WORDS, pair_specs, sidecar, variation
 from mup.datagen._label import iter_jsonl
 
 pytest.importorskip("openai")
@@ -166,11 +166,11 @@ def test_generate_label_extract_probe(proxy, inputs, tmp_path, tiny_dir, capsys)
 
 def test_auto_takes_json_schema_on_mup_serve_and_answers_validate(proxy, inputs, tmp_path, capsys):
     """`auto` asks for the answer's JSON schema first and mup serve constrains decoding to it:
-    no request is refused, and every answer is the schema's JSON, complete or cut at
-    max_tokens (a random model rarely closes its string: invalid answers are cut ones)."""
+    no request is refused, and every answer is the schema's JSON, complete (with the words its
+    pattern asks for) or cut at max_tokens (a random model rarely closes its string)."""
     out = tmp_path / "schema.jsonl"
     args = ("--n-situations", "4", "--prompts-per-situation", "1", "--concurrency", "8")
-    args += ("--max-tokens", "160", "--prompt-max-tokens", "160", "--max-retries", "4")
+    args += ("--max-tokens", "256", "--prompt-max-tokens", "256", "--max-retries", "4")
     assert generate(proxy, inputs, out, *args) == 0
     printed = capsys.readouterr().out
     assert "response format: json_schema" in printed and "refuses" not in printed
@@ -188,7 +188,8 @@ def test_auto_takes_json_schema_on_mup_serve_and_answers_validate(proxy, inputs,
         text = choice["message"]["content"]
         if choice["finish_reason"] == "stop":
             value = json.loads(text)  # complete: the schema's one string field, nothing else
-            assert len(value) == 1 and isinstance(next(iter(value.values())), str)
+            ((field, string),) = value.items()
+            assert len(string.split()) >= MIN_WORDS[field]  # its pattern: closed no earlier
             complete.add(text)
         else:
             assert choice["finish_reason"] == "length" and text.startswith('{"')
