@@ -43,6 +43,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mup.datagen._endpoint import usage_line
 from mup.datagen._label import JsonlLog, _check_provenance, find_input
 from mup.datagen._structured import (
     FORMATS,
@@ -217,6 +218,9 @@ PROMPT_TEMPLATE = (
 )
 
 
+MIN_WORDS = {"situation": 5, "prompt": 3}  # fewer is not a situation / a prompt
+
+
 def _words(text: str, least: int, field: str) -> str:
     text = text.strip()
     if len(text.split()) < least:
@@ -231,7 +235,7 @@ class SituationAnswer(BaseModel):
     @field_validator("situation")
     @classmethod
     def _long_enough(cls, text: str) -> str:
-        return _words(text, 5, "situation")
+        return _words(text, MIN_WORDS["situation"], "situation")
 
 
 class PromptAnswer(BaseModel):
@@ -241,7 +245,15 @@ class PromptAnswer(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _long_enough(cls, text: str) -> str:
-        return _words(text, 3, "prompt")
+        return _words(text, MIN_WORDS["prompt"], "prompt")
+
+
+def words_pattern(least: int) -> str:
+    """A JSON Schema `pattern` of at least `least` whitespace-separated words: the validator's
+    rule, so that an endpoint that constrains decoding (mup serve, vLLM) cannot close the
+    string early (small models often stop after two or three words). Anchored: JSON Schema
+    searches a pattern, grammar engines match it whole, and both read this one the same way."""
+    return rf"^\s*\S+(\s+\S+){{{least - 1},}}\s*$"
 
 
 def _schema(name: str, field: str) -> dict[str, Any]:
@@ -250,7 +262,7 @@ def _schema(name: str, field: str) -> dict[str, Any]:
         "strict": True,
         "schema": {
             "type": "object",
-            "properties": {field: {"type": "string"}},
+            "properties": {field: {"type": "string", "pattern": words_pattern(MIN_WORDS[field])}},
             "required": [field],
             "additionalProperties": False,
         },
@@ -370,6 +382,7 @@ class GenerateSummary:
     labels: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     usage: dict[str, int] = dataclasses.field(default_factory=dict)
     elapsed_s: float = 0.0
+    response_format: str = ""  # the format the run ended on (after any step-downs)
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -389,11 +402,9 @@ class GenerateSummary:
                 f"{self.n_rejected_total} rejected items in all (raw answers): {self.rejects}"
             )
         if self.usage:
-            u = self.usage
-            out.append(
-                f"tokens: {u['prompt_tokens']} prompt + {u['completion_tokens']} completion in "
-                f"{u['requests']} requests ({u['attempts']} HTTP attempts)"
-            )
+            out.append(usage_line(self.usage))
+        if self.response_format:
+            out.append(f"response format: {self.response_format}")
         return out + self.notes
 
 
@@ -604,6 +615,8 @@ def generate_dataset(
             summary.elapsed_s = time.monotonic() - started
             summary.notes = list(generator.options.notes)
             summary.usage = {k: v - usage_before[k] for k, v in endpoint.usage.as_dict().items()}
+            if summary.usage.get("requests"):
+                summary.response_format = generator.options.current()[0]
             wanted_pairs = {p.pair_id for p in pairs}
             mine = [r for r in prompts.values() if r["pair_id"] in wanted_pairs]
             summary.n_prompts_total = len(mine)

@@ -87,9 +87,11 @@ ANSWER_SCHEMA = {
     "strict": True,
     "schema": {
         "type": "object",
+        # The bounds are the rubric's (and `Answer`'s): an endpoint that constrains decoding
+        # (mup serve, vLLM) then writes only scores that validate.
         "properties": {
-            "score": {"type": "integer"},
-            "confidence": {"type": "integer"},
+            "score": {"type": "integer", "minimum": 1, "maximum": 10},
+            "confidence": {"type": "integer", "minimum": 1, "maximum": 10},
             "reason": {"type": "string"},
         },
         "required": ["score", "confidence", "reason"],
@@ -464,6 +466,7 @@ class LabelSummary:
     n_rejected_total: int = 0
     usage: dict[str, int] = dataclasses.field(default_factory=dict)
     elapsed_s: float = 0.0
+    response_format: str = ""  # the format the run ended on (after any step-downs)
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -486,6 +489,8 @@ class LabelSummary:
             )
         if self.usage:
             out.append(usage_line(self.usage))
+        if self.response_format:
+            out.append(f"response format: {self.response_format}")
         return out + self.notes
 
 
@@ -778,6 +783,8 @@ def label_dataset(
             summary.usage = {
                 key: value - usage_before[key] for key, value in endpoint.usage.as_dict().items()
             }
+            if summary.usage.get("requests"):
+                summary.response_format = labeller.options.current()[0]
             summary.labels = collections.Counter(
                 row["labels"] for key, row in done.items() if key in wanted
             )

@@ -10,8 +10,14 @@ result = handle.result()             # text, token ids, logprobs, probe scores, 
 
 Rows decode in fixed slots of one KV cache; prompts are prefilled in length buckets (long ones
 in chunks between decode steps) and join the running batch at the next step; every row has its
-own steering vector and multiplier, sampler parameters, seed, stop tokens and budget, and its
-output does not depend on what else runs.
+own steering vector and multiplier, sampler parameters, seed, stop tokens, budget and grammar,
+and its output does not depend on what else runs.
+
+JSON-constrained rows (llguidance matchers, one allowed-token mask per step):
+
+grammar = json_schema_grammar({"type": "object", "properties": {"score": {"type": "integer"}},
+                               "required": ["score"], "additionalProperties": False})
+engine.submit(Request(prompt_ids=ids, max_tokens=32, grammar=grammar))   # or json_object_grammar()
 """
 
 # Configuration and requests
@@ -23,6 +29,10 @@ from mup.engine._config import (
     TokenEvent,
     TokenLogprob,
 )
+
+# isort: split
+# Grammars that constrain a row's tokens
+from mup.engine._grammar import Grammar, GrammarError, json_object_grammar, json_schema_grammar
 
 # isort: split
 # The engine, its handles and metrics
@@ -39,12 +49,16 @@ __all__ = [
     "EngineClosed",
     "EngineConfig",
     "EngineMetrics",
+    "Grammar",
+    "GrammarError",
     "Handle",
     "Request",
     "Result",
     "TokenEvent",
     "TokenLogprob",
     "check_probe",
+    "json_object_grammar",
+    "json_schema_grammar",
     "probe_site",
     "sample_rows",
 ]

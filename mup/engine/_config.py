@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 
+from mup.engine._grammar import Grammar
 from mup.models import STEER_POSITIONS
 
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API; every step computes this many (one program)
@@ -21,7 +22,9 @@ class EngineConfig:
     prefill_chunk: longest prefill call in tokens: longer prompts are prefilled chunk by chunk,
       one chunk between decode steps, so running rows are not stalled for a whole long prompt.
     prefill_rows: row counts a prefill call is padded up to (each one a compiled shape).
-    decode_steps: decode steps per jitted call (1 streams and admits at every token).
+    decode_steps: decode steps per jitted call (1 streams and admits at every token); a call
+      that holds a constrained row (`Request.grammar`) runs one step, its mask following
+      each token.
     steer_positions: "all" (prompt and generated tokens, the vLLM reference), "prompt" or
       "generated".
     admit_window_s: when the engine is idle, how long the first request waits for company
@@ -75,6 +78,11 @@ class Request:
     prompt_logprobs: return the prompt tokens' logprobs (echo), with top_logprobs alternatives.
     probe_mask: bool [len(prompt_ids)], the prompt tokens the probe reads; None = no score.
     probe_token_scores: the probe's score on every generated token.
+    grammar: constrain the completion to this grammar (`json_schema_grammar`,
+      `json_object_grammar`): every token, the first included, is drawn among the tokens the
+      grammar allows after the ones before it, and the row stops ("stop") when the grammar is
+      complete. Logprobs are then those of the constrained distribution (as vLLM reports them).
+      None = free text.
     group: rows sharing a group (one API request's prompts x n) are admitted fairly against
       other groups: a free slot goes to the group with the fewest rows in slots, then the one
       admitted least recently, so one request's thousand rows cannot hold back another's
@@ -95,6 +103,7 @@ class Request:
     prompt_logprobs: bool = False
     probe_mask: np.ndarray | None = None
     probe_token_scores: bool = False
+    grammar: Grammar | None = None
     group: object = None
 
 

@@ -16,6 +16,14 @@ One host thread owns the model and loops:
 4. one jitted decode call advances every slot; each live row takes its token, logprobs and
    probe activations; a row that finishes frees its slot at once.
 
+Constrained rows (`Request.grammar`) carry an llguidance matcher: after each of the row's tokens
+the host advances it and writes the row's allowed-token mask (packed bits [W]) into the slot's
+mask row, which the next call applies to the logits before sampling (the prefill applies the
+grammar's start mask to the first token). Every call passes the mask rows, all-allowed for
+other rows and free slots, so one compiled program serves every mix and a free row's tokens
+are exactly those it gets without constrained batch-mates. A call that holds a constrained row
+runs one decode step (the mask must be updated between steps), whatever `decode_steps` says.
+
 A row's tokens depend only on its own prompt, steering, sampler and seed: attention is masked
 per row, rope positions are per row, and sampling uses per-row parameters and keys, so its
 batch-mates, their number and their arrival times never change its output.
@@ -49,6 +57,7 @@ from mup.engine._config import (
     TokenEvent,
     TokenLogprob,
 )
+from mup.engine._grammar import ALL_ALLOWED, Constraints, Grammar, GrammarError, mask_words
 from mup.engine._metrics import EngineMetrics
 from mup.engine._steps import decode_steps, insert_rows, prefill_chunk
 from mup.models import STEER_PHASES, KVCache, default_stop_tokens, pad_tokens
@@ -215,6 +224,8 @@ class _Row:
     entry: int | None  # loaded steering entry, or None
     custom: np.ndarray | None  # own vector [D]
     t_submit: float
+    matcher: object = None  # the grammar's llguidance matcher, advanced by every token
+    grammar_error: str | None = None  # a token the matcher refused (never when masks apply)
     slot: int = -1
     live: bool = False  # in a slot and decoding
     ids: list[int] = dataclasses.field(default_factory=list)
@@ -252,6 +263,7 @@ class _Prefill:
     keys: np.ndarray
     vectors: np.ndarray | None
     multipliers: np.ndarray | None
+    allowed: np.ndarray  # [R, W] packed allowed-token masks of the first new token
     chunk: int = 0
 
     @property
@@ -355,6 +367,12 @@ class Engine:
         self._vec[: len(self._loaded)] = self._loaded
         self._mult = np.zeros((J, B), np.float32)
         self._max_len = S
+        # allowed-token masks of the next step, one packed row per slot (-1: every token)
+        self._words = mask_words(int(mc.vocab_size))
+        self._allowed = np.full((B, self._words), ALL_ALLOWED, np.int32)
+        self._allowed_dev: jax.Array | None = None  # device copy; None when out of date
+        self._constraints: Constraints | None = None  # built with the first grammar
+        self._constraints_lock = threading.Lock()
 
         self._cv = threading.Condition()
         self._incoming: list[_Row] = []
@@ -372,6 +390,7 @@ class Engine:
             "max_live": 0,
             "mixed_steps": 0,
             "interleaved_steps": 0,
+            "constrained_steps": 0,
         }
 
     # -- public ----------------------------------------------------------------------------
@@ -424,7 +443,7 @@ class Engine:
         self.stats = {k: 0 for k in self.stats}
         return runs
 
-    def _new_row(self, request: Request, handle: Handle, entry, custom) -> _Row:
+    def _new_row(self, request: Request, handle: Handle, entry, custom, matcher=None) -> _Row:
         return _Row(
             req=request,
             handle=handle,
@@ -433,14 +452,17 @@ class Engine:
             entry=entry,
             custom=custom,
             t_submit=time.perf_counter(),
+            matcher=matcher,
         )
 
     def submit(self, request: Request) -> Handle:
-        """Queue one row; raises ValueError for a request the engine cannot serve and
-        EngineClosed once closing."""
+        """Queue one row; raises ValueError for a request the engine cannot serve (a
+        `GrammarError` for a grammar it cannot build) and EngineClosed once closing."""
         entry, custom = self._check(request)
+        # The matcher is built here, on the submitter's thread, not in the decode loop.
+        matcher = None if request.grammar is None else self.constraints().matcher(request.grammar)
         handle = Handle(request, self)
-        row = self._new_row(request, handle, entry, custom)
+        row = self._new_row(request, handle, entry, custom, matcher)
         with self._cv:
             if self._closing:
                 raise EngineClosed("the engine is shutting down")
@@ -464,6 +486,15 @@ class Engine:
 
     def running(self) -> int:
         return sum(1 for r in self._slots if r is not None and r.live)
+
+    def constraints(self) -> Constraints:
+        """The llguidance side of the engine (its tokenizer's trie), built on first use."""
+        with self._constraints_lock:
+            if self._constraints is None:
+                self._constraints = Constraints(
+                    self.model.tokenizer, self.model.config.vocab_size, self.stop_ids
+                )
+            return self._constraints
 
     def waiting(self) -> int:
         return len(self._waiting) + len(self._incoming)
@@ -495,6 +526,10 @@ class Engine:
                 raise ValueError(f"probe_mask has {len(r.probe_mask)} entries for {n} tokens")
         if r.probe_token_scores and self.probe is None:
             raise ValueError("probe token scores need a probe")
+        if r.grammar is not None and not isinstance(r.grammar, Grammar):
+            raise GrammarError(
+                f"grammar must be a mup.engine.Grammar, got {type(r.grammar).__name__}"
+            )
         if r.vector is None:
             return None, None
         if isinstance(r.vector, str):
@@ -652,6 +687,10 @@ class Engine:
             vectors = np.zeros((J, self.d_model), np.float32)
             vectors[: len(self._loaded)] = self._loaded
             mults = np.zeros((J, R), np.float32)
+        allowed = np.full((R, self._words), ALL_ALLOWED, np.int32)
+        constrained = [(r.matcher, i) for i, r in enumerate(rows) if r.matcher is not None]
+        if constrained:
+            self.constraints().fill(constrained, allowed)
         phase = STEER_PHASES[cfg.steer_positions][0]
         for i, r in enumerate(rows):
             ids = np.asarray(r.req.prompt_ids, np.int32)
@@ -664,7 +703,7 @@ class Engine:
         return _Prefill(
             rows=rows, R=R, P=P, C=C, echo=echo, tokens=tokens, valid=valid, next_tokens=nxt,
             cache=cache, temperature=temp, top_p=top_p, keys=keys, vectors=vectors,
-            multipliers=mults,
+            multipliers=mults, allowed=allowed,
         )  # fmt: skip
 
     @staticmethod
@@ -707,6 +746,7 @@ class Engine:
             jnp.asarray(job.temperature),
             jnp.asarray(job.top_p),
             jnp.asarray(job.keys),
+            jnp.asarray(job.allowed),
             None if not entries else jnp.asarray(job.vectors, self._dtype),
             None if not entries else jnp.asarray(job.multipliers, self._dtype),
             config=self.model.config,
@@ -807,6 +847,24 @@ class Engine:
             self._temp[s], self._top_p[s], self._keys[s] = r.req.temperature, r.req.top_p, r.key
             self._mult[:, s] = 0.0
             self._steer_row(self._vec, self._mult, s, len(self._loaded) + s, r, phase)
+        self._update_masks(keep)
+
+    def _update_masks(self, rows: Sequence[_Row]) -> None:
+        """Each constrained row's mask row for its next token: its grammar's after the tokens
+        so far, or every token once it is finished (it may still feed one token). Rows without
+        a grammar keep their slot's all-allowed row (`_free` resets it behind a grammar)."""
+        constrained = []
+        for r in rows:
+            if r.matcher is None:
+                continue
+            if r.finish is None:
+                constrained.append((r.matcher, r.slot))
+            else:
+                self._allowed[r.slot] = ALL_ALLOWED
+                self._allowed_dev = None
+        if constrained:
+            self.constraints().fill(constrained, self._allowed)
+            self._allowed_dev = None
 
     def _new_cache(self) -> KVCache:
         cache = KVCache.create(
@@ -828,9 +886,15 @@ class Engine:
         ):
             self.stats["mixed_steps"] += 1
         entries = self._n_entries(self.config.max_slots)
+        # A constrained row's mask follows its every token: one step per call while one runs.
+        constrained = any(r.matcher is not None for r in live)
+        n_steps = 1 if constrained else self.config.decode_steps
+        self.stats["constrained_steps"] += constrained
         # Columns the step must read: every live row's next write, plus the steps of the call.
-        need = max(len(r.req.prompt_ids) + len(r.ids) - 1 for r in live) + self.config.decode_steps
+        need = max(len(r.req.prompt_ids) + len(r.ids) - 1 for r in live) + n_steps
         attend = next((b for b in _ATTEND_BUCKETS if b >= need), self._max_len)
+        if self._allowed_dev is None:
+            self._allowed_dev = jnp.asarray(self._allowed)
         self._cache, out = decode_steps(
             self.model.params,
             self._cache,
@@ -839,6 +903,7 @@ class Engine:
             jnp.asarray(self._temp),
             jnp.asarray(self._top_p),
             jnp.asarray(self._keys),
+            self._allowed_dev,
             None if not entries else jnp.asarray(self._vec, self._dtype),
             None if not entries else jnp.asarray(self._mult, self._dtype),
             config=self.model.config,
@@ -847,14 +912,15 @@ class Engine:
             captures=self.captures if any(r.req.probe_token_scores for r in live) else (),
             # XLA CPU's top-k over the vocabulary took 40% of a SmolLM2 step: only when asked.
             top_k=MAX_TOP_LOGPROBS if any(r.req.top_logprobs for r in live) else 1,
-            n_steps=self.config.decode_steps,
+            n_steps=n_steps,
             attend_len=min(attend, self._max_len),
         )
         host = jax.device_get(out)
+        going = []
         for r in live:
             s = r.slot
             r.batch_rows = max(r.batch_rows, n_live)
-            for k in range(self.config.decode_steps):
+            for k in range(n_steps):
                 if r.req.probe_token_scores and host["probe"]:  # the token fed at this step
                     r.token_acts.append(self._combine(0, [h[s, k] for h in host["probe"]]))
                 if r.final_feed:
@@ -875,6 +941,9 @@ class Engine:
             else:
                 self._tok[s] = r.ids[-1]
                 self._steps[s] = len(r.ids)
+                going.append(r)
+        if constrained:
+            self._update_masks(going)
 
     def _free(self, r: _Row) -> None:
         s = r.slot
@@ -882,6 +951,9 @@ class Engine:
             self._slots[s] = None
             self._mult[:, s] = 0.0
             self._temp[s], self._top_p[s] = 0.0, 1.0
+            if r.matcher is not None:
+                self._allowed[s] = ALL_ALLOWED
+                self._allowed_dev = None
         r.live = False
 
     # -- per-token bookkeeping ---------------------------------------------------------------
@@ -900,9 +972,17 @@ class Engine:
         if r.req.logprobs:
             k = r.req.top_logprobs
             top = tuple(zip(top_ids[:k].tolist(), top_lps[:k].tolist(), strict=True))
+            if r.matcher is not None:  # fewer than k tokens may be allowed: drop the -inf ones
+                top = tuple(t for t in top if t[1] != -np.inf)
             tl = TokenLogprob(token, lp, top)
             r.logprobs.append(tl)
-        if token in r.stop_ids:
+        complete = False  # the grammar takes no more tokens
+        if r.matcher is not None and token not in r.stop_ids:
+            if r.matcher.consume_token(token):
+                complete = r.matcher.is_stopped()
+            else:
+                r.grammar_error = r.matcher.get_error() or f"token {token} is not allowed"
+        if token in r.stop_ids or complete or r.grammar_error is not None:
             r.finish = "stop"
         elif len(r.ids) >= r.req.max_tokens or len(r.req.prompt_ids) + len(r.ids) >= self._max_len:
             r.finish = "length"
@@ -964,6 +1044,10 @@ class Engine:
             ttft_s=None if r.t_first is None else r.t_first - r.t_submit,
         )
         self.metrics.on_finish(result.finish_reason, time.perf_counter() - r.t_submit)
+        if r.grammar_error is not None:  # a bug, not the request's fault: fail loudly
+            log.error("row left its grammar: %s", r.grammar_error)
+            r.handle._finish(None, RuntimeError(f"the row left its grammar: {r.grammar_error}"))
+            return
         r.handle._finish(result)
 
     # -- probes ------------------------------------------------------------------------------

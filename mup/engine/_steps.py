@@ -2,12 +2,13 @@
 
 Axis letters: B slots (the decode batch), R rows of one prefill call, C chunk tokens,
 P prefill cache length (a prompt bucket), S slot cache length, D model, V vocab,
-J steering entries, X top-k width, L layers.
+W allowed-token mask words (ceil(V / 32)), J steering entries, X top-k width, L layers.
 
-Every program takes per-row arrays (temperature, top_p, PRNG keys, steering multipliers), so
-rows with different samplers and strengths share one call and one compiled program; the only
-static arguments are shapes and the model config, so compiled programs stay few: one decode
-step per slot count, one prefill chunk per (rows, chunk, bucket), one insert per (rows, bucket).
+Every program takes per-row arrays (temperature, top_p, PRNG keys, steering multipliers,
+allowed-token masks), so rows with different samplers, strengths and grammars share one call
+and one compiled program; the only static arguments are shapes and the model config, so
+compiled programs stay few: one decode step per slot count, one prefill chunk per (rows, chunk,
+bucket), one insert per (rows, bucket).
 """
 
 from __future__ import annotations
@@ -77,6 +78,17 @@ def sample_rows(logits, temperature, top_p, keys, top_k: int = 1):
     return tokens, chosen, top_ids.astype(jnp.int32), top_vals - lse[:, None]
 
 
+def mask_logits(logits, allowed):
+    """logits [B, V] with the tokens that `allowed` [B, W] (packed bits, llguidance's layout:
+    bit v % 32 of word v // 32) does not allow set to -inf. A row of -1 words allows every
+    token and leaves its logits exactly as they were."""
+    B, V = logits.shape
+    shifts = jnp.arange(32, dtype=jnp.int32)
+    bits = (allowed[:, :, None] >> shifts) & 1  # [B, W, 32]; arithmetic shift, bit kept by & 1
+    keep = bits.reshape(B, -1)[:, :V].astype(bool)  # [B, V]
+    return jnp.where(keep, logits, -jnp.inf)
+
+
 def _steering(steer_blocks, vectors, multipliers):
     if not steer_blocks:
         return None
@@ -105,6 +117,7 @@ def prefill_chunk(
     temperature,  # [R]
     top_p,  # [R]
     keys,  # [R] PRNG keys (step 0)
+    allowed,  # [R, W] int32 packed allowed-token masks of the first new token
     vectors,  # [J, D] or None
     multipliers,  # [J, R] or None
     *,
@@ -115,7 +128,9 @@ def prefill_chunk(
     all_logprobs: bool,
 ):
     """One chunk of a right-padded prompt batch into its prefill cache; the first new token of
-    every row whose last prompt token is in this chunk (the host keeps those rows' values)."""
+    every row whose last prompt token is in this chunk (the host keeps those rows' values),
+    drawn among the tokens its mask allows (logprobs too are of that masked distribution, as
+    vLLM reports them)."""
     R, C = tokens.shape
     L = config.n_layers
     positions = token_positions(valid, start=cache.index)  # [R, C], right-padded
@@ -132,7 +147,7 @@ def prefill_chunk(
     )
     final = out.hidden[L]  # [R, C, D] normed
     last = jnp.take_along_axis(final, last_col[:, None, None], axis=1)[:, 0]  # [R, D]
-    logits = lm_head(config, params, last)  # [R, V]
+    logits = mask_logits(lm_head(config, params, last), allowed)  # [R, V]
     # The first new token is step 0 of the row's key, as in `mup.models.generate`.
     step0 = jax.vmap(jax.random.fold_in)(keys, jnp.zeros(R, jnp.int32))
     first, first_lp, top_ids, top_lp = sample_rows(logits, temperature, top_p, step0, top_k)
@@ -188,6 +203,7 @@ def decode_steps(
     temperature,  # [B]
     top_p,  # [B]
     keys,  # [B] PRNG keys of the rows
+    allowed,  # [B, W] int32 packed allowed-token masks (-1: all); only valid for one step
     vectors,  # [J, D] or None
     multipliers,  # [J, B] or None
     *,
@@ -201,7 +217,8 @@ def decode_steps(
     """`n_steps` decode steps of every slot (free slots too: fixed shapes; their outputs are
     ignored), reading the first `attend_len` columns of the slots (a bucket of the longest live
     row). Returns the cache and per-step tokens [B, n], logprobs [B, n], top-k ids / values
-    [B, n, X] and probe-layer activations of the fed tokens, each [B, n, D]."""
+    [B, n, X] and probe-layer activations of the fed tokens, each [B, n, D]. Every step applies
+    `allowed`, so rows whose mask changes after each token (a grammar) need n_steps = 1."""
     L = config.n_layers
     steering = _steering(steer_blocks, vectors, multipliers)
 
@@ -218,7 +235,7 @@ def decode_steps(
             logits=False,
             attend_len=attend_len,
         )
-        logits = lm_head(config, params, out.hidden[L][:, 0])  # [B, V]
+        logits = mask_logits(lm_head(config, params, out.hidden[L][:, 0]), allowed)  # [B, V]
         step_keys = jax.vmap(jax.random.fold_in)(keys, step)
         nxt, lp, top_ids, top_lp = sample_rows(logits, temperature, top_p, step_keys, top_k)
         probe = tuple(h[:, 0] for h in _captures(config, params, out, captures))

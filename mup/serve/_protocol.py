@@ -8,6 +8,7 @@ expected; fields the server does not implement are refused rather than silently 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import secrets
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mup.engine import Grammar, GrammarError, json_object_grammar, json_schema_grammar
 from mup.serve._config import ServeConfig
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API
@@ -89,6 +91,7 @@ class Sampling:
     top_logprobs: int = 0
     echo: bool = False
     probe_token_scores: bool = False
+    grammar: Grammar | None = None  # response_format json_object / json_schema
 
     @property
     def multiplier(self) -> float:
@@ -321,7 +324,8 @@ def parse_sampling(body: dict, config: ServeConfig, engine, route: str = "chat")
         )
     if body.get("suffix") is not None:
         raise invalid_request("'suffix' is not supported", "suffix", "unsupported_parameter")
-    _check_response_format(body)
+    _refuse_guided_fields(body)
+    grammar = parse_response_format(body)
     logprobs, top_logprobs, echo = _logprob_fields(body, route)
     pts = body.get("probe_token_scores", False)
     if not isinstance(pts, bool):
@@ -408,37 +412,95 @@ def parse_sampling(body: dict, config: ServeConfig, engine, route: str = "chat")
         top_logprobs=top_logprobs,
         echo=echo,
         probe_token_scores=pts,
+        grammar=grammar,
     )
 
 
-# What `response_format` may ask for. JSON modes would need constrained decoding, which the
-# engine does not do; accepting them and sampling freely would hand clients unchecked text that
-# they believe is schema-valid, so they are refused and clients fall back to asking for JSON in
-# the prompt (and validating it), or to `continue_final_message` with a JSON prefix.
-RESPONSE_FORMATS = ("text",)
+# What `response_format` may ask for: free text, any JSON object, or JSON that a schema
+# validates. Both JSON modes constrain decoding (llguidance masks in the engine), so what comes
+# back parses, unless max_tokens or a stop string cuts it (finish_reason says which).
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+# vLLM's own request fields for constrained decoding: refused with a pointer to response_format
+# rather than ignored, which would hand a client free text it believes constrained.
+GUIDED_FIELDS = (
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+    "guided_whitespace_pattern", "structured_outputs",
+)  # fmt: skip
+# Schemas are compiled once: clients such as `mup data` send one schema with every request.
+_SCHEMA_CACHE = 256
 
 
-def _check_response_format(body: dict) -> None:
+def _refuse_guided_fields(body: dict) -> None:
+    for name in GUIDED_FIELDS:
+        if body.get(name) is not None:
+            raise invalid_request(
+                f"'{name}' is not supported; constrain the output with 'response_format' "
+                "({'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}} or "
+                "{'type': 'json_object'})",
+                name,
+                "unsupported_parameter",
+            )
+
+
+def parse_response_format(body: dict) -> Grammar | None:
+    """The grammar that `response_format` asks for (None: free text), compiled before any model
+    work; a schema llguidance cannot compile is a 400 naming
+    ``response_format.json_schema.schema`` and saying why."""
     fmt = body.get("response_format")
     if fmt is None:
-        return
+        return None
     kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if kind in RESPONSE_FORMATS:
-        return
-    supported = ", ".join(f"{{'type': '{k}'}}" for k in RESPONSE_FORMATS)
-    if kind in ("json_object", "json_schema"):
+    if kind not in RESPONSE_FORMATS:
         raise invalid_request(
-            f"'response_format' {kind} is not supported by this server (it does not constrain "
-            f"decoding); supported: {supported}. Ask for JSON in the prompt and validate it, or "
-            "continue a JSON prefix with 'continue_final_message'",
+            f"'response_format' must be an object whose 'type' is one of "
+            f"{list(RESPONSE_FORMATS)}, got {show(fmt)}",
             "response_format",
-            "unsupported_parameter",
         )
-    raise invalid_request(
-        f"'response_format' must be an object whose 'type' is one of {list(RESPONSE_FORMATS)}, "
-        f"got {show(fmt)}",
-        "response_format",
-    )
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return _json_object()
+    spec = fmt.get("json_schema")
+    where = "response_format.json_schema"
+    if not isinstance(spec, dict):
+        raise invalid_request(
+            f"'{where}' must be an object {{'name': ..., 'schema': {{...}}, 'strict': ...}}, "
+            f"got {show(spec)}",
+            where,
+        )
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise invalid_request(
+            f"'{where}.name' must be a non-empty string, got {show(name)}", f"{where}.name"
+        )
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise invalid_request(
+            f"'{where}.strict' must be true, false or null, got {show(strict)}", f"{where}.strict"
+        )
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise invalid_request(
+            f"'{where}.schema' must be a JSON Schema object, got {show(schema)} (for any JSON "
+            "object use {'type': 'json_object'})",
+            f"{where}.schema",
+        )
+    try:
+        return _json_schema(json.dumps(schema))
+    except GrammarError as e:
+        raise invalid_request(
+            f"'{where}.schema' cannot constrain decoding: {e}", f"{where}.schema"
+        ) from None
+
+
+@functools.cache
+def _json_object() -> Grammar:
+    return json_object_grammar()
+
+
+@functools.lru_cache(maxsize=_SCHEMA_CACHE)
+def _json_schema(text: str) -> Grammar:  # keyed by the schema's JSON: key order is meaningful
+    return json_schema_grammar(json.loads(text))
 
 
 def parse_continuation(body: dict, messages: list[dict[str, str]]) -> tuple[bool, bool]:

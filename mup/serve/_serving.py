@@ -28,10 +28,17 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from mup.engine import Engine, EngineClosed, Handle, Result
+from mup.engine import Engine, EngineClosed, GrammarError, Handle, Result
 from mup.engine import Request as Row
 from mup.serve._config import ServeConfig
-from mup.serve._protocol import APIError, Sampling, fingerprint, invalid_request, usage
+from mup.serve._protocol import (
+    RESPONSE_FORMATS,
+    APIError,
+    Sampling,
+    fingerprint,
+    invalid_request,
+    usage,
+)
 
 log = logging.getLogger("mup.serve")
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks for a gone client
@@ -112,6 +119,12 @@ class Serving:
             for h in handles:
                 h.cancel()
             raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+        except GrammarError as e:  # compiled, but not buildable over this model's tokenizer
+            for h in handles:
+                h.cancel()
+            raise invalid_request(
+                f"'response_format' cannot constrain this model's tokens: {e}", "response_format"
+            ) from None
         except ValueError as e:
             for h in handles:
                 h.cancel()
@@ -181,11 +194,12 @@ class Serving:
 
     def log_request(self, route, sampling, rows, results, t0) -> None:
         log.info(
-            "%s vector=%s multiplier=%+g rows=%d prompt_tokens=%d completion_tokens=%d "
-            "batch_rows=%d latency=%.3fs",
+            "%s vector=%s multiplier=%+g format=%s rows=%d prompt_tokens=%d "
+            "completion_tokens=%d batch_rows=%d latency=%.3fs",
             route,
             sampling.steer.name,
             sampling.multiplier,
+            "text" if sampling.grammar is None else sampling.grammar.kind,
             len(rows),
             sum(len(r.prompt_ids) for r in rows),
             sum(len(r.token_ids) for r in results),
@@ -225,6 +239,8 @@ class Serving:
                     "custom_vector_block": engine.custom_block,
                     "custom_vector_layer": engine.custom_block,  # deprecated duplicate
                     "probe": engine.probe is not None,
+                    # decoding is constrained to JSON for the two JSON modes
+                    "response_formats": list(RESPONSE_FORMATS),
                 }
             ],
         }
@@ -247,6 +263,7 @@ def rows(ids, sampling: Sampling, mask) -> list[Row]:
             prompt_logprobs=sampling.echo,
             probe_mask=mask,
             probe_token_scores=sampling.probe_token_scores,
+            grammar=sampling.grammar,
         )
         for seed in sampling.seeds
     ]

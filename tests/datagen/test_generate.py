@@ -3,10 +3,12 @@ openai client and the counting proxy (conftest): the pipeline generate -> relabe
 probe, resume after SIGKILL, faults, and inputs refused before any request.
 
 What a random model can and cannot show: its text is junk, so these tests check the machinery
-(formats stepped down, schemas, ids, counts, resume, failure accounting), never the quality of
-what is written. mup serve refuses JSON response formats, so generation continues a JSON prefix
-(``{"prompt": "``) there; the random model closes the string with a quote in some answers and
-not in others, which exercises both the valid path and the retries-then-reject path.
+(formats, schemas, ids, counts, resume, failure accounting), never the quality of what is
+written. mup serve constrains decoding to the answer's JSON schema, which `auto` asks for
+first; the pipeline tests name the prefix format instead (the answer starts as
+``{"prompt": "`` and the model continues it), so that it keeps its coverage. Either way the
+random model closes the string with a quote in some answers and not in others (before
+max_tokens), which exercises both the valid path and the retries-then-reject path.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 
 from mup.data import load_records
 from mup.datagen._cli import main
-from mup.datagen._generate import pair_specs, sidecar, variation
+from mup.datagen._generate import MIN_WORDS, pair_specs, sidecar, variation
 from mup.datagen._label import iter_jsonl
 
 pytest.importorskip("openai")
@@ -80,11 +82,10 @@ def check_accounting(proxy, out):
 def test_generate_label_extract_probe(proxy, inputs, tmp_path, tiny_dir, capsys):
     out = tmp_path / "synthetic.jsonl"
     args = ("--n-situations", "8", "--prompts-per-situation", "2", "--concurrency", "8")
+    args += ("--response-format", "prefix")
     assert generate(proxy, inputs, out, *args, "--max-retries", "4") == 0
     printed = capsys.readouterr().out
-    # mup serve refused both JSON formats (400 naming response_format); the prefix was used
-    assert "refuses response_format json_schema; using json_object" in printed
-    assert "refuses response_format json_object; using prefix" in printed
+    assert "response format: prefix" in printed and len(proxy.chats) == len(proxy.answered)
     assert all(b["messages"][-1]["role"] == "assistant" for b in proxy.answered)
     assert all(b["continue_final_message"] is True for b in proxy.answered)
 
@@ -161,6 +162,41 @@ def test_generate_label_extract_probe(proxy, inputs, tmp_path, tiny_dir, capsys)
         probe = probes.fit("mean", acts, layer=1, seed=0, epochs=2)
         scores = probe.predict(acts)
         assert scores.shape == (len(prompts),) and ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_auto_takes_json_schema_on_mup_serve_and_answers_validate(proxy, inputs, tmp_path, capsys):
+    """`auto` asks for the answer's JSON schema first and mup serve constrains decoding to it:
+    no request is refused, and every answer is the schema's JSON, complete (with the words its
+    pattern asks for) or cut at max_tokens (a random model rarely closes its string)."""
+    out = tmp_path / "schema.jsonl"
+    args = ("--n-situations", "4", "--prompts-per-situation", "1", "--concurrency", "8")
+    args += ("--max-tokens", "256", "--prompt-max-tokens", "256", "--max-retries", "4")
+    assert generate(proxy, inputs, out, *args) == 0
+    printed = capsys.readouterr().out
+    assert "response format: json_schema" in printed and "refuses" not in printed
+    assert len(proxy.chats) == len(proxy.answered)  # nothing refused, nothing stepped down
+    for body in proxy.answered:
+        schema = body["response_format"]["json_schema"]
+        assert body["response_format"]["type"] == "json_schema" and schema["strict"] is True
+    prompts, situations, rejects = check_accounting(proxy, out)
+    assert situations and prompts, "some answers closed their string"
+    for row in [*situations, *prompts]:
+        assert row["gen_format"] == "json_schema"
+    complete = set()
+    for answer in proxy.answers:
+        choice = answer["choices"][0]
+        text = choice["message"]["content"]
+        if choice["finish_reason"] == "stop":
+            value = json.loads(text)  # complete: the schema's one string field, nothing else
+            ((field, string),) = value.items()
+            assert len(string.split()) >= MIN_WORDS[field]  # its pattern: closed no earlier
+            complete.add(text)
+        else:
+            assert choice["finish_reason"] == "length" and text.startswith('{"')
+    for r in rejects:  # a cut answer, or a complete one that the validator refused (too short)
+        assert r["kind"] == "parse"
+        assert r["raw"] not in complete or "JSON" not in r["error"], r
+    assert any(r["raw"] not in complete for r in rejects), "a random model's strings run on"
 
 
 def _factors():

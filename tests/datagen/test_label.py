@@ -31,8 +31,8 @@ pytest.importorskip("openai")
 
 LABELS = {"high-stakes", "low-stakes", "ambiguous"}
 # Short answers keep the tiny model's decode cheap; the score is still read from logprobs.
-# mup serve refuses JSON response formats (400): asking for none keeps one request per record;
-# the end-to-end test takes the default (auto) and checks the step-down.
+# Asking for no response format keeps these tests on the prompt-only path; the end-to-end test
+# takes the default (auto), which mup serve answers with JSON constrained to the schema.
 FAST = ["--max-tokens", "12", "--no-progress", "--response-format", "none"]
 
 
@@ -77,7 +77,7 @@ def test_label_end_to_end(proxy, tmp_path, capsys):
         assert row["label_model"] == "tiny-labeller" and row["label_context"] == "none"
         if row["score_parsed"] is None:  # what it wrote is kept next to the label
             assert row["labels"] == "ambiguous" and "label_raw" in row
-    # mup serve refuses both JSON formats; each refused request is asked again with the next
+    # mup serve constrains decoding to the schema: one request per record, none refused
     answered = collections.Counter(
         by_text
         for by_text in (user_message(r) for r in mini(8))
@@ -85,7 +85,7 @@ def test_label_end_to_end(proxy, tmp_path, capsys):
         if next(m["content"] for m in body["messages"] if m["role"] == "user") == by_text
     )
     assert list(answered.values()) == [1] * 8
-    assert all("response_format" not in body for body in proxy.answered)
+    assert all(body["response_format"]["type"] == "json_schema" for body in proxy.answered)
     assert not rejects_path(out).exists()  # no rejects, no file
     # what was sent: the rubric and the format as the system prompt, logprobs, a JSON schema
     body = proxy.chats[0]
@@ -94,13 +94,13 @@ def test_label_end_to_end(proxy, tmp_path, capsys):
     assert find_rubric().read_text().strip() in system and '"score"' in system
     assert body["logprobs"] is True and body["top_logprobs"] == 20
     assert body["response_format"]["type"] == "json_schema" and body["temperature"] == 0
-    assert len(proxy.chats) - len(proxy.answered) >= 2  # json_schema, json_object: refused
+    assert len(proxy.chats) == len(proxy.answered) == 8  # nothing refused
     # token accounting: the sums of what the server reported
     printed = capsys.readouterr().out
     prompt = sum(a["usage"]["prompt_tokens"] for a in proxy.answers)
     completion = sum(a["usage"]["completion_tokens"] for a in proxy.answers)
     assert f"tokens: {prompt} prompt + {completion} completion in 8 requests" in printed
-    assert "8 of 8 records labelled" in printed
+    assert "8 of 8 records labelled" in printed and "response format: json_schema" in printed
 
     # a rerun asks for nothing: every record is done
     before = len(proxy.chats)
@@ -109,6 +109,29 @@ def test_label_end_to_end(proxy, tmp_path, capsys):
     # ... and more records continue the same file
     assert label(proxy, out, "--limit", "10", "--response-format", "auto") == 0
     assert len(proxy.answered) == 8 + 2 and len(list(iter_jsonl(out))) == 10
+
+
+def test_json_schema_answers_from_a_random_model_parse(proxy, tmp_path, capsys):
+    """With decoding constrained to the answer schema (score and confidence 1..10), even a
+    random model's answers parse: every record gets its parsed score and confidence, and only
+    the free-text reason may be cut at max_tokens (then read up to the cut)."""
+    out = tmp_path / "schema.jsonl"
+    args = ("--limit", "4", "--concurrency", "4", "--response-format", "auto")
+    assert label(proxy, out, *args, "--max-tokens", "40") == 0
+    rows = list(iter_jsonl(out))
+    assert len(rows) == 4 and not rejects_path(out).exists()
+    for row in rows:
+        assert 1 <= row["score_parsed"] <= 10 and 1 <= row["confidence"] <= 10
+        assert "label_parse_error" not in row and isinstance(row["reason"], str)
+    for answer in proxy.answers:
+        choice = answer["choices"][0]
+        if choice["finish_reason"] == "stop":
+            assert set(json.loads(choice["message"]["content"])) == {
+                "score",
+                "confidence",
+                "reason",
+            }
+    assert "response format: json_schema" in capsys.readouterr().out
 
 
 def test_resume_after_sigkill_never_requests_a_finished_record_again(proxy, tmp_path):

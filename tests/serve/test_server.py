@@ -305,8 +305,8 @@ ERRORS = [
     ({"steer_vector": [1.0, 2.0]}, 400, "steer_vector", "d_model is 64"),
     ({"custom": {"steer_vector": "x"}}, 400, "custom.steer_vector", "unknown steering vector"),
     ({"probe_token_scores": "yes"}, 400, "probe_token_scores", "true or false"),
-    # JSON modes are refused, never ignored: the engine does not constrain decoding
-    ({"response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
+    # JSON modes constrain decoding; malformed ones are refused naming the field
+    ({"response_format": {"type": "json_schema"}}, 400, "response_format.json_schema", "object"),
     ({"response_format": "json"}, 400, "response_format", "must be an object"),
     ({"continue_final_message": True}, 400, "continue_final_message", "assistant's"),
     ({"continue_final_message": "yes"}, 400, "continue_final_message", "true or false"),
@@ -358,14 +358,27 @@ def test_errors_through_the_client_and_server_keeps_serving(server, client):
     assert _chat(client, CHATS[3], 0.0, 4).choices[0].message.content is not None
 
 
-def test_response_format_is_refused_not_ignored(client):
-    schema = {"name": "x", "schema": {"type": "object"}}
-    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": schema}):
-        with pytest.raises(openai.BadRequestError) as e:
-            _chat(client, CHATS[0], 0.0, 4, response_format=fmt)
-        err = e.value.body
-        assert err["param"] == "response_format" and err["code"] == "unsupported_parameter"
-        assert fmt["type"] in err["message"] and "supported: {'type': 'text'}" in err["message"]
+def test_response_format_constrains_steered_rows(client):
+    """The JSON modes constrain decoding (they were refused before the engine had grammars),
+    steered rows included: json_schema and json_object answers parse; text is free text."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "mood": {"enum": ["calm", "tense"]},
+            "n": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+        "required": ["mood", "n"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    for m in (-2.0, 2.0):
+        r = _chat(client, CHATS[0], m, 32, response_format=fmt)
+        assert r.choices[0].finish_reason == "stop" and r.model_extra["steer_multiplier"] == m
+        value = json.loads(r.choices[0].message.content)
+        assert value["mood"] in ("calm", "tense") and 0 <= value["n"] <= 9 and len(value) == 2
+    obj = _chat(client, CHATS[3], 0.0, 32, response_format={"type": "json_object"})
+    assert obj.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
     text = _chat(client, CHATS[0], 0.0, 4, response_format={"type": "text"})
     assert text.choices[0].message.content is not None
 

@@ -63,8 +63,8 @@ def judge(proxy, sweep, out, *extra: str) -> int:  # noqa: F811
 
 
 def requested(proxy, sweep, *rubrics, pairwise=False, start=0) -> collections.Counter:  # noqa: F811
-    """How often each planned task (by key) was answered by the server (mup serve refuses
-    response_format with a 400, so a run on `auto` also sends refused requests first)."""
+    """How often each planned task (by key) was answered by the server (counted over answered
+    requests: an endpoint that refuses response_format gets refused requests first)."""
     config = JudgeConfig(rubrics=tuple(load_rubric(r) for r in rubrics), pairwise=pairwise)
     by_text = {}
     for t in plan(load_sweep(sweep), config):
@@ -107,7 +107,7 @@ def test_judge_end_to_end_ratings_pairs_summary_and_resume(proxy, sweep, tmp_pat
     for r in rejects:  # pairs whose junk names neither answer
         assert r["reject"] == "parse" and r["error"] and r["raw"] in answers
     # what was sent: the rubric in the system prompt, logprobs, each kind's JSON schema (mup
-    # serve refuses it, and each kind steps down to json_object, then to the prompt alone)
+    # serve constrains decoding to it)
     asked = [b for b in proxy.chats if b.get("response_format", {}).get("type") == "json_schema"]
     bodies = {b["response_format"]["json_schema"]["name"]: b for b in asked}
     assert bodies["rating"]["response_format"]["json_schema"] == RATING_SCHEMA
