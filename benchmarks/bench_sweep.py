@@ -12,9 +12,11 @@ tokens, greedy, one random unit-norm vector at the middle layer:
 Every row generates exactly --new-tokens tokens (no stop token; HF forced with min_new_tokens).
 Checks that the multiplier-0 greedy tokens of both agree (prints the share of equal rows and
 tokens: float32 rounding may flip a near-tie late in a row). Prints the ratio (target >= 5x).
+Each side prints a line (flushed) as each of its calls finishes, so a long run shows where it is.
 
     python benchmarks/bench_sweep.py            # 21 x 32 x 64
     python benchmarks/bench_sweep.py --quick    # 3 x 4 x 8, for correctness
+    python benchmarks/bench_sweep.py --prompts 16 --multipliers=-20:20:4   # a smaller grid
 """
 
 from __future__ import annotations
@@ -29,11 +31,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small grid, for correctness")
     parser.add_argument("--prompts-per-call", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=None, help="prompts (32; --quick 4)")
+    parser.add_argument(
+        "--multipliers",
+        default=None,
+        help="comma list or start:stop:step (default -20:20:2; --quick -4,0,4); 0 is added",
+    )
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per row (64; quick 8)")
     args = parser.parse_args()
-    if args.quick:
-        multipliers, n_prompts, new_tokens = (-4.0, 0.0, 4.0), 4, 8
-    else:
+    from mup.steering import parse_multipliers, with_zero
+
+    multipliers, n_prompts, new_tokens = (-4.0, 0.0, 4.0), 4, 8
+    if not args.quick:
         multipliers, n_prompts, new_tokens = tuple(float(m) for m in range(-20, 21, 2)), 32, 64
+    if args.multipliers is not None:
+        try:
+            multipliers = with_zero(parse_multipliers(args.multipliers))
+        except ValueError as e:
+            parser.error(str(e))
+    n_prompts = args.prompts or n_prompts
+    new_tokens = args.new_tokens or new_tokens
+    for flag, value in (("--prompts", n_prompts), ("--new-tokens", new_tokens)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
 
     import jax
     import torch
@@ -48,7 +68,10 @@ def main() -> None:
     _compile_cache.enable()
     model = load_model("smollm2-135m")
     layer = model.config.n_layers // 2
-    prompts = [list(p.prompt) for p in load_pairs(bundled_pairs_path())[:n_prompts]]
+    pairs = load_pairs(bundled_pairs_path())
+    if n_prompts > len(pairs):
+        raise SystemExit(f"--prompts {n_prompts}: the bundled pairs have {len(pairs)} prompts")
+    prompts = [list(p.prompt) for p in pairs[:n_prompts]]
     prompt_ids = encode_prompts(model.tokenizer, prompts)
     rng = np.random.default_rng(0)
     vector = rng.standard_normal(model.config.d_model).astype(np.float32)
@@ -57,9 +80,14 @@ def main() -> None:
     per_call = min(args.prompts_per_call, n_prompts)
     total = len(multipliers) * n_prompts * new_tokens
 
-    def ours():
+    def progress(side: str, done: int, of: int, started: float) -> None:
+        print(f"  [{side}] {done}/{of} calls, {time.perf_counter() - started:.1f} s", flush=True)
+
+    def ours(label: str = "mup"):
         out = {}  # (prompt index, multiplier) -> token ids
-        for s in range(0, n_prompts, per_call):
+        started = time.perf_counter()
+        n_calls = -(-n_prompts // per_call)
+        for k, s in enumerate(range(0, n_prompts, per_call)):
             idx = list(range(s, min(n_prompts, s + per_call)))
             rows = [(i, m) for i in idx for m in multipliers]
             g = generate(
@@ -71,6 +99,7 @@ def main() -> None:
                 multipliers=[m for _, m in rows],
             )
             out.update(zip(rows, g.token_ids, strict=True))
+            progress(label, k + 1, n_calls, started)
         return out
 
     path = default_gguf_path()
@@ -101,11 +130,21 @@ def main() -> None:
         return out[:, width:].tolist()
 
     def study():
-        return {m: hf_run(m) for m in multipliers}
+        out = {}
+        started = time.perf_counter()
+        for k, m in enumerate(multipliers):
+            out[m] = hf_run(m)
+            progress("HF", k + 1, len(multipliers), started)
+        return out
 
+    print(
+        f"{len(multipliers)} multipliers x {n_prompts} prompts x {new_tokens} new tokens",
+        flush=True,
+    )
     # Warm-up (compiles ours; thread pools for HF), then one timed run each.
-    ours()
+    ours("mup warm-up")
     hf_run(0.0)
+    print("  [HF warm-up] 1 call done", flush=True)
     jax.block_until_ready(model.params)
     t0 = time.perf_counter()
     got = ours()
