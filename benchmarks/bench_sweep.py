@@ -12,7 +12,8 @@ tokens, greedy, one random unit-norm vector at the middle layer:
 Every row generates exactly --new-tokens tokens (no stop token; HF forced with min_new_tokens).
 Checks that the multiplier-0 greedy tokens of both agree (prints the share of equal rows and
 tokens: float32 rounding may flip a near-tie late in a row). Prints the ratio (target >= 5x).
-Each side prints a line (flushed) as each of its calls finishes, so a long run shows where it is.
+The timed calls of the two sides are interleaved (a shared machine's load hits both alike),
+and each prints a line (flushed) as it finishes, so a long run shows where it is.
 
     python benchmarks/bench_sweep.py            # 21 x 32 x 64
     python benchmarks/bench_sweep.py --quick    # 3 x 4 x 8, for correctness
@@ -80,27 +81,27 @@ def main() -> None:
     per_call = min(args.prompts_per_call, n_prompts)
     total = len(multipliers) * n_prompts * new_tokens
 
-    def progress(side: str, done: int, of: int, started: float) -> None:
-        print(f"  [{side}] {done}/{of} calls, {time.perf_counter() - started:.1f} s", flush=True)
+    from mup.models._generate import PROMPT_BUCKETS
 
-    def ours(label: str = "mup"):
-        out = {}  # (prompt index, multiplier) -> token ids
-        started = time.perf_counter()
-        n_calls = -(-n_prompts // per_call)
-        for k, s in enumerate(range(0, n_prompts, per_call)):
-            idx = list(range(s, min(n_prompts, s + per_call)))
-            rows = [(i, m) for i in idx for m in multipliers]
-            g = generate(
-                model,
-                [prompts[i] for i, _ in rows],
-                max_new_tokens=new_tokens,
-                stop_tokens=(),
-                steering=steering,
-                multipliers=[m for _, m in rows],
-            )
-            out.update(zip(rows, g.token_ids, strict=True))
-            progress(label, k + 1, n_calls, started)
-        return out
+    def bucket(n: int) -> int:  # generate's prompt length bucket
+        return next((b for b in PROMPT_BUCKETS if b >= n), -(-n // 2048) * 2048)
+
+    # mup: prompts per_call at a time, all multipliers of a prompt in the same call.
+    mup_calls = [
+        list(range(s, min(n_prompts, s + per_call))) for s in range(0, n_prompts, per_call)
+    ]
+
+    def ours(idx: list[int]) -> dict:
+        rows = [(i, m) for i in idx for m in multipliers]
+        g = generate(
+            model,
+            [prompts[i] for i, _ in rows],
+            max_new_tokens=new_tokens,
+            stop_tokens=(),
+            steering=steering,
+            multipliers=[m for _, m in rows],
+        )
+        return dict(zip(rows, g.token_ids, strict=True))
 
     path = default_gguf_path()
     hf = transformers.AutoModelForCausalLM.from_pretrained(
@@ -129,29 +130,55 @@ def main() -> None:
             )
         return out[:, width:].tolist()
 
-    def study():
-        out = {}
-        started = time.perf_counter()
-        for k, m in enumerate(multipliers):
-            out[m] = hf_run(m)
-            progress("HF", k + 1, len(multipliers), started)
-        return out
-
     print(
-        f"{len(multipliers)} multipliers x {n_prompts} prompts x {new_tokens} new tokens",
+        f"{len(multipliers)} multipliers x {n_prompts} prompts x {new_tokens} new tokens: "
+        f"{len(mup_calls)} mup calls, {len(multipliers)} HF calls",
         flush=True,
     )
-    # Warm-up (compiles ours; thread pools for HF), then one timed run each.
-    ours("mup warm-up")
+    # Warm-up: one mup call per program it will meet (rows, prompt bucket) compiles them; one
+    # HF call starts torch's thread pools. Untimed.
+    seen = set()
+    for idx in mup_calls:
+        shape = (len(idx), bucket(max(len(prompt_ids[i]) for i in idx)))
+        if shape not in seen:
+            seen.add(shape)
+            t0 = time.perf_counter()
+            ours(idx)
+            print(f"  [warm-up] mup {shape[0]} prompts, bucket {shape[1]}: "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)  # fmt: skip
+    t0 = time.perf_counter()
     hf_run(0.0)
-    print("  [HF warm-up] 1 call done", flush=True)
+    print(f"  [warm-up] HF one call: {time.perf_counter() - t0:.1f} s", flush=True)
     jax.block_until_ready(model.params)
-    t0 = time.perf_counter()
-    got = ours()
-    t_ours = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ref = study()
-    t_hf = time.perf_counter() - t0
+
+    # Timed: the two sides' calls interleaved in proportion (call k of a side with n calls
+    # at (k + 0.5) / n), so that a change of load on a shared machine hits both alike.
+    schedule = sorted(
+        [((k + 0.5) / len(mup_calls), "mup", k) for k in range(len(mup_calls))]
+        + [((k + 0.5) / len(multipliers), "HF", k) for k in range(len(multipliers))]
+    )
+    got: dict = {}
+    ref: dict = {}
+    spent = {"mup": 0.0, "HF": 0.0}
+    done = {"mup": 0, "HF": 0}
+    per_call: dict[str, list[float]] = {"mup": [], "HF": []}
+    started = time.perf_counter()
+    for _, side, k in schedule:
+        t0 = time.perf_counter()
+        if side == "mup":
+            got.update(ours(mup_calls[k]))
+        else:
+            ref[multipliers[k]] = hf_run(multipliers[k])
+        per_call[side].append(time.perf_counter() - t0)
+        spent[side] += per_call[side][-1]
+        done[side] += 1
+        n = len(mup_calls) if side == "mup" else len(multipliers)
+        print(
+            f"  [{side}] {done[side]}/{n} calls, {spent[side]:.1f} s on this side "
+            f"({time.perf_counter() - started:.0f} s wall)",
+            flush=True,
+        )
+    t_ours, t_hf = spent["mup"], spent["HF"]
 
     rows_equal = sum(got[(i, 0.0)] == ref[0.0][i] for i in range(n_prompts))
     tok_equal = sum(
@@ -172,6 +199,14 @@ def main() -> None:
     for name, seconds in (("mup sweep (batched)", t_ours), ("HF hook, 1 call / m", t_hf)):
         print(f"  {name:24s} {seconds:8.2f} s  {total / seconds:9.1f} tokens/s")
     print(f"ratio mup / HF: {t_hf / t_ours:.2f}x (target >= 5x)")
+    # A loaded machine stalls single calls (torch's thread pools suffer most): the spread of
+    # the per-call times, and the ratio with every HF call at the median one, say how much.
+    hf_med = float(np.median(per_call["HF"]))
+    print(
+        "per call: mup " + ", ".join(f"{t:.1f}" for t in per_call["mup"]) + " s; HF min "
+        f"{min(per_call['HF']):.1f}, median {hf_med:.1f}, max {max(per_call['HF']):.1f} s"
+    )
+    print(f"ratio with HF at its median call: {hf_med * len(multipliers) / t_ours:.2f}x")
     if rows_equal < n_prompts // 2:
         raise SystemExit("multiplier-0 greedy texts disagree with transformers")
 
