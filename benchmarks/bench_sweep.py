@@ -161,7 +161,7 @@ def main() -> None:
     ref: dict = {}
     spent = {"mup": 0.0, "HF": 0.0}
     done = {"mup": 0, "HF": 0}
-    per_call: dict[str, list[float]] = {"mup": [], "HF": []}
+    call_times: dict[str, list[float]] = {"mup": [], "HF": []}
     started = time.perf_counter()
     for _, side, k in schedule:
         t0 = time.perf_counter()
@@ -169,8 +169,8 @@ def main() -> None:
             got.update(ours(mup_calls[k]))
         else:
             ref[multipliers[k]] = hf_run(multipliers[k])
-        per_call[side].append(time.perf_counter() - t0)
-        spent[side] += per_call[side][-1]
+        call_times[side].append(time.perf_counter() - t0)
+        spent[side] += call_times[side][-1]
         done[side] += 1
         n = len(mup_calls) if side == "mup" else len(multipliers)
         print(
@@ -201,10 +201,10 @@ def main() -> None:
     print(f"ratio mup / HF: {t_hf / t_ours:.2f}x (target >= 5x)")
     # A loaded machine stalls single calls (torch's thread pools suffer most): the spread of
     # the per-call times, and the ratio with every HF call at the median one, say how much.
-    hf_med = float(np.median(per_call["HF"]))
+    hf_med = float(np.median(call_times["HF"]))
     print(
-        "per call: mup " + ", ".join(f"{t:.1f}" for t in per_call["mup"]) + " s; HF min "
-        f"{min(per_call['HF']):.1f}, median {hf_med:.1f}, max {max(per_call['HF']):.1f} s"
+        "per call: mup " + ", ".join(f"{t:.1f}" for t in call_times["mup"]) + " s; HF min "
+        f"{min(call_times['HF']):.1f}, median {hf_med:.1f}, max {max(call_times['HF']):.1f} s"
     )
     print(f"ratio with HF at its median call: {hf_med * len(multipliers) / t_ours:.2f}x")
     if rows_equal < n_prompts // 2:
