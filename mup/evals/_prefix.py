@@ -34,9 +34,11 @@ import numpy as np
 
 from mup.evals._loglik import ContinuationScore, common_prefix
 
-# Powers of two for the sample and row counts of a batch, multiples of this for the choice
-# length: few compiled programs.
-CHOICE_BUCKET = 8
+# Batch shapes round up to few values, so that XLA compiles few programs: sample and row
+# counts and the choice length to powers of two, the shared prompt to these lengths and then to
+# `generate`'s buckets. Both stay short and tight: multiple-choice prompts are often a dozen
+# tokens and choices one or two, and every padded token costs a full forward on a CPU.
+SHORT_PROMPT_BUCKETS = (8, 16, 24)
 MAX_SAMPLES = 16  # samples per batch
 MAX_ROWS = 64  # choice rows per batch
 # The [R, C, V] float32 logits of a batch stay under this many bytes (large vocabularies).
@@ -192,8 +194,8 @@ class PrefixScorer:
         prefixes = [it.prompt_ids[: it.shared] for it in items]
         tails = [[f[it.shared :] for f in it.full_ids] for it in items]
         n_rows = sum(len(t) for t in tails)
-        P = _bucket(max(map(len, prefixes)), PROMPT_BUCKETS)
-        C = -(-max(len(x) for t in tails for x in t) // CHOICE_BUCKET) * CHOICE_BUCKET
+        P = _bucket(max(map(len, prefixes)), SHORT_PROMPT_BUCKETS + PROMPT_BUCKETS)
+        C = _pow2(max(len(x) for t in tails for x in t))
         B, R = _pow2(len(items)), _pow2(n_rows)
         if R * C * config.vocab_size * 4 > MAX_LOGIT_BYTES and len(items) > 1:
             half = len(items) // 2
