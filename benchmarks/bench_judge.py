@@ -7,9 +7,11 @@ against one at a time (--concurrency 1, what a plain loop over the openai client
 
 The sweep is synthetic: the bundled mini stakes prompts, each answered with another record's
 text (answers of varied length, as a sweep's are). The server first judges the whole load once
-untimed (its compiled programs then exist), then each concurrency judges it into a fresh output,
-timed. Ratings from the two runs must agree (temperature 0, same requests): the largest
-difference of the expected ratings is printed; the engine's batching may move them slightly.
+untimed at each concurrency (the engine compiles a program per batch shape it meets, and 16
+requests in flight meet other shapes than one at a time), then each concurrency judges it into a
+fresh output, timed. Ratings from the two runs must agree (temperature 0, same requests): the
+largest difference of the expected ratings is printed; the engine's batching may move them
+slightly.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def main(argv=None) -> int:
     with LocalServer(args.model, ("--max-batch", "16"), timeout_s=1800) as server:
         print(f"server up in {time.monotonic() - started:.0f}s at {server.base_url}")
         results = {}
-        for label, concurrency in (("warm-up", 16), ("c1", 1), ("c16", 16)):
+        runs = (("warm-up16", 16), ("warm-up1", 1), ("c1", 1), ("c16", 16))
+        for label, concurrency in runs:
             endpoint_config = EndpointConfig(base_url=server.base_url, concurrency=concurrency)
             with open_endpoint(endpoint_config) as endpoint:
                 summary = judge_sweep(
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
             rate = summary.n_judged / summary.elapsed_s
             tokens = summary.usage["completion_tokens"] / summary.elapsed_s
             print(
-                f"  {label:8s} concurrency {concurrency:2d}: {summary.n_judged} ratings "
+                f"  {label:9s} concurrency {concurrency:2d}: {summary.n_judged} ratings "
                 f"({summary.n_rejected} rejected) in {summary.elapsed_s:.1f}s = {rate:.2f} "
                 f"ratings/s, {tokens:.0f} completion tok/s"
             )

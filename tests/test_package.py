@@ -48,3 +48,31 @@ def test_console_script_rejects_unknown_command(tmp_path):
     )
     assert result.returncode == 2
     assert "unknown command 'frobnicate'" in result.stderr
+
+
+def test_steering_exports_the_sweep_api():
+    # What a user calls to sweep from Python: the run, its inputs, the summary and the plots.
+    import mup.steering as steering
+    from mup.steering import (
+        DEFAULT_MULTIPLIERS,
+        SweepPrompt,
+        SweepVector,
+        _sweep,
+        best_vectors,
+        format_best,
+        parse_multipliers,
+        plot_best,
+        plot_vector,
+        prompts_from_pairs,
+        run_sweep,
+        summarise,
+        write_summary,
+    )
+
+    for obj in (SweepPrompt, SweepVector, run_sweep, summarise, best_vectors, write_summary):
+        assert getattr(_sweep, obj.__name__) is obj
+    for obj in (plot_vector, plot_best, format_best, prompts_from_pairs):
+        assert getattr(_sweep, obj.__name__) is obj
+    assert parse_multipliers("-20:20:2") == DEFAULT_MULTIPLIERS
+    assert all(hasattr(steering, name) for name in steering.__all__)
+    assert "run_sweep(" in steering.__doc__ and "summarise(" in steering.__doc__

@@ -11,8 +11,10 @@ finish. With ``GenerateConfig(logprobs=True, top_logprobs=k)`` the completion ca
 token's logprob and its k alternatives (float32 log-softmax of the model's logits).
 
 `score_continuations` is the log-likelihood path of the multiple-choice tasks
-(`mup.evals._loglik`): prompt + choice rows with max_tokens 0 and prompt logprobs, steered
-like generation, in the same engine.
+(`mup.evals._loglik`), steered like generation. By default (``loglik=prefix``) a sample's
+prompt is prefilled once and every choice is scored from its KV cache (`mup.evals._prefix`,
+samples of all multipliers batched together); ``loglik=rows`` submits every prompt + choice as
+one engine row with max_tokens 0 and prompt logprobs (the prompt then runs once per choice).
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def load_vector(
 _LOCK = threading.Lock()
 _MODELS: dict[tuple[str, str], Any] = {}
 _ENGINES: dict[tuple, Any] = {}
+_SCORERS: dict[tuple, Any] = {}
+LOGLIK_ROUTES = ("prefix", "rows")
 
 
 def _load(spec: str, dtype: str):
@@ -112,6 +116,24 @@ def _engine(spec: str, dtype: str, vector: str | None, block: int | None, max_ba
         return _ENGINES[key]
 
 
+def _prefix_scorer(spec: str, dtype: str, vector: str | None, block: int | None):
+    """The shared-prefix log-likelihood scorer of (model, dtype, vector, block)."""
+    from mup.evals._prefix import PrefixScorer
+
+    key = (spec, dtype, None if vector is None else str(Path(vector).resolve()), block)
+    with _LOCK:
+        found = _SCORERS.get(key)
+    if found is not None:
+        return found
+    model = _load(spec, dtype)
+    values = None
+    if vector is not None:
+        values, block = load_vector(vector, block, d_model=model.config.d_model)
+    scorer = PrefixScorer(model, values, None if vector is None else block)
+    with _LOCK:
+        return _SCORERS.setdefault(key, scorer)
+
+
 # ---------------------------------------------------------------------------------------------
 # The provider
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +160,9 @@ class MupModelAPI(ModelAPI):
       block:      the block whose output is steered (must match a .safetensors file's);
                   ``layer`` is its old name;
       dtype:      "float32" (default) | "bfloat16" | "float16";
-      max_batch:  the engine's slots, rows decoded together (default 16).
+      max_batch:  the engine's slots, rows decoded together (default 16);
+      loglik:     "prefix" (default) | "rows", how multiple-choice log-likelihoods are
+                  computed (see the module docstring).
     """
 
     def __init__(
@@ -150,7 +174,7 @@ class MupModelAPI(ModelAPI):
         **model_args: Any,
     ):
         super().__init__(model_name=model_name, base_url=base_url, api_key=api_key, config=config)
-        known = {"multiplier", "vector", "block", "layer", "dtype", "max_batch"}
+        known = {"multiplier", "vector", "block", "layer", "dtype", "max_batch", "loglik"}
         if unknown := sorted(set(model_args) - known):
             raise ValueError(f"mup provider: unknown model args {unknown}; known: {sorted(known)}")
         if "block" in model_args and "layer" in model_args:
@@ -176,7 +200,13 @@ class MupModelAPI(ModelAPI):
         max_batch = int(model_args.get("max_batch", 16))
         if not 1 <= max_batch <= MAX_SLOTS:
             raise ValueError(f"mup provider: max_batch must be in 1..{MAX_SLOTS}")
+        self.loglik = str(model_args.get("loglik", "prefix"))
+        if self.loglik not in LOGLIK_ROUTES:
+            raise ValueError(
+                f"mup provider: loglik must be one of {list(LOGLIK_ROUTES)}, got {self.loglik!r}"
+            )
         self.engine = _engine(model_name, dtype, vector, block, max_batch)
+        self._scorer_key = (model_name, dtype, vector, block)
         self._seed = 0
 
     def max_tokens(self) -> int | None:
@@ -252,18 +282,27 @@ class MupModelAPI(ModelAPI):
 
     async def score_continuations(self, prompt: str, continuations: list[str]):
         """Log-likelihood of each continuation after the plain-text `prompt` (no chat template),
-        steered at this model's multiplier (see `mup.evals._loglik`).
+        steered at this model's multiplier (see `mup.evals._loglik`), by the `loglik` route.
 
-        Each prompt + continuation is one engine row with ``max_tokens=0`` and prompt logprobs:
-        the rows of every sample and multiplier running at the same time share prefill batches.
         Text is tokenized as `mup serve` tokenizes a /v1/completions prompt, so this and the
         server's echo route read the same tokens.
         """
-        import asyncio
+        if self.loglik == "rows":
+            return await self.score_continuations_rows(prompt, continuations)
+        from mup.evals._prefix import PrefixItem
 
-        from mup.engine import Request
-        from mup.evals._loglik import continuation_score
+        prompt_ids, fulls = self._encode_continuations(prompt, continuations)
+        scorer = _prefix_scorer(*self._scorer_key)
+        item = PrefixItem(
+            prompt_ids=tuple(prompt_ids),
+            full_ids=tuple(tuple(f) for f in fulls),
+            multiplier=self.multiplier,
+        )
+        if item.shared < 1:  # no token for the prefill to hold (the first token differs)
+            return await self.score_continuations_rows(prompt, continuations)
+        return await scorer.score(item)
 
+    def _encode_continuations(self, prompt: str, continuations: list[str]):
         engine = self.engine
         tokenizer = engine.model.tokenizer
         with engine.tokenizer_lock:
@@ -271,6 +310,19 @@ class MupModelAPI(ModelAPI):
             fulls = [
                 tokenizer(prompt + c, add_special_tokens=True)["input_ids"] for c in continuations
             ]
+        return prompt_ids, fulls
+
+    async def score_continuations_rows(self, prompt: str, continuations: list[str]):
+        """`score_continuations` as engine rows: each prompt + continuation is one row with
+        ``max_tokens=0`` and prompt logprobs; the rows of every sample and multiplier running
+        at the same time share prefill batches, and each runs its whole prompt."""
+        import asyncio
+
+        from mup.engine import Request
+        from mup.evals._loglik import continuation_score
+
+        engine = self.engine
+        prompt_ids, fulls = self._encode_continuations(prompt, continuations)
         handles = [
             engine.submit(
                 Request(

@@ -4,10 +4,10 @@ independent torch forward of the same tiny checkpoint (steered by a forward hook
 from __future__ import annotations
 
 import asyncio
-import functools
 
 import numpy as np
 import pytest
+from _support.loglik_reference import torch_logliks
 from inspect_ai import Task, eval
 from inspect_ai.dataset import MemoryDataset, Sample
 from inspect_ai.model import ChatMessageUser, get_model
@@ -70,41 +70,8 @@ def test_continuation_tokens_after_the_common_prefix():
         continuation_score([1, 2], [1, 2], [None, -1.0])
 
 
-@functools.cache
-def _torch_model(tiny_dir: str):
-    import torch
-    import transformers
-
-    model = transformers.LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    return model, transformers.AutoTokenizer.from_pretrained(tiny_dir)
-
-
 def _torch_logliks(tiny_dir, vector, m, prompt, continuations) -> list[float]:
-    """Summed continuation log-probabilities from transformers' forward of the checkpoint,
-    steered by adding m * vector to block STEER_LAYER's output (mup's convention)."""
-    torch = pytest.importorskip("torch")
-    model, tokenizer = _torch_model(str(tiny_dir))
-    v = torch.tensor(vector, dtype=torch.float32)
-
-    def hook(_module, _args, output):
-        if isinstance(output, tuple):
-            return (output[0] + m * v, *output[1:])
-        return output + m * v
-
-    handle = model.model.layers[STEER_LAYER].register_forward_hook(hook)
-    try:
-        p_ids = tokenizer(prompt)["input_ids"]
-        out = []
-        for c in continuations:
-            ids = tokenizer(prompt + c)["input_ids"]
-            with torch.no_grad():
-                logits = model(torch.tensor([ids])).logits[0].double()
-            logp = torch.log_softmax(logits, dim=-1)
-            start = max(1, common_prefix(p_ids, ids))
-            out.append(float(sum(logp[j - 1, ids[j]] for j in range(start, len(ids)))))
-        return out
-    finally:
-        handle.remove()
+    return torch_logliks(tiny_dir, vector, STEER_LAYER, m, prompt, continuations)
 
 
 @pytest.fixture(scope="module")
