@@ -164,7 +164,7 @@ def test_generate_label_extract_probe(proxy, inputs, tmp_path, tiny_dir, capsys)
         assert scores.shape == (len(prompts),) and ((scores >= 0) & (scores <= 1)).all()
 
 
-@pytest.mark.slow  # a mup serve process and constrained generation: ~35 s on 2 cores
+@pytest.mark.slow  # starts a mup serve process and generates under constraint
 def test_auto_takes_json_schema_on_mup_serve_and_answers_validate(proxy, inputs, tmp_path, capsys):
     """`auto` asks for the answer's JSON schema first and mup serve constrains decoding to it:
     no request is refused, and every answer is the schema's JSON, complete (with the words its

@@ -27,7 +27,7 @@ def plain_server(tiny_dir, module_server, tmp_path_factory):
     return srv
 
 
-@pytest.mark.slow  # a server process and the in-process reference: ~30 s on 2 cores
+@pytest.mark.slow  # a server process and the in-process reference model
 def test_echo_logprobs_through_the_server_equal_in_process(tiny_dir, plain_server, tmp_path):
     from mup.models import load_model
 
