@@ -199,3 +199,9 @@ def test_the_prefix_route_equals_the_rows_route_on_mc_easy_with_the_default_mode
             prefix[key].metadata["loglik"], score.metadata["loglik"], rtol=1e-4, atol=1e-4
         )
         assert prefix[key].value == score.value
+
+
+def test_an_unknown_loglik_route_is_refused_before_the_model_loads(tmp_path):
+    # the check comes before any load: the spec need not even exist
+    with pytest.raises(ValueError, match=r"loglik must be one of \['prefix', 'rows'\]"):
+        get_model(f"mup/{tmp_path / 'absent'}", memoize=False, loglik="pairs")
