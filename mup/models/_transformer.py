@@ -171,6 +171,7 @@ def forward(
         cache_index=None if cache is None else cache.index,
         mask_new=None,
         mask_new_local=None,
+        read=k_slots.shape[0],
     )
     if cache is not None and cache.index.ndim == 1:
         t = jnp.arange(T, dtype=jnp.int32)
@@ -198,8 +199,6 @@ def forward(
     # segment below. Carrying the whole [L, B, K, S, H] cache through the layer scan instead
     # cost more than the MLPs in a batched decode step on CPU.
     kv = None if cache is None else (cache.k, cache.v)
-    if cache is not None and cache.index.ndim == 1 and attend_len is not None:
-        kv = (cache.k[:, :, :, : k_slots.shape[0]], cache.v[:, :, :, : k_slots.shape[0]])
     new_kv: list[tuple[int, jax.Array, jax.Array]] = []  # (first layer, k, v) per segment
     hidden: dict[int, jax.Array] = {}
     if 0 in capture:
@@ -288,6 +287,8 @@ class _Context:
     cache_index: jax.Array | None
     mask_new: jax.Array | None  # [B, T, T] per-row cache mode: new tokens among themselves
     mask_new_local: jax.Array | None
+    # Cache slots each layer reads (static): a per-row cache reads its first `attend_len`.
+    read: int = flax.struct.field(pytree_node=False, default=0)
 
 
 # Above this many captured layers strictly inside the run, one scan emits every layer.
@@ -343,6 +344,10 @@ def block(ctx: _Context, p, x: jax.Array, is_local: jax.Array, kv):
         # Attend to this layer's slots with the new tokens written in (cache dtype, as they
         # will be read back in later steps).
         k_layer, v_layer = kv
+        if ctx.cache_index.ndim == 1:
+            # The read window is cut here, per layer, not from the whole stack before the
+            # scan: cutting the stack first copied every layer's window twice per step.
+            k_layer, v_layer = k_layer[:, :, : ctx.read], v_layer[:, :, : ctx.read]
         k_new = _layers.heads_major(k.astype(k_layer.dtype))  # [B, K, T, H]
         v_new = _layers.heads_major(v.astype(v_layer.dtype))
         if ctx.cache_index.ndim == 1:
