@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
 import inspect as pyinspect
 import re
 from pathlib import Path
@@ -158,12 +159,15 @@ def task_function(spec: BenchmarkSpec):
     try:
         return getattr(importlib.import_module(f"inspect_evals.{name}"), name)
     except (ImportError, AttributeError):
-        fn = getattr(module, name, None)
-        if fn is None:
-            raise SuiteError(
-                f"benchmark {spec.name!r}: inspect_evals has no task {name!r}"
-            ) from None
-        return fn
+        pass
+    # Most tasks live in a module named otherwise (arc_easy in inspect_evals.arc): the module
+    # that inspect_evals registers with inspect_ai as its entry point imports them all.
+    entry = importlib.metadata.entry_points(group="inspect_ai", name="inspect_evals")
+    registry = next(iter(entry)).load() if entry else module
+    fn = getattr(registry, name, None)
+    if fn is None:
+        raise SuiteError(f"benchmark {spec.name!r}: inspect_evals has no task {name!r}")
+    return fn
 
 
 def check_args(spec: BenchmarkSpec, fn) -> None:

@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 from inspect_ai import Task, task
 from inspect_ai.dataset import MemoryDataset, Sample
@@ -349,43 +350,92 @@ def mc_easy_ll(template: str = LL_TEMPLATE) -> Task:
     return _loglik_task(_mc_samples(MC_EASY_FILE), "mc_easy_ll", template)
 
 
-# Hub MC sets through inspect_evals' own loaders: (module, task function, its arguments).
+# ---------------------------------------------------------------------------------------------
+# Hub multiple-choice sets through inspect_evals' loaders
+# ---------------------------------------------------------------------------------------------
+
+
+class HubSet(NamedTuple):
+    """One hub multiple-choice set: the inspect_evals task that loads it and the repo it reads."""
+
+    module: str
+    function: str
+    args: dict
+    repo: str  # the dataset repo; inspect_evals pins its revision
+
+
 HUB_MC = {
-    "arc_easy": ("inspect_evals.arc", "arc_easy", {}),
-    "arc_challenge": ("inspect_evals.arc", "arc_challenge", {}),
-    "mmlu": ("inspect_evals.mmlu", "mmlu_0_shot", {}),
-    "truthfulqa_mc1": ("inspect_evals.truthfulqa", "truthfulqa", {"target": "mc1"}),
+    "arc_easy": HubSet("inspect_evals.arc", "arc_easy", {}, "allenai/ai2_arc"),
+    "arc_challenge": HubSet("inspect_evals.arc", "arc_challenge", {}, "allenai/ai2_arc"),
+    "mmlu": HubSet("inspect_evals.mmlu", "mmlu_0_shot", {}, "cais/mmlu"),
+    "truthfulqa_mc1": HubSet(
+        "inspect_evals.truthfulqa", "truthfulqa", {"target": "mc1"}, "truthfulqa/truthful_qa"
+    ),
 }
+# Seconds to wait for the hub's first answer: huggingface_hub retries a refused connection for
+# most of half a minute per file, and a suite has four of these sets.
+HUB_TIMEOUT_S = 10.0
+INSTALL_HINT = "pip install 'models-under-pressure[hub]', or pip install inspect-evals"
+
+
+def _check_hub(benchmark: str, repo: str) -> None:
+    """Raise `TaskUnavailable` unless the hub answers for `repo`: one request, no retries.
+
+    Offline mode (``HF_HUB_OFFLINE=1``) asks nothing: the loader reads the local cache.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+    from mup.evals._errors import TaskUnavailable
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        get_hf_file_metadata(
+            hf_hub_url(repo, "README.md", repo_type="dataset"), timeout=HUB_TIMEOUT_S
+        )
+    # Any exception: the client's HTTP library differs between hub versions (requests, httpx,
+    # httpx2) and every failure means the same here: the set cannot be loaded now.
+    except Exception as error:
+        text = " ".join(str(error).split())[:160]
+        raise TaskUnavailable(
+            f"{benchmark} (log-likelihood): the hub at {constants.ENDPOINT} did not serve the "
+            f"dataset {repo} ({type(error).__name__}: {text}); HF_HUB_OFFLINE=1 reads a copy "
+            "that an earlier run cached"
+        ) from None
 
 
 @task
 def hub_mc_ll(benchmark: str = "arc_easy", template: str = LL_TEMPLATE) -> Task:
-    """A hub multiple-choice set (ARC, MMLU, TruthfulQA MC1), loaded by inspect_evals, scored
-    by log-likelihood. Needs `pip install inspect-evals` and the Hugging Face hub; without them
-    the runner skips it with the reason (`TaskUnavailable`)."""
+    """A hub multiple-choice set (ARC easy / challenge, MMLU, TruthfulQA MC1), loaded by
+    inspect_evals' own task (its repo, pinned revision, split and record mapping), scored by
+    log-likelihood. Needs inspect_evals (the `hub` extra) and the Hugging Face hub (or its
+    cache with ``HF_HUB_OFFLINE=1``); without them the runner skips it with the reason
+    (`TaskUnavailable`)."""
     import importlib
 
     from mup.evals._errors import TaskUnavailable
 
     if benchmark not in HUB_MC:
         raise ValueError(f"hub_mc_ll: benchmark must be one of {sorted(HUB_MC)}, got {benchmark!r}")
-    module, name, args = HUB_MC[benchmark]
+    hub = HUB_MC[benchmark]
     try:
-        fn = getattr(importlib.import_module(module), name)
+        fn = getattr(importlib.import_module(hub.module), hub.function)
     except ImportError:
         raise TaskUnavailable(
-            f"{benchmark} (log-likelihood) needs the package 'inspect_evals' "
-            "(pip install inspect-evals) and the Hugging Face hub for its data set"
+            f"{benchmark} (log-likelihood) needs the package 'inspect_evals' ({INSTALL_HINT}) "
+            f"and the Hugging Face hub for its data set ({hub.repo})"
         ) from None
+    _check_hub(benchmark, hub.repo)
     try:
-        source = fn(**args).dataset
-    except Exception as error:  # no hub access, a gated set, ...: say so and skip
+        source = fn(**hub.args).dataset
+    except Exception as error:  # a gated set, a cache miss offline, ...: say so and skip
         raise TaskUnavailable(
-            f"{benchmark} (log-likelihood): inspect_evals could not load its data set "
+            f"{benchmark} (log-likelihood): inspect_evals could not load {hub.repo} "
             f"({type(error).__name__}: {str(error)[:200]})"
         ) from None
     samples = []
     for sample in source:
+        # TruthfulQA's mc1 target is a list of the one correct letter
         target = sample.target if isinstance(sample.target, str) else sample.target[0]
         if not sample.choices or len(target) != 1:
             continue

@@ -9,7 +9,7 @@ import pytest
 from inspect_ai.model import GenerateConfig
 
 from mup.evals import SuiteError, build_task, load_suites
-from mup.evals._suite import task_function
+from mup.evals._suite import check_args, task_function
 
 REFERENCE = {
     "mmlu_0_shot", "ifeval", "arc_easy", "arc_challenge", "gpqa_diamond", "humaneval", "mbpp",
@@ -148,3 +148,14 @@ def test_suite_with_unknown_benchmark(tmp_path):
         .name
         == "g"
     )
+
+
+@pytest.mark.skipif(not HAVE_INSPECT_EVALS, reason="inspect_evals is not installed")
+def test_reference_entries_name_inspect_evals_tasks(suites):
+    # Most live in a module named otherwise (arc_easy in inspect_evals.arc, mmlu_0_shot in
+    # inspect_evals.mmlu): found through inspect_evals' registry, without loading any data.
+    for name in sorted(REFERENCE):
+        spec = suites.benchmarks[name]
+        fn = task_function(spec)
+        assert fn.__name__ == spec.task.removeprefix("inspect_evals/"), name
+        check_args(spec, fn)  # the config's arguments are the task's
