@@ -19,6 +19,7 @@ and /health, a vector's ``layer`` (= ``block``) and ``custom_vector_layer`` (=
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -134,7 +135,9 @@ class Serving:
     async def wait_all(
         self, handles: list[Handle], is_disconnected: Callable[[], Awaitable[bool]]
     ) -> list[Result]:
-        """Every handle's result; a client that goes away cancels them all."""
+        """Every handle's result; a client that goes away cancels them all (its slots free at
+        the next step) and gets a 499, the status proxies log for a closed request, instead of
+        the traceback an escaping CancelledError made the ASGI server print."""
         waiting = asyncio.ensure_future(asyncio.gather(*(h.wait() for h in handles)))
         try:
             while True:
@@ -142,11 +145,16 @@ class Serving:
                 if done:
                     return waiting.result()
                 if await is_disconnected():
-                    raise asyncio.CancelledError
-        except asyncio.CancelledError:
-            for h in handles:
-                h.cancel()
-            waiting.cancel()
+                    await _cancel(handles, waiting)
+                    raise APIError(
+                        499,
+                        f"client closed the request; {len(handles)} row(s) cancelled",
+                        type="client_closed_request",
+                    )
+        except asyncio.CancelledError:  # the server's task was cancelled (shutdown)
+            await _cancel(handles, waiting)
+            raise
+        except APIError:
             raise
         except Exception as e:
             raise APIError(
@@ -297,3 +305,13 @@ async def merge(handles: list[Handle]):
             h.cancel()
         for t in tasks:
             t.cancel()
+
+
+async def _cancel(handles: list[Handle], waiting: asyncio.Future) -> None:
+    """Cancel the rows and reap their gather, so asyncio does not report its
+    CancelledError as an exception that was never retrieved."""
+    for h in handles:
+        h.cancel()
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await waiting

@@ -317,6 +317,32 @@ def test_disconnect_mid_stream_frees_the_slot(client, multi):
     assert _metrics(multi)["mup_running_rows"] == 0
 
 
+def test_disconnect_while_waiting_cancels_quietly(client, multi):
+    """A non-streamed request whose client leaves: its row is cancelled and the server logs one
+    line, not the traceback of an escaping CancelledError."""
+    before = _metrics(multi).get('mup_requests_finished_total{reason="cancelled"}', 0)
+    conn = http.client.HTTPConnection("127.0.0.1", multi.port, timeout=60)
+    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 400, "temperature": 0}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 60
+    while _metrics(multi)["mup_running_rows"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    conn.sock.shutdown(2)  # the client goes away before its answer
+    conn.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = _metrics(multi)
+        if m.get('mup_requests_finished_total{reason="cancelled"}', 0) > before:
+            break
+        time.sleep(0.05)
+    assert m.get('mup_requests_finished_total{reason="cancelled"}', 0) == before + 1
+    r = client.completions.create(model=NAME, prompt="hi", max_tokens=2, temperature=0)
+    assert r.choices[0].text is not None  # the server still answers
+    log = multi.log()
+    assert "client closed the request; 1 row(s) cancelled" in log
+    assert "Traceback" not in log and "never retrieved" not in log
+
+
 @pytest.mark.slow
 def test_plain_server_and_files_checked_first(start_server, tiny_dir, client, tmp_path):
     plain = start_server(["--model", str(tiny_dir), "--served-name", NAME, "--no-warmup"], tmp_path)
