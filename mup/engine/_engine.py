@@ -69,6 +69,19 @@ log = logging.getLogger("mup.engine")
 # whole slot length, however short the live rows (benchmarks/bench_serve.py).
 _ATTEND_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
+
+def row_buckets(max_slots: int) -> tuple[int, ...]:
+    """Slot counts a decode step advances: powers of 4 below max_slots, then max_slots. A step
+    advances the smallest bucket holding the live rows (padded with free slots), so a lone row
+    at the end of a batch costs a one-row step, not a step of every slot; each bucket is one
+    more compiled decode program, hence the coarse steps."""
+    out, b = [], 1
+    while b < max_slots:
+        out.append(b)
+        b *= 4
+    return (*out, max_slots)
+
+
 # Request groups whose last admission is remembered before the gone ones are forgotten.
 _MAX_TRACKED_GROUPS = 4096
 
@@ -386,6 +399,7 @@ class Engine:
         # (interleaved_steps: decode steps run while a chunked prefill was still in progress)
         self.stats = {
             "decode_steps": 0,
+            "advanced_rows": 0,  # slots the decode steps advanced (live + bucket padding)
             "prefill_calls": 0,
             "max_live": 0,
             "mixed_steps": 0,
@@ -407,8 +421,9 @@ class Engine:
     def warm_up(self) -> int:
         """Compile, before `start`, every program a load of greedy rows can need: each
         prefill rows x bucket up to the chunk (and the chunked buckets that the decode buckets
-        imply), its insert, and the decode step at every attend bucket up to max_len, by
-        running short rows through the loop's own code in this thread. Programs for top-k
+        imply), its insert, and the decode step of every slot-count bucket at every attend
+        bucket up to max_len, by running short rows through the loop's own code in this
+        thread. Programs for top-k
         logprobs and echo compile on first use. Returns the number of rows run."""
         if self._thread.is_alive():
             raise RuntimeError("warm_up runs before start()")
@@ -439,6 +454,19 @@ class Engine:
                     if self.running():
                         self._decode()
                 runs += R
+        # Every slot-count bucket at every width (the rows above ran only their own counts):
+        # free slots stepped here are reset when a prompt is inserted into them.
+        if self._allowed_dev is None:
+            self._allowed_dev = jnp.asarray(self._allowed)
+        if self._cache is None:
+            self._cache = self._new_cache()
+        for a in sorted({min(a, self._max_len) for a in _ATTEND_BUCKETS}):
+            for R in row_buckets(cfg.max_slots):
+                rows = np.arange(R, dtype=np.int32)
+                out = self._decode_call(
+                    rows, captures=(), top_k=1, n_steps=cfg.decode_steps, attend_len=a
+                )
+                jax.block_until_ready(out)
         self.metrics = EngineMetrics()  # the warm-up is not traffic
         self.stats = {k: 0 for k in self.stats}
         return runs
@@ -885,7 +913,6 @@ class Engine:
             > 1
         ):
             self.stats["mixed_steps"] += 1
-        entries = self._n_entries(self.config.max_slots)
         # A constrained row's mask follows its every token: one step per call while one runs.
         constrained = any(r.matcher is not None for r in live)
         n_steps = 1 if constrained else self.config.decode_steps
@@ -895,19 +922,16 @@ class Engine:
         attend = next((b for b in _ATTEND_BUCKETS if b >= need), self._max_len)
         if self._allowed_dev is None:
             self._allowed_dev = jnp.asarray(self._allowed)
-        self._cache, out = decode_steps(
-            self.model.params,
-            self._cache,
-            jnp.asarray(self._tok),
-            jnp.asarray(self._steps),
-            jnp.asarray(self._temp),
-            jnp.asarray(self._top_p),
-            jnp.asarray(self._keys),
-            self._allowed_dev,
-            None if not entries else jnp.asarray(self._vec, self._dtype),
-            None if not entries else jnp.asarray(self._mult, self._dtype),
-            config=self.model.config,
-            steer_blocks=self._steer_blocks(self.config.max_slots) if entries else (),
+        # The slots to advance: the live ones plus free ones up to a bucket, in slot order (all
+        # slots in order when the bucket is max_slots: the step then reads the cache by slices).
+        R = next(b for b in row_buckets(self.config.max_slots) if b >= n_live)
+        used = {r.slot for r in live}
+        spare = [s for s in range(self.config.max_slots) if s not in used][: R - n_live]
+        rows = np.array(sorted(used | set(spare)), np.int32)
+        self.stats["advanced_rows"] += R
+        at = {int(s): i for i, s in enumerate(rows)}  # slot -> its row in the outputs
+        out = self._decode_call(
+            rows,
             # the probes' layers only while a row wants per-token scores (another program)
             captures=self.captures if any(r.req.probe_token_scores for r in live) else (),
             # XLA CPU's top-k over the vocabulary took 40% of a SmolLM2 step: only when asked.
@@ -918,20 +942,20 @@ class Engine:
         host = jax.device_get(out)
         going = []
         for r in live:
-            s = r.slot
+            s, i = r.slot, at[r.slot]
             r.batch_rows = max(r.batch_rows, n_live)
             for k in range(n_steps):
                 if r.req.probe_token_scores and host["probe"]:  # the token fed at this step
-                    r.token_acts.append(self._combine(0, [h[s, k] for h in host["probe"]]))
+                    r.token_acts.append(self._combine(0, [h[i, k] for h in host["probe"]]))
                 if r.final_feed:
                     r.final_feed = False
                     break
                 self._accept(
                     r,
-                    int(host["tokens"][s, k]),
-                    float(host["lp"][s, k]),
-                    host["top_ids"][s, k],
-                    host["top_lp"][s, k],
+                    int(host["tokens"][i, k]),
+                    float(host["lp"][i, k]),
+                    host["top_ids"][i, k],
+                    host["top_lp"][i, k],
                 )
                 if r.finish is not None:
                     break
@@ -944,6 +968,28 @@ class Engine:
                 going.append(r)
         if constrained:
             self._update_masks(going)
+
+    def _decode_call(self, rows: np.ndarray, **static) -> dict:
+        """One `decode_steps` call of slots `rows` with the slots' current arrays (the warm-up
+        makes the same calls, so it compiles the very programs traffic runs)."""
+        entries = self._n_entries(self.config.max_slots)
+        self._cache, out = decode_steps(
+            self.model.params,
+            self._cache,
+            jnp.asarray(rows),
+            jnp.asarray(self._tok),
+            jnp.asarray(self._steps),
+            jnp.asarray(self._temp),
+            jnp.asarray(self._top_p),
+            jnp.asarray(self._keys),
+            self._allowed_dev,
+            None if not entries else jnp.asarray(self._vec, self._dtype),
+            None if not entries else jnp.asarray(self._mult, self._dtype),
+            config=self.model.config,
+            steer_blocks=self._steer_blocks(self.config.max_slots) if entries else (),
+            **static,
+        )
+        return out
 
     def _free(self, r: _Row) -> None:
         s = r.slot

@@ -1,8 +1,9 @@
 """The engine's jitted programs: per-row sampling, a prefill chunk, slot insertion, decode.
 
-Axis letters: B slots (the decode batch), R rows of one prefill call, C chunk tokens,
-P prefill cache length (a prompt bucket), S slot cache length, D model, V vocab,
-W allowed-token mask words (ceil(V / 32)), J steering entries, X top-k width, L layers.
+Axis letters: B slots, R rows of one call (a prefill batch, or the slots a decode step
+advances), C chunk tokens, P prefill cache length (a prompt bucket), S slot cache length,
+D model, V vocab, W allowed-token mask words (ceil(V / 32)), J steering entries, X top-k
+width, L layers.
 
 Every program takes per-row arrays (temperature, top_p, PRNG keys, steering multipliers,
 allowed-token masks), so rows with different samplers, strengths and grammars share one call
@@ -198,6 +199,7 @@ def insert_rows(cache: KVCache, k, v, valid, slots, lengths) -> KVCache:
 def decode_steps(
     params,
     cache: KVCache,  # [L, B, K, S, H], per-row index
+    rows,  # [R] int32: the distinct slots to advance (the live ones, padded with free ones)
     tokens,  # [B] int32: each slot's last token (not yet in the cache)
     steps,  # [B] int32: tokens the row has generated (the PRNG step of the next draw)
     temperature,  # [B]
@@ -214,12 +216,21 @@ def decode_steps(
     n_steps: int,
     attend_len: int,
 ):
-    """`n_steps` decode steps of every slot (free slots too: fixed shapes; their outputs are
-    ignored), reading the first `attend_len` columns of the slots (a bucket of the longest live
-    row). Returns the cache and per-step tokens [B, n], logprobs [B, n], top-k ids / values
-    [B, n, X] and probe-layer activations of the fed tokens, each [B, n, D]. Every step applies
+    """`n_steps` decode steps of the slots `rows` (fixed shapes: R is a bucket of the live
+    count, padded with free slots whose outputs are ignored), reading the first `attend_len`
+    columns of the slots (a bucket of the longest live row). The per-slot arguments are [B]
+    and indexed by `rows` here, so the host keeps one array per slot. Returns the cache and
+    per-step tokens [R, n], logprobs [R, n], top-k ids / values [R, n, X] and probe-layer
+    activations of the fed tokens, each [R, n, D], in the order of `rows`. Every step applies
     `allowed`, so rows whose mask changes after each token (a grammar) need n_steps = 1."""
     L = config.n_layers
+    B = cache.k.shape[1]
+    # All slots in order: the cache is read by slices, not gathers (see `forward`'s rows).
+    every = rows.shape[0] == B
+    tokens, steps, temperature, top_p = (a[rows] for a in (tokens, steps, temperature, top_p))
+    keys, allowed = keys[rows], allowed[rows]
+    if multipliers is not None:
+        multipliers = multipliers[:, rows]
     steering = _steering(steer_blocks, vectors, multipliers)
 
     def one(carry, _):
@@ -227,15 +238,16 @@ def decode_steps(
         out = forward(
             params,
             tok[:, None],
-            cache.index[:, None],  # right-padded rows: a token's rope position is its column
+            cache.index[rows][:, None],  # right-padded rows: a token's rope position is its column
             config=config,
             cache=cache,
             capture=tuple(sorted({c for c, _ in captures} | {L})),
             steering=steering,
             logits=False,
             attend_len=attend_len,
+            rows=None if every else rows,
         )
-        logits = mask_logits(lm_head(config, params, out.hidden[L][:, 0]), allowed)  # [B, V]
+        logits = mask_logits(lm_head(config, params, out.hidden[L][:, 0]), allowed)  # [R, V]
         step_keys = jax.vmap(jax.random.fold_in)(keys, step)
         nxt, lp, top_ids, top_lp = sample_rows(logits, temperature, top_p, step_keys, top_k)
         probe = tuple(h[:, 0] for h in _captures(config, params, out, captures))

@@ -101,6 +101,7 @@ def forward(
     steering: ForwardSteering | None = None,
     logits: bool = True,
     attend_len: int | None = None,
+    rows: jax.Array | None = None,
 ) -> ForwardOutput:
     """Run the decoder on tokens [B, T] at rope positions [B, T] (int32, per row).
 
@@ -113,6 +114,9 @@ def forward(
     attend_len: with a per-row cache index, read only the first attend_len slots (static;
     every row's index + T must be <= attend_len): a decode step then costs what the rows'
     lengths need, not the whole slot length.
+    rows: with a per-row cache, the cache rows [B] (distinct) that the batch's rows read and
+    write; None = rows 0..B-1 of a cache of batch B. A decode step of the engine's live slots
+    then costs those rows, not every slot.
     `config`, `capture`, `site` and `logits` are static under jit (see `jit_forward`).
     """
     B, T = tokens.shape
@@ -132,6 +136,9 @@ def forward(
     if config.embed_scale:
         x = x * _layers.embed_scale(config, x.dtype)
 
+    if rows is not None and (cache is None or cache.index.ndim != 1):
+        raise ValueError("rows= needs a cache with per-row write positions (index [B])")
+    gather = None
     # Keys: the T new tokens alone, or all S cache slots after writing the new ones.
     if cache is None:
         q_slots = jnp.arange(T, dtype=jnp.int32)
@@ -139,14 +146,18 @@ def forward(
         k_valid = valid
         new_cache = None
     elif cache.index.ndim == 1:  # per-row write positions [B]
-        q_slots = cache.index[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
+        gather = rows  # None: every row in order, read by a plain slice in `block`
+        if rows is None:
+            rows = jnp.arange(B, dtype=jnp.int32)
+        index = cache.index[rows]  # [B]
+        q_slots = index[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
         read = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
         k_slots = jnp.arange(read, dtype=jnp.int32)
         # The old slots are masked as they were before this call; the new tokens are attended
         # to separately (block: `attention_cache_and_new`).
-        k_valid = cache.valid[:, :read]
+        k_valid = cache.valid[rows, :read]
         new_cache = cache.replace(
-            valid=_write_rows(cache.valid, valid, cache.index), index=cache.index + T
+            valid=_write_rows(cache.valid, valid, index, rows), index=cache.index.at[rows].add(T)
         )
     else:
         q_slots = cache.index + jnp.arange(T, dtype=jnp.int32)
@@ -169,6 +180,7 @@ def forward(
             else None
         ),
         cache_index=None if cache is None else cache.index,
+        rows=gather,
         mask_new=None,
         mask_new_local=None,
         read=k_slots.shape[0],
@@ -233,8 +245,8 @@ def forward(
         k_all, v_all = cache.k, cache.v
         for first, k_new, v_new in new_kv:  # [n, B, K, T, H] at layers first.., slot index
             if cache.index.ndim == 1:
-                k_all = _write_layers_rows(k_all, k_new, first, cache.index)
-                v_all = _write_layers_rows(v_all, v_new, first, cache.index)
+                k_all = _write_layers_rows(k_all, k_new, first, cache.index[rows], rows)
+                v_all = _write_layers_rows(v_all, v_new, first, cache.index[rows], rows)
                 continue
             at = (first, 0, 0, cache.index, 0)
             k_all = jax.lax.dynamic_update_slice(k_all, k_new, at)
@@ -287,6 +299,7 @@ class _Context:
     cache_index: jax.Array | None
     mask_new: jax.Array | None  # [B, T, T] per-row cache mode: new tokens among themselves
     mask_new_local: jax.Array | None
+    rows: jax.Array | None = None  # [B] the per-row cache's rows this batch uses
     # Cache slots each layer reads (static): a per-row cache reads its first `attend_len`.
     read: int = flax.struct.field(pytree_node=False, default=0)
 
@@ -347,7 +360,11 @@ def block(ctx: _Context, p, x: jax.Array, is_local: jax.Array, kv):
         if ctx.cache_index.ndim == 1:
             # The read window is cut here, per layer, not from the whole stack before the
             # scan: cutting the stack first copied every layer's window twice per step.
-            k_layer, v_layer = k_layer[:, :, : ctx.read], v_layer[:, :, : ctx.read]
+            if ctx.rows is None:
+                k_layer, v_layer = k_layer[:, :, : ctx.read], v_layer[:, :, : ctx.read]
+            else:  # only the batch's rows: the gather rides in the same per-layer copy
+                k_layer = k_layer[ctx.rows, :, : ctx.read]
+                v_layer = v_layer[ctx.rows, :, : ctx.read]
         k_new = _layers.heads_major(k.astype(k_layer.dtype))  # [B, K, T, H]
         v_new = _layers.heads_major(v.astype(v_layer.dtype))
         if ctx.cache_index.ndim == 1:
@@ -397,22 +414,22 @@ def _block_out(c: ModelConfig, norm, p, x: jax.Array, a: jax.Array) -> jax.Array
     return x + m
 
 
-def _write_rows(valid: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-    """valid [B, S] with new [B, T] written at columns index[b].. of row b (one scatter;
-    columns past S are dropped: free engine slots keep advancing)."""
+def _write_rows(valid: jax.Array, new: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
+    """valid [R, S] with new [B, T] written at columns index[b].. of row rows[b] (one
+    scatter; columns past S are dropped: free engine slots keep advancing)."""
     B, T = new.shape
-    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    rows = jnp.broadcast_to(rows[:, None], (B, T))
     cols = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     return valid.at[rows, cols].set(new, mode="drop")
 
 
-def _write_layers_rows(buf, new, first: int, index: jax.Array) -> jax.Array:
-    """Cache stack buf [L, B, K, S, H] with new [n, B, K, T, H] written at layers first..,
-    slots index[b].. of row b: one scatter, in place under donation. (A vmap of
+def _write_layers_rows(buf, new, first: int, index: jax.Array, rows: jax.Array) -> jax.Array:
+    """Cache stack buf [L, R, K, S, H] with new [n, B, K, T, H] written at layers first..,
+    slots index[b].. of row rows[b]: one scatter, in place under donation. (A vmap of
     dynamic_update_slice lowered to a copy of the whole stack per step, which then dominated
     the decode step; benchmarks/bench_serve.py.)"""
     n, B, _, T, _ = new.shape
-    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    rows = jnp.broadcast_to(rows[:, None], (B, T))
     cols = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     update = jnp.transpose(new, (1, 3, 0, 2, 4))  # [B, T, n, K, H]: advanced axes first
     return buf.at[first : first + n, rows, :, cols, :].set(update, mode="drop")
