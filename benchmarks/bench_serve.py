@@ -156,7 +156,12 @@ def _server(cmd: list[str], cwd: Path, port: int, name: str, timeout: float = 90
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name} not healthy after {timeout}s")
             time.sleep(0.3)
-        yield base
+        try:
+            yield base
+        except Exception as e:  # a server that dies mid-load: show why, its log goes with tmp
+            log.flush()
+            tail = (cwd / f"{name}.log").read_text()[-3000:]
+            raise RuntimeError(f"{e}\n--- the last lines of {name}'s log ---\n{tail}") from e
     finally:
         proc.terminate()
         try:
@@ -203,7 +208,11 @@ def _open_loop(base: str, bodies: list[dict], arrivals: np.ndarray) -> dict:
         delay = start + arrivals[i] - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        out[i] = _stream(base, bodies[i])
+        try:
+            out[i] = _stream(base, bodies[i])
+        except OSError as e:  # counted below: one clear error, not a thread traceback each
+            out[i] = {"error": f"{type(e).__name__}: {e}"}
+            return
         out[i]["sched"] = start + arrivals[i]
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
@@ -211,6 +220,9 @@ def _open_loop(base: str, bodies: list[dict], arrivals: np.ndarray) -> dict:
         t.start()
     for t in threads:
         t.join()
+    failed = [r["error"] for r in out if "error" in r]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(out)} requests failed; the first: {failed[0]}")
     tokens = sum(r["tokens"] for r in out)
     span = max(r["end"] for r in out) - start
     lat = np.array([r["end"] - r["sched"] for r in out])

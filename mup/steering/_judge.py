@@ -247,7 +247,11 @@ RATING_SCHEMA = {
     "strict": True,
     "schema": {
         "type": "object",
-        "properties": {"score": {"type": "integer"}, "reason": {"type": "string"}},
+        "properties": {
+            # bounded as the labeller's scores are: a constrained endpoint writes only 1..10
+            "score": {"type": "integer", "minimum": 1, "maximum": 10},
+            "reason": {"type": "string"},
+        },
         "required": ["score", "reason"],
         "additionalProperties": False,
     },
