@@ -63,6 +63,12 @@ class EndpointError(RuntimeError):
     """The endpoint cannot be used; the message is one line that says why (and where to look)."""
 
 
+# A served model's attempts wait this long: the loopback server is ours and queues every request;
+# on a slow machine a shorter timeout made each attempt expire in the queue and its retry
+# requeue the same work at the back, so a run stopped making progress at all.
+SERVED_TIMEOUT_S = 6 * 3600.0
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EndpointConfig:
     """How to reach one chat model.
@@ -74,7 +80,8 @@ class EndpointConfig:
       duration of `open_endpoint`; serve_args are extra `mup serve` flags.
     concurrency: requests in flight at once (threads).
     requests_per_minute: pace every HTTP attempt to at most this many a minute; None: no limit.
-    timeout_s: one attempt's read timeout; max_retries: the client's retries after the first.
+    timeout_s: one attempt's read timeout (None: 600 s for a base_url, SERVED_TIMEOUT_S for a
+      served model); max_retries: the client's retries after the first.
     serve_startup_s: how long a served model may take to load and compile before we give up.
     """
 
@@ -85,7 +92,7 @@ class EndpointConfig:
     serve_args: tuple[str, ...] = ()
     concurrency: int = 8
     requests_per_minute: float | None = None
-    timeout_s: float = 600.0  # the client's default: a busy local server queues requests
+    timeout_s: float | None = None
     max_retries: int = 6
     serve_startup_s: float = 900.0
 
@@ -98,8 +105,14 @@ class EndpointConfig:
             raise ValueError(
                 f"requests per minute must be positive, got {self.requests_per_minute}"
             )
-        if self.max_retries < 0 or not self.timeout_s > 0:
+        if self.max_retries < 0 or (self.timeout_s is not None and not self.timeout_s > 0):
             raise ValueError("max_retries must be >= 0 and timeout_s positive")
+
+    @property
+    def attempt_timeout_s(self) -> float:
+        if self.timeout_s is not None:
+            return self.timeout_s
+        return SERVED_TIMEOUT_S if self.serve is not None else 600.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EndpointConfig:
@@ -151,8 +164,9 @@ def add_endpoint_args(
     where.add_argument(
         "--timeout",
         type=positive_float,
-        default=600.0,
-        help="seconds per attempt, queueing at the server included (600)",
+        default=None,
+        help="seconds per attempt, queueing at the server included (600; with --serve 6 h: "
+        "a loopback server queues every request, and a retry would only requeue it)",
     )
     where.add_argument(
         retries_flag,
@@ -358,7 +372,7 @@ def _client(base_url: str, key: str, config: EndpointConfig, usage: Usage):
         base_url=base_url,
         api_key=key,
         max_retries=config.max_retries,
-        timeout=config.timeout_s,
+        timeout=config.attempt_timeout_s,
         http_client=http_client,
     )
 

@@ -3,6 +3,7 @@ configuration's checks."""
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 
@@ -44,3 +45,19 @@ def test_rate_limiter_spaces_calls_across_threads():
 def test_endpoint_config_refuses_what_cannot_work(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EndpointConfig(**kwargs)
+
+
+def test_attempt_timeout_defaults_to_the_queue_of_a_served_model():
+    from mup.datagen import add_endpoint_args
+    from mup.datagen._endpoint import SERVED_TIMEOUT_S
+
+    parser = argparse.ArgumentParser()
+    add_endpoint_args(parser)
+    remote = EndpointConfig.from_args(parser.parse_args(["--base-url", "http://x/v1"]))
+    served = EndpointConfig.from_args(parser.parse_args(["--serve", "smollm2-135m"]))
+    assert remote.attempt_timeout_s == 600.0
+    assert served.attempt_timeout_s == SERVED_TIMEOUT_S > 3600
+    given = parser.parse_args(["--serve", "smollm2-135m", "--timeout", "30"])
+    assert EndpointConfig.from_args(given).attempt_timeout_s == 30.0
+    with pytest.raises(ValueError, match="timeout_s positive"):
+        EndpointConfig(base_url="http://x/v1", timeout_s=0)
