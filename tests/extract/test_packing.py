@@ -183,14 +183,15 @@ def _extract(model, data, out, packing, **kw) -> tuple[object, str]:
 
 
 def test_packed_and_unpacked_extractions_store_the_same(tiny_model, mini_path, tmp_path):
-    """Rows of 128 tokens: short records share rows, longer ones open 256- and 512-token rows
-    that short ones fill; the stores hold the same records, tokens and activations (float32
-    rounding: the records' sums ran in other shapes)."""
-    packed, text = _extract(tiny_model, mini_path, tmp_path / "packed", 128)
+    """Rows of 64 tokens (the mini set's records have 34..89): short records share rows, longer
+    ones open 128-token rows that short ones fill; the stores hold the same records, tokens and
+    activations (float32 rounding: the records' sums ran in other shapes)."""
+    packed, text = _extract(tiny_model, mini_path, tmp_path / "packed", 64)
     unpacked, _ = _extract(tiny_model, mini_path, tmp_path / "unpacked", "off")
     assert "% of the computed tokens real" in text
-    assert packed.real_fraction > 0.9 > 0.8 > unpacked.real_fraction
+    # Other batches: fewer, and the long rows' tails filled.
     assert len(packed.batch_fill) < len(unpacked.batch_fill)
+    assert max(real / computed for real, computed in packed.batch_fill) > 0.99
     a, b = store.open(packed.stores[0]), store.open(unpacked.stores[0])
     assert a.url.split("/")[-1] == b.url.split("/")[-1]  # the same key: packing is not content
     for name in ("offsets", "input_ids", "roles", "mask", "labels"):
@@ -205,7 +206,7 @@ def test_packed_and_unpacked_extractions_store_the_same(tiny_model, mini_path, t
     assert {k: v for k, v in a.attrs.items() if k not in varies} == {
         k: v for k, v in b.attrs.items() if k not in varies
     }
-    assert (a.attrs["packing"], b.attrs["packing"]) == (128, "off")
+    assert (a.attrs["packing"], b.attrs["packing"]) == (64, "off")
 
 
 def test_packing_setting_is_checked(tiny_model, mini_path, tmp_path):
