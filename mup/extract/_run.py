@@ -4,10 +4,9 @@ Axis letters: N records, T tokens, R rows, B rows in a batch, P padded length, D
 
 `run` plans every store first (`mup.extract._plan`), then per store cuts the rows into windows
 in row order (bounding the store writer's host buffers), each window into batches of packed
-rows, several records per row (`mup.extract._packing`), and of length-bucketed rows for the
-records longer than a packed row (`mup.extract._capture`). The next batch is dispatched before
-the previous one is fetched, so the host-side unpacking and shard writing overlap with the
-device.
+rows, several records per row (`mup.extract._packing`), or with packing off of one record per
+row padded to a length bucket (`mup.extract._capture`). The next batch is dispatched before the
+previous one is fetched, so the host-side unpacking and shard writing overlap with the device.
 """
 
 from __future__ import annotations
