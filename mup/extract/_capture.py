@@ -2,8 +2,10 @@
 
 Axis letters: B rows in a batch, P padded length, D model width.
 
-Batches come from geometric length buckets (P) and a small set of row counts (B), so XLA compiles
-few programs; each batch runs one jitted forward that stops at the deepest requested layer.
+Batches have a padded length P from a small set (the packed row lengths of
+`mup.extract._packing`, or geometric length buckets without packing) and a row count B from a
+small set, so XLA compiles few programs; each batch runs one jitted forward that stops at the
+deepest requested layer.
 """
 
 from __future__ import annotations
