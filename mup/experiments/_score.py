@@ -155,7 +155,9 @@ def locate_datasets(names: Sequence[str], data) -> list[tuple[str, Path]]:
     return found
 
 
-def extract_for(reads: ProbeInput, paths, *, store_dir, limit, progress: bool) -> list:
+def extract_for(
+    reads: ProbeInput, paths, *, store_dir, limit, progress: bool, packing="auto"
+) -> list:
     """The probe's stores of `paths` (extracted where missing, reused where complete)."""
     options = ExtractOptions(
         model=reads.model,
@@ -165,6 +167,7 @@ def extract_for(reads: ProbeInput, paths, *, store_dir, limit, progress: bool) -
         progress=progress,
         site=reads.site,
         mask_mode=reads.mask_mode,
+        packing=packing,
     )
     return extract(paths, layers=reads.layers, split=None, options=options)
 
@@ -242,6 +245,7 @@ class ScoreConfig:
     max_tokens: int | None | str = FROM_PROBE  # FROM_PROBE: as the probe file records
     limit: int | None = None  # first `limit` records of each data set (quick runs)
     name: str | None = None  # monitor name; default `monitor_name(probe)`
+    packing: str | int = "auto"  # records per row when extracting (`mup extract --packing`)
     progress: bool = True
 
 
@@ -268,6 +272,7 @@ def run_score(config: ScoreConfig) -> list[dict]:
         store_dir=config.store_dir,
         limit=config.limit,
         progress=config.progress,
+        packing=config.packing,
     )
     summary = []
     for (name, path), store in zip(located, stores, strict=True):
