@@ -2,14 +2,11 @@
 
 Both sides turn the same stakes records into layer-L activations on disk:
 
-* mup: `mup.extract.run` (chat template + role tokenization, jitted capture that stops at
-  layer L, ragged float16 zarr v3 store through tensorstore), twice per pass: packed rows
-  (several records per row, the default `--packing auto`) and one record per row padded to a
-  length bucket (`--packing off`). Timed wall-clock from the call to the return, INCLUDING the
-  GGUF weight load and every XLA compile: what a user waits. The first pass runs with an empty
-  compilation cache (a first job on a machine), the later ones with the cache it filled (every
-  later job of this model; `mup extract` keeps it on disk); packed and unpacked alternate in
-  every pass, so that load from elsewhere on the machine lands on both.
+* mup: `mup.extract.run` (chat template + role tokenization, length-bucketed jitted capture that
+  stops at layer L, ragged float16 zarr v3 store through tensorstore). Timed wall-clock from the
+  call to the return, INCLUDING the GGUF weight load and every XLA compile: what a user waits.
+  Run twice: with an empty compilation cache (a first job on a machine) and with the cache
+  the first run filled (every later job of this model; `mup extract` keeps it on disk).
 * baseline (what a user of HF transformers writes, the paper's code shape): the same weights in
   an HF `LlamaModel` truncated to L blocks (its best case: no LM head, no deeper blocks, torch
   inference mode), `apply_chat_template` per record, padded batches of records sorted
@@ -19,16 +16,14 @@ Both sides turn the same stakes records into layer-L activations on disk:
 
 Both sides compute in `--model-dtype` (mup's ``--model-dtype``; the HF model cast to it).
 
-Printed: tokens/s of every side, the real-token fraction of their batches (real tokens over
-the tokens each forward computed, padding included: mean and minimum over batches), the ratios
-mup / HF and packed / unpacked, cold and warm cache (target >= 1.5x vs HF on CPU); bytes
+Printed: tokens/s of both and their ratios, cold and warm cache (target >= 1.5x on CPU); bytes
 on disk of the mup store vs the dense padded [N, T_max, D] float16 tensor of the same data
 (target >= 5x smaller) and vs the baseline's zstd files; the store writer's throughput on these
 activations vs the disk's plain write bandwidth (np.tofile + fsync of the same bytes), both
 measured here.
 
 usage: python benchmarks/bench_extract.py [--limit 400] [--layer 20] [--max-tokens 4096]
-                                          [--model-dtype bfloat16] [--warm-passes 2]
+                                          [--model-dtype bfloat16]
        (default: the training set and three dev sets of ../shared/data, ~2100 records)
 """
 
@@ -55,11 +50,10 @@ DATASETS = (
 )
 
 
-def run_mup(paths: list[Path], out: Path, args, packing: str):
+def run_mup(paths: list[Path], out: Path, args):
     from mup.extract import ExtractConfig, run
 
     config = ExtractConfig(
-        packing=packing,
         model=args.model,
         layers=(args.layer,),
         datasets=tuple(str(p) for p in paths),
@@ -112,7 +106,6 @@ def run_hf(base, tokenizer, paths: list[Path], out: Path, args):
     nbytes = padded_tokens = 0
     batch: list[int] = []
     n_files = 0
-    fills: list[tuple[int, int]] = []  # per batch: (real tokens, padded tokens)
 
     def flush(rows: list[int]) -> None:
         nonlocal nbytes, padded_tokens, n_files
@@ -133,7 +126,6 @@ def run_hf(base, tokenizer, paths: list[Path], out: Path, args):
         (out / f"batch_{n_files:05d}.pt.zst").write_bytes(blob)
         nbytes += len(blob)
         padded_tokens += tok.numel()
-        fills.append((int(attn.sum()), tok.numel()))
         n_files += 1
 
     for i in order:  # batches of at most batch_tokens padded tokens, like mup's budget
@@ -143,17 +135,7 @@ def run_hf(base, tokenizer, paths: list[Path], out: Path, args):
         batch.append(i)
     flush(batch)
     seconds = time.perf_counter() - start
-    return seconds, sum(map(len, ids)), max(map(len, ids)), len(ids), nbytes, fills
-
-
-def fill_text(fills) -> str:
-    """Real-token fraction of a run's batches: over all, mean and minimum per batch."""
-    per = [real / computed for real, computed in fills]
-    total = sum(r for r, _ in fills) / sum(c for _, c in fills)
-    return (
-        f"{100 * total:.1f}% real over {len(per)} batches (per batch: mean "
-        f"{100 * sum(per) / len(per):.1f}%, min {100 * min(per):.1f}%)"
-    )
+    return seconds, sum(map(len, ids)), max(map(len, ids)), len(ids), nbytes, padded_tokens
 
 
 def main() -> None:
@@ -167,9 +149,6 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument(
         "--model-dtype", choices=("float32", "bfloat16"), default="float32", help="both sides"
-    )
-    parser.add_argument(
-        "--warm-passes", type=int, default=1, help="passes with a warm cache (best one kept)"
     )
     parser.add_argument("--scratch", default=None, help="directory for the outputs (a tmp dir)")
     args = parser.parse_args()
@@ -186,56 +165,40 @@ def main() -> None:
         base, model = build_hf(args)
         hf_dir = scratch / "hf"
         hf_dir.mkdir()
-        t_hf, hf_tokens, t_max, n, hf_bytes, hf_fills = run_hf(
+        t_hf, hf_tokens, t_max, n, hf_bytes, padded = run_hf(
             base, model.tokenizer, paths, hf_dir, args
         )
         del base
         print(
-            f"HF + torch.save + zstd: {n} records, {hf_tokens} tokens in {t_hf:.1f} s = "
-            f"{hf_tokens / t_hf:.0f} tokens/s; {fill_text(hf_fills)}",
+            f"HF + torch.save + zstd: {n} records, {hf_tokens} tokens ({padded} padded) in "
+            f"{t_hf:.1f} s = {hf_tokens / t_hf:.0f} tokens/s",
             flush=True,
         )
         # `mup extract` keeps compiled programs in a persistent cache (mup._compile_cache):
-        # the first run on a machine compiles (cold), later runs of the same model and shapes
-        # load them (warm). Packed and unpacked compile different programs, so they share one
-        # cache and each side's first pass is cold. Every run writes a fresh directory.
+        # the first run on a machine compiles (cold), later runs of the same model and length
+        # buckets load them (warm). Both are measured, each into a fresh output directory.
         import os
 
         from mup import _compile_cache
 
         os.environ["MUP_CACHE_DIR"] = str(scratch / "cache")
         _compile_cache.enable()
-        sides = {"packed": "auto", "unpacked": "off"}
-        best = {}  # (side, phase) -> seconds
-        summaries = {}  # side -> its last run's Summary
-        for i in range(1 + args.warm_passes):
-            phase = "cold" if i == 0 else "warm"
-            for side, packing in sides.items():
-                t_mup, summary = run_mup(paths, scratch / f"mup-{side}-{i}", args, packing)
-                best[side, phase] = min(best.get((side, phase), float("inf")), t_mup)
-                summaries[side] = summary
-                print(
-                    f"mup.extract {side} ({phase} compile cache): {summary.records} records, "
-                    f"{summary.tokens} tokens in {t_mup:.1f} s = {summary.tokens / t_mup:.0f} "
-                    f"tokens/s (wall, incl. weight load + compiles); "
-                    f"{fill_text(summary.batch_fill)}",
-                    flush=True,
-                )
-        hf_rate = hf_tokens / t_hf
-
-        def rate(side, phase):
-            return summaries[side].tokens / best[side, phase]
-
-        print()
+        timings = {}
         for phase in ("cold", "warm"):
+            t_mup, summary = run_mup(paths, scratch / f"mup-{phase}", args)
+            timings[phase] = t_mup
             print(
-                f"tokens/s ratio, {phase} cache: mup packed / HF "
-                f"{rate('packed', phase) / hf_rate:.2f}x, unpacked / HF "
-                f"{rate('unpacked', phase) / hf_rate:.2f}x, packed / unpacked "
-                f"{rate('packed', phase) / rate('unpacked', phase):.2f}x  (target >= 1.5x vs HF)"
+                f"mup.extract ({phase} compile cache): {summary.records} records, "
+                f"{summary.tokens} tokens in {t_mup:.1f} s = {summary.tokens / t_mup:.0f} "
+                "tokens/s (wall, incl. weight load + compiles)",
+                flush=True,
             )
-        summary = summaries["packed"]
-        store_bytes = du(scratch / f"mup-packed-{args.warm_passes}")  # all four data sets
+        hf_rate = hf_tokens / t_hf
+        print(
+            f"\ntokens/s ratio mup / HF: cold {summary.tokens / timings['cold'] / hf_rate:.2f}x, "
+            f"warm {summary.tokens / timings['warm'] / hf_rate:.2f}x  (target >= 1.5x)"
+        )
+        store_bytes = du(scratch / "mup-warm")  # every store: all four data sets
         d_model = model.config.d_model
         dense = n * t_max * d_model * 2
         print(

@@ -46,19 +46,6 @@ def zero_means_none(value: str) -> int | None:
     return None if n == 0 else n
 
 
-def packing(value: str) -> str | int:
-    """`--packing` of the commands that extract: auto, off or a row length in tokens (the
-    values of `mup.extract.ExtractConfig.packing`, which checks the range)."""
-    if value in ("auto", "off"):
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected auto, off or a row length in tokens, got {value!r}"
-        ) from None
-
-
 def comma_separated(convert: Callable[[str], T], what: str) -> Callable[[str], tuple[T, ...]]:
     """A type for a comma-separated list of at least one value, each read by `convert`; `what`
     names the values in messages, in the plural ("integers", "numbers in [0, 1]")."""

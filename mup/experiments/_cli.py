@@ -16,7 +16,7 @@ import logging
 import sys
 
 from mup import _compile_cache
-from mup._cli_args import comma_separated, config_from_args, packing, zero_means_none
+from mup._cli_args import comma_separated, config_from_args, zero_means_none
 from mup._resolve import DEFAULT_MODEL
 
 
@@ -204,12 +204,6 @@ def _probe_input(p: argparse.ArgumentParser) -> None:
         type=zero_means_none,
         default=argparse.SUPPRESS,
         help="truncation, 0 = none (default: the probe's training truncation)",
-    )
-    p.add_argument(
-        "--packing",
-        type=packing,
-        default="auto",
-        help="records per row when extracting: auto, off or a row length (as mup extract)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -47,7 +47,6 @@ class ExtractOptions:
     progress: bool = True
     site: str = "residual"  # capture site (a saved probe names the one it was trained on)
     mask_mode: str = "all"  # tokens probes read (likewise)
-    packing: str | int = "auto"  # records per row (`mup.extract.ExtractConfig.packing`)
 
     @classmethod
     def of(cls, config, out: Path) -> ExtractOptions:
@@ -80,7 +79,6 @@ def extract(paths, *, layers, split: str | None, options: ExtractOptions) -> lis
         mask_mode=options.mask_mode,
         limit=options.limit,
         max_tokens=options.max_tokens,
-        packing=options.packing,
         resume=True,
         progress=options.progress,
     )

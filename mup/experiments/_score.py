@@ -155,9 +155,7 @@ def locate_datasets(names: Sequence[str], data) -> list[tuple[str, Path]]:
     return found
 
 
-def extract_for(
-    reads: ProbeInput, paths, *, store_dir, limit, progress: bool, packing="auto"
-) -> list:
+def extract_for(reads: ProbeInput, paths, *, store_dir, limit, progress: bool) -> list:
     """The probe's stores of `paths` (extracted where missing, reused where complete)."""
     options = ExtractOptions(
         model=reads.model,
@@ -167,7 +165,6 @@ def extract_for(
         progress=progress,
         site=reads.site,
         mask_mode=reads.mask_mode,
-        packing=packing,
     )
     return extract(paths, layers=reads.layers, split=None, options=options)
 
@@ -245,7 +242,6 @@ class ScoreConfig:
     max_tokens: int | None | str = FROM_PROBE  # FROM_PROBE: as the probe file records
     limit: int | None = None  # first `limit` records of each data set (quick runs)
     name: str | None = None  # monitor name; default `monitor_name(probe)`
-    packing: str | int = "auto"  # records per row when extracting (`mup extract --packing`)
     progress: bool = True
 
 
@@ -272,7 +268,6 @@ def run_score(config: ScoreConfig) -> list[dict]:
         store_dir=config.store_dir,
         limit=config.limit,
         progress=config.progress,
-        packing=config.packing,
     )
     summary = []
     for (name, path), store in zip(located, stores, strict=True):

@@ -189,7 +189,6 @@ class ViewConfig:
     limit: int | None = None  # records extracted from --dataset
     model: str | None = None  # override the probe's recorded model (and tokenizer)
     max_tokens: int | None | str = FROM_PROBE
-    packing: str | int = "auto"  # records per row when extracting (`mup extract --packing`)
     progress: bool = True
 
 
@@ -215,12 +214,7 @@ def run_view(config: ViewConfig) -> dict:
         reads = probe_input(probe, source=source, model=config.model, max_tokens=config.max_tokens)
         ((name, path),) = locate_datasets([config.dataset], config.data)
         (store,) = extract_for(
-            reads,
-            [path],
-            store_dir=config.store_dir,
-            limit=config.limit,
-            progress=config.progress,
-            packing=config.packing,
+            reads, [path], store_dir=config.store_dir, limit=config.limit, progress=config.progress
         )
     check_store(reads, store, source=source)
     rows = select_rows(store, records=config.records, ids=config.ids)

@@ -2,10 +2,8 @@
 
 Axis letters: B rows in a batch, P padded length, D model width.
 
-Batches have a padded length P from a small set (the packed row lengths of
-`mup.extract._packing`, or geometric length buckets without packing) and a row count B from a
-small set, so XLA compiles few programs; each batch runs one jitted forward that stops at the
-deepest requested layer.
+Batches come from geometric length buckets (P) and a small set of row counts (B), so XLA compiles
+few programs; each batch runs one jitted forward that stops at the deepest requested layer.
 """
 
 from __future__ import annotations
@@ -65,11 +63,7 @@ class BatchPlanner:
 
 
 class Capture:
-    """The jitted capture program: tokens [B, P] -> {layer: [B, P, D]} in the storage dtype.
-
-    Called with `segments` (packed rows, `mup.extract._packing`) or without: two programs per
-    shape, each compiled on first use.
-    """
+    """The jitted capture program: tokens [B, P] -> {layer: [B, P, D]} in the storage dtype."""
 
     def __init__(
         self, model_config, params, layers: tuple[int, ...], site: str, storage_dtype: str, mesh
@@ -84,14 +78,14 @@ class Capture:
         ]
         config = model_config
 
-        def capture(params, tokens, valid, positions, segments):
+        def capture(params, tokens, valid):
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
             out = forward(
                 params,
                 tokens,
                 positions,
                 config=config,
                 valid=valid,
-                segments=segments,
                 capture=layers,
                 site=site,
                 logits=False,
@@ -104,11 +98,8 @@ class Capture:
         self._sharding = None if mesh is None else batch_sharding(mesh)
         self._jax = jax
 
-    def __call__(self, tokens: np.ndarray, valid: np.ndarray, positions, segments=None):
-        """tokens, valid, positions (int32) and segments (int32 or None), each [B, P]."""
-        inputs = (tokens, valid, positions, segments)
+    def __call__(self, tokens: np.ndarray, valid: np.ndarray):
         if self._sharding is not None:
-            inputs = tuple(
-                None if a is None else self._jax.device_put(a, self._sharding) for a in inputs
-            )
-        return self._fn(self._params, *inputs)  # dispatched asynchronously
+            tokens = self._jax.device_put(tokens, self._sharding)
+            valid = self._jax.device_put(valid, self._sharding)
+        return self._fn(self._params, tokens, valid)  # dispatched asynchronously

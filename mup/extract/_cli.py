@@ -9,7 +9,6 @@ import os
 import sys
 
 from mup import _compile_cache
-from mup._cli_args import packing
 from mup.extract._config import MODEL_DTYPES, ExtractConfig
 from mup.extract._run import run
 from mup.store import DEFAULT_RETRIES, STORAGE_DTYPES, StoreError
@@ -49,13 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", choices=STORAGE_DTYPES, default="float16", help="storage dtype")
     add("--model-dtype", choices=MODEL_DTYPES, default="float32", help="compute dtype")
     add("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
-    add(
-        "--packing",
-        type=packing,
-        default="auto",
-        help="several records per row: auto (default: rows of the length that costs least for "
-        "each data set), off (one record per row, padded to a length bucket), or a row length",
-    )
     add("--split", default=None, help="keep records whose `split` field equals this")
     add("--limit", type=int, default=None, help="first N records of each data set only")
     mode = parser.add_mutually_exclusive_group()
@@ -119,7 +111,6 @@ def config_from_args(argv: list[str] | None) -> ExtractConfig:
         dtype=args.dtype,
         model_dtype=args.model_dtype,
         batch_tokens=args.batch_tokens,
-        packing=args.packing,
         split=args.split,
         limit=args.limit,
         resume=args.resume,

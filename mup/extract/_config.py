@@ -10,7 +10,6 @@ from mup.text import MASK_MODES
 
 Site = Literal["residual", "normed"]
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
-PACKING_MODES = ("auto", "off")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -27,10 +26,6 @@ class ExtractConfig:
     dtype: str = "float16"  # storage dtype of the activations
     model_dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
     batch_tokens: int = 8192  # padded tokens per forward pass, summed over the batch
-    # Several records per row (`mup.extract._packing`): "auto" = rows of the length a cost
-    # model picks for each data set (or none where packing would cost more), "off" = one record
-    # per row, or a row length in tokens.
-    packing: str | int = "auto"
     split: str | None = None  # keep only records whose `split` field equals this
     limit: int | None = None  # keep only the first `limit` records of each data set
     resume: bool = False  # continue an incomplete store
@@ -59,14 +54,6 @@ class ExtractConfig:
             raise ValueError(f"s3_retries must be >= 0, got {self.s3_retries}")
         if self.batch_tokens < 16:
             raise ValueError(f"batch_tokens must be >= 16, got {self.batch_tokens}")
-        if isinstance(self.packing, bool) or (
-            self.packing not in PACKING_MODES
-            and not (isinstance(self.packing, int) and 1 <= self.packing <= self.batch_tokens)
-        ):
-            raise ValueError(
-                f"packing must be 'auto', 'off' or a row length in tokens from 1 to batch_tokens "
-                f"({self.batch_tokens}), got {self.packing!r}"
-            )
         if not self.datasets:
             raise ValueError("at least one --dataset is needed")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):

@@ -110,7 +110,6 @@ def plan_jobs(
             # fix every batch's padded shape, so the resumed rows match the uninterrupted run.
             "model_dtype": config.model_dtype,
             "batch_tokens": config.batch_tokens,
-            "packing": config.packing,
         }
         jobs.append(
             Job(
@@ -149,11 +148,7 @@ def _store_state(url: str, config: ExtractConfig) -> str:
             f"an incomplete store exists at {url} (an interrupted run?); pass --resume to "
             "continue it or --overwrite to start again"
         )
-    settings = {
-        "batch_tokens": config.batch_tokens,
-        "model_dtype": config.model_dtype,
-        "packing": config.packing,
-    }
+    settings = {"batch_tokens": config.batch_tokens, "model_dtype": config.model_dtype}
     changed = [
         f"{name} {existing.attrs[name]!r} -> {value!r}"
         for name, value in settings.items()

@@ -2,39 +2,27 @@
 
 Axis letters: N records, T tokens, R rows, B rows in a batch, P padded length, D model width.
 
-`run` plans every store first (`mup.extract._plan`), then per store cuts the rows into windows
-in row order (bounding the store writer's host buffers), each window into batches of packed
-rows, several records per row (`mup.extract._packing`), or with packing off of one record per
-row padded to a length bucket (`mup.extract._capture`). The next batch is dispatched before the
-previous one is fetched, so the host-side unpacking and shard writing overlap with the device.
+`run` plans every store first (`mup.extract._plan`), then per store cuts the rows still to do
+into windows in row order (bounding the store writer's host buffers), each window into
+length-bucketed padded batches (`mup.extract._capture`). The next batch is dispatched before the
+previous one is fetched, so the host-side unpadding and shard writing overlap with the device.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 import time
 
 import numpy as np
 
-from mup import store
+from mup import native, store
 from mup._resolve import resolve_spec
 from mup.extract._capture import BatchPlanner, Capture
 from mup.extract._config import ExtractConfig
 from mup.extract._identity import model_identity, read_model_config
-from mup.extract._packing import (
-    ROW_LENGTHS,
-    ForwardCost,
-    Packer,
-    batch_inputs,
-    choose_row_len,
-    token_index,
-)
 from mup.extract._plan import Job, default_layers, describe_plan, plan_jobs
 from mup.text import load_tokenizer
-
-log = logging.getLogger("mup.extract")
 
 # Rows are processed in windows of about this many tokens, in row order: the store writer
 # buffers only the shards a window touches, so host memory stays a few shards per layer.
@@ -48,14 +36,6 @@ class Summary:
     tokens: int  # tokens run through the model in this call
     seconds: float
     bytes_written: int  # activation bytes handed to the stores (uncompressed)
-    # Per batch run: (real tokens, tokens the forward computed, padding included).
-    batch_fill: tuple[tuple[int, int], ...] = ()
-
-    @property
-    def real_fraction(self) -> float:
-        """Real tokens over computed tokens, over every batch run."""
-        computed = sum(c for _, c in self.batch_fill)
-        return sum(r for r, _ in self.batch_fill) / computed if computed else 1.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -72,10 +52,9 @@ def _windows(rows: np.ndarray, lengths: np.ndarray, window_tokens: int) -> list[
 
 
 def run_job(
-    job: Job, writer, capture: Capture, config: ExtractConfig, row_multiple: int, progress, cost
-) -> tuple[int, int, list[tuple[int, int]]]:
-    """Extract every row the store still lacks; returns (tokens run, bytes handed over, per
-    batch run (real tokens, computed tokens))."""
+    job: Job, writer, capture: Capture, config: ExtractConfig, row_multiple: int, progress
+) -> tuple[int, int]:
+    """Extract every row the store still lacks; returns (tokens run, bytes handed over)."""
     layers = tuple(sorted(config.layers))
     enc = job.encoded
     lengths = np.diff(enc.offsets)  # [N]
@@ -88,48 +67,71 @@ def run_job(
     todo = np.arange(lengths.size)
     planner = BatchPlanner(config.batch_tokens, int(lengths.max()), row_multiple)
     window_tokens = max(WINDOW_SHARDS * writer.shard_tokens, config.batch_tokens)
-    windows = _windows(todo, lengths, window_tokens)
-    if config.packing == "auto":
-        row_len = choose_row_len(planner, lengths, windows, cost, ROW_LENGTHS)
-    else:
-        row_len = None if config.packing == "off" else int(config.packing)
-    log.info(
-        "%s: %s",
-        job.dataset.path.name,
-        "one record per row" if row_len is None else f"packed rows of {row_len} tokens",
-    )
     tokens_done = bytes_done = 0
-    fills: list[tuple[int, int]] = []
-    in_flight = None  # (batch, hidden) dispatched last
+    in_flight = None  # (rows, hidden) of the batch dispatched last
 
     def drain(item):
-        batch, hidden = item
-        keep = np.flatnonzero(pending[batch.records])  # [R'] records still to write
-        rows = batch.records[keep]
-        index = token_index(batch, lengths, keep)  # [sum of their lengths]
+        rows, hidden = item
+        n_real = rows.size
+        keep = np.flatnonzero(pending[rows])  # [R'] batch slots whose rows are still to write
+        rows = rows[keep]
+        lens = lengths[rows]  # [R']
+        local = np.zeros(rows.size + 1, np.int64)  # [R'+1]
+        np.cumsum(lens, out=local[1:])
         acts = {}
         for layer in layers:
             block = np.asarray(hidden[layer])  # [B, P, D]
-            acts[layer] = np.take(block.reshape(-1, block.shape[-1]), index, axis=0)
+            # Usually every slot is kept: a slice, not a copy.
+            block = block[: keep.size] if keep.size == n_real else block[keep]  # [R', P, D]
+            flat = np.empty((int(local[-1]), block.shape[-1]), block.dtype)  # [sum lens, D]
+            native.scatter_padded(block, local, np.arange(rows.size), flat)
+            acts[layer] = flat
         writer.write(rows, acts)
-        progress.update(index.size)
-        return index.size, sum(a.nbytes for a in acts.values())
+        progress.update(int(local[-1]))
+        return int(local[-1]), sum(a.nbytes for a in acts.values())
 
-    for batch in Packer(planner, row_len).batches(lengths, windows):
-        if not pending[batch.records].any():
+    def batches():
+        """(rows, padded_len) per batch. A part-filled batch made only of the current window's
+        rows waits for the next window's rows of the same bucket (carried once, so the writer
+        holds at most two windows' shards); only the final batches can be part-filled."""
+        carry = np.zeros(0, np.int64)
+        windows = _windows(todo, lengths, window_tokens)
+        for w, window in enumerate(windows):
+            pool = np.concatenate([carry, window])
+            last = w == len(windows) - 1
+            carry_parts = []
+            for batch in planner.plan(lengths[pool]):
+                if (
+                    last
+                    or batch.rows.size >= planner.rows_for(batch.padded_len)
+                    or (
+                        batch.rows.min() < carry.size  # holds carried rows: they go now
+                    )
+                ):
+                    yield pool[batch.rows], batch.padded_len
+                else:
+                    carry_parts.append(pool[batch.rows])
+            carry = np.sort(np.concatenate([np.zeros(0, np.int64), *carry_parts]))
+
+    for rows, padded_len in batches():
+        if not pending[rows].any():
             continue
-        n_rows = planner.padded_rows(batch.n_rows, batch.row_len)
-        tokens, valid, positions, segments = batch_inputs(batch, n_rows, enc.offsets, enc.input_ids)
-        hidden = capture(tokens, valid, positions, segments)
-        fills.append((int(lengths[batch.records].sum()), n_rows * batch.row_len))
+        n_rows = planner.padded_rows(rows.size, padded_len)
+        tokens = np.zeros((n_rows, padded_len), np.int32)  # [B, P]
+        valid = np.zeros((n_rows, padded_len), bool)  # [B, P]
+        for i, row in enumerate(rows):
+            start, end = enc.offsets[row], enc.offsets[row + 1]
+            tokens[i, : end - start] = enc.input_ids[start:end]
+            valid[i, : end - start] = True
+        hidden = capture(tokens, valid)
         if in_flight is not None:
             t, b = drain(in_flight)
             tokens_done, bytes_done = tokens_done + t, bytes_done + b
-        in_flight = (batch, hidden)
+        in_flight = (rows, hidden)
     if in_flight is not None:
         t, b = drain(in_flight)
         tokens_done, bytes_done = tokens_done + t, bytes_done + b
-    return tokens_done, bytes_done, fills
+    return tokens_done, bytes_done
 
 
 def run(config: ExtractConfig, *, out=None) -> Summary:
@@ -171,11 +173,8 @@ def run(config: ExtractConfig, *, out=None) -> Summary:
     capture = Capture(
         model_config, params, tuple(sorted(config.layers)), config.site, config.dtype, mesh
     )
-    # logits=False: the capture forward runs the blocks below the deepest layer only.
-    cost = ForwardCost.of(model_config, max(config.layers))
     started = time.perf_counter()
     tokens = nbytes = records = 0
-    fills: list[tuple[int, int]] = []
     for job in todo:
         writer = topology.open_writer(job, config, model_config.d_model)
         remaining = writer.pending_rows()
@@ -190,11 +189,8 @@ def run(config: ExtractConfig, *, out=None) -> Summary:
         ) as progress:
             # Retries of failing shard writes (an unreachable S3 endpoint) show above the bar.
             writer.on_retry = lambda message: tqdm.write(f"mup.extract: {message}", sys.stderr)
-            t, b, f = run_job(
-                job, writer, capture, config, topology.row_multiple(mesh), progress, cost
-            )
+            t, b = run_job(job, writer, capture, config, topology.row_multiple(mesh), progress)
         tokens, nbytes, records = tokens + t, nbytes + b, records + remaining.size
-        fills += f
         topology.finalize(writer)
     seconds = time.perf_counter() - started
     summary = Summary(
@@ -203,13 +199,11 @@ def run(config: ExtractConfig, *, out=None) -> Summary:
         tokens=tokens,
         seconds=seconds,
         bytes_written=nbytes,
-        batch_fill=tuple(fills),
     )
     if topology.is_main:
         print(
             f"mup.extract: {summary.records} records, {summary.tokens} tokens in "
-            f"{summary.seconds:.1f} s ({summary.tokens_per_second:.0f} tokens/s, "
-            f"{100 * summary.real_fraction:.1f}% of the computed tokens real), "
+            f"{summary.seconds:.1f} s ({summary.tokens_per_second:.0f} tokens/s), "
             f"{summary.bytes_written / 2**20:.1f} MiB of activations written",
             file=out,
         )

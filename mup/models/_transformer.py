@@ -102,7 +102,6 @@ def forward(
     logits: bool = True,
     attend_len: int | None = None,
     rows: jax.Array | None = None,
-    segments: jax.Array | None = None,
 ) -> ForwardOutput:
     """Run the decoder on tokens [B, T] at rope positions [B, T] (int32, per row).
 
@@ -118,16 +117,12 @@ def forward(
     rows: with a per-row cache, the cache rows [B] (distinct) that the batch's rows read and
     write; None = rows 0..B-1 of a cache of batch B. A decode step of the engine's live slots
     then costs those rows, not every slot.
-    segments [B, T] int32 (no cache only): packed rows, several records per row. A token
-    attends only to earlier tokens of its own segment id, so each record computes what it
-    would alone; the caller restarts `positions` at 0 for every record.
     `config`, `capture`, `site` and `logits` are static under jit (see `jit_forward`).
     """
     B, T = tokens.shape
     L = config.n_layers
     capture = tuple(sorted(set(int(c) for c in capture)))
     _check_args(config, tokens, positions, valid, capture, site, steering, logits)
-    _check_segments(tokens, segments, cache)
     if valid is None:
         valid = jnp.ones((B, T), bool)
     valid = valid.astype(bool)
@@ -145,16 +140,11 @@ def forward(
         raise ValueError("rows= needs a cache with per-row write positions (index [B])")
     gather = None
     # Keys: the T new tokens alone, or all S cache slots after writing the new ones.
-    same_segment = None
     if cache is None:
         q_slots = jnp.arange(T, dtype=jnp.int32)
         k_slots = q_slots
         k_valid = valid
         new_cache = None
-        if segments is not None:
-            # Packed rows: keys of other records are masked like padding (sliding windows
-            # count slots, and a record's slots are contiguous: windows stay per record).
-            same_segment = segments[:, :, None] == segments[:, None, :]  # [B, T, T]
     elif cache.index.ndim == 1:  # per-row write positions [B]
         gather = rows  # None: every row in order, read by a plain slice in `block`
         if rows is None:
@@ -202,11 +192,6 @@ def forward(
         if config.has_local_layers:
             local = causal & (t[None, :] > t[:, None] - config.sliding_window)[None]
         ctx = ctx.replace(mask_new=causal, mask_new_local=local)
-    if same_segment is not None:
-        ctx = ctx.replace(
-            mask_global=ctx.mask_global & same_segment,
-            mask_local=None if ctx.mask_local is None else ctx.mask_local & same_segment,
-        )
 
     # Dense per-block steering delta [L, B, D]; zero rows for unsteered blocks.
     delta = None
@@ -286,7 +271,6 @@ def jit_forward(
     site="residual",
     steering=None,
     logits=True,
-    segments=None,
 ) -> ForwardOutput:
     """`forward` under `jax.jit` with the static arguments declared."""
     return forward(
@@ -300,7 +284,6 @@ def jit_forward(
         site=site,
         steering=steering,
         logits=logits,
-        segments=segments,
     )
 
 
@@ -477,15 +460,6 @@ def site_activation(config: ModelConfig, params, x: jax.Array, layer: int, site:
     if layer == config.n_layers:
         return _final_norm(config, params, x)  # transformers reports the normed output last
     return x
-
-
-def _check_segments(tokens, segments, cache) -> None:
-    if segments is None:
-        return
-    if cache is not None:
-        raise ValueError("segments (packed rows) work without a cache only")
-    if segments.shape != tokens.shape:
-        raise ValueError(f"segments shape {segments.shape} != tokens shape {tokens.shape}")
 
 
 def _check_args(config, tokens, positions, valid, capture, site, steering, logits) -> None:

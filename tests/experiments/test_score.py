@@ -185,21 +185,3 @@ def test_score_and_view_end_to_end_reuse_stores(tiny_dir, data_root, tmp_path, c
     assert html.count('<section class="record') == 5 and "probe:logreg@1 on dev/anthropic" in html
     spans = len(re.findall(r'class="tok[ "]', html))  # "tok" or "tok unread", not "tokens"
     assert spans == sum(np.diff(train.offsets)[:5])
-
-
-def test_packing_flag_reaches_the_extraction(capsys):
-    """`score` and `view` extract like `mup extract --packing` (auto, off or a row length)."""
-    from mup._cli_args import config_from_args
-    from mup.experiments._cli import build_parser
-    from mup.experiments._view import ViewConfig
-
-    score = ["score", "--probe", "p.safetensors", "--dataset", "mini", "--out", "scores"]
-    view = ["view", "--probe", "p.safetensors", "--dataset", "mini"]
-    for flag, want in (([], "auto"), (["--packing", "off"], "off"), (["--packing", "256"], 256)):
-        args = build_parser().parse_args([*score, *flag])
-        assert config_from_args(_score.ScoreConfig, args, datasets=("mini",)).packing == want
-        args = build_parser().parse_args([*view, *flag])
-        assert config_from_args(ViewConfig, args).packing == want
-    with pytest.raises(SystemExit):
-        build_parser().parse_args([*score, "--packing", "dense"])
-    assert "expected auto, off or a row length in tokens, got 'dense'" in capsys.readouterr().err

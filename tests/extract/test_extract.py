@@ -171,13 +171,6 @@ def test_overwrite_and_incomplete_store_rules(tiny_model, mini_path, tmp_path):
                 batch_tokens=1024,
             )
         )  # fmt: skip
-    with pytest.raises(store.StoreError, match=r"cannot resume.*packing 'auto' -> 'off'"):
-        _run(
-            _config(
-                tiny_model, mini_path, tmp_path, dtype="float32", limit=10, resume=True,
-                packing="off",
-            )
-        )  # fmt: skip
     assert store.open(url, require_complete=False).attrs["model_dtype"] == "float32"
     _, resumed = _run(
         _config(tiny_model, mini_path, tmp_path, dtype="float32", limit=10, resume=True)

@@ -16,8 +16,6 @@ from _support.extract import LAYERS, assert_same_store, cli_env, run_cli, store_
 from _support.s3 import moto_process
 from _support.servers import free_port
 
-from mup import store
-
 SHARD = "256"  # tokens per shard: ~80 shards over the big set, so a kill lands mid-run
 
 
@@ -49,8 +47,8 @@ def _done_count(url: str) -> tuple[int, int]:
     return int(done.sum()), int(done.size)
 
 
-def _kill_then_resume(tiny_model, big_path, out, url_of, env, cwd, extra=()):
-    args = _args(tiny_model, big_path, out, "--dtype", "float32", *extra)
+def _kill_then_resume(tiny_model, big_path, out, url_of, env, cwd):
+    args = _args(tiny_model, big_path, out, "--dtype", "float32")
     proc = subprocess.Popen([sys.executable, "-m", "mup.extract", *map(str, args)], cwd=cwd,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + 240
@@ -239,7 +237,9 @@ def test_eight_devices_and_model_parallel(tiny_model, big_path, baseline, tmp_pa
         assert_same_store(str(url), baseline, layer_atol=1e-6)
 
 
-def _two_processes(tiny_model, big_path, out, cwd, extra=()) -> str:
+@pytest.mark.slow
+def test_two_processes(tiny_model, big_path, baseline, tmp_path):
+    out = tmp_path / "out"
     port = free_port()
     env = cli_env(MUP_EXTRACT_SHARD_TOKENS=SHARD)
     procs = [
@@ -248,7 +248,7 @@ def _two_processes(tiny_model, big_path, out, cwd, extra=()) -> str:
                 sys.executable,
                 "-m",
                 "mup.extract",
-                *map(str, _args(tiny_model, big_path, out, "--dtype", "float32", *extra)),
+                *map(str, _args(tiny_model, big_path, out, "--dtype", "float32")),
                 "--coordinator-address",
                 f"127.0.0.1:{port}",
                 "--num-processes",
@@ -256,7 +256,7 @@ def _two_processes(tiny_model, big_path, out, cwd, extra=()) -> str:
                 "--process-id",
                 str(i),
             ],
-            cwd=cwd,
+            cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -268,38 +268,7 @@ def _two_processes(tiny_model, big_path, out, cwd, extra=()) -> str:
     for p, (_stdout, stderr) in zip(procs, results, strict=True):
         assert p.returncode == 0, stderr
     (url,) = store_dirs(out)
-    return str(url)
-
-
-@pytest.mark.slow
-def test_two_processes(tiny_model, big_path, baseline, tmp_path):
-    assert_same_store(_two_processes(tiny_model, big_path, tmp_path / "out", tmp_path), baseline)
-
-
-@pytest.mark.slow
-def test_packed_rows_resume_and_split_over_processes_bit_for_bit(tiny_model, big_path,
-                                                                  tmp_path):  # fmt: skip
-    """Rows of 64 tokens, several records each (longer records open 128-token rows): a run
-    killed and resumed, and a run split over two processes, each reproduce the uninterrupted
-    packed run exactly (the plan covers every record, whatever is done or owned)."""
-    packing = ("--packing", "64")
-    env = cli_env(MUP_EXTRACT_SHARD_TOKENS=SHARD)
-    clean = run_cli(_args(tiny_model, big_path, tmp_path / "clean", "--dtype", "float32",
-                          *packing), tmp_path, env=env)  # fmt: skip
-    assert clean.returncode == 0, clean.stderr
-    assert "% of the computed tokens real" in clean.stdout
-    (want,) = store_dirs(tmp_path / "clean")
-    assert store.open(str(want)).attrs["packing"] == 64
-    out = tmp_path / "killed"
-
-    def url_of():
-        dirs = store_dirs(out)
-        return str(dirs[0]) if dirs else None
-
-    url = _kill_then_resume(tiny_model, big_path, out, url_of, env, tmp_path, extra=packing)
-    assert_same_store(url, str(want))
-    split = _two_processes(tiny_model, big_path, tmp_path / "split", tmp_path, extra=packing)
-    assert_same_store(split, str(want))
+    assert_same_store(str(url), baseline)
 
 
 @pytest.mark.slow
