@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import time
 import urllib.error
 import urllib.request
 from typing import Literal
@@ -341,17 +342,31 @@ def test_json_object_and_completions(client):
 def test_free_request_unchanged_by_a_constrained_one_in_its_batch(client):
     free = dict(messages=CHATS[0], max_tokens=40, temperature=0)
     alone = client.chat.completions.create(model=NAME, **free)
+    metrics = str(client.base_url).rstrip("/").removesuffix("/v1") + "/metrics"
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        jobs = [pool.submit(client.chat.completions.create, model=NAME, **free)]
-        jobs += [
+        jobs = [
             pool.submit(_chat, client, CHATS[i % 2], response_format=_fmt(n), temperature=0)
             for i, n in enumerate(["pet", "tags", "numbers"])
         ]
+        # The free row joins once a constrained one decodes (a lone free row is fast enough
+        # to finish before a grammar is built, so arrival order alone proves nothing).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _running_rows(metrics):
+            time.sleep(0.01)
+        jobs.insert(0, pool.submit(client.chat.completions.create, model=NAME, **free))
         shared, *constrained = [j.result() for j in jobs]
     assert shared.choices[0].message.content == alone.choices[0].message.content
     assert shared.model_extra["batch_rows"] > 1  # it did share steps with the others
     for r, n in zip(constrained, ["pet", "tags", "numbers"], strict=True):
         jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMAS[n])
+
+
+def _running_rows(metrics_url: str) -> float:
+    with urllib.request.urlopen(metrics_url) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("mup_running_rows "):
+                return float(line.split()[1])
+    return 0.0
 
 
 def _raw(server, body):
