@@ -285,8 +285,19 @@ def test_late_request_joins_running_batch(client, multi):
     assert after["mup_running_rows"] == 0
 
 
+CANCELLED = 'mup_requests_finished_total{reason="cancelled"}'
+
+
+def _cancelled_after(server, before: float, timeout: float = 30.0) -> float:
+    """The server's count of cancelled rows, once it has passed `before` (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while (n := _metrics(server).get(CANCELLED, 0)) <= before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return n
+
+
 def test_disconnect_mid_stream_frees_the_slot(client, multi):
-    before = _metrics(multi).get('mup_requests_finished_total{reason="cancelled"}', 0)
+    before = _metrics(multi).get(CANCELLED, 0)
     other = {}
 
     def other_stream():
@@ -304,13 +315,7 @@ def test_disconnect_mid_stream_frees_the_slot(client, multi):
     assert resp.readline().startswith(b"data: ")
     conn.sock.shutdown(2)  # the client goes away mid-stream
     conn.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        m = _metrics(multi)
-        if m.get('mup_requests_finished_total{reason="cancelled"}', 0) > before:
-            break
-        time.sleep(0.05)
-    assert m.get('mup_requests_finished_total{reason="cancelled"}', 0) == before + 1
+    assert _cancelled_after(multi, before) == before + 1
     thread.join(120)
     alone = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=40, temperature=0)
     assert other["text"] == alone.choices[0].message.content
@@ -320,7 +325,7 @@ def test_disconnect_mid_stream_frees_the_slot(client, multi):
 def test_disconnect_while_waiting_cancels_quietly(client, multi):
     """A non-streamed request whose client leaves: its row is cancelled and the server logs one
     line, not the traceback of an escaping CancelledError."""
-    before = _metrics(multi).get('mup_requests_finished_total{reason="cancelled"}', 0)
+    before = _metrics(multi).get(CANCELLED, 0)
     conn = http.client.HTTPConnection("127.0.0.1", multi.port, timeout=60)
     body = {"model": NAME, "prompt": PROMPT, "max_tokens": 400, "temperature": 0}
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -329,13 +334,7 @@ def test_disconnect_while_waiting_cancels_quietly(client, multi):
         time.sleep(0.02)
     conn.sock.shutdown(2)  # the client goes away before its answer
     conn.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        m = _metrics(multi)
-        if m.get('mup_requests_finished_total{reason="cancelled"}', 0) > before:
-            break
-        time.sleep(0.05)
-    assert m.get('mup_requests_finished_total{reason="cancelled"}', 0) == before + 1
+    assert _cancelled_after(multi, before) == before + 1
     r = client.completions.create(model=NAME, prompt="hi", max_tokens=2, temperature=0)
     assert r.choices[0].text is not None  # the server still answers
     log = multi.log()
